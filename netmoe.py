@@ -1,0 +1,572 @@
+"""netmoe: NetMoE (Liu et al., ICLR 2025) -- MoE training that re-places *samples*, not experts.
+
+Expert parallelism sends every token to the devices of its top-K experts (scatter) and back
+(gather). NetMoE lets the gather deliver each sample to a *new* device: the one whose node holds
+most of that sample's experts, chosen by an exact two-stage assignment (Algorithm 1). The move
+rides on the gather that happens anyway, every device keeps I/J samples, and the maths of
+training is unchanged. This file, in data-flow order:
+
+  1. topology and cost model    Topology, count_tokens (Eq. 2), placement_costs (Eq. 8),
+                                traffic (Eq. 3-4), a2a_time (Eq. 1)
+  2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers)
+  3. All-to-All                 autograd functions over all_to_all_single with uneven splits
+  4. the layer                  MoELayer (gate, scatter, experts with inlined residual, gather)
+
+Notation follows the paper: I samples in the global batch, J devices = N nodes x G GPUs,
+E experts, K experts per token, S tokens per sample, H hidden size, B = I / J samples per device.
+"""
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import km
+
+# ---------------------------------------------------------------------------------------------
+# 1. Topology and cost model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """N nodes of G devices; device j sits on node j // G. Bandwidths in bytes/s (paper Table 2)."""
+    nodes: int
+    gpus_per_node: int
+    intra_bw: float = 400e9   # NVLink inside a node
+    inter_bw: float = 100e9   # InfiniBand between nodes
+    intra_lat: float = 0.0    # alpha terms of Eq. 1, seconds
+    inter_lat: float = 0.0
+
+    def __post_init__(self):
+        for name in ("nodes", "gpus_per_node"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Topology.{name} must be a positive integer, got {v!r}")
+        if self.intra_bw <= 0 or self.inter_bw <= 0:
+            raise ValueError("Topology bandwidths must be positive (bytes per second)")
+
+    @classmethod
+    def parse(cls, spec, **kw):
+        """'4x8' -> 4 nodes of 8 devices."""
+        try:
+            n, g = (int(p) for p in str(spec).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"topology {spec!r} is not of the form NODESxGPUS, e.g. '4x8'") from None
+        return cls(n, g, **kw)
+
+    @property
+    def world(self):
+        return self.nodes * self.gpus_per_node
+
+    def node_of(self, device):
+        return device // self.gpus_per_node
+
+    def __str__(self):
+        return f"{self.nodes}x{self.gpus_per_node}"
+
+
+def _as_int_array(a, name, ndim):
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers (token counts / ids), got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def count_tokens(route, num_experts):
+    """Eq. 2: num[i, e] = number of (token, k) pairs of sample i routed to expert e.
+
+    route: [I, S, K] expert ids (torch or numpy). Returns an int64 torch tensor [I, E] on route's
+    device. This is the reference the CUDA kernel is tested against."""
+    route = torch.as_tensor(route)
+    if route.dim() != 3 or route.dtype.is_floating_point:
+        raise ValueError(f"route must be an integer tensor [I, S, K], got {tuple(route.shape)} {route.dtype}")
+    if route.numel() and (route.min() < 0 or route.max() >= num_experts):
+        raise ValueError(f"route holds expert ids outside [0, {num_experts})")
+    flat = route.reshape(route.shape[0], -1).long()
+    num = torch.zeros(route.shape[0], num_experts, dtype=torch.int64, device=route.device)
+    return num.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def dispatch_order(route, slot):
+    """Scatter layout: the stable permutation of the B*S*K (token, k) pairs of route [B, S, K] that
+    groups them by slot[expert] (device-major expert position). Stability keeps (b, s, k) order
+    inside a group, which is what lets the receiver name every row from num alone."""
+    return torch.argsort(slot[route.reshape(-1)], stable=True)
+
+
+def gather_order(src, dest, num_samples):
+    """Gather layout: the stable permutation of expert-side rows (row i from sample slot src[i])
+    that orders them by (dest[src], src): grouped by destination device, then sample."""
+    return torch.argsort(dest[src] * num_samples + src, stable=True)
+
+
+_KERNELS = None
+
+
+def hot_path(device):
+    """count_tokens / dispatch_order / gather_order for tensors on `device`: the kernels of
+    kernels.cu on CUDA (built on first use), else the torch references above. Same results."""
+    global _KERNELS
+    if torch.device(device).type != "cuda" or os.environ.get("NETMOE_NO_KERNELS") == "1":
+        return _REFERENCE
+    if _KERNELS is None:
+        try:
+            from torch.utils.cpp_extension import load
+            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+            _KERNELS = load("netmoe_kernels", [src], extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:   # no nvcc, no kernels.cu, a failed build: fall back, say so once
+            warnings.warn(f"netmoe: CUDA kernels unavailable ({type(e).__name__}: {e}); using torch references")
+            _KERNELS = _REFERENCE
+    return _KERNELS
+
+
+def default_expert_device(num_experts, world):
+    """Contiguous blocks: expert e lives on device e // (E / J)."""
+    return np.arange(num_experts) // (num_experts // world)
+
+
+def _check_expert_device(expert_device, num_experts, world):
+    if num_experts % world:
+        raise ValueError(f"E={num_experts} experts cannot be split evenly over J={world} devices; "
+                         f"use a multiple of {world} experts")
+    if expert_device is None:
+        return default_expert_device(num_experts, world)
+    ed = _as_int_array(expert_device, "expert_device", 1)
+    if ed.shape[0] != num_experts or ed.min() < 0 or ed.max() >= world \
+            or np.any(np.bincount(ed, minlength=world) != num_experts // world):
+        raise ValueError(f"expert_device must map each of E={num_experts} experts to a device in "
+                         f"[0, {world}), E/J={num_experts // world} experts per device")
+    return ed
+
+
+def _device_tokens(num, topo, expert_device):
+    """[I, J] tokens of each sample per device, [I, N] per node, [I] in all."""
+    I, E = num.shape
+    if not np.array_equal(expert_device, default_expert_device(E, topo.world)):
+        num = num[:, np.argsort(expert_device, kind="stable")]   # group columns by device
+    # strided slices, not reshape(...).sum(-1): numpy reduces a short last axis ~10x slower
+    r, G = E // topo.world, topo.gpus_per_node
+    per_dev = sum(num[:, i::r] for i in range(r))
+    per_node = sum(per_dev[:, g::G] for g in range(G))
+    return per_dev, per_node, per_node.sum(1)
+
+
+def _check_num(num, topo, name="num"):
+    if not isinstance(topo, Topology):
+        raise ValueError(f"topo must be a netmoe.Topology, got {type(topo).__name__}")
+    num = _as_int_array(num, name, 2)
+    if num.size and num.min() < 0:
+        raise ValueError(f"{name} holds negative token counts")
+    return num
+
+
+def placement_costs(num, topo, expert_device=None):
+    """Eq. 8. c[i, n]: tokens of sample i whose experts are NOT on node n (inter-node volume if i
+    sits on node n). c_intra[i, j]: tokens of sample i whose experts are on Node(j) but not on j."""
+    num = _check_num(num, topo)
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    per_dev, per_node, total = _device_tokens(num, topo, ed)
+    c = total[:, None] - per_node
+    c_intra = np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev
+    return c, c_intra
+
+
+def traffic(num, sample_device, topo, expert_device=None):
+    """Eq. 3-4: routed tokens that stay on their device / cross devices inside a node / cross
+    nodes, when sample i sits on sample_device[i]. Scatter and gather move the same pairs."""
+    num = _check_num(num, topo)
+    sd = _as_int_array(sample_device, "sample_device", 1)
+    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
+        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    per_dev, per_node, total = _device_tokens(num, topo, ed)
+    rows = np.arange(num.shape[0])
+    local = per_dev[rows, sd]
+    same_node = per_node[rows, topo.node_of(sd)]
+    return {"local": int(local.sum()), "intra": int((same_node - local).sum()),
+            "inter": int((total - same_node).sum())}
+
+
+def a2a_time(volume, topo, bytes_per_token):
+    """Eq. 1: t = max(t_intra, t_inter), t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes."""
+    def term(tokens, lat, bw):
+        return lat + tokens * bytes_per_token / bw if tokens else 0.0
+    return max(term(volume["intra"], topo.intra_lat, topo.intra_bw),
+               term(volume["inter"], topo.inter_lat, topo.inter_bw))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The solver: Algorithm 1's Solve
+# ---------------------------------------------------------------------------------------------
+
+
+def _assign(cost, groups, method):
+    """Assign len(cost) items to `groups` columns, an equal share each, minimum summed cost."""
+    n = cost.shape[0]
+    if groups == 1:
+        return np.zeros(n, dtype=np.int64)
+    if method == "capacitated":
+        return km.capacitated_assignment(cost, np.full(groups, n // groups, dtype=np.int64))
+    # The paper's formulation: copy each column n/groups times into an n x n matrix, run KM
+    # (ours, or scipy's as a benchmark baseline).
+    if method == "scipy":
+        from scipy.optimize import linear_sum_assignment
+    else:
+        linear_sum_assignment = km.linear_sum_assignment
+    _, col = linear_sum_assignment(np.repeat(cost, n // groups, axis=1))
+    return col // (n // groups)
+
+
+def solve_placement(num, topo, num_next=None, expert_device=None, method="capacitated",
+                    expert_device_next=None):
+    """Algorithm 1's Solve: the device each sample goes to in this layer's gather.
+
+    Stage 1 puts I/N samples on every node, minimising the summed inter-node cost c (Eq. 8) of this
+    gather plus, with lookahead, the next layer's predicted scatter. Stage 2 spreads each node's
+    samples over its G devices, I/J each, minimising the summed intra-node cost c_intra. Both are
+    exact (capacitated assignment; `method="km"` solves the paper's expanded I x I matrices,
+    `method="scipy"` the same with scipy, for benchmarks).
+    Integer input and fixed tie-breaking make every rank compute the same dest."""
+    num = _check_num(num, topo)
+    I, E = num.shape
+    J = topo.world
+    if I == 0 or I % J:
+        raise ValueError(f"I={I} samples cannot be split over J={J} devices; "
+                         f"use a global batch divisible by {J}")
+    if method not in ("capacitated", "km", "scipy"):
+        raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
+    c, c_intra = placement_costs(num, topo, expert_device)
+    if num_next is not None:
+        num_next = _check_num(num_next, topo, "num_next")
+        if num_next.shape[0] != I:
+            raise ValueError(f"num_next has {num_next.shape[0]} samples, num has {I}")
+        cn, cn_intra = placement_costs(num_next, topo,
+                                       expert_device if expert_device_next is None else expert_device_next)
+        c, c_intra = c + cn, c_intra + cn_intra
+    node = _assign(c, topo.nodes, method)
+    dest = np.empty(I, dtype=np.int64)
+    G = topo.gpus_per_node
+    for n in range(topo.nodes):
+        members = np.flatnonzero(node == n)
+        dest[members] = n * G + _assign(c_intra[members, n * G:(n + 1) * G], G, method)
+    return dest
+
+
+def static_placement(I, J):
+    """The baseline (FastMoE-style EP): sample slot p stays on device p // (I/J)."""
+    return np.arange(I) // (I // J)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. All-to-All with uneven splits; backward is the reverse exchange
+# ---------------------------------------------------------------------------------------------
+
+
+class _Timer:
+    """Sums the time spent in All-to-Alls: CUDA events on GPU (read lazily), wall clock on CPU."""
+
+    def __init__(self):
+        self.events, self.seconds = [], 0.0
+
+    def run(self, fn, *args):
+        if args[0].is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            end.record()
+            self.events.append((start, end))
+            return out
+        t = time.perf_counter()
+        out = fn(*args)
+        self.seconds += time.perf_counter() - t
+        return out
+
+    def pop_ms(self):
+        if self.events:
+            torch.cuda.synchronize()
+        ms = self.seconds * 1e3 + sum(s.elapsed_time(e) for s, e in self.events)
+        self.events, self.seconds = [], 0.0
+        return ms
+
+
+def _all_to_all(x, send, recv, group):
+    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Rows x[sum(send)] -> [sum(recv)]: send[j] rows to rank j, recv[j] rows from rank j."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group, timer):
+        ctx.args = (send, recv, group, timer)
+        return timer.run(_all_to_all, x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send, recv, group, timer = ctx.args
+        return timer.run(_all_to_all, grad, recv, send, group), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The MoE layer
+# ---------------------------------------------------------------------------------------------
+
+_SOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-solver")
+
+
+@dataclasses.dataclass
+class MoEStats:
+    """Counters of one or more MoE-layer calls (sum with +). Volumes are routed tokens, cluster-wide."""
+    scatter: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
+    gather: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
+    samples: int = 0          # samples that passed through the gathers
+    moved_node: int = 0       # of which the gather put on another node
+    moved_device: int = 0     # ... on another device
+    solver_ms: float = 0.0    # time the solver thread worked
+    solver_exposed_ms: float = 0.0  # time the gather waited for it
+    a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
+    a2a_model_ms: float = 0.0  # Eq. 1 for the same four All-to-Alls (payload = the residual rows)
+
+    def __add__(self, o):
+        add = lambda a, b: {k: a[k] + b[k] for k in a}
+        return MoEStats(add(self.scatter, o.scatter), add(self.gather, o.gather),
+                        *(getattr(self, f.name) + getattr(o, f.name) for f in dataclasses.fields(self)[2:]))
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel MoE block with NetMoE's sample placement: forward(x, sid) -> (y, sid', aux).
+
+    x [B, S, H] is the residual stream of the B samples this rank holds (global ids sid [B]);
+    y = x + MoE(LN(x)) for the B samples it holds afterwards (ids sid'), aux the Switch
+    load-balance loss. Each rank holds E/J experts. placement="static" is plain EP: the same code
+    with every sample returned to where it came from. virtual_world=J runs in one process with all
+    E experts, computing placements and volumes exactly as J devices would (the reference model).
+    """
+
+    def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
+                 topology=None, group=None, virtual_world=None, expert_device=None, debug=False):
+        super().__init__()
+        if placement not in ("netmoe", "static"):
+            raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if virtual_world is not None and world != 1:
+            raise ValueError(f"virtual_world runs in one process, but the process group has {world} ranks")
+        self.virtual = virtual_world is not None
+        self.J = virtual_world if self.virtual else world
+        self.rank = 0 if self.virtual or world == 1 else dist.get_rank(group)
+        self.topo = Topology(1, self.J) if topology is None else topology
+        if self.topo.world != self.J:
+            raise ValueError(f"topology {self.topo} has {self.topo.world} devices but the layer runs on "
+                             f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
+        self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
+        self.placement, self.lookahead, self.group, self.debug = placement, lookahead, group, debug
+        self.set_expert_device(_check_expert_device(expert_device, num_experts, self.J))
+        n_local = len(self.local_experts)
+        self.ln = nn.LayerNorm(hidden)
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(n_local, hidden, ffn_hidden) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(n_local, ffn_hidden))
+        self.w2 = nn.Parameter(torch.randn(n_local, ffn_hidden, hidden) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(n_local, hidden))
+        for p in (self.w1, self.b1, self.w2, self.b2):
+            p.expert = True   # not averaged over ranks: each rank owns its experts
+        self.next = None      # the next MoELayer, for lookahead (set by the model)
+        self.placement_override = None   # benchmarks: dest -> dest actually used (e.g. keep in place)
+        self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
+        self.last_routes = None
+        self._stats, self._timer = MoEStats(), _Timer()
+
+    def __setattr__(self, name, value):
+        if name == "next":   # a reference for lookahead, not a submodule: its parameters stay its own
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def set_expert_device(self, expert_device):
+        """Expert e lives on device expert_device[e]; rows are ordered by `slot` = device-major position."""
+        self.expert_device = np.asarray(expert_device, dtype=np.int64)
+        order = np.lexsort((np.arange(self.num_experts), self.expert_device))
+        self.slot = np.empty(self.num_experts, dtype=np.int64)
+        self.slot[order] = np.arange(self.num_experts)
+        per = self.num_experts // self.J
+        self.local_experts = order if self.virtual else order[self.rank * per:(self.rank + 1) * per]
+
+    def route(self, x):
+        """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route)."""
+        logits = self.gate(self.ln(x))
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        top, route = probs.topk(self.top_k, dim=-1)
+        return probs, top / top.sum(-1, keepdim=True), route
+
+    def pop_stats(self):
+        """Counters since the last call; reading the All-to-All time waits for the GPU."""
+        stats, self._stats = self._stats, MoEStats()
+        stats.a2a_ms = self._timer.pop_ms()
+        return stats
+
+    def forward(self, x, sid):
+        if x.dim() != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"x must be [B, S, {self.hidden}], got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.float64):
+            # the token index rides in the payload as a float column; bf16 would round it
+            raise ValueError(f"the residual stream must be float32 or float64, got {x.dtype}")
+        sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
+        if sid.numel() != x.shape[0]:
+            raise ValueError(f"sid must give one id per sample: {sid.numel()} ids for {x.shape[0]} samples")
+        B, S, H = x.shape
+        E, K = self.num_experts, self.top_k
+        ops = hot_path(x.device)
+        probs, g, route = self.route(x)
+        meta = [ops.count_tokens(route, E)]
+        predict = self.placement == "netmoe" and self.lookahead and self.next is not None
+        pred = None
+        if self.next is not None and (predict or self.record):
+            with torch.no_grad():   # paper Sec. 3.3: the next layer's gate on this input predicts its scatter
+                pred = self.next.route(x)[2]
+        if predict:
+            meta.append(ops.count_tokens(pred, E))
+        if self.record:
+            self.last_routes = (sid, route, pred)
+        meta = torch.cat(meta + [sid[:, None]], 1)
+        if not self.virtual and self.J > 1:
+            parts = [torch.empty_like(meta) for _ in range(self.J)]
+            dist.all_gather(parts, meta, group=self.group)
+            meta = torch.cat(parts)
+        meta = meta.cpu().numpy()
+        num, sid_all = meta[:, :E], meta[:, -1]
+        I = num.shape[0]
+        if I % self.J:
+            raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "
+                             f"use a global batch divisible by {self.J}")
+        if self.placement == "netmoe":
+            solve = _SOLVER.submit(_timed, solve_placement, num, self.topo,
+                                   meta[:, E:2 * E] if predict else None, self.expert_device)
+        f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
+        aux = E * (f * probs.mean((0, 1))).sum()
+
+        def join():   # called just before the gather: the solver ran while scatter + experts did
+            if self.placement == "static":
+                return static_placement(I, self.J)
+            t = time.perf_counter()
+            dest, seconds = solve.result()
+            self._stats.solver_exposed_ms += (time.perf_counter() - t) * 1e3
+            self._stats.solver_ms += seconds * 1e3
+            return dest if self.placement_override is None else self.placement_override(dest)
+
+        run = self._forward_virtual if self.virtual or self.J == 1 else self._forward_ep
+        y, keep, dest = run(x, g, route, num, join, ops)
+        self._record(num, static_placement(I, self.J), dest, x.element_size() * H)
+        return y, torch.as_tensor(sid_all[keep], device=x.device), aux
+
+    def _experts(self, x, g, k0, local):
+        """Rows in any order, local[i] = local expert of row i -> g * FFN_e(LN(x)) + [k == 0] * x (App. A.1:
+        the residual is added on the expert side to exactly one of a token's K rows)."""
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=len(self.local_experts)).tolist()
+        h = self.ln(x[order])
+        outs = []
+        for e, chunk in enumerate(h.split(counts)):
+            mid = F.gelu(torch.addmm(self.b1[e], chunk, self.w1[e]))
+            outs.append(torch.addmm(self.b2[e], mid, self.w2[e]))
+        y = torch.cat(outs)[torch.argsort(order)]
+        return g[:, None] * y + k0[:, None] * x
+
+    def _forward_virtual(self, x, g, route, num, join, ops):
+        """All experts in this process: no exchange, same placement and volumes as J devices."""
+        I, S, H = x.shape
+        K = self.top_k
+        order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=x.device))
+        tok = order // K
+        local = torch.as_tensor(self.slot, device=x.device)[route.reshape(-1)[order]]
+        y = self._experts(x.reshape(-1, H)[tok], g.reshape(-1)[order].to(x.dtype),
+                          (order % K == 0).to(x.dtype), local)
+        out = torch.zeros(I * S, H, dtype=x.dtype, device=x.device).index_add(0, tok, y)
+        dest = join()
+        keep = np.argsort(dest, kind="stable")   # device-major: virtual device d holds rows d*B..
+        return out.view(I, S, H)[torch.as_tensor(keep, device=x.device)], keep, dest
+
+    def _forward_ep(self, x, g, route, num, join, ops):
+        B, S, H = x.shape
+        J, r, K, I = self.J, self.rank, self.top_k, num.shape[0]
+        dev = x.device
+        per_dev = _device_tokens(num, self.topo, self.expert_device)[0]          # [I, J]
+        mine = slice(r * B, (r + 1) * B)
+        # Scatter: rows ordered by (expert device, local expert, b, s, k), so the receiver can
+        # tell every row's sample and expert from num alone; only the position s*K+k travels.
+        slot = torch.as_tensor(self.slot, device=dev)
+        order = ops.dispatch_order(route, slot)
+        payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
+                             (order % (S * K)).to(x.dtype)[:, None]], 1)
+        recv = AllToAll.apply(payload, per_dev[mine].sum(0).tolist(),
+                              per_dev[:, r].reshape(J, B).sum(1).tolist(), self.group, self._timer)
+        # Expert side: arrival order is (source rank, local expert, b, s, k).
+        cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)      # [J, El, B]
+        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        n_local = len(self.local_experts)
+        local = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(reps)
+        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(reps)
+        pos = recv[:, H + 1]
+        y = self._experts(recv[:, :H], recv[:, H], ((pos.long() % K) == 0).to(x.dtype), local)
+        # Gather: rows to dest[sample], ordered by (dest, sample), so the receiver knows each
+        # row's sample from num and dest; the payload again carries only s*K+k.
+        dest = join()
+        self._check_same_dest(dest)
+        dest_t = torch.as_tensor(dest, device=dev)
+        gorder = ops.gather_order(src, dest_t, I)
+        keep = np.flatnonzero(dest == r)                                            # new slots
+        back = AllToAll.apply(torch.cat([y, pos[:, None]], 1)[gorder],
+                              np.bincount(dest, weights=per_dev[:, r], minlength=J).astype(np.int64).tolist(),
+                              per_dev[keep].sum(0).tolist(), self.group, self._timer)
+        reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
+        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps)
+        row = new_slot * S + back[:, H].long() // K
+        out = torch.zeros(B * S, H, dtype=x.dtype, device=dev).index_add(0, row, back[:, :H])
+        return out.view(B, S, H), keep, dest
+
+    def _check_same_dest(self, dest):
+        """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
+        if not self.debug:
+            return
+        h = int.from_bytes(hashlib.blake2b(dest.tobytes(), digest_size=7).digest(), "little")
+        hs = [None] * self.J
+        dist.all_gather_object(hs, h, group=self.group)
+        if len(set(hs)) != 1:
+            raise RuntimeError(f"ranks computed different placements (hashes {hs}); the solver must be "
+                               f"deterministic and every rank must see the same num")
+
+    def _record(self, num, cur, dest, bytes_per_token):
+        st, topo = self._stats, self.topo
+        for name, where in (("scatter", cur), ("gather", dest)):
+            vol = traffic(num, where, topo, self.expert_device)
+            for k, v in vol.items():
+                getattr(st, name)[k] += v
+            st.a2a_model_ms += 2e3 * a2a_time(vol, topo, bytes_per_token)   # forward + backward
+        st.samples += len(dest)
+        st.moved_node += int((topo.node_of(dest) != topo.node_of(cur)).sum())
+        st.moved_device += int((dest != cur).sum())
+
+
+_REFERENCE = sys.modules[__name__]
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t

@@ -1,0 +1,615 @@
+"""The netmoe test suite, one section per part: solver, placement, layer, training, kernels.
+
+Distributed tests spawn gloo processes on the CPU; GPU tests (NCCL, kernels) skip without CUDA.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import km
+import netmoe
+import train_gpt
+
+
+# ---- solver: km.linear_sum_assignment and km.capacitated_assignment
+
+
+def _brute_lsap(c):
+    """Exact optimum by trying every injective map of the shorter side (n <= 7)."""
+    n, m = c.shape
+    if n <= m:
+        return min(sum(c[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+    return _brute_lsap(c.T)
+
+
+def _seeded():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    return np.random.default_rng(seed), seed
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_lsap_finds_the_exact_optimum_of_every_small_matrix(kind):
+    rng, seed = _seeded()
+    for _ in range(150):
+        n, m = rng.integers(1, 7, size=2)
+        c = rng.integers(-9, 10, size=(n, m)) if kind == "int" else rng.normal(size=(n, m))
+        r, col = km.linear_sum_assignment(c)
+        assert len(r) == len(col) == min(n, m) and np.all(np.diff(r) > 0), seed
+        assert len(set(col.tolist())) == len(col), seed
+        assert c[r, col].sum() == pytest.approx(_brute_lsap(c), abs=1e-9), seed
+
+
+def test_lsap_ties_huge_and_negative_integers_are_exact():
+    rng, seed = _seeded()
+    assert km.linear_sum_assignment(np.zeros((4, 4), dtype=np.int64))[1].tolist() == [0, 1, 2, 3]
+    assert sorted(km.linear_sum_assignment(np.ones((5, 3)))[1].tolist()) == [0, 1, 2]
+    for _ in range(30):
+        n = int(rng.integers(2, 7))
+        c = rng.integers(-2**40, 2**40, size=(n, n))
+        r, col = km.linear_sum_assignment(c)
+        best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+        assert sum(int(c[i, j]) for i, j in zip(r, col)) == best, seed
+
+
+def test_lsap_maximize_and_forbidden_entries():
+    rng, seed = _seeded()
+    for _ in range(50):
+        c = rng.normal(size=(4, 6))
+        r, col = km.linear_sum_assignment(c, maximize=True)
+        assert c[r, col].sum() == pytest.approx(-_brute_lsap(-c)), seed
+    c = np.array([[np.inf, 1.0], [2.0, np.inf]])
+    assert km.linear_sum_assignment(c)[1].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="infeasible"):
+        km.linear_sum_assignment(np.array([[np.inf, 1.0], [np.inf, 2.0]]))
+    r, col = km.linear_sum_assignment(np.zeros((0, 3)))
+    assert r.shape == col.shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_lsap_agrees_with_scipy(kind):
+    scipy_lsap = pytest.importorskip("scipy.optimize").linear_sum_assignment
+    rng, seed = _seeded()
+    for _ in range(40):
+        n, m = rng.integers(1, 200, size=2)
+        c = rng.integers(0, 50, size=(n, m)) if kind == "int" else rng.random((n, m))
+        maximize = bool(rng.integers(2))
+        r, col = km.linear_sum_assignment(c, maximize=maximize)
+        r2, col2 = scipy_lsap(c, maximize=maximize)
+        assert np.array_equal(r, r2), seed
+        assert c[r, col].sum() == pytest.approx(c[r2, col2].sum(), rel=1e-12), seed
+
+
+def test_capacitated_equals_km_on_the_expanded_matrix_and_respects_capacities():
+    rng, seed = _seeded()
+    for t in range(300):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 7))
+        cap = rng.multinomial(n, np.ones(k) / k)             # zero capacities happen too
+        c = rng.integers(-30, 30, size=(n, k)) if t % 2 else rng.normal(size=(n, k))
+        col = km.capacitated_assignment(c, cap)
+        assert col.dtype == np.int64 and np.array_equal(np.bincount(col, minlength=k), cap), seed
+        cols = np.repeat(np.arange(k), cap)
+        r, e = km.linear_sum_assignment(c[:, cols])
+        assert c[np.arange(n), col].sum() == pytest.approx(c[r, cols[e]].sum(), abs=1e-9), seed
+        if n <= 7:
+            assert c[np.arange(n), col].sum() == pytest.approx(_brute_lsap(c[:, cols]), abs=1e-9), seed
+
+
+def test_capacitated_is_exact_for_huge_integers_and_deterministic_under_ties():
+    rng, seed = _seeded()
+    c = rng.integers(-2**40, 2**40, size=(30, 4))
+    cap = np.array([10, 5, 15, 0])
+    col = km.capacitated_assignment(c, cap)
+    cols = np.repeat(np.arange(4), cap)
+    r, e = km.linear_sum_assignment(c[:, cols])
+    assert sum(int(c[i, j]) for i, j in enumerate(col)) == sum(int(c[i, cols[j]]) for i, j in zip(r, e)), seed
+    ties = np.ones((12, 3), dtype=np.int64)
+    first = km.capacitated_assignment(ties, [4, 4, 4])
+    assert all(np.array_equal(first, km.capacitated_assignment(ties.copy(), [4, 4, 4])) for _ in range(3))
+    assert km.capacitated_assignment(np.zeros((5, 1)), [5]).tolist() == [0] * 5
+    assert km.capacitated_assignment(np.zeros((0, 3)), [0, 0, 0]).shape == (0,)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: km.linear_sum_assignment(np.zeros(3)),
+    lambda: km.linear_sum_assignment(np.array([[1.0, np.nan]])),
+    lambda: km.linear_sum_assignment(np.array([["a", "b"]])),
+    lambda: km.linear_sum_assignment(np.array([[np.inf, 1.0]]), maximize=True),
+    lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1]),
+    lambda: km.capacitated_assignment(np.zeros((4, 2)), [5, -1]),
+    lambda: km.capacitated_assignment(np.zeros((4, 2)), [[2, 2]]),
+    lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1, 1]),
+    lambda: km.capacitated_assignment(np.array([[np.inf, np.inf], [1.0, 2.0]]), [1, 1]),
+    lambda: km.capacitated_assignment(np.array([[np.nan, 1.0], [1.0, 2.0]]), [1, 1]),
+    lambda: km.capacitated_assignment(np.zeros(4), [4]),
+], ids=["1-D", "nan", "strings", "max-inf", "sum", "negative", "2-D capacity", "length", "no finite",
+        "nan-cap", "1-D-cap"])
+def test_bad_solver_input_raises_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ---- placement: cost model (Eq. 1-4, 8) and Algorithm 1's two-stage Solve
+
+
+def _balanced_assignments(n, groups):
+    """Every way to put n items into `groups` labelled groups of n/groups each (brute force)."""
+    per = n // groups
+    def rec(i, left):
+        if i == n:
+            yield ()
+            return
+        for gi in range(groups):
+            if left[gi]:
+                left[gi] -= 1
+                for rest in rec(i + 1, left):
+                    yield (gi,) + rest
+                left[gi] += 1
+    yield from rec(0, [per] * groups)
+
+
+TOPOLOGIES = ["1x1", "1x4", "4x1", "2x2", "2x4", "4x2"]
+
+
+def _random_num(rng, I, E, skew=True):
+    """Per-sample expert counts with some locality (a few favourite experts) or none."""
+    if not skew:
+        return rng.integers(0, 6, size=(I, E))
+    fav = rng.dirichlet(np.full(E, 0.3), size=I)
+    return np.stack([rng.multinomial(rng.integers(0, 40), f) for f in fav])
+
+
+def test_count_tokens_matches_a_plain_loop():
+    rng = np.random.default_rng()
+    route = rng.integers(0, 12, size=(5, 7, 3))
+    num = netmoe.count_tokens(torch.as_tensor(route), 12)
+    ref = np.zeros((5, 12), dtype=np.int64)
+    for i, s, k in np.ndindex(route.shape):
+        ref[i, route[i, s, k]] += 1
+    assert num.dtype == torch.int64 and np.array_equal(num.numpy(), ref)
+    with pytest.raises(ValueError):
+        netmoe.count_tokens(torch.as_tensor(route), 11)
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES)
+def test_placement_costs_and_traffic_follow_their_definitions(spec):
+    rng = np.random.default_rng()
+    topo = netmoe.Topology.parse(spec)
+    J, G = topo.world, topo.gpus_per_node
+    E = 2 * J
+    num = _random_num(rng, 3 * J, E)
+    ed = rng.permutation(np.arange(E) // 2)          # any balanced layout, not only blocks
+    c, c_intra = netmoe.placement_costs(num, topo, ed)
+    dev = rng.integers(0, J, size=len(num))
+    vol = dict(local=0, intra=0, inter=0)
+    for i in range(len(num)):
+        for n in range(topo.nodes):
+            assert c[i, n] == sum(num[i, e] for e in range(E) if ed[e] // G != n)
+        for j in range(J):
+            assert c_intra[i, j] == sum(num[i, e] for e in range(E) if ed[e] // G == j // G and ed[e] != j)
+        for e in range(E):
+            kind = "local" if ed[e] == dev[i] else "intra" if ed[e] // G == dev[i] // G else "inter"
+            vol[kind] += num[i, e]
+    assert netmoe.traffic(num, dev, topo, ed) == vol
+
+
+def test_fig2_style_example_worked_by_hand():
+    """I=4 samples, E=4 experts (one per device), K=1, S=2 tokens, 2 nodes of 2 devices.
+    sample 0 -> experts 2, 3; sample 1 -> 0, 0; sample 2 -> 1, 1; sample 3 -> 2, 2.
+    Static: 0 sits on node 0 (2 inter), 1 on device 1 (2 intra), 2 on node 1 (2 inter), 3 on
+    device 3 (2 intra). Stage 1 puts {1, 2} on node 0 and {0, 3} on node 1 (inter cost 0);
+    stage 2 puts 1 on device 0, 2 on device 1, 3 on device 2 and 0 on device 3 (expert 3 local,
+    expert 2 one intra hop): 7 local, 1 intra, 0 inter."""
+    topo = netmoe.Topology(2, 2)
+    route = torch.tensor([[[2], [3]], [[0], [0]], [[1], [1]], [[2], [2]]])
+    num = netmoe.count_tokens(route, 4)
+    assert num.tolist() == [[0, 0, 1, 1], [2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0]]
+    c, c_intra = netmoe.placement_costs(num, topo)
+    assert c.tolist() == [[2, 0], [0, 2], [0, 2], [2, 0]]
+    assert c_intra.tolist() == [[0, 0, 1, 1], [0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 0, 2]]
+    dest = netmoe.solve_placement(num, topo)
+    assert dest.tolist() == [3, 0, 1, 2]
+    static = netmoe.static_placement(4, 4)
+    assert netmoe.traffic(num, static, topo) == dict(local=0, intra=4, inter=4)
+    assert netmoe.traffic(num, dest, topo) == dict(local=7, intra=1, inter=0)
+    bpt = 4 * 768   # fp32 tokens of MoE-GPT-S
+    assert netmoe.a2a_time(netmoe.traffic(num, static, topo), topo, bpt) == pytest.approx(4 * bpt / 100e9)
+    assert netmoe.a2a_time(netmoe.traffic(num, dest, topo), topo, bpt) == pytest.approx(1 * bpt / 400e9)
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_placement_is_balanced_and_each_stage_is_exactly_optimal(spec, lookahead):
+    rng = np.random.default_rng()
+    topo = netmoe.Topology.parse(spec)
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    I = J * (8 // J if J <= 8 else 1) if J > 1 else 6
+    for _ in range(3):
+        num = _random_num(rng, I, 2 * J)
+        nxt = _random_num(rng, I, 2 * J) if lookahead else None
+        dest = netmoe.solve_placement(num, topo, num_next=nxt)
+        assert dest.dtype == np.int64 and np.array_equal(np.bincount(dest, minlength=J), np.full(J, I // J))
+        c, ci = netmoe.placement_costs(num, topo)
+        if lookahead:
+            cn, cin = netmoe.placement_costs(nxt, topo)
+            c, ci = c + cn, ci + cin
+        node = dest // G
+        best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
+        assert c[np.arange(I), node].sum() == best1
+        for n in range(N):
+            m = np.flatnonzero(node == n)
+            sub = ci[m][:, n * G:(n + 1) * G]
+            best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
+            assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES + ["4x8"])
+def test_capacitated_and_expanded_km_reach_the_same_optimal_costs(spec):
+    rng = np.random.default_rng()
+    topo = netmoe.Topology.parse(spec)
+    I = topo.world * 4
+    num, nxt = _random_num(rng, I, 2 * topo.world), _random_num(rng, I, 2 * topo.world)
+    a = netmoe.solve_placement(num, topo, num_next=nxt)
+    b = netmoe.solve_placement(num, topo, num_next=nxt, method="km")
+    c, ci = (x + y for x, y in zip(netmoe.placement_costs(num, topo), netmoe.placement_costs(nxt, topo)))
+    G = topo.gpus_per_node
+    rows = np.arange(I)
+    assert c[rows, a // G].sum() == c[rows, b // G].sum()
+    if np.array_equal(a // G, b // G):   # same node split: stage 2 solves the same problems
+        assert ci[rows, a].sum() == ci[rows, b].sum()
+
+
+def test_placement_is_deterministic_for_identical_input():
+    rng = np.random.default_rng()
+    topo = netmoe.Topology(4, 8)
+    num = _random_num(rng, 256, 64, skew=False)   # small counts: many ties
+    first = netmoe.solve_placement(num, topo, num_next=num[::-1].copy())
+    for _ in range(3):
+        assert np.array_equal(first, netmoe.solve_placement(num.copy(), topo, num_next=num[::-1].copy()))
+    assert np.array_equal(first, netmoe.solve_placement(torch.as_tensor(num), topo, num_next=torch.as_tensor(num[::-1].copy())))
+
+
+@pytest.mark.parametrize("spec", ["2x2", "2x8", "4x8", "1x8"])
+def test_netmoe_is_never_worse_than_static_in_the_modelled_cost(spec):
+    rng = np.random.default_rng()
+    topo = netmoe.Topology.parse(spec)
+    I, E = topo.world * 4, topo.world * 2
+    static = netmoe.static_placement(I, topo.world)
+    for skew in (False, True):
+        num = _random_num(rng, I, E, skew)
+        dest = netmoe.solve_placement(num, topo)
+        ours, base = netmoe.traffic(num, dest, topo), netmoe.traffic(num, static, topo)
+        assert ours["inter"] <= base["inter"]
+        assert netmoe.a2a_time(ours, topo, 3072) <= netmoe.a2a_time(base, topo, 3072)
+
+
+def test_planted_locality_is_found():
+    """Each sample's tokens all go to the experts of one node, but static EP holds it elsewhere:
+    NetMoE's gather removes every inter-node token."""
+    rng = np.random.default_rng()
+    topo = netmoe.Topology(4, 2)
+    I, E = 32, 16
+    home = rng.permutation(np.arange(I) % 4)
+    num = np.zeros((I, E), dtype=np.int64)
+    for i in range(I):
+        num[i, home[i] * 4:(home[i] + 1) * 4] = rng.multinomial(50, np.full(4, 0.25))
+    dest = netmoe.solve_placement(num, topo)
+    assert netmoe.traffic(num, dest, topo)["inter"] == 0
+    assert netmoe.traffic(num, netmoe.static_placement(I, 8), topo)["inter"] > 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda: netmoe.solve_placement(np.zeros(8, dtype=np.int64), netmoe.Topology(2, 2)),
+    lambda: netmoe.solve_placement(-np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2)),
+    lambda: netmoe.solve_placement(np.ones((8, 8)), netmoe.Topology(2, 2)),                 # floats
+    lambda: netmoe.solve_placement(np.ones((6, 8), dtype=np.int64), netmoe.Topology(2, 2)),  # I % J
+    lambda: netmoe.solve_placement(np.ones((8, 6), dtype=np.int64), netmoe.Topology(2, 2)),  # E % J
+    lambda: netmoe.solve_placement(np.ones((0, 8), dtype=np.int64), netmoe.Topology(2, 2)),
+    lambda: netmoe.solve_placement(np.ones((8, 8), dtype=np.int64), "2x2"),
+    lambda: netmoe.solve_placement(np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2),
+                                   num_next=np.ones((4, 8), dtype=np.int64)),
+    lambda: netmoe.solve_placement(np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2),
+                                   expert_device=np.zeros(8, dtype=np.int64)),            # unbalanced
+    lambda: netmoe.solve_placement(np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2), method="lp"),
+    lambda: netmoe.traffic(np.ones((8, 8), dtype=np.int64), np.full(8, 4), netmoe.Topology(2, 2)),
+    lambda: netmoe.Topology.parse("4by8"),
+    lambda: netmoe.Topology(0, 8),
+], ids=["1-D", "negative", "float", "I%J", "E%J", "empty", "topo-str", "next-shape", "layout",
+        "method", "device-range", "parse", "zero-nodes"])
+def test_bad_placement_input_raises_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ---- layer: static EP == NetMoE EP == single-process model, outputs and every gradient
+
+I_, S_, H_, F_ = 8, 6, 8, 12
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _make_params(E, K, empty_device, seed, world=4, layers=2):
+    """Full (all-expert) float64 parameters of a stack of MoE layers."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    out = []
+    for _ in range(layers):
+        p = dict(ln_w=1 + 0.1 * rnd(H_), ln_b=0.1 * rnd(H_), wg=rnd(E, H_), w1=0.3 * rnd(E, H_, F_),
+                 b1=0.1 * rnd(E, F_), w2=0.3 * rnd(E, F_, H_), b2=0.1 * rnd(E, H_))
+        if empty_device is not None:
+            # LN's bias dominates its output; experts of the empty device point against it, so their
+            # logits are hugely negative and no token ever picks them.
+            v = 20 * torch.ones(H_, dtype=torch.float64)
+            p["ln_b"] = v
+            per = E // world
+            for e in range(E):
+                p["wg"][e] = -v if e // per == empty_device else v + rnd(H_)
+        out.append(p)
+    return out
+
+
+def _reference(x, params, K):
+    """Brute force: every expert on every token, masked by the routing; aux on the whole batch."""
+    auxes = []
+    for p in params:
+        E = p["wg"].shape[0]
+        h = F.layer_norm(x, (H_,), p["ln_w"], p["ln_b"])
+        probs = (h @ p["wg"].T).softmax(-1)
+        top, route = probs.topk(K, -1)
+        g = top / top.sum(-1, keepdim=True)
+        y = x
+        for e in range(E):
+            ffn = F.gelu(h @ p["w1"][e] + p["b1"][e]) @ p["w2"][e] + p["b2"][e]
+            y = y + (g * (route == e)).sum(-1, keepdim=True) * ffn
+        f = torch.bincount(route.reshape(-1), minlength=E).double() / route.numel()
+        auxes.append(E * (f * probs.mean((0, 1))).sum())
+        x = y
+    return x, sum(auxes)
+
+
+def _load(layer, p):
+    with torch.no_grad():
+        layer.ln.weight.copy_(p["ln_w"]); layer.ln.bias.copy_(p["ln_b"]); layer.gate.weight.copy_(p["wg"])
+        for name in ("w1", "b1", "w2", "b2"):
+            getattr(layer, name).copy_(p[name][torch.as_tensor(layer.local_experts)])
+
+
+LAYER_CASES = [("static", 2, None), ("netmoe", 2, None), ("netmoe", 1, None), ("netmoe", 4, None),
+               ("netmoe", 2, 3), ("static", 2, 3)]
+
+
+def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
+    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL)."""
+    torch.set_num_threads(1)
+    dev, dtype = (torch.device("cuda", rank), torch.float32) if gpu else (torch.device("cpu"), torch.float64)
+    if gpu:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if gpu else "gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    topo = netmoe.Topology(2, world // 2)
+    B = I_ // world
+    report = []
+    for ci, (placement, K, empty) in enumerate(cases):
+        E = 8
+        empty = None if empty is None else world - 1
+        params = _make_params(E, K, empty, seed=1000 + ci, world=world)
+        if gpu:   # the reference sees exactly the float32 numbers the layer holds
+            params = [{k: v.float().double() for k, v in p.items()} for p in params]
+        g = torch.Generator().manual_seed(77 + ci)
+        x = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
+        wout = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
+        xr = x.clone().requires_grad_()
+        ref_params = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in params]
+        y_ref, aux_ref = _reference(xr, ref_params, K)
+        ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
+
+        layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True).to(dev, dtype)
+                  for _ in params]
+        layers[0].next = layers[1]
+        for L, p in zip(layers, params):
+            _load(L, p)
+        xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
+        h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
+        for L in layers:
+            h, sid, a = L(h, sid)
+            aux = aux + a
+        ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+
+        def gather(t):
+            t = t.to(dev).contiguous()
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            return torch.cat(parts).cpu().double() if t.is_floating_point() else torch.cat(parts).cpu()
+        sids = gather(sid)
+        y = torch.empty_like(y_ref)
+        y[sids] = gather(h.detach())
+        errs = {"y": _rel(y, y_ref.detach()), "x.grad": _rel(gather(xl.grad), xr.grad)}
+        for li, (L, rp) in enumerate(zip(layers, ref_params)):
+            for name, ours in (("ln_w", L.ln.weight), ("ln_b", L.ln.bias), ("wg", L.gate.weight)):
+                gr = ours.grad.clone()
+                dist.all_reduce(gr)
+                errs[f"{li}.{name}"] = _rel(gr.cpu().double(), rp[name].grad)
+            full_ids = gather(torch.as_tensor(L.local_experts))
+            for name in ("w1", "b1", "w2", "b2"):
+                full = torch.empty_like(rp[name].grad)
+                full[full_ids] = gather(getattr(L, name).grad)
+                errs[f"{li}.{name}"] = _rel(full, rp[name].grad)
+        stats = layers[0].pop_stats() + layers[1].pop_stats()
+        # rows the empty device's experts received, over both layers (0 where a device is planted empty)
+        idle = sum(int(gather(L.w1.grad.abs().sum().reshape(1))[empty].item() == 0) for L in layers) \
+            if empty is not None else None
+        report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
+                       stats.scatter, stats.gather, idle))
+    if rank == 0:
+        with open(errors_file, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world, *args):
+    """Run fn(rank, world, init_file, *args, report_file) on `world` processes; rank 0's report."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "report.json")
+        mp.spawn(fn, args=(world, os.path.join(d, "init"), *args, out), nprocs=world, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def layer_report():
+    return _spawn(_layer_worker, 4, LAYER_CASES, False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
+def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    for placement, K, empty, (name, worst), moved, *_, idle in _spawn(_layer_worker, world, LAYER_CASES, True):
+        assert worst <= 1e-5, f"{placement} K={K} empty={empty}: {name} differs by {worst:.2e} (float32)"
+        assert empty is None or idle == 2
+
+
+@pytest.mark.parametrize("case", range(len(LAYER_CASES)))
+def test_ep_layer_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
+    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle = layer_report[case]
+    assert worst <= 1e-10, f"{placement} K={K}: {worst_name} differs by {worst:.2e}"
+    if empty is not None:   # the planted device received no token in either layer
+        assert idle == 2
+
+
+def test_netmoe_really_moves_samples_in_the_equality_test(layer_report):
+    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report}
+    assert moved[("static", 2, None)] == 0
+    assert moved[("netmoe", 2, None)] > 0
+
+
+def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run(layer_report):
+    """Same inputs in one process with virtual_world=4 give the same volumes as the 4-rank run."""
+    placement, K, empty = LAYER_CASES[1]
+    params = _make_params(8, K, empty, seed=1001)
+    g = torch.Generator().manual_seed(78)
+    x = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64)
+    layers = [netmoe.MoELayer(H_, F_, 8, K, placement, topology=netmoe.Topology(2, 2), virtual_world=4).double()
+              for _ in params]
+    layers[0].next = layers[1]
+    for L, p in zip(layers, params):
+        _load(L, p)
+    h, sid = x, torch.arange(I_)
+    for L in layers:
+        h, sid, _ = L(h, sid)
+    stats = layers[0].pop_stats() + layers[1].pop_stats()
+    y_ref, _ = _reference(x, params, K)
+    assert _rel(h.detach(), y_ref[sid]) <= 1e-12
+    assert (stats.moved_device, stats.scatter, stats.gather) == tuple(layer_report[1][4:7])
+
+
+# ---- training: train_gpt.py end to end (4 gloo processes, 2 virtual nodes x 2)
+
+
+TINY = ["--preset", "tiny", "--steps", "6", "--warmup", "1", "--log-every", "100", "--eval-batches", "1",
+        "--seq-len", "32"]
+
+
+def _run(args, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    res = CliRunner().invoke(train_gpt.cli, args + ["--json", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def compare_4proc(tmp_path_factory):
+    return _run(["compare", *TINY, "--nproc", "4", "--topology", "2x2", "--debug"], tmp_path_factory.mktemp("cmp"), "cmp")
+
+
+def test_compare_gives_identical_losses_and_netmoe_moves_fewer_inter_node_tokens(compare_4proc):
+    static, ours = compare_4proc["runs"]["static"], compare_4proc["runs"]["netmoe"]
+    assert len(static["loss"]) == len(ours["loss"]) == 6
+    np.testing.assert_allclose(ours["loss"], static["loss"], rtol=1e-5)
+    assert ours["val_loss"] == pytest.approx(static["val_loss"], rel=1e-5)
+    inter = lambda r: sum(r["volume"]["gather"]["inter"])
+    assert inter(ours) < inter(static)
+    assert sum(ours["moved_frac"]["node"]) > 0 and sum(static["moved_frac"]["device"]) == 0
+    assert static["loss"][-1] < static["loss"][0]
+
+
+def test_json_record_follows_the_documented_schema(compare_4proc):
+    run = compare_4proc["runs"]["netmoe"]
+    for key in ("loss", "iter_ms", "a2a_ms", "a2a_model_ms", "solver_ms", "solver_exposed_ms"):
+        assert len(run[key]) == 6
+    assert set(run["volume"]) == {"scatter", "gather"}
+    assert all(set(run["volume"][p]) == {"local", "intra", "inter"} for p in run["volume"])
+    assert set(run["moved_frac"]) == {"node", "device"}
+
+
+def test_distributed_training_equals_the_single_process_model(compare_4proc, tmp_path):
+    """Same losses after several optimizer steps: dense grads averaged, expert grads scaled by 1/J,
+    the clipping norm global -- any mistake there changes the updates."""
+    single = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "single")
+    np.testing.assert_allclose(single["runs"]["netmoe"]["loss"], compare_4proc["runs"]["netmoe"]["loss"], rtol=1e-5)
+    assert single["runs"]["netmoe"]["volume"] == compare_4proc["runs"]["netmoe"]["volume"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(compare_4proc, tmp_path):
+    ck = str(tmp_path / "ck")
+    args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--ckpt", ck, "--ckpt-every", "2"]
+    first = _run([a if a != "6" else "3" for a in args], tmp_path, "first")   # --steps 3
+    assert len(first["runs"]["netmoe"]["loss"]) == 3
+    resumed = _run(args + ["--resume"], tmp_path, "resumed")
+    np.testing.assert_allclose(resumed["runs"]["netmoe"]["loss"], compare_4proc["runs"]["netmoe"]["loss"], rtol=1e-6)
+
+
+def test_trace_and_simulate_round_trip(tmp_path):
+    trace = str(tmp_path / "t.npz")
+    _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--trace", trace, "--trace-every", "3"],
+         tmp_path, "tr")
+    t = np.load(trace)
+    assert t["route"].shape == (2, 2, 32, 32, 2) and t["route_next_pred"].shape == t["route"].shape
+    assert (t["route_next_pred"][:, -1] == -1).all() and (t["route_next_pred"][:, 0] >= 0).all()
+    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
+                                             str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    sim = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
+    assert sim["static"]["moved_device"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--nproc", "4", "--topology", "2x4"], "topology 2x4 has 8 devices"),
+    (["train", "--data", "/nonexistent/file.txt"], "does not exist"),
+    (["train", "--virtual-world", "4", "--topology", "4x2"], "topology 4x2 has 8 devices"),
+    (["train", "--resume"], "--resume needs --ckpt"),
+    (["simulate", "--trace", __file__, "--topology", "2x2"], "not a routing trace"),
+])
+def test_bad_command_lines_get_one_clear_error(args, message):
+    res = CliRunner().invoke(train_gpt.cli, args)
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
+    ck = tmp_path / "ck"
+    base = ["train", *TINY, "--virtual-world", "4", "--steps", "2", "--ckpt", str(ck)]
+    _run(base, tmp_path, "a")
+    res = CliRunner().invoke(train_gpt.cli, base + ["--resume", "--seed", "1"])
+    assert res.exit_code != 0 and "another configuration" in res.output and "seed" in res.output
+    (ck / "netmoe" / "step0000002" / "dense.pt").write_bytes(b"garbage")
+    res = CliRunner().invoke(train_gpt.cli, base + ["--resume"])
+    assert res.exit_code != 0 and "unreadable" in res.output, res.output
+
+
+def test_main_job_runs_with_no_arguments():
+    res = subprocess.run([sys.executable, "train_gpt.py"], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "inter-node tokens / step" in res.stdout and "netmoe" in res.stdout
