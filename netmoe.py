@@ -177,11 +177,12 @@ def placement_costs(num, topo, expert_device=None):
     """Eq. 8. c[i, n]: tokens of sample i whose experts are NOT on node n (inter-node volume if i
     sits on node n). c_intra[i, j]: tokens of sample i whose experts are on Node(j) but not on j."""
     num = _check_num(num, topo)
-    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    per_dev, per_node, total = _device_tokens(num, topo, ed)
-    c = total[:, None] - per_node
-    c_intra = np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev
-    return c, c_intra
+    return _costs(_device_tokens(num, topo, _check_expert_device(expert_device, num.shape[1], topo.world)), topo)
+
+
+def _costs(tokens, topo):
+    per_dev, per_node, total = tokens
+    return total[:, None] - per_node, np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev
 
 
 def traffic(num, sample_device, topo, expert_device=None):
@@ -192,10 +193,14 @@ def traffic(num, sample_device, topo, expert_device=None):
     if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
         raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    per_dev, per_node, total = _device_tokens(num, topo, ed)
-    rows = np.arange(num.shape[0])
-    local = per_dev[rows, sd]
-    same_node = per_node[rows, topo.node_of(sd)]
+    return _traffic(_device_tokens(num, topo, ed), sd, topo)
+
+
+def _traffic(tokens, sample_device, topo):
+    per_dev, per_node, total = tokens
+    rows = np.arange(len(total))
+    local = per_dev[rows, sample_device]
+    same_node = per_node[rows, topo.node_of(sample_device)]
     return {"local": int(local.sum()), "intra": int((same_node - local).sum()),
             "inter": int((total - same_node).sum())}
 
@@ -248,16 +253,23 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
                          f"use a global batch divisible by {J}")
     if method not in ("capacitated", "km", "scipy"):
         raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
-    c, c_intra = placement_costs(num, topo, expert_device)
+    ed = _check_expert_device(expert_device, E, J)
     if num_next is not None:
         num_next = _check_num(num_next, topo, "num_next")
-        if num_next.shape[0] != I:
-            raise ValueError(f"num_next has {num_next.shape[0]} samples, num has {I}")
-        cn, cn_intra = placement_costs(num_next, topo,
-                                       expert_device if expert_device_next is None else expert_device_next)
+        if num_next.shape != num.shape:
+            raise ValueError(f"num_next has shape {num_next.shape}, num has {num.shape}")
+        expert_device_next = ed if expert_device_next is None else _check_expert_device(expert_device_next, E, J)
+    return _solve(num, topo, num_next, ed, expert_device_next, method)
+
+
+def _solve(num, topo, num_next, ed, ed_next, method="capacitated"):
+    """solve_placement without the checks, for callers that built valid input themselves."""
+    c, c_intra = _costs(_device_tokens(num, topo, ed), topo)
+    if num_next is not None:
+        cn, cn_intra = _costs(_device_tokens(num_next, topo, ed_next), topo)
         c, c_intra = c + cn, c_intra + cn_intra
     node = _assign(c, topo.nodes, method)
-    dest = np.empty(I, dtype=np.int64)
+    dest = np.empty(len(num), dtype=np.int64)
     G = topo.gpus_per_node
     for n in range(topo.nodes):
         members = np.flatnonzero(node == n)
@@ -456,8 +468,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
         if self.placement == "netmoe":
-            solve = _SOLVER.submit(_timed, solve_placement, num, self.topo,
-                                   meta[:, E:2 * E] if predict else None, self.expert_device)
+            solve = _SOLVER.submit(_timed, _solve, num, self.topo, meta[:, E:2 * E] if predict else None,
+                                   self.expert_device, self.expert_device)
         f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
         aux = E * (f * probs.mean((0, 1))).sum()
 
@@ -471,15 +483,16 @@ class MoELayer(nn.Module):
             return dest if self.placement_override is None else self.placement_override(dest)
 
         run = self._forward_virtual if self.virtual or self.J == 1 else self._forward_ep
-        y, keep, dest = run(x, g, route, num, join, ops)
-        self._record(num, static_placement(I, self.J), dest, x.element_size() * H)
+        tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
+        y, keep, dest = run(x, g, route, num, tokens[0], join, ops)
+        self._record(tokens, static_placement(I, self.J), dest, x.element_size() * H)
         return y, torch.as_tensor(sid_all[keep], device=x.device), aux
 
-    def _experts(self, x, g, k0, local):
-        """Rows in any order, local[i] = local expert of row i -> g * FFN_e(LN(x)) + [k == 0] * x (App. A.1:
-        the residual is added on the expert side to exactly one of a token's K rows)."""
+    def _experts(self, x, g, k0, local, counts):
+        """Rows in any order, local[i] = local expert of row i (counts[e] rows each) ->
+        g * FFN_e(LN(x)) + [k == 0] * x (App. A.1: the residual is added on the expert side to
+        exactly one of a token's K rows)."""
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=len(self.local_experts)).tolist()
         h = self.ln(x[order])
         outs = []
         for e, chunk in enumerate(h.split(counts)):
@@ -488,7 +501,7 @@ class MoELayer(nn.Module):
         y = torch.cat(outs)[torch.argsort(order)]
         return g[:, None] * y + k0[:, None] * x
 
-    def _forward_virtual(self, x, g, route, num, join, ops):
+    def _forward_virtual(self, x, g, route, num, per_dev, join, ops):
         """All experts in this process: no exchange, same placement and volumes as J devices."""
         I, S, H = x.shape
         K = self.top_k
@@ -496,17 +509,16 @@ class MoELayer(nn.Module):
         tok = order // K
         local = torch.as_tensor(self.slot, device=x.device)[route.reshape(-1)[order]]
         y = self._experts(x.reshape(-1, H)[tok], g.reshape(-1)[order].to(x.dtype),
-                          (order % K == 0).to(x.dtype), local)
+                          (order % K == 0).to(x.dtype), local, num.sum(0)[self.local_experts].tolist())
         out = torch.zeros(I * S, H, dtype=x.dtype, device=x.device).index_add(0, tok, y)
         dest = join()
         keep = np.argsort(dest, kind="stable")   # device-major: virtual device d holds rows d*B..
         return out.view(I, S, H)[torch.as_tensor(keep, device=x.device)], keep, dest
 
-    def _forward_ep(self, x, g, route, num, join, ops):
+    def _forward_ep(self, x, g, route, num, per_dev, join, ops):
         B, S, H = x.shape
         J, r, K, I = self.J, self.rank, self.top_k, num.shape[0]
         dev = x.device
-        per_dev = _device_tokens(num, self.topo, self.expert_device)[0]          # [I, J]
         mine = slice(r * B, (r + 1) * B)
         # Scatter: rows ordered by (expert device, local expert, b, s, k), so the receiver can
         # tell every row's sample and expert from num alone; only the position s*K+k travels.
@@ -519,11 +531,14 @@ class MoELayer(nn.Module):
         # Expert side: arrival order is (source rank, local expert, b, s, k).
         cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)      # [J, El, B]
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
-        n_local = len(self.local_experts)
-        local = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(reps)
-        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(reps)
+        n_rows, n_local = int(cnt.sum()), len(self.local_experts)   # output_size: no device sync
+        local = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
+            reps, output_size=n_rows)
+        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
+            reps, output_size=n_rows)
         pos = recv[:, H + 1]
-        y = self._experts(recv[:, :H], recv[:, H], ((pos.long() % K) == 0).to(x.dtype), local)
+        y = self._experts(recv[:, :H], recv[:, H], ((pos.long() % K) == 0).to(x.dtype), local,
+                          cnt.sum((0, 2)).tolist())
         # Gather: rows to dest[sample], ordered by (dest, sample), so the receiver knows each
         # row's sample from num and dest; the payload again carries only s*K+k.
         dest = join()
@@ -535,7 +550,7 @@ class MoELayer(nn.Module):
                               np.bincount(dest, weights=per_dev[:, r], minlength=J).astype(np.int64).tolist(),
                               per_dev[keep].sum(0).tolist(), self.group, self._timer)
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
-        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps)
+        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         row = new_slot * S + back[:, H].long() // K
         out = torch.zeros(B * S, H, dtype=x.dtype, device=dev).index_add(0, row, back[:, :H])
         return out.view(B, S, H), keep, dest
@@ -551,10 +566,10 @@ class MoELayer(nn.Module):
             raise RuntimeError(f"ranks computed different placements (hashes {hs}); the solver must be "
                                f"deterministic and every rank must see the same num")
 
-    def _record(self, num, cur, dest, bytes_per_token):
+    def _record(self, tokens, cur, dest, bytes_per_token):
         st, topo = self._stats, self.topo
         for name, where in (("scatter", cur), ("gather", dest)):
-            vol = traffic(num, where, topo, self.expert_device)
+            vol = _traffic(tokens, where, topo)
             for k, v in vol.items():
                 getattr(st, name)[k] += v
             st.a2a_model_ms += 2e3 * a2a_time(vol, topo, bytes_per_token)   # forward + backward

@@ -349,13 +349,14 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2):
         p = dict(ln_w=1 + 0.1 * rnd(H_), ln_b=0.1 * rnd(H_), wg=rnd(E, H_), w1=0.3 * rnd(E, H_, F_),
                  b1=0.1 * rnd(E, F_), w2=0.3 * rnd(E, F_, H_), b2=0.1 * rnd(E, H_))
         if empty_device is not None:
-            # LN's bias dominates its output; experts of the empty device point against it, so their
-            # logits are hugely negative and no token ever picks them.
-            v = 20 * torch.ones(H_, dtype=torch.float64)
+            # LN's bias shifts its output; experts of the empty device point against it, so their
+            # logits sit ~30 below every other expert's and no token picks them. (Moderate sizes:
+            # logits in the thousands would leave float32 gradients no digits to compare.)
+            v = 3 * torch.ones(H_, dtype=torch.float64)
             p["ln_b"] = v
             per = E // world
             for e in range(E):
-                p["wg"][e] = -v if e // per == empty_device else v + rnd(H_)
+                p["wg"][e] = -v if e // per == empty_device else 0.2 * v + rnd(H_)
         out.append(p)
     return out
 
@@ -474,9 +475,10 @@ def layer_report():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    for placement, K, empty, (name, worst), moved, *_, idle in _spawn(_layer_worker, world, LAYER_CASES, True):
-        assert worst <= 1e-5, f"{placement} K={K} empty={empty}: {name} differs by {worst:.2e} (float32)"
-        assert empty is None or idle == 2
+    report = _spawn(_layer_worker, world, LAYER_CASES, True)
+    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, _, _, idle in report
+           if worst > 1e-5 or (e is not None and idle != 2)]
+    assert not bad, f"float32 on {world} GPUs, worst relative error per failing case: {bad}"
 
 
 @pytest.mark.parametrize("case", range(len(LAYER_CASES)))

@@ -1,0 +1,415 @@
+// kernels.cu -- the CUDA microkernels of netmoe's hot path. Each op returns exactly (same dtype,
+// same values, bit for bit) what its torch reference in netmoe.py returns:
+//
+//   count_tokens(route[I,S,K], E)              -> num[I,E] int64        netmoe.count_tokens (Eq. 2)
+//   placement_costs(num, expert_device, N, G)  -> (c[I,N], c_intra[I,J]) netmoe.placement_costs (Eq. 8)
+//   dispatch_order(route, slot)                -> argsort(slot[route.reshape(-1)], stable=True)
+//   gather_order(src, dest, I)                 -> argsort(dest[src] * I + src, stable=True)
+//
+// Built on first use by netmoe.hot_path("cuda"), i.e.
+//   torch.utils.cpp_extension.load("netmoe_kernels", ["kernels.cu"], extra_cuda_cflags=["-O3"])
+// which compiles for the visible GPU (or TORCH_CUDA_ARCH_LIST); needs sm_70+ (__match_any_sync).
+// test_netmoe.py (section "kernels") compares every op with its reference on fresh random
+// inputs; `python train_gpt.py bench kernels` times both.
+//
+// The two permutations are stable counting sorts: their keys are small integers (E experts or
+// I samples), so three passes over the data beat a general radix sort.
+//   1. sort_hist:  each tile of the input counts its keys                -> hist[t][b]
+//   2. sort_scan:  per key, exclusive prefix over tiles; key totals       -> hist[t][b], total[b]
+//   3. sort_place: each tile adds the exclusive scan of the totals and writes every element's
+//      output position. Inside a tile each warp owns a contiguous run and ranks equal keys with
+//      __match_any_sync in input order, so equal keys keep their order: the stable argsort.
+// Ids are not range-checked against the tables (that would cost a device sync). An out-of-range
+// id counts nowhere (count_tokens) or sorts as the last key (the sorts): wrong but never out of
+// bounds, and the sorts still return a permutation.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>   // not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE
+#include <climits>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSortSmem = 64 * 1024;   // shared bytes a sort_place block may take (fits sm_70+)
+constexpr int kMaxSortKeys = kSortSmem / 8;   // base + one warp's cursors: past this, torch sorts
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int num_sms() {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return sms;
+}
+
+void check_cuda_int(const torch::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,
+              " must be int64 or int32, got ", t.scalar_type());
+}
+
+// Calls f(type_tag) with the C++ type of an int32 / int64 tensor.
+template <typename F>
+void with_int_type(const torch::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kLong) f(int64_t{}); else f(int32_t{});
+}
+
+// ------------------------------------------------------------------------------------------
+// count_tokens (Eq. 2): a shared-memory histogram per (sample, chunk of its S*K ids).
+// ------------------------------------------------------------------------------------------
+constexpr int kCountChunk = 2048;   // ids per block: large samples are split so the grid fills the GPU
+
+template <typename Id>
+__global__ void count_tokens_kernel(const Id* __restrict__ route, int64_t per_sample, int chunks,
+                                    int E, bool shared_hist, bool accumulate, int64_t* __restrict__ num) {
+  extern __shared__ int hist[];
+  const int64_t i = blockIdx.x / chunks;
+  const int64_t lo = (blockIdx.x % chunks) * (int64_t)kCountChunk;
+  const int64_t hi = min(per_sample, lo + kCountChunk);
+  const Id* r = route + i * per_sample;
+  unsigned long long* out = reinterpret_cast<unsigned long long*>(num + i * E);
+  if (!shared_hist) {   // E too large for shared memory: count straight into num (zeroed)
+    for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+      const int64_t e = r[j];
+      if (e >= 0 && e < E) atomicAdd(out + e, 1ULL);
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+#pragma unroll 8
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+    const int64_t e = r[j];
+    if (e >= 0 && e < E) atomicAdd(&hist[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    // two's complement: adding the unsigned count is the signed int64 sum
+    if (!accumulate) num[i * E + e] = hist[e];
+    else if (hist[e]) atomicAdd(out + e, (unsigned long long)hist[e]);
+  }
+}
+
+torch::Tensor count_tokens(torch::Tensor route, int64_t num_experts) {
+  check_cuda_int(route, "count_tokens", "route");
+  TORCH_CHECK(route.dim() == 3, "count_tokens: route must be [I, S, K], got ", route.sizes());
+  TORCH_CHECK(num_experts >= 0 && num_experts < INT_MAX, "count_tokens: bad num_experts ", num_experts);
+  const at::cuda::OptionalCUDAGuard guard(route.device());
+  route = route.contiguous();   // the reference takes views too
+  const int64_t I = route.size(0), per = route.size(1) * route.size(2);
+  const int E = static_cast<int>(num_experts);
+  const int64_t chunks = std::max<int64_t>(1, (per + kCountChunk - 1) / kCountChunk);
+  TORCH_CHECK(I * chunks < INT_MAX, "count_tokens: route too large");
+  const bool shared_hist = E * sizeof(int) <= 48 * 1024;
+  const bool accumulate = chunks > 1 || !shared_hist;
+  auto opts = route.options().dtype(at::kLong);
+  torch::Tensor num = accumulate ? torch::zeros({I, E}, opts) : torch::empty({I, E}, opts);
+  if (I == 0 || E == 0) return num;
+  if (per == 0) return num.zero_();
+  with_int_type(route, [&](auto tag) {
+    using Id = decltype(tag);
+    count_tokens_kernel<Id><<<I * chunks, kThreads, shared_hist ? E * sizeof(int) : 0, stream()>>>(
+        route.data_ptr<Id>(), per, (int)chunks, E, shared_hist, accumulate, num.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return num;
+}
+
+// ------------------------------------------------------------------------------------------
+// placement_costs (Eq. 8): one block per sample sums num[i, :] per device, then per node.
+// ------------------------------------------------------------------------------------------
+__global__ void placement_costs_kernel(const int64_t* __restrict__ num, const int64_t* __restrict__ ed,
+                                       int E, int N, int G, int64_t* __restrict__ c,
+                                       int64_t* __restrict__ c_intra) {
+  extern __shared__ unsigned long long per_dev[];   // [J], then per_node [N], then the total
+  const int J = N * G;
+  unsigned long long* per_node = per_dev + J;
+  unsigned long long* total = per_node + N;
+  const int64_t i = blockIdx.x;
+  for (int j = threadIdx.x; j < J + N + 1; j += blockDim.x) per_dev[j] = 0;
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int64_t d = ed[e];
+    if (d >= 0 && d < J) atomicAdd(&per_dev[d], (unsigned long long)num[i * E + e]);
+  }
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    unsigned long long s = 0;
+    for (int g = 0; g < G; ++g) s += per_dev[n * G + g];
+    per_node[n] = s;
+    atomicAdd(total, s);
+  }
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) c[i * N + n] = (int64_t)(*total - per_node[n]);
+  for (int j = threadIdx.x; j < J; j += blockDim.x)
+    c_intra[i * J + j] = (int64_t)(per_node[j / G] - per_dev[j]);
+}
+
+std::vector<torch::Tensor> placement_costs(torch::Tensor num, torch::Tensor expert_device,
+                                           int64_t nodes, int64_t gpus_per_node) {
+  TORCH_CHECK(num.is_cuda() && num.scalar_type() == at::kLong && num.dim() == 2,
+              "placement_costs: num must be a CUDA int64 tensor [I, E], got ", num.scalar_type(), " ", num.sizes());
+  TORCH_CHECK(expert_device.device() == num.device() && expert_device.scalar_type() == at::kLong &&
+              expert_device.dim() == 1 && expert_device.size(0) == num.size(1),
+              "placement_costs: expert_device must be an int64 tensor [E] on num's device");
+  TORCH_CHECK(nodes >= 1 && gpus_per_node >= 1 && nodes * gpus_per_node <= 4096,
+              "placement_costs: need 1 <= nodes * gpus_per_node <= 4096, got ", nodes, "x", gpus_per_node);
+  const at::cuda::OptionalCUDAGuard guard(num.device());
+  num = num.contiguous();
+  expert_device = expert_device.contiguous();
+  const int64_t I = num.size(0), N = nodes, J = nodes * gpus_per_node;
+  auto c = torch::empty({I, N}, num.options()), c_intra = torch::empty({I, J}, num.options());
+  if (I == 0) return {c, c_intra};
+  TORCH_CHECK(I < INT_MAX && num.size(1) < INT_MAX, "placement_costs: num too large");
+  placement_costs_kernel<<<I, 128, (J + N + 1) * sizeof(unsigned long long), stream()>>>(
+      num.data_ptr<int64_t>(), expert_device.data_ptr<int64_t>(), (int)num.size(1), (int)N,
+      (int)gpus_per_node, c.data_ptr<int64_t>(), c_intra.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {c, c_intra};
+}
+
+// ------------------------------------------------------------------------------------------
+// Stable counting sort of n elements by key table[id[i]] in [0, nb).
+// ------------------------------------------------------------------------------------------
+template <typename Id, typename Tab>
+__device__ __forceinline__ int sort_key(const Id* __restrict__ id, const Tab* __restrict__ table,
+                                        int nb, int64_t i) {
+  const int64_t x = id[i];
+  const int64_t k = (x >= 0 && x < nb) ? (int64_t)__ldg(table + x) : nb - 1;
+  return (k >= 0 && k < nb) ? (int)k : nb - 1;
+}
+
+// Tile t = elements [t * tile, (t + 1) * tile): hist[t][b] = how many of them have key b.
+template <typename Id, typename Tab>
+__global__ void sort_hist_kernel(const Id* __restrict__ id, const Tab* __restrict__ table, int64_t n,
+                                 int nb, int tile, int* __restrict__ hist) {
+  extern __shared__ int cnt[];
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) cnt[b] = 0;
+  __syncthreads();
+  const int64_t lo = (int64_t)blockIdx.x * tile, hi = min(n, lo + tile);
+#pragma unroll 8
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) atomicAdd(&cnt[sort_key(id, table, nb, i)], 1);
+  __syncthreads();
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) hist[(int64_t)blockIdx.x * nb + b] = cnt[b];
+}
+
+// In place: hist[t][b] -> sum of hist[t'][b] over t' < t; total[b] = sum over all t. A block
+// takes 32 keys (coalesced rows) x 32 runs of tiles, so the tiles' prefix costs few round trips.
+__global__ void sort_scan_kernel(int* __restrict__ hist, int tiles, int nb, int* __restrict__ total) {
+  __shared__ int part[32][33];
+  const int b = blockIdx.x * 32 + threadIdx.x, y = threadIdx.y;
+  const int per = (tiles + 31) / 32, t0 = min(tiles, y * per), t1 = min(tiles, t0 + per);
+  int s = 0;
+  if (b < nb)
+    for (int t = t0; t < t1; ++t) s += hist[(int64_t)t * nb + b];
+  part[y][threadIdx.x] = s;
+  __syncthreads();
+  int run = 0;
+  for (int k = 0; k < y; ++k) run += part[k][threadIdx.x];
+  if (b >= nb) return;
+  for (int t = t0; t < t1; ++t) {
+    const int v = hist[(int64_t)t * nb + b];
+    hist[(int64_t)t * nb + b] = run;
+    run += v;
+  }
+  if (y == 31) total[b] = run;
+}
+
+// dst[0..n) = exclusive prefix sum of src[0..n), by the whole block (dst in shared memory).
+__device__ void block_exclusive_scan(const int* __restrict__ src, int n, int* dst) {
+  __shared__ int warp_sum[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int b = threadIdx.x; b < n; b += blockDim.x) dst[b] = src[b];
+  __syncthreads();
+  const int per = (n + blockDim.x - 1) / blockDim.x;
+  const int lo = min(n, (int)threadIdx.x * per), hi = min(n, lo + per);
+  int s = 0;
+  for (int b = lo; b < hi; ++b) s += dst[b];
+  int x = s;   // inclusive scan of the threads' sums: in the warp, then over warps
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += y;
+  }
+  if (lane == 31) warp_sum[w] = x;
+  __syncthreads();
+  if (w == 0) {
+    int v = lane < warps ? warp_sum[lane] : 0;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, v, d);
+      if (lane >= d) v += y;
+    }
+    warp_sum[lane] = v;
+  }
+  __syncthreads();
+  int run = x - s + (w ? warp_sum[w - 1] : 0);
+  for (int b = lo; b < hi; ++b) {
+    const int v = dst[b];
+    dst[b] = run;
+    run += v;
+  }
+  __syncthreads();
+}
+
+// Block t places tile t: warp w owns the `run` elements from t * tile + w * run on, in order.
+template <typename Id, typename Tab>
+__global__ void sort_place_kernel(const Id* __restrict__ id, const Tab* __restrict__ table, int64_t n,
+                                  int nb, int run, const int* __restrict__ hist,
+                                  const int* __restrict__ total, int64_t* __restrict__ out) {
+  extern __shared__ int smem[];
+  int* base = smem;          // [nb]: first output position of key b in this tile
+  int* cur = smem + nb;      // [warps][nb]: next output position of key b for warp w
+  const int warps = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t lo = (int64_t)blockIdx.x * warps * run + (int64_t)w * run;
+  const int64_t hi = min(n, lo + run);
+  for (int b = threadIdx.x; b < warps * nb; b += blockDim.x) cur[b] = 0;
+  block_exclusive_scan(total, nb, base);   // has barriers: cur is zero after it too
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) base[b] += hist[(int64_t)blockIdx.x * nb + b];
+#pragma unroll 8
+  for (int64_t i = lo + lane; i < hi; i += 32) atomicAdd(&cur[w * nb + sort_key(id, table, nb, i)], 1);
+  __syncthreads();
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {   // warps' runs follow each other
+    int pos = base[b];
+    for (int v = 0; v < warps; ++v) {
+      const int c = cur[v * nb + b];
+      cur[v * nb + b] = pos;
+      pos += c;
+    }
+  }
+  __syncthreads();
+  int* mine = cur + w * nb;
+  const unsigned lower = (1u << lane) - 1;
+  for (int64_t i0 = lo; i0 < hi; i0 += 32) {   // 32 elements a step; lane order = input order
+    const int64_t i = i0 + lane;
+    const int k = i < hi ? sort_key(id, table, nb, i) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, k);
+    const int pos = k >= 0 ? mine[k] + __popc(peers & lower) : 0;
+    __syncwarp();
+    if (k >= 0 && (peers & lower) == 0) mine[k] += __popc(peers);   // first of its key in the step
+    __syncwarp();
+    if (k >= 0) out[pos] = i;
+  }
+}
+
+// out = torch.argsort(table[id], stable=True) for nb <= kMaxSortKeys.
+template <typename Id, typename Tab>
+void counting_sort(const Id* id, const Tab* table, int64_t n, int nb, int64_t* out,
+                   const at::TensorOptions& int_opts) {
+  const int warps = std::min(8, kSortSmem / (int)sizeof(int) / nb - 1);
+  // Aim for about one tile per SM (fewer when nb is large, to bound hist at ~1M entries);
+  // a warp's run is a multiple of 32 so a step never straddles two warps.
+  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(num_sms(), (1 << 20) / nb));
+  const int64_t per_warp = (n + target * warps - 1) / (target * warps);
+  const int64_t run64 = std::max<int64_t>(32, (per_warp + 31) / 32 * 32);
+  TORCH_CHECK(run64 * warps < INT_MAX, "counting sort: input too large");
+  const int run = (int)run64, tile = run * warps;
+  const int64_t tiles = (n + tile - 1) / tile;
+  auto hist = torch::empty({tiles * nb + nb}, int_opts);
+  int* total = hist.data_ptr<int>() + tiles * nb;
+  sort_hist_kernel<Id, Tab><<<tiles, kThreads, nb * sizeof(int), stream()>>>(id, table, n, nb, tile,
+                                                                            hist.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sort_scan_kernel<<<(nb + 31) / 32, dim3(32, 32), 0, stream()>>>(hist.data_ptr<int>(), (int)tiles, nb, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int smem = (warps + 1) * nb * sizeof(int);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(sort_place_kernel<Id, Tab>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sort_place_kernel<Id, Tab><<<tiles, warps * 32, smem, stream()>>>(id, table, n, nb, run,
+                                                                    hist.data_ptr<int>(), total, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+torch::Tensor dispatch_order(torch::Tensor route, torch::Tensor slot) {
+  check_cuda_int(route, "dispatch_order", "route");
+  check_cuda_int(slot, "dispatch_order", "slot");
+  TORCH_CHECK(slot.dim() == 1 && slot.device() == route.device(),
+              "dispatch_order: slot must be 1-D on route's device");
+  const at::cuda::OptionalCUDAGuard guard(route.device());
+  route = route.contiguous();
+  slot = slot.contiguous();
+  const int64_t n = route.numel(), E = slot.numel();
+  auto out = torch::empty({n}, route.options().dtype(at::kLong));
+  if (n == 0) return out;
+  TORCH_CHECK(E > 0, "dispatch_order: slot is empty but route is not");
+  TORCH_CHECK(n < INT_MAX, "dispatch_order: more than 2^31 - 1 rows");
+  if (E > kMaxSortKeys) return torch::argsort(slot.index({route.reshape(-1)}), /*stable=*/true);
+  with_int_type(route, [&](auto id_tag) {
+    with_int_type(slot, [&](auto tab_tag) {
+      using Id = decltype(id_tag);
+      using Tab = decltype(tab_tag);
+      counting_sort<Id, Tab>(route.data_ptr<Id>(), slot.data_ptr<Tab>(), n, (int)E,
+                             out.data_ptr<int64_t>(), route.options().dtype(at::kInt));
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// gather_order: rows are sorted by (dest[src], src). Rank the I samples once by that key, then
+// counting-sort the rows by rank[src], which orders them identically and keeps ties stable.
+// ------------------------------------------------------------------------------------------
+constexpr int kRankChunk = 4096;   // samples q compared per block: a larger I spreads over blocks
+
+// rank[p] = #{q : key(q) < key(p)}, key(p) = dest[p] * I + p: the keys are distinct (p is in
+// them), so this is the position of p in their sort. O(I^2) comparisons, I = global batch
+// in samples (hundreds to a few thousand), spread over ceil(I/256) x ceil(I/4096) blocks.
+__global__ void sample_rank_kernel(const int64_t* __restrict__ dest, int64_t I, int* __restrict__ rank) {
+  __shared__ int64_t kq[kThreads];
+  // the reference's int64 arithmetic, wrapping included
+  auto key = [&](int64_t p) { return (int64_t)((uint64_t)dest[p] * (uint64_t)I + (uint64_t)p); };
+  const int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t kp = p < I ? key(p) : 0;
+  const int64_t q0 = (int64_t)blockIdx.y * kRankChunk, q1 = min(I, q0 + kRankChunk);
+  int r = 0;
+  for (int64_t qb = q0; qb < q1; qb += kThreads) {
+    __syncthreads();
+    if (qb + threadIdx.x < q1) kq[threadIdx.x] = key(qb + threadIdx.x);
+    __syncthreads();
+    const int m = (int)min((int64_t)kThreads, q1 - qb);
+    for (int j = 0; j < m; ++j) r += kq[j] < kp;
+  }
+  if (p >= I) return;
+  if (gridDim.y == 1) rank[p] = r; else atomicAdd(rank + p, r);
+}
+
+torch::Tensor gather_order(torch::Tensor src, torch::Tensor dest, int64_t num_samples) {
+  check_cuda_int(src, "gather_order", "src");
+  TORCH_CHECK(dest.device() == src.device() && dest.scalar_type() == at::kLong && dest.dim() == 1,
+              "gather_order: dest must be an int64 tensor [num_samples] on src's device");
+  TORCH_CHECK(dest.size(0) == num_samples, "gather_order: dest has ", dest.size(0),
+              " entries for num_samples=", num_samples);
+  TORCH_CHECK(src.dim() == 1, "gather_order: src must be 1-D, got ", src.sizes());
+  const at::cuda::OptionalCUDAGuard guard(src.device());
+  src = src.contiguous();
+  dest = dest.contiguous();
+  const int64_t n = src.numel(), I = num_samples;
+  auto out = torch::empty({n}, src.options().dtype(at::kLong));
+  if (n == 0) return out;
+  TORCH_CHECK(I > 0, "gather_order: num_samples is 0 but src is not empty");
+  TORCH_CHECK(n < INT_MAX, "gather_order: more than 2^31 - 1 rows");
+  if (I > kMaxSortKeys) return torch::argsort(dest.index({src}) * I + src, /*stable=*/true);
+  const dim3 grid((I + kThreads - 1) / kThreads, (I + kRankChunk - 1) / kRankChunk);
+  auto int_opts = src.options().dtype(at::kInt);
+  auto rank = grid.y > 1 ? torch::zeros({I}, int_opts) : torch::empty({I}, int_opts);
+  sample_rank_kernel<<<grid, kThreads, 0, stream()>>>(dest.data_ptr<int64_t>(), I, rank.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_int_type(src, [&](auto tag) {
+    using Id = decltype(tag);
+    counting_sort<Id, int>(src.data_ptr<Id>(), rank.data_ptr<int>(), n, (int)I, out.data_ptr<int64_t>(), int_opts);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "netmoe's CUDA hot path; each op equals its torch reference in netmoe.py";
+  m.def("count_tokens", &count_tokens, "num[I,E]: (token, k) pairs of sample i routed to expert e (Eq. 2)",
+        py::arg("route"), py::arg("num_experts"));
+  m.def("placement_costs", &placement_costs, "(c[I,N], c_intra[I,J]) of Eq. 8",
+        py::arg("num"), py::arg("expert_device"), py::arg("nodes"), py::arg("gpus_per_node"));
+  m.def("dispatch_order", &dispatch_order, "torch.argsort(slot[route.reshape(-1)], stable=True)",
+        py::arg("route"), py::arg("slot"));
+  m.def("gather_order", &gather_order, "torch.argsort(dest[src] * num_samples + src, stable=True)",
+        py::arg("src"), py::arg("dest"), py::arg("num_samples"));
+}
