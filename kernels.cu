@@ -13,7 +13,8 @@
 // inputs; `python train_gpt.py bench kernels` times both.
 //
 // The two permutations are stable counting sorts: their keys are small integers (E experts or
-// I samples), so three passes over the data beat a general radix sort.
+// I samples), so three passes over the data beat a general radix sort. Past ~19k keys (the
+// shared-memory budget of an H100/H200; fewer on older GPUs) they call torch's stable argsort.
 //   1. sort_hist:  each tile of the input counts its keys                -> hist[t][b]
 //   2. sort_scan:  per key, exclusive prefix over tiles; key totals       -> hist[t][b], total[b]
 //   3. sort_place: each tile adds the exclusive scan of the totals and writes every element's
@@ -22,7 +23,8 @@
 // Ids are not range-checked against the tables (that would cost a device sync). An out-of-range
 // id counts nowhere (count_tokens) or sorts as the last key (the sorts): wrong but never out of
 // bounds, and the sorts still return a permutation.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>   // at::Tensor <-> Python; lighter than torch/extension.h
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>   // not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE
@@ -31,18 +33,26 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kSortSmem = 64 * 1024;   // shared bytes a sort_place block may take (fits sm_70+)
-constexpr int kMaxSortKeys = kSortSmem / 8;   // base + one warp's cursors: past this, torch sorts
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-int num_sms() {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return sms;
+int device_attr(cudaDeviceAttr attr) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, c10::cuda::current_device()));
+  return v;
 }
 
-void check_cuda_int(const torch::Tensor& t, const char* op, const char* name) {
+// Dynamic shared memory a sort block may take: what the device allows (48 KB to 227 KB), less
+// room for the kernels' own static arrays.
+int sort_smem_budget() { return device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024; }
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+void check_cuda_int(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,
               " must be int64 or int32, got ", t.scalar_type());
@@ -50,7 +60,7 @@ void check_cuda_int(const torch::Tensor& t, const char* op, const char* name) {
 
 // Calls f(type_tag) with the C++ type of an int32 / int64 tensor.
 template <typename F>
-void with_int_type(const torch::Tensor& t, F&& f) {
+void with_int_type(const at::Tensor& t, F&& f) {
   if (t.scalar_type() == at::kLong) f(int64_t{}); else f(int32_t{});
 }
 
@@ -90,9 +100,9 @@ __global__ void count_tokens_kernel(const Id* __restrict__ route, int64_t per_sa
   }
 }
 
-torch::Tensor count_tokens(torch::Tensor route, int64_t num_experts) {
+at::Tensor count_tokens(at::Tensor route, int64_t num_experts) {
   check_cuda_int(route, "count_tokens", "route");
-  TORCH_CHECK(route.dim() == 3, "count_tokens: route must be [I, S, K], got ", route.sizes());
+  TORCH_CHECK(route.dim() == 3, "count_tokens: route must be [I, S, K], got ", route.dim(), " dims");
   TORCH_CHECK(num_experts >= 0 && num_experts < INT_MAX, "count_tokens: bad num_experts ", num_experts);
   const at::cuda::OptionalCUDAGuard guard(route.device());
   route = route.contiguous();   // the reference takes views too
@@ -103,7 +113,7 @@ torch::Tensor count_tokens(torch::Tensor route, int64_t num_experts) {
   const bool shared_hist = E * sizeof(int) <= 48 * 1024;
   const bool accumulate = chunks > 1 || !shared_hist;
   auto opts = route.options().dtype(at::kLong);
-  torch::Tensor num = accumulate ? torch::zeros({I, E}, opts) : torch::empty({I, E}, opts);
+  at::Tensor num = accumulate ? at::zeros({I, E}, opts) : at::empty({I, E}, opts);
   if (I == 0 || E == 0) return num;
   if (per == 0) return num.zero_();
   with_int_type(route, [&](auto tag) {
@@ -145,10 +155,10 @@ __global__ void placement_costs_kernel(const int64_t* __restrict__ num, const in
     c_intra[i * J + j] = (int64_t)(per_node[j / G] - per_dev[j]);
 }
 
-std::vector<torch::Tensor> placement_costs(torch::Tensor num, torch::Tensor expert_device,
+std::vector<at::Tensor> placement_costs(at::Tensor num, at::Tensor expert_device,
                                            int64_t nodes, int64_t gpus_per_node) {
   TORCH_CHECK(num.is_cuda() && num.scalar_type() == at::kLong && num.dim() == 2,
-              "placement_costs: num must be a CUDA int64 tensor [I, E], got ", num.scalar_type(), " ", num.sizes());
+              "placement_costs: num must be a CUDA int64 tensor [I, E]");
   TORCH_CHECK(expert_device.device() == num.device() && expert_device.scalar_type() == at::kLong &&
               expert_device.dim() == 1 && expert_device.size(0) == num.size(1),
               "placement_costs: expert_device must be an int64 tensor [E] on num's device");
@@ -158,7 +168,7 @@ std::vector<torch::Tensor> placement_costs(torch::Tensor num, torch::Tensor expe
   num = num.contiguous();
   expert_device = expert_device.contiguous();
   const int64_t I = num.size(0), N = nodes, J = nodes * gpus_per_node;
-  auto c = torch::empty({I, N}, num.options()), c_intra = torch::empty({I, J}, num.options());
+  auto c = at::empty({I, N}, num.options()), c_intra = at::empty({I, J}, num.options());
   if (I == 0) return {c, c_intra};
   TORCH_CHECK(I < INT_MAX && num.size(1) < INT_MAX, "placement_costs: num too large");
   placement_costs_kernel<<<I, 128, (J + N + 1) * sizeof(unsigned long long), stream()>>>(
@@ -171,24 +181,47 @@ std::vector<torch::Tensor> placement_costs(torch::Tensor num, torch::Tensor expe
 // ------------------------------------------------------------------------------------------
 // Stable counting sort of n elements by key table[id[i]] in [0, nb).
 // ------------------------------------------------------------------------------------------
-template <typename Id, typename Tab>
-__device__ __forceinline__ int sort_key(const Id* __restrict__ id, const Tab* __restrict__ table,
-                                        int nb, int64_t i) {
-  const int64_t x = id[i];
-  const int64_t k = (x >= 0 && x < nb) ? (int64_t)__ldg(table + x) : nb - 1;
-  return (k >= 0 && k < nb) ? (int)k : nb - 1;
+constexpr int kKeysPerLane = 16;   // ids a thread loads at once: enough loads in flight to hide latency
+
+// The table, clamped into [0, nb), in shared memory: keys are looked up there, not in L1/L2.
+template <typename Tab>
+__device__ void load_table(const Tab* __restrict__ table, int nb, int* tab) {
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    const int64_t k = table[b];
+    tab[b] = (k >= 0 && k < nb) ? (int)k : nb - 1;
+  }
+}
+
+// key[j] of element first + j * stride (-1 at or past hi); all loads are issued before any is used.
+template <typename Id>
+__device__ __forceinline__ void load_keys(const Id* __restrict__ id, const int* tab, int nb,
+                                          int64_t first, int stride, int64_t hi, int (&key)[kKeysPerLane]) {
+  int64_t x[kKeysPerLane];
+#pragma unroll
+  for (int j = 0; j < kKeysPerLane; ++j) x[j] = first + j * stride < hi ? (int64_t)id[first + j * stride] : 0;
+#pragma unroll
+  for (int j = 0; j < kKeysPerLane; ++j)
+    key[j] = first + j * stride >= hi ? -1 : (x[j] >= 0 && x[j] < nb) ? tab[x[j]] : nb - 1;
 }
 
 // Tile t = elements [t * tile, (t + 1) * tile): hist[t][b] = how many of them have key b.
 template <typename Id, typename Tab>
 __global__ void sort_hist_kernel(const Id* __restrict__ id, const Tab* __restrict__ table, int64_t n,
                                  int nb, int tile, int* __restrict__ hist) {
-  extern __shared__ int cnt[];
+  extern __shared__ int smem[];
+  int* cnt = smem;        // [nb]
+  int* tab = smem + nb;   // [nb]
+  load_table(table, nb, tab);
   for (int b = threadIdx.x; b < nb; b += blockDim.x) cnt[b] = 0;
   __syncthreads();
   const int64_t lo = (int64_t)blockIdx.x * tile, hi = min(n, lo + tile);
-#pragma unroll 8
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) atomicAdd(&cnt[sort_key(id, table, nb, i)], 1);
+  for (int64_t i0 = lo; i0 < hi; i0 += (int64_t)kKeysPerLane * blockDim.x) {
+    int key[kKeysPerLane];
+    load_keys(id, tab, nb, i0 + threadIdx.x, blockDim.x, hi, key);
+#pragma unroll
+    for (int j = 0; j < kKeysPerLane; ++j)
+      if (key[j] >= 0) atomicAdd(&cnt[key[j]], 1);
+  }
   __syncthreads();
   for (int b = threadIdx.x; b < nb; b += blockDim.x) hist[(int64_t)blockIdx.x * nb + b] = cnt[b];
 }
@@ -257,15 +290,23 @@ __global__ void sort_place_kernel(const Id* __restrict__ id, const Tab* __restri
                                   const int* __restrict__ total, int64_t* __restrict__ out) {
   extern __shared__ int smem[];
   int* base = smem;          // [nb]: first output position of key b in this tile
-  int* cur = smem + nb;      // [warps][nb]: next output position of key b for warp w
+  int* tab = smem + nb;      // [nb]: the key table
+  int* cur = smem + 2 * nb;  // [warps][nb]: next output position of key b for warp w
   const int warps = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t lo = (int64_t)blockIdx.x * warps * run + (int64_t)w * run;
   const int64_t hi = min(n, lo + run);
+  load_table(table, nb, tab);
   for (int b = threadIdx.x; b < warps * nb; b += blockDim.x) cur[b] = 0;
-  block_exclusive_scan(total, nb, base);   // has barriers: cur is zero after it too
+  block_exclusive_scan(total, nb, base);   // has barriers: tab and cur are ready after it too
   for (int b = threadIdx.x; b < nb; b += blockDim.x) base[b] += hist[(int64_t)blockIdx.x * nb + b];
-#pragma unroll 8
-  for (int64_t i = lo + lane; i < hi; i += 32) atomicAdd(&cur[w * nb + sort_key(id, table, nb, i)], 1);
+  int* mine = cur + w * nb;
+  for (int64_t i0 = lo; i0 < hi; i0 += 32 * kKeysPerLane) {   // count this warp's keys
+    int key[kKeysPerLane];
+    load_keys(id, tab, nb, i0 + lane, 32, hi, key);
+#pragma unroll
+    for (int j = 0; j < kKeysPerLane; ++j)
+      if (key[j] >= 0) atomicAdd(&mine[key[j]], 1);
+  }
   __syncthreads();
   for (int b = threadIdx.x; b < nb; b += blockDim.x) {   // warps' runs follow each other
     int pos = base[b];
@@ -276,50 +317,56 @@ __global__ void sort_place_kernel(const Id* __restrict__ id, const Tab* __restri
     }
   }
   __syncthreads();
-  int* mine = cur + w * nb;
   const unsigned lower = (1u << lane) - 1;
-  for (int64_t i0 = lo; i0 < hi; i0 += 32) {   // 32 elements a step; lane order = input order
-    const int64_t i = i0 + lane;
-    const int k = i < hi ? sort_key(id, table, nb, i) : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, k);
-    const int pos = k >= 0 ? mine[k] + __popc(peers & lower) : 0;
-    __syncwarp();
-    if (k >= 0 && (peers & lower) == 0) mine[k] += __popc(peers);   // first of its key in the step
-    __syncwarp();
-    if (k >= 0) out[pos] = i;
+  for (int64_t i0 = lo; i0 < hi; i0 += 32 * kKeysPerLane) {
+    int key[kKeysPerLane];
+    load_keys(id, tab, nb, i0 + lane, 32, hi, key);
+#pragma unroll
+    for (int j = 0; j < kKeysPerLane; ++j) {   // 32 elements a step; lane order = input order
+      const int k = key[j];
+      const unsigned peers = __match_any_sync(0xffffffffu, k);
+      const int pos = k >= 0 ? mine[k] + __popc(peers & lower) : 0;
+      __syncwarp();
+      if (k >= 0 && (peers & lower) == 0) mine[k] += __popc(peers);   // first of its key in the step
+      __syncwarp();
+      if (k >= 0) out[pos] = i0 + j * 32 + lane;
+    }
   }
 }
 
-// out = torch.argsort(table[id], stable=True) for nb <= kMaxSortKeys.
+// Warps of sort_place for nb keys within the shared-memory budget; 0: too many keys.
+int sort_warps(int nb) { return std::max(0, std::min(8, sort_smem_budget() / (int)sizeof(int) / nb - 2)); }
+
+// out = torch.argsort(table[id], stable=True), for sort_warps(nb) > 0.
 template <typename Id, typename Tab>
 void counting_sort(const Id* id, const Tab* table, int64_t n, int nb, int64_t* out,
                    const at::TensorOptions& int_opts) {
-  const int warps = std::min(8, kSortSmem / (int)sizeof(int) / nb - 1);
-  // Aim for about one tile per SM (fewer when nb is large, to bound hist at ~1M entries);
-  // a warp's run is a multiple of 32 so a step never straddles two warps.
-  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(num_sms(), (1 << 20) / nb));
+  const int warps = sort_warps(nb);
+  // About two tiles per SM (fewer when nb is large, to bound hist at ~1M entries); a warp's run
+  // is a multiple of 32 so a step never straddles two warps.
+  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(2 * device_attr(cudaDevAttrMultiProcessorCount),
+                                                                (1 << 20) / nb));
   const int64_t per_warp = (n + target * warps - 1) / (target * warps);
   const int64_t run64 = std::max<int64_t>(32, (per_warp + 31) / 32 * 32);
   TORCH_CHECK(run64 * warps < INT_MAX, "counting sort: input too large");
   const int run = (int)run64, tile = run * warps;
   const int64_t tiles = (n + tile - 1) / tile;
-  auto hist = torch::empty({tiles * nb + nb}, int_opts);
+  auto hist = at::empty({tiles * nb + nb}, int_opts);
   int* total = hist.data_ptr<int>() + tiles * nb;
-  sort_hist_kernel<Id, Tab><<<tiles, kThreads, nb * sizeof(int), stream()>>>(id, table, n, nb, tile,
-                                                                            hist.data_ptr<int>());
+  const int hist_smem = 2 * nb * sizeof(int);
+  allow_smem(sort_hist_kernel<Id, Tab>, hist_smem);
+  sort_hist_kernel<Id, Tab><<<tiles, kThreads, hist_smem, stream()>>>(id, table, n, nb, tile, hist.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sort_scan_kernel<<<(nb + 31) / 32, dim3(32, 32), 0, stream()>>>(hist.data_ptr<int>(), (int)tiles, nb, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int smem = (warps + 1) * nb * sizeof(int);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(sort_place_kernel<Id, Tab>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  sort_place_kernel<Id, Tab><<<tiles, warps * 32, smem, stream()>>>(id, table, n, nb, run,
-                                                                    hist.data_ptr<int>(), total, out);
+  const int place_smem = (warps + 2) * nb * sizeof(int);
+  allow_smem(sort_place_kernel<Id, Tab>, place_smem);
+  sort_place_kernel<Id, Tab><<<tiles, warps * 32, place_smem, stream()>>>(id, table, n, nb, run,
+                                                                          hist.data_ptr<int>(), total, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-torch::Tensor dispatch_order(torch::Tensor route, torch::Tensor slot) {
+at::Tensor dispatch_order(at::Tensor route, at::Tensor slot) {
   check_cuda_int(route, "dispatch_order", "route");
   check_cuda_int(slot, "dispatch_order", "slot");
   TORCH_CHECK(slot.dim() == 1 && slot.device() == route.device(),
@@ -328,11 +375,11 @@ torch::Tensor dispatch_order(torch::Tensor route, torch::Tensor slot) {
   route = route.contiguous();
   slot = slot.contiguous();
   const int64_t n = route.numel(), E = slot.numel();
-  auto out = torch::empty({n}, route.options().dtype(at::kLong));
+  auto out = at::empty({n}, route.options().dtype(at::kLong));
   if (n == 0) return out;
   TORCH_CHECK(E > 0, "dispatch_order: slot is empty but route is not");
   TORCH_CHECK(n < INT_MAX, "dispatch_order: more than 2^31 - 1 rows");
-  if (E > kMaxSortKeys) return torch::argsort(slot.index({route.reshape(-1)}), /*stable=*/true);
+  if (E >= INT_MAX || sort_warps((int)E) == 0) return at::argsort(slot.index({route.reshape(-1)}), /*stable=*/true);
   with_int_type(route, [&](auto id_tag) {
     with_int_type(slot, [&](auto tab_tag) {
       using Id = decltype(id_tag);
@@ -348,50 +395,46 @@ torch::Tensor dispatch_order(torch::Tensor route, torch::Tensor slot) {
 // gather_order: rows are sorted by (dest[src], src). Rank the I samples once by that key, then
 // counting-sort the rows by rank[src], which orders them identically and keeps ties stable.
 // ------------------------------------------------------------------------------------------
-constexpr int kRankChunk = 4096;   // samples q compared per block: a larger I spreads over blocks
-
 // rank[p] = #{q : key(q) < key(p)}, key(p) = dest[p] * I + p: the keys are distinct (p is in
-// them), so this is the position of p in their sort. O(I^2) comparisons, I = global batch
-// in samples (hundreds to a few thousand), spread over ceil(I/256) x ceil(I/4096) blocks.
+// them), so this is the position of p in their sort. O(I^2) comparisons, I = the global batch
+// in samples (hundreds to a few thousand): a block ranks 32 samples (one a lane), its 8 warps
+// split the q; every lane of a warp reads the same dest[q], a broadcast.
 __global__ void sample_rank_kernel(const int64_t* __restrict__ dest, int64_t I, int* __restrict__ rank) {
-  __shared__ int64_t kq[kThreads];
+  __shared__ int part[8][32];
   // the reference's int64 arithmetic, wrapping included
   auto key = [&](int64_t p) { return (int64_t)((uint64_t)dest[p] * (uint64_t)I + (uint64_t)p); };
-  const int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t p = (int64_t)blockIdx.x * 32 + lane;
   const int64_t kp = p < I ? key(p) : 0;
-  const int64_t q0 = (int64_t)blockIdx.y * kRankChunk, q1 = min(I, q0 + kRankChunk);
   int r = 0;
-  for (int64_t qb = q0; qb < q1; qb += kThreads) {
-    __syncthreads();
-    if (qb + threadIdx.x < q1) kq[threadIdx.x] = key(qb + threadIdx.x);
-    __syncthreads();
-    const int m = (int)min((int64_t)kThreads, q1 - qb);
-    for (int j = 0; j < m; ++j) r += kq[j] < kp;
-  }
-  if (p >= I) return;
-  if (gridDim.y == 1) rank[p] = r; else atomicAdd(rank + p, r);
+#pragma unroll 8
+  for (int64_t q = w; q < I; q += 8) r += key(q) < kp;
+  part[w][lane] = r;
+  __syncthreads();
+  if (w || p >= I) return;
+  for (int v = 1; v < 8; ++v) r += part[v][lane];
+  rank[p] = r;
 }
 
-torch::Tensor gather_order(torch::Tensor src, torch::Tensor dest, int64_t num_samples) {
+at::Tensor gather_order(at::Tensor src, at::Tensor dest, int64_t num_samples) {
   check_cuda_int(src, "gather_order", "src");
   TORCH_CHECK(dest.device() == src.device() && dest.scalar_type() == at::kLong && dest.dim() == 1,
               "gather_order: dest must be an int64 tensor [num_samples] on src's device");
   TORCH_CHECK(dest.size(0) == num_samples, "gather_order: dest has ", dest.size(0),
               " entries for num_samples=", num_samples);
-  TORCH_CHECK(src.dim() == 1, "gather_order: src must be 1-D, got ", src.sizes());
+  TORCH_CHECK(src.dim() == 1, "gather_order: src must be 1-D, got ", src.dim(), " dims");
   const at::cuda::OptionalCUDAGuard guard(src.device());
   src = src.contiguous();
   dest = dest.contiguous();
   const int64_t n = src.numel(), I = num_samples;
-  auto out = torch::empty({n}, src.options().dtype(at::kLong));
+  auto out = at::empty({n}, src.options().dtype(at::kLong));
   if (n == 0) return out;
   TORCH_CHECK(I > 0, "gather_order: num_samples is 0 but src is not empty");
   TORCH_CHECK(n < INT_MAX, "gather_order: more than 2^31 - 1 rows");
-  if (I > kMaxSortKeys) return torch::argsort(dest.index({src}) * I + src, /*stable=*/true);
-  const dim3 grid((I + kThreads - 1) / kThreads, (I + kRankChunk - 1) / kRankChunk);
+  if (I >= INT_MAX || sort_warps((int)I) == 0) return at::argsort(dest.index({src}) * I + src, /*stable=*/true);
   auto int_opts = src.options().dtype(at::kInt);
-  auto rank = grid.y > 1 ? torch::zeros({I}, int_opts) : torch::empty({I}, int_opts);
-  sample_rank_kernel<<<grid, kThreads, 0, stream()>>>(dest.data_ptr<int64_t>(), I, rank.data_ptr<int>());
+  auto rank = at::empty({I}, int_opts);
+  sample_rank_kernel<<<(I + 31) / 32, 256, 0, stream()>>>(dest.data_ptr<int64_t>(), I, rank.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   with_int_type(src, [&](auto tag) {
     using Id = decltype(tag);

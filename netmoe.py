@@ -421,11 +421,13 @@ class MoELayer(nn.Module):
         self.local_experts = order if self.virtual else order[self.rank * per:(self.rank + 1) * per]
 
     def route(self, x):
-        """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route)."""
+        """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route).
+        K = 1 keeps the raw probability (Switch): renormalised it would be 1, and the gate would
+        learn from the load-balance loss alone."""
         logits = self.gate(self.ln(x))
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         top, route = probs.topk(self.top_k, dim=-1)
-        return probs, top / top.sum(-1, keepdim=True), route
+        return probs, top / top.sum(-1, keepdim=True) if self.top_k > 1 else top, route
 
     def pop_stats(self):
         """Counters since the last call; reading the All-to-All time waits for the GPU."""

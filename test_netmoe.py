@@ -346,17 +346,17 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2):
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     out = []
     for _ in range(layers):
-        p = dict(ln_w=1 + 0.1 * rnd(H_), ln_b=0.1 * rnd(H_), wg=rnd(E, H_), w1=0.3 * rnd(E, H_, F_),
+        p = dict(ln_w=1 + 0.1 * rnd(H_), ln_b=0.1 * rnd(H_), wg=0.3 * rnd(E, H_), w1=0.3 * rnd(E, H_, F_),
                  b1=0.1 * rnd(E, F_), w2=0.3 * rnd(E, F_, H_), b2=0.1 * rnd(E, H_))
         if empty_device is not None:
             # LN's bias shifts its output; experts of the empty device point against it, so their
             # logits sit ~30 below every other expert's and no token picks them. (Moderate sizes:
             # logits in the thousands would leave float32 gradients no digits to compare.)
-            v = 3 * torch.ones(H_, dtype=torch.float64)
+            v = 2 * torch.ones(H_, dtype=torch.float64)
             p["ln_b"] = v
             per = E // world
             for e in range(E):
-                p["wg"][e] = -v if e // per == empty_device else 0.2 * v + rnd(H_)
+                p["wg"][e] = -v if e // per == empty_device else 0.2 * v + 0.3 * rnd(H_)
         out.append(p)
     return out
 
@@ -369,7 +369,7 @@ def _reference(x, params, K):
         h = F.layer_norm(x, (H_,), p["ln_w"], p["ln_b"])
         probs = (h @ p["wg"].T).softmax(-1)
         top, route = probs.topk(K, -1)
-        g = top / top.sum(-1, keepdim=True)
+        g = top / top.sum(-1, keepdim=True) if K > 1 else top   # Switch keeps p for K = 1
         y = x
         for e in range(E):
             ffn = F.gelu(h @ p["w1"][e] + p["b1"][e]) @ p["w2"][e] + p["b2"][e]
@@ -470,6 +470,40 @@ def _spawn(fn, world, *args):
 @pytest.fixture(scope="module")
 def layer_report():
     return _spawn(_layer_worker, 4, LAYER_CASES, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("placement, K, empty", LAYER_CASES)
+def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, K, empty):
+    empty = None if empty is None else 3
+    params = [{k: v.float().double() for k, v in p.items()} for p in _make_params(8, K, empty, seed=5)]
+    x = torch.randn(I_, S_, H_, dtype=torch.float64).float().double()
+    xr = x.clone().requires_grad_()
+    ref_params = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in params]
+    y_ref, aux_ref = _reference(xr, ref_params, K)
+    wout = torch.randn(I_, S_, H_, dtype=torch.float64).float().double()
+    ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
+    layers = [netmoe.MoELayer(H_, F_, 8, K, placement, topology=netmoe.Topology(2, 2), virtual_world=4).cuda()
+              for _ in params]
+    layers[0].next = layers[1]
+    for L, p in zip(layers, params):
+        _load(L, p)
+    xg = x.float().cuda().requires_grad_()
+    h, sid, aux = xg, torch.arange(I_, device="cuda"), 0
+    for L in layers:
+        h, sid, a = L(h, sid)
+        aux = aux + a
+    ((h * wout.float().cuda()[sid]).sum() + 0.1 * aux).backward()
+    errs = {"y": _rel(h.detach().cpu().double(), y_ref.detach()[sid.cpu()]),
+            "x.grad": _rel(xg.grad.cpu().double(), xr.grad)}
+    for li, (L, rp) in enumerate(zip(layers, ref_params)):
+        for name, ours in (("ln_w", L.ln.weight), ("wg", L.gate.weight), ("w1", L.w1), ("b2", L.b2)):
+            g = ours.grad.cpu().double()
+            if name in ("w1", "b2"):
+                g = g[np.argsort(L.local_experts)]
+            errs[f"{li}.{name}"] = _rel(g, rp[name].grad)
+    worst = max(errs.items(), key=lambda kv: kv[1])
+    assert worst[1] <= 1e-5, f"{worst[0]} differs by {worst[1]:.2e}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")

@@ -870,12 +870,13 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     H, S, B = o["hidden"], o["seq_len"], o["batch"]
     E = 2 * world
     layers = {}
-    for name in ("static", "netmoe (no move)", "netmoe"):
+    for name in ("static", "netmoe (no move, no lookahead)", "netmoe (no move)", "netmoe"):
         torch.manual_seed(0)
-        a = netmoe.MoELayer(H, 4 * H, E, 2, "static" if name == "static" else "netmoe", topology=topo).to(device)
+        a = netmoe.MoELayer(H, 4 * H, E, 2, "static" if name == "static" else "netmoe", topology=topo,
+                            lookahead="lookahead" not in name).to(device)
         b = netmoe.MoELayer(H, 4 * H, E, 2, "netmoe", topology=topo).to(device)   # the next layer, for lookahead
         a.next = b
-        if name == "netmoe (no move)":   # pay for everything NetMoE does, then keep samples in place
+        if "no move" in name:   # pay for everything NetMoE does, then keep samples in place
             a.placement_override = lambda dest, I=B * world: netmoe.static_placement(I, world)
         layers[name] = a
     g = torch.Generator().manual_seed(rank)
