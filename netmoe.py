@@ -453,7 +453,7 @@ class MoELayer(nn.Module):
         pred = None
         if self.next is not None and (predict or self.record):
             with torch.no_grad():   # paper Sec. 3.3: the next layer's gate on this input predicts its scatter
-                pred = self.next.route(x)[2]
+                pred = self.next.gate(self.next.ln(x)).topk(self.next.top_k, dim=-1)[1]   # softmax keeps the order
         if predict:
             meta.append(ops.count_tokens(pred, E))
         if self.record:
@@ -469,18 +469,30 @@ class MoELayer(nn.Module):
         if I % self.J:
             raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
-        if self.placement == "netmoe":
-            solve = _SOLVER.submit(_timed, _solve, num, self.topo, meta[:, E:2 * E] if predict else None,
-                                   self.expert_device, self.expert_device)
+        args = (_solve, num, self.topo, meta[:, E:2 * E] if predict else None, self.expert_device, self.expert_device)
+        # The solver overlaps the scatter and the experts. On CPU they run in this thread, so the
+        # solver gets its own (the Cython part releases the GIL). On GPU they are queued kernels:
+        # solving inline once they are queued overlaps them without fighting over the GIL.
+        inline = x.is_cuda
+        if self.placement == "netmoe" and not inline:
+            solve = _SOLVER.submit(_timed, *args)
         f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
         aux = E * (f * probs.mean((0, 1))).sum()
 
-        def join():   # called just before the gather: the solver ran while scatter + experts did
+        def join():   # called just before the gather, with the scatter and experts under way
             if self.placement == "static":
                 return static_placement(I, self.J)
             t = time.perf_counter()
-            dest, seconds = solve.result()
-            self._stats.solver_exposed_ms += (time.perf_counter() - t) * 1e3
+            if inline:
+                queued = torch.cuda.Event()
+                queued.record()
+                dest, seconds = _timed(*args)
+                # upper bound: all of it counts as exposed if the GPU ran dry before it finished
+                exposed = seconds if queued.query() else 0.0
+            else:
+                dest, seconds = solve.result()
+                exposed = time.perf_counter() - t
+            self._stats.solver_exposed_ms += exposed * 1e3
             self._stats.solver_ms += seconds * 1e3
             return dest if self.placement_override is None else self.placement_override(dest)
 
