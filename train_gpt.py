@@ -359,7 +359,7 @@ def train(env, cfg, opts, placement, corpus, echo):
     tracing = opts["trace"] and placement == opts["placements"][-1]   # routing is the same in both
     for m in model.moe:
         m.record = bool(tracing)
-    traces = []
+    traces, traced_steps = [], []
     for step in range(start, opts["steps"]):
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -367,6 +367,7 @@ def train(env, cfg, opts, placement, corpus, echo):
         ce, aux = forward_loss(model, corpus, "train", step, env, cfg, opts["seed"])
         if tracing and step % opts["trace_every"] == 0:
             traces.append(collect_routes(model, env, cfg))
+            traced_steps.append(step)
         (ce + cfg.aux_coef * aux).backward()
         sync_gradients(model, env)
         clip_gradients(model, env, 1.0)
@@ -395,7 +396,7 @@ def train(env, cfg, opts, placement, corpus, echo):
             break
     record["val_loss"] = evaluate(model, corpus, env, cfg, opts)
     if traces and env.rank == 0:
-        save_trace(opts["trace"], traces, cfg, env)
+        save_trace(opts["trace"], traces, traced_steps, cfg, env)
     return record
 
 
@@ -439,11 +440,11 @@ def collect_routes(model, env, cfg):
     return out
 
 
-def save_trace(path, traces, cfg, env):
+def save_trace(path, traces, steps, cfg, env):
     route = np.array([[r for r, _ in t] for t in traces], dtype=np.int16)
     pred = np.array([[p for _, p in t] for t in traces], dtype=np.int16)
     np.savez_compressed(path, route=route, route_next_pred=pred, num_experts=cfg.experts_per_device * env.J,
-                        hidden=cfg.hidden, batch=cfg.batch, J=env.J)
+                        hidden=cfg.hidden, batch=cfg.batch, J=env.J, steps=np.array(steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,6 +814,18 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, j
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev", "A2A ms (Eq.1)"] + (["iter ms"] if compute_ms is not None else []),
                      rows))
+    if steps > 1:   # does locality change as training goes on?
+        per_step = []
+        for i in range(steps):
+            r = simulate_trace({**t, "route": t["route"][i:i + 1], "route_next_pred": t["route_next_pred"][i:i + 1]},
+                               topo, bpt, compute_ms)
+            per_step.append(r)
+        click.echo("by recorded step (inter-node tokens; change vs static):")
+        click.echo(table(["training step", "static"] + [n for n in res if n != "static"],
+                         [[int(t["steps"][i]) if "steps" in t else i, r["static"]["inter"]] +
+                          [f"{(r[n]['inter'] / r['static']['inter'] - 1) * 100:+.1f}%"
+                                                       for n in res if n != "static"] for i, r in enumerate(per_step)]))
+        res["by_step"] = per_step
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(trace=trace, topology=topology, bytes_per_token=bpt, results=res), f, indent=1)
