@@ -52,6 +52,9 @@ void allow_smem(Kernel kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// Messages below hold no numbers: on the device image this was built on (torch 2.11, nvcc 13),
+// formatting an integer into a TORCH_CHECK message from this extension crashed the process
+// (SIGSEGV; strings, devices and dtypes were fine). Cause not established.
 void check_cuda_int(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,
@@ -102,8 +105,8 @@ __global__ void count_tokens_kernel(const Id* __restrict__ route, int64_t per_sa
 
 at::Tensor count_tokens(at::Tensor route, int64_t num_experts) {
   check_cuda_int(route, "count_tokens", "route");
-  TORCH_CHECK(route.dim() == 3, "count_tokens: route must be [I, S, K], got ", route.dim(), " dims");
-  TORCH_CHECK(num_experts >= 0 && num_experts < INT_MAX, "count_tokens: bad num_experts ", num_experts);
+  TORCH_CHECK(route.dim() == 3, "count_tokens: route must be [I, S, K]");
+  TORCH_CHECK(num_experts >= 0 && num_experts < INT_MAX, "count_tokens: num_experts out of range");
   const at::cuda::OptionalCUDAGuard guard(route.device());
   route = route.contiguous();   // the reference takes views too
   const int64_t I = route.size(0), per = route.size(1) * route.size(2);
@@ -163,7 +166,7 @@ std::vector<at::Tensor> placement_costs(at::Tensor num, at::Tensor expert_device
               expert_device.dim() == 1 && expert_device.size(0) == num.size(1),
               "placement_costs: expert_device must be an int64 tensor [E] on num's device");
   TORCH_CHECK(nodes >= 1 && gpus_per_node >= 1 && nodes * gpus_per_node <= 4096,
-              "placement_costs: need 1 <= nodes * gpus_per_node <= 4096, got ", nodes, "x", gpus_per_node);
+              "placement_costs: need 1 <= nodes * gpus_per_node <= 4096");
   const at::cuda::OptionalCUDAGuard guard(num.device());
   num = num.contiguous();
   expert_device = expert_device.contiguous();
@@ -420,9 +423,8 @@ at::Tensor gather_order(at::Tensor src, at::Tensor dest, int64_t num_samples) {
   check_cuda_int(src, "gather_order", "src");
   TORCH_CHECK(dest.device() == src.device() && dest.scalar_type() == at::kLong && dest.dim() == 1,
               "gather_order: dest must be an int64 tensor [num_samples] on src's device");
-  TORCH_CHECK(dest.size(0) == num_samples, "gather_order: dest has ", dest.size(0),
-              " entries for num_samples=", num_samples);
-  TORCH_CHECK(src.dim() == 1, "gather_order: src must be 1-D, got ", src.dim(), " dims");
+  TORCH_CHECK(dest.size(0) == num_samples, "gather_order: dest must have num_samples entries");
+  TORCH_CHECK(src.dim() == 1, "gather_order: src must be 1-D");
   const at::cuda::OptionalCUDAGuard guard(src.device());
   src = src.contiguous();
   dest = dest.contiguous();
