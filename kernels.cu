@@ -23,8 +23,7 @@
 // Ids are not range-checked against the tables (that would cost a device sync). An out-of-range
 // id counts nowhere (count_tokens) or sorts as the last key (the sorts): wrong but never out of
 // bounds, and the sorts still return a permutation.
-#include <ATen/ATen.h>
-#include <torch/csrc/utils/pybind.h>   // at::Tensor <-> Python; lighter than torch/extension.h
+#include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>   // not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE
@@ -52,9 +51,10 @@ void allow_smem(Kernel kernel, int bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-// Messages below hold no numbers: on the device image this was built on (torch 2.11, nvcc 13),
-// formatting an integer into a TORCH_CHECK message from this extension crashed the process
-// (SIGSEGV; strings, devices and dtypes were fine). Cause not established.
+// Messages below hold no numbers: built against a subset of torch's headers (ATen + pybind only)
+// on torch 2.11 / nvcc 13, formatting an integer into a TORCH_CHECK message crashed the process
+// (SIGSEGV; strings, devices and dtypes were fine). Cause not established; the full
+// torch/extension.h is used since.
 void check_cuda_int(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,

@@ -95,7 +95,7 @@ def count_tokens(route, num_experts):
         raise ValueError(f"route must be an integer tensor [I, S, K], got {tuple(route.shape)} {route.dtype}")
     if route.numel() and (route.min() < 0 or route.max() >= num_experts):
         raise ValueError(f"route holds expert ids outside [0, {num_experts})")
-    flat = route.reshape(route.shape[0], -1).long()
+    flat = route.reshape(route.shape[0], route.shape[1] * route.shape[2]).long()   # -1 fails for I = 0
     num = torch.zeros(route.shape[0], num_experts, dtype=torch.int64, device=route.device)
     return num.scatter_add_(1, flat, torch.ones_like(flat))
 

@@ -649,3 +649,201 @@ def test_main_job_runs_with_no_arguments():
                          cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "inter-node tokens / step" in res.stdout and "netmoe" in res.stdout
+
+
+# ---- kernels: kernels.cu against its torch references (CUDA only)
+# Every kernel must return exactly what its reference in netmoe.py returns (int64, bit for bit;
+# the permutations are the *stable* argsort), on fresh random inputs each run (the seed is in
+# every failure message). Outputs land in allocator blocks poisoned just before the call, so an
+# element a kernel forgets to write cannot pass as a lucky zero.
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernels.cu needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    ops = netmoe.hot_path("cuda")
+    assert ops is not netmoe._REFERENCE, (
+        "CUDA is present but kernels.cu did not build (see the warning above; "
+        "NETMOE_NO_KERNELS=1 also disables it)")
+    return ops
+
+
+def _fresh_generator():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator(device="cuda").manual_seed(seed), seed
+
+
+def _poison(*shapes):
+    """Fill, then free, blocks of exactly the output sizes: the caching allocator hands these same
+    blocks to the op's outputs, which therefore start as garbage rather than zeros."""
+    blocks = [torch.full(s, -0x5A5A5A5A5A5A5A5, dtype=torch.int64, device="cuda") for s in shapes]
+    del blocks
+
+
+def _route(gen, shape, E, kind, dtype=torch.int64):
+    """Expert ids: 'uniform', 'sparse' (only a third of the experts used: the rest receive nothing),
+    or 'one' (every token to one expert: the longest runs of equal keys)."""
+    if kind == "one":
+        return torch.full(shape, int(torch.randint(E, (1,), generator=gen, device="cuda")), dtype=dtype, device="cuda")
+    hi = max(1, E // 3) if kind == "sparse" else E
+    ids = torch.randint(hi, shape, generator=gen, device="cuda")
+    if kind == "sparse":   # spread the used experts over the id range, not just the low ids
+        ids = torch.randperm(E, generator=gen, device="cuda")[ids]
+    return ids.to(dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("I,S,K,E", [
+    (1, 1, 1, 1), (1, 7, 2, 4), (4, 1024, 2, 64), (3, 4097, 8, 256),   # 4097*8: several blocks per sample
+    (16, 333, 8, 256), (2, 5, 1, 300), (2, 64, 2, 20000),              # E=20000: global-atomics path
+    (0, 5, 2, 8), (3, 0, 2, 8)])
+def test_count_tokens_kernel_equals_reference(kernels, I, S, K, E):
+    gen, seed = _fresh_generator()
+    for dtype in (torch.int64, torch.int32):
+        for kind in ("uniform", "sparse", "one"):
+            route = _route(gen, (I, S, K), E, kind, dtype) if I * S else torch.zeros((I, S, K), dtype=dtype, device="cuda")
+            _poison((I, E))
+            got = kernels.count_tokens(route, E)
+            # (the reference cannot reshape an empty [0, S, K] route: I = 0 is checked directly)
+            want = netmoe.count_tokens(route, E) if I else torch.zeros((0, E), dtype=torch.int64, device="cuda")
+            assert got.dtype == torch.int64 and got.shape == (I, E)
+            assert torch.equal(got, want), f"seed={seed} {dtype} {kind}"
+
+
+@cuda_only
+@pytest.mark.parametrize("I,E,topo", [
+    (1, 1, "1x1"), (8, 8, "2x2"), (128, 64, "4x8"), (512, 256, "4x8"), (33, 256, "2x8"), (5, 12, "3x1"),
+    (7, 64, "1x8"), (0, 8, "2x2")])
+def test_placement_costs_kernel_equals_eq8(kernels, I, E, topo):
+    gen, seed = _fresh_generator()
+    topo = netmoe.Topology.parse(topo)
+    num = torch.randint(0, 5000, (I, E), generator=gen, device="cuda")
+    num[:, torch.rand(E, generator=gen, device="cuda") < 0.3] = 0     # experts that receive nothing
+    num[torch.rand(I, generator=gen, device="cuda") < 0.2] = 0        # samples with no tokens here
+    perm = torch.randperm(E, generator=gen, device="cuda")
+    ed = torch.as_tensor(netmoe.default_expert_device(E, topo.world), device="cuda")[perm]
+    _poison((I, topo.nodes), (I, topo.world))
+    c, c_intra = kernels.placement_costs(num, ed, topo.nodes, topo.gpus_per_node)
+    want_c, want_intra = netmoe.placement_costs(num.cpu(), topo, ed.cpu())
+    assert c.dtype == c_intra.dtype == torch.int64
+    np.testing.assert_array_equal(c.cpu().numpy(), want_c, err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(c_intra.cpu().numpy(), want_intra, err_msg=f"seed={seed}")
+
+
+@cuda_only
+@pytest.mark.parametrize("B,S,K,E", [
+    (1, 1, 1, 1), (1, 1, 2, 4), (2, 3, 1, 8), (4, 1024, 2, 64), (3, 1000, 8, 256),
+    (16, 4096, 8, 256), (5, 777, 2, 8192), (2, 300, 2, 9000),    # many keys: few warps per block
+    (2, 300, 2, 25000),                                          # past the shared-memory budget: torch sorts
+    (0, 16, 2, 8)])
+def test_dispatch_order_is_the_stable_argsort(kernels, B, S, K, E):
+    gen, seed = _fresh_generator()
+    for dtype in (torch.int64, torch.int32):
+        for kind in ("uniform", "sparse", "one"):
+            route = _route(gen, (B, S, K), E, kind, dtype) if B else torch.zeros((0, S, K), dtype=dtype, device="cuda")
+            slot = torch.randperm(E, generator=gen, device="cuda")
+            if kind == "one":
+                slot = slot.int()   # slot may be int32 too
+            _poison((B * S * K,))
+            got = kernels.dispatch_order(route, slot)
+            want = netmoe.dispatch_order(route, slot)
+            assert got.dtype == torch.int64
+            assert torch.equal(got, want), f"seed={seed} {dtype} {kind}"
+
+
+@cuda_only
+@pytest.mark.parametrize("I,J,n", [
+    (1, 1, 1), (4, 4, 0), (4, 2, 100), (128, 32, 65536), (512, 32, 524288), (37, 5, 1001),
+    (3000, 8, 40000), (9000, 16, 30000),    # many samples: few warps per block
+    (25000, 16, 20000)])                    # past the shared-memory budget: torch sorts
+def test_gather_order_is_the_stable_argsort(kernels, I, J, n):
+    gen, seed = _fresh_generator()
+    for layout in ("random", "grouped"):
+        dest = torch.randint(J, (I,), generator=gen, device="cuda")
+        if J > 2:
+            dest[dest == J - 1] = 0          # a device that receives nothing
+        src = torch.randint(I, (n,), generator=gen, device="cuda")
+        if layout == "grouped":              # the expert side's layout: long runs of one sample
+            src = src.sort().values
+        _poison((n,))
+        got = kernels.gather_order(src, dest, I)
+        want = netmoe.gather_order(src, dest, I)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, want), f"seed={seed} {layout}"
+        assert torch.equal(kernels.gather_order(src.int(), dest, I), want), f"seed={seed} int32 src"
+
+
+@cuda_only
+def test_sorts_return_permutations_even_for_out_of_range_ids(kernels):
+    # ids are not range-checked on the device (a check would cost a sync): a bad id must still
+    # never be written out of bounds, and the result must stay a permutation
+    route = torch.tensor([[[3, -1], [99, 0]]], device="cuda")
+    order = kernels.dispatch_order(route, torch.arange(4, device="cuda"))
+    assert torch.equal(order.sort().values, torch.arange(4, device="cuda"))
+    order = kernels.gather_order(torch.tensor([5, 0, -2, 1], device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"), 2)
+    assert torch.equal(order.sort().values, torch.arange(4, device="cuda"))
+    assert kernels.count_tokens(route, 4).sum() == 2   # out-of-range ids count nowhere
+
+
+@cuda_only
+def test_kernels_reject_inputs_they_cannot_handle(kernels):
+    # In a child process: raising from the extension once crashed the interpreter (see the note
+    # in kernels.cu); that must fail this test, not end the whole test session.
+    import subprocess
+    import sys
+    code = """if True:
+        import torch, netmoe
+        k = netmoe.hot_path("cuda")
+        z = lambda *s, dev="cuda": torch.zeros(*s, dtype=torch.long, device=dev)
+        cases = [("CUDA", lambda: k.count_tokens(z(2, 3, 2, dev="cpu"), 4)),
+                 ("[I, S, K]", lambda: k.count_tokens(z(2, 6), 4)),
+                 ("int64 or int32", lambda: k.dispatch_order(z(2, 3, 2).float(), z(4))),
+                 ("num_samples", lambda: k.gather_order(z(3), z(4), 5)),
+                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2))]
+        for expected, call in cases:
+            try:
+                call()
+            except RuntimeError as e:
+                assert expected in str(e), (expected, str(e))
+            else:
+                raise AssertionError("no error; expected one mentioning " + expected)
+        print("ok")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(netmoe.__file__)))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), \
+        f"exit code {res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}"
+
+
+@cuda_only
+@pytest.mark.parametrize("placement", ["netmoe", "static"])
+def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(kernels, monkeypatch, placement):
+    gen, seed = _fresh_generator()
+    torch.manual_seed(seed)
+    layer = netmoe.MoELayer(32, 64, num_experts=8, top_k=2, placement=placement,
+                            topology=netmoe.Topology(2, 2), virtual_world=4).cuda()
+    x = torch.randn(8, 37, 32, device="cuda", generator=gen)
+    w = torch.randn(8, 37, 32, device="cuda", generator=gen)
+    sid = torch.arange(8, device="cuda")
+    calls = []
+
+    class Counted:   # the kernels, counting calls: the first run must really go through them
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernels, name)
+
+    def run(ops):
+        monkeypatch.setattr(netmoe, "hot_path", lambda device: ops)
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        y, new_sid, aux = layer(xg, sid)
+        ((y * w[: y.shape[0]]).sum() + aux).backward()
+        return [y, new_sid, aux, xg.grad] + [p.grad for p in layer.parameters()]
+
+    fast = run(Counted())
+    assert {"count_tokens", "dispatch_order"} <= set(calls)
+    slow = run(netmoe._REFERENCE)
+    assert torch.equal(fast[1], slow[1]), f"seed={seed}: different sample placement"
+    for a, b in zip(fast, slow):   # index_add's float atomics may reorder sums: rounding only
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")

@@ -872,6 +872,127 @@ def bench_solver_cmd(repeats, max_expanded, json_path):
             json.dump(res, f, indent=1)
 
 
+def bench_kernels(echo=print, reps=50, sets=4):
+    """Time each op of kernels.cu against the torch code it replaces, on an NVIDIA GPU.
+
+    Shapes: (a) the paper's per-GPU layer, B=4 samples of S=1024 tokens, K=2, E=64 on J=32
+    devices (4x8); (b) a large one, B=16, S=4096, K=8, E=256 (4x8). GPU ops are timed with CUDA
+    events, median of `reps` runs after warm-up, inputs rotated over `sets` fresh sets, and L2
+    wiped (a 256 MB write) before each run so no run reads the last one's data from cache; the
+    wipe also keeps the GPU busy while the host queues the op, so launch latency on the host is
+    not counted. placement_costs' reference is numpy on the CPU, so both sides of that row are
+    wall-clock times including the copy to the host that the solver needs anyway.
+    The floor: a 1 GiB device-to-device copy (bytes read + written over its time); each op's
+    achieved rate is the bytes it must move (inputs read once, outputs written once) over its time.
+    Returns one dict per row."""
+    ops = netmoe.hot_path("cuda")
+    if ops is netmoe._REFERENCE:
+        raise RuntimeError("kernels.cu did not build: nothing to benchmark")
+    ref = netmoe._REFERENCE
+    dev = torch.device("cuda")
+    wipe = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+
+    def gpu_ms(fn, inputs):
+        for args in inputs * 2:   # warm-up: module load, allocator, clocks
+            fn(*args)
+        torch.cuda.synchronize()
+        events = []
+        for r in range(reps):
+            wipe.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*inputs[r % len(inputs)])
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return float(np.median([s.elapsed_time(e) for s, e in events]))
+
+    def wall_ms(fn, inputs):
+        for args in inputs * 2:
+            fn(*args)
+        times = []
+        for r in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(*inputs[r % len(inputs)])
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(times))
+
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    copy_ms = gpu_ms(lambda: dst.copy_(big), [()])
+    copy_bw = 2 * big.numel() / copy_ms / 1e6   # GB/s
+    del big, dst
+    tiny = torch.zeros(1, device=dev)
+    launch_ms = gpu_ms(lambda: tiny.add_(1), [()])
+    echo(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bw:.0f} GB/s, "
+         f"one tiny kernel {launch_ms * 1e3:.1f} us")
+
+    rows = []
+    for label, B, S, K, E, topo in (("paper", 4, 1024, 2, 64, "4x8"), ("large", 16, 4096, 8, 256, "4x8")):
+        topo = netmoe.Topology.parse(topo)
+        J, I = topo.world, B * topo.world
+        shape = f"{label} B={B} S={S} K={K} E={E} J={J}"
+        El = E // J
+        cases = {name: [] for name in ("count_tokens", "placement_costs", "dispatch_order", "gather_order")}
+        for _ in range(sets):
+            route_all = torch.randint(E, (I, S, K), device=dev)   # the whole global batch's routing
+            route = route_all[:B].contiguous()                    # this rank's samples
+            num = ops.count_tokens(route_all, E)
+            ed = torch.as_tensor(netmoe.default_expert_device(E, J), device=dev)
+            slot = torch.randperm(E, device=dev)
+            # rank 0's expert side, laid out as MoELayer._forward_ep receives it: (source, expert, b)
+            cnt = num[:, :El].reshape(J, B, El).permute(0, 2, 1).reshape(-1)
+            src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, El, B).reshape(-1).repeat_interleave(cnt)
+            dest = torch.randperm(I, device=dev) // B
+            cases["count_tokens"].append((route, E))
+            cases["placement_costs"].append((num, ed))
+            cases["dispatch_order"].append((route, slot))
+            cases["gather_order"].append((src, dest, I))
+        n_route, n_src = route.numel(), src.numel()
+        moved = {   # bytes each op must read + write
+            "count_tokens": n_route * 8 + B * E * 8,
+            "placement_costs": I * E * 8 + E * 8 + I * (topo.nodes + J) * 8,
+            "dispatch_order": n_route * 8 + E * 8 + n_route * 8,
+            "gather_order": n_src * 8 + I * 8 + n_src * 8,
+        }
+        timings = {
+            "count_tokens": (gpu_ms(ref.count_tokens, cases["count_tokens"]),
+                             gpu_ms(ops.count_tokens, cases["count_tokens"])),
+            "placement_costs": (
+                wall_ms(lambda num, ed: ref.placement_costs(num, topo, ed.cpu()), cases["placement_costs"]),
+                wall_ms(lambda num, ed: [t.cpu() for t in ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node)],
+                        cases["placement_costs"])),
+            "dispatch_order": (gpu_ms(ref.dispatch_order, cases["dispatch_order"]),
+                               gpu_ms(ops.dispatch_order, cases["dispatch_order"])),
+            "gather_order": (gpu_ms(ref.gather_order, cases["gather_order"]),
+                             gpu_ms(ops.gather_order, cases["gather_order"])),
+        }
+        for name, (t_ref, t_cuda) in timings.items():
+            gbs = moved[name] / t_cuda / 1e6
+            rows.append(dict(kernel=name, shape=shape, n=n_src if name == "gather_order" else n_route,
+                             torch_ms=t_ref, cuda_ms=t_cuda, speedup=t_ref / t_cuda, bytes=moved[name],
+                             gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw,
+                             timing="wall, incl. copy to host" if name == "placement_costs" else "cuda events"))
+        if label == "large":
+            pc = cases["placement_costs"][0]
+            rows.append(dict(kernel="placement_costs (gpu only)", shape=shape, n=I * E,
+                             torch_ms=float("nan"),
+                             cuda_ms=gpu_ms(lambda num, ed: ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node), [pc]),
+                             speedup=float("nan"), bytes=moved["placement_costs"], copy_gb_s=copy_bw,
+                             timing="cuda events"))
+            rows[-1]["gb_s"] = rows[-1]["bytes"] / rows[-1]["cuda_ms"] / 1e6
+            rows[-1]["copy_frac"] = rows[-1]["gb_s"] / copy_bw
+
+    echo(f"{'kernel':<27} | {'shape':<34} | {'torch ms':>9} | {'cuda ms':>8} | {'speedup':>7} | "
+         f"{'GB/s':>7} | {'% of copy bw':>12}")
+    for r in rows:
+        echo(f"{r['kernel']:<27} | {r['shape']:<34} | {r['torch_ms']:>9.4f} | {r['cuda_ms']:>8.4f} | "
+             f"{r['speedup']:>6.1f}x | {r['gb_s']:>7.0f} | {100 * r['copy_frac']:>11.1f}%")
+    return rows
+
+
 def _layer_bench_worker(rank, world, init, o, out_path):
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
@@ -956,6 +1077,19 @@ def bench_layer_cmd(json_path, **o):
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(options=o, per_rank=per_rank, median=med), f, indent=1)
+
+
+@bench.command("kernels")
+@click.option("--repeats", default=50, show_default=True)
+@click.option("--json", "json_path", default=None)
+def bench_kernels_cmd(repeats, json_path):
+    """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench kernels needs a CUDA device")
+    rows = bench_kernels(click.echo, reps=repeats)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
