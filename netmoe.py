@@ -277,6 +277,50 @@ def _solve(num, topo, num_next, ed, ed_next, method="capacitated"):
     return dest
 
 
+def _partition(A, groups):
+    """Split the rows of affinity matrix A into `groups` equal groups with large within-group
+    affinity: greedy growth from the strongest seed, then best-pair swaps while any swap gains."""
+    E = len(A)
+    size, group, free = E // groups, np.full(E, -1), np.ones(E, dtype=bool)
+    for g in range(groups):
+        members = [int(np.argmax(np.where(free, A[:, free].sum(1), -np.inf)))]
+        free[members[0]] = False
+        while len(members) < size:
+            x = int(np.argmax(np.where(free, A[:, members].sum(1), -np.inf)))
+            members.append(x)
+            free[x] = False
+        group[members] = g
+    for _ in range(4 * E):   # each swap strictly gains, so this ends; the bound only caps the time
+        S = A @ np.eye(groups)[group]                     # S[x, g]: affinity of x to group g
+        own = S[np.arange(E), group]
+        gain = S[:, group] + S[:, group].T - own[:, None] - own[None, :] - 2 * A
+        gain[group[:, None] == group[None, :]] = 0
+        a, b = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[a, b] <= 1e-12:
+            break
+        group[a], group[b] = group[b], group[a]
+    return group
+
+
+def expert_layout(num, topo):
+    """A balanced expert -> device map (E/J experts a device) that puts experts used by the same
+    samples on the same node, then the same device: what NetMoE's two stages can exploit.
+    num: [M, E] per-sample expert counts of recent batches. Affinity of experts a, b is
+    sum_i p_i[a] p_i[b] with p_i sample i's routing distribution."""
+    num = _check_num(num, topo)
+    E, J, G = num.shape[1], topo.world, topo.gpus_per_node
+    _check_expert_device(None, E, J)
+    p = num / np.maximum(num.sum(1, keepdims=True), 1)
+    A = p.T @ p
+    np.fill_diagonal(A, 0.0)
+    node = _partition(A, topo.nodes)
+    device = np.empty(E, dtype=np.int64)
+    for n in range(topo.nodes):
+        members = np.flatnonzero(node == n)
+        device[members] = n * G + _partition(A[np.ix_(members, members)], G)
+    return device
+
+
 def static_placement(I, J):
     """The baseline (FastMoE-style EP): sample slot p stays on device p // (I/J)."""
     return np.arange(I) // (I // J)

@@ -308,6 +308,24 @@ def test_planted_locality_is_found():
     assert netmoe.traffic(num, netmoe.static_placement(I, 8), topo)["inter"] > 0
 
 
+def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups():
+    """Samples use the experts of one hidden group of 4, the groups scattered over the contiguous
+    blocks: the learned layout puts each group on one node, so NetMoE keeps every token inside."""
+    rng = np.random.default_rng()
+    topo = netmoe.Topology(4, 2)
+    E, I = 16, 64
+    hidden = rng.permutation(E).reshape(4, 4)
+    num = np.zeros((I, E), dtype=np.int64)
+    for i in range(I):
+        num[i, hidden[i % 4]] = rng.multinomial(40, np.full(4, 0.25))
+    layout = netmoe.expert_layout(num, topo)
+    assert np.array_equal(np.bincount(layout, minlength=8), np.full(8, 2))
+    assert all(len(set(layout[g] // 2)) == 1 for g in hidden)
+    fresh = np.roll(num, 1, axis=0)   # other samples, same structure
+    inter = lambda ed: netmoe.traffic(fresh, netmoe.solve_placement(fresh, topo, expert_device=ed), topo, ed)["inter"]
+    assert inter(layout) == 0 < inter(None)
+
+
 @pytest.mark.parametrize("call", [
     lambda: netmoe.solve_placement(np.zeros(8, dtype=np.int64), netmoe.Topology(2, 2)),
     lambda: netmoe.solve_placement(-np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2)),
@@ -618,6 +636,11 @@ def test_trace_and_simulate_round_trip(tmp_path):
     sim = json.loads((tmp_path / "s.json").read_text())["results"]
     assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
     assert sim["static"]["moved_device"] == 0
+    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
+                                             "--json", str(tmp_path / "l.json")])
+    assert res.exit_code == 0, res.output
+    sim = json.loads((tmp_path / "l.json").read_text())["results"]
+    assert sim["static + layout"]["moved_device"] == 0 and "netmoe + lookahead + layout" in sim
 
 
 @pytest.mark.parametrize("args, message", [

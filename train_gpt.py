@@ -617,9 +617,11 @@ def summary_table(result, warmup):
 # ---------------------------------------------------------------------------------------------
 
 
-def simulate_trace(trace, topo, bytes_per_token, compute_ms):
+def simulate_trace(trace, topo, bytes_per_token, compute_ms, layout=False):
     """Volumes of every All-to-All of every recorded step under four placements. Samples start
-    where the data loader put them (static) and then follow each variant's gathers."""
+    where the data loader put them (static) and then follow each variant's gathers. With layout,
+    steps 1.. are replayed with each layer's experts regrouped by netmoe.expert_layout learned on
+    the recorded step before (other batches), beside the contiguous layout on the same steps."""
     route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
     E = int(trace["num_experts"])
     steps, L, I = route.shape[:3]
@@ -628,14 +630,26 @@ def simulate_trace(trace, topo, bytes_per_token, compute_ms):
                                f"topology {topo} ({topo.world} devices)")
     variants = {"static": None, "netmoe, no lookahead": "none", "netmoe + lookahead": "pred",
                 "netmoe + oracle next": "oracle"}
+    first, eds = 0, [[netmoe.default_expert_device(E, topo.world)] * L] * steps
+    if layout:
+        if steps < 2:
+            raise click.UsageError("--layout learns on earlier recorded steps: the trace needs at least 2")
+        first = 1
+        learned = [None] + [[netmoe.expert_layout(netmoe.count_tokens(route[s - 1, l], E), topo) for l in range(L)]
+                            for s in range(1, steps)]   # each step uses the recorded step before it
+        variants.update({"static + layout": ("layout", None), "netmoe + lookahead + layout": ("layout", "pred")})
     out = {}
     for name, nxt in variants.items():
+        ed = eds
+        if isinstance(nxt, tuple):
+            ed, nxt = learned, nxt[1]
         acc = dict(scatter_inter=0, gather_inter=0, intra=0, inter=0, moved_node=0, moved_device=0, samples=0,
                    a2a_ms=0.0)
-        for s in range(steps):
+        for s in range(first, steps):
             cur = netmoe.static_placement(I, topo.world)
             for l in range(L):
                 num = netmoe.count_tokens(route[s, l], E).numpy()
+                ed_l, ed_next = ed[s][l], ed[s][min(l + 1, L - 1)]
                 if nxt is None:
                     dest = netmoe.static_placement(I, topo.world)
                 else:
@@ -644,9 +658,10 @@ def simulate_trace(trace, topo, bytes_per_token, compute_ms):
                         nn_ = netmoe.count_tokens(pred[s, l], E).numpy()
                     elif l + 1 < L and nxt == "oracle":
                         nn_ = netmoe.count_tokens(route[s, l + 1], E).numpy()
-                    dest = netmoe.solve_placement(num, topo, num_next=nn_)
+                    dest = netmoe.solve_placement(num, topo, num_next=nn_, expert_device=ed_l,
+                                                  expert_device_next=ed_next)
                 for phase, where in (("scatter", cur), ("gather", dest)):
-                    v = netmoe.traffic(num, where, topo)
+                    v = netmoe.traffic(num, where, topo, ed_l)
                     acc[phase + "_inter"] += v["inter"]
                     acc["inter"] += v["inter"]
                     acc["intra"] += v["intra"]
@@ -655,7 +670,7 @@ def simulate_trace(trace, topo, bytes_per_token, compute_ms):
                 acc["moved_device"] += int((dest != cur).sum())
                 acc["samples"] += I
                 cur = dest
-        per = lambda k: acc[k] / steps
+        per = lambda k: acc[k] / (steps - first)
         out[name] = dict(inter=per("inter"), intra=per("intra"), scatter_inter=per("scatter_inter"),
                          gather_inter=per("gather_inter"), a2a_ms=per("a2a_ms"),
                          moved_node=acc["moved_node"] / acc["samples"], moved_device=acc["moved_device"] / acc["samples"],
@@ -793,8 +808,9 @@ def compare(**kw):
 @click.option("--inter-bw", default=100e9, show_default=True)
 @click.option("--bytes-per-token", type=int, default=None, help="default: 4 * H from the trace (fp32)")
 @click.option("--compute-ms", type=float, default=None, help="per-iteration compute time, for an estimate")
+@click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--json", "json_path", default=None)
-def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, json_path):
+def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
         t = dict(np.load(trace))
@@ -802,7 +818,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, j
         raise click.ClickException(f"{trace} is not a routing trace: {e}") from None
     topo = netmoe.Topology.parse(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
-    res = simulate_trace(t, topo, bpt, compute_ms)
+    res = simulate_trace(t, topo, bpt, compute_ms, layout)
     base = res["static"]
     rows = [[name, r["inter"], f"{(r['inter'] / base['inter'] - 1) * 100:+.1f}%" if base["inter"] else "-",
              r["gather_inter"], r["intra"], f"{(r['intra'] / base['intra'] - 1) * 100:+.1f}%" if base["intra"] else "-",
@@ -814,7 +830,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, j
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev", "A2A ms (Eq.1)"] + (["iter ms"] if compute_ms is not None else []),
                      rows))
-    if steps > 1:   # does locality change as training goes on?
+    if steps > 1 and not layout:   # does locality change as training goes on?
         per_step = []
         for i in range(steps):
             r = simulate_trace({**t, "route": t["route"][i:i + 1], "route_next_pred": t["route_next_pred"][i:i + 1]},
