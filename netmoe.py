@@ -15,6 +15,7 @@ training is unchanged. This file, in data-flow order:
 Notation follows the paper: I samples in the global batch, J devices = N nodes x G GPUs,
 E experts, K experts per token, S tokens per sample, H hidden size, B = I / J samples per device.
 """
+import collections
 import dataclasses
 import hashlib
 import os
@@ -448,6 +449,7 @@ class MoELayer(nn.Module):
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
         self.last_routes = None
         self._stats, self._timer = MoEStats(), _Timer()
+        self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
 
     def __setattr__(self, name, value):
         if name == "next":   # a reference for lookahead, not a submodule: its parameters stay its own
@@ -463,6 +465,44 @@ class MoELayer(nn.Module):
         self.slot[order] = np.arange(self.num_experts)
         per = self.num_experts // self.J
         self.local_experts = order if self.virtual else order[self.rank * per:(self.rank + 1) * per]
+
+    def relayout(self, expert_device, optimizer=None):
+        """Move the experts to a new balanced layout. Weights and their AdamW moments travel with
+        them in one All-to-All (a local permutation in one process); parameters keep their
+        identity, so the optimizer carries on. Every rank must pass the same map. Returns the
+        number of experts that changed device."""
+        new = _check_expert_device(expert_device, self.num_experts, self.J)
+        per = self.num_experts // self.J
+        old_order = np.lexsort((np.arange(self.num_experts), self.expert_device))
+        old_local, changed = self.local_experts, int((new != self.expert_device).sum())
+        state = optimizer.state if optimizer is not None else {}
+        tensors = [self.w1, self.b1, self.w2, self.b2]
+        tensors += [state[p][k] for p in tensors[:4] for k in ("exp_avg", "exp_avg_sq") if k in state.get(p, {})]
+        flat = torch.cat([t.detach().reshape(len(old_local), -1) for t in tensors], 1)
+        row_of = np.empty(self.num_experts, dtype=np.int64)
+        row_of[old_local] = np.arange(len(old_local))          # expert id -> its row in flat
+        self.set_expert_device(new)
+        index = lambda a: torch.as_tensor(a, device=flat.device)
+        if self.virtual or self.J == 1:
+            rows = flat[index(row_of[self.local_experts])]
+        else:
+            # send my experts ordered by their new slot; receive, from each rank in turn, its
+            # experts that now live here, in the same order
+            by_slot = lambda experts: experts[np.argsort(self.slot[experts], kind="stable")]
+            mine = by_slot(old_local)
+            incoming = [by_slot(q) for q in old_order.reshape(self.J, per)]
+            incoming = [q[new[q] == self.rank] for q in incoming]
+            got = _all_to_all(flat[index(row_of[mine])], np.bincount(new[mine], minlength=self.J).tolist(),
+                              [len(q) for q in incoming], self.group)
+            rows = torch.empty_like(flat)
+            rows[index(self.slot[np.concatenate(incoming)] - self.rank * per)] = got
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t[0].numel()
+                t.copy_(rows[:, offset:offset + n].reshape(t.shape))
+                offset += n
+        return changed
 
     def route(self, x):
         """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route).
@@ -509,6 +549,8 @@ class MoELayer(nn.Module):
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
         num, sid_all = meta[:, :E], meta[:, -1]
+        if torch.is_grad_enabled():
+            self.recent.append(num)
         I = num.shape[0]
         if I % self.J:
             raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "

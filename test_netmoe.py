@@ -623,6 +623,22 @@ def test_resume_reproduces_the_uninterrupted_run(compare_4proc, tmp_path):
     np.testing.assert_allclose(resumed["runs"]["netmoe"]["loss"], compare_4proc["runs"]["netmoe"]["loss"], rtol=1e-6)
 
 
+def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_4proc, tmp_path):
+    """Experts (weights and AdamW moments) move between the 4 ranks every 2 steps; the losses stay
+    those of static EP, and a checkpoint written after a move resumes to the same losses."""
+    ck = str(tmp_path / "ck")
+    args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--relayout-every", "2", "--relayout-force",
+            "--ckpt", ck, "--ckpt-every", "3"]
+    moved = _run(args, tmp_path, "moved")["runs"]["netmoe"]
+    assert sum(r["experts_moved"] for r in moved["relayouts"]) > 0
+    np.testing.assert_allclose(moved["loss"], compare_4proc["runs"]["static"]["loss"], rtol=1e-5)
+    args = [a if a != ck else str(tmp_path / "ck2") for a in args]
+    first = _run([a if a != "6" else "3" for a in args], tmp_path, "first")   # ends after a move at step 2
+    assert first["runs"]["netmoe"]["relayouts"][0]["experts_moved"] > 0
+    resumed = _run(args + ["--resume"], tmp_path, "resumed")
+    np.testing.assert_allclose(resumed["runs"]["netmoe"]["loss"], moved["loss"], rtol=1e-6)
+
+
 def test_trace_and_simulate_round_trip(tmp_path):
     trace = str(tmp_path / "t.npz")
     _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--trace", trace, "--trace-every", "3"],

@@ -266,7 +266,8 @@ def save_checkpoint(root, step, model, opt, env, identity, record):
     _atomic_save(dict(experts=experts, opt=opt.state_dict()), os.path.join(tmp, f"rank{env.rank}.pt"))
     if env.rank == 0:
         dense = {n: p.detach().cpu() for n, p in model.named_parameters() if not getattr(p, "expert", False)}
-        _atomic_save(dict(dense=dense, step=step, identity=identity, record=record), os.path.join(tmp, "dense.pt"))
+        _atomic_save(dict(dense=dense, step=step, identity=identity, record=record,
+                          layouts=[m.expert_device.tolist() for m in model.moe]), os.path.join(tmp, "dense.pt"))
     _barrier(env)
     if env.rank == 0:   # the directory appears complete or not at all; then `latest` moves to it
         if os.path.exists(final):
@@ -312,7 +313,7 @@ def _on_sigint(*_):
 def new_record():
     vol = lambda: {k: [] for k in ("local", "intra", "inter")}
     return dict(loss=[], iter_ms=[], volume=dict(scatter=vol(), gather=vol()), a2a_ms=[], a2a_model_ms=[],
-                solver_ms=[], solver_exposed_ms=[], moved_frac=dict(node=[], device=[]), val_loss=None)
+                solver_ms=[], solver_exposed_ms=[], moved_frac=dict(node=[], device=[]), val_loss=None, relayouts=[])
 
 
 def lr_at(step, opts):
@@ -352,6 +353,8 @@ def train(env, cfg, opts, placement, corpus, echo):
     record, start = new_record(), 0
     if ckpt and opts["resume"]:
         dense, mine = read_checkpoint(ckpt, identity, env.rank)
+        for m, layout in zip(model.moe, dense["layouts"]):   # the experts were saved in this order
+            m.set_expert_device(np.asarray(layout))
         model.load_state_dict({**dense["dense"], **mine["experts"]})
         opt.load_state_dict(mine["opt"])
         record, start = dense["record"], dense["step"]
@@ -373,6 +376,8 @@ def train(env, cfg, opts, placement, corpus, echo):
         clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if opts["relayout_every"] and (step + 1) % opts["relayout_every"] == 0:
+            record["relayouts"].append(relayout(model, opt, env, cfg, opts, step, echo))
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         iter_ms = (time.perf_counter() - t0) * 1e3
@@ -398,6 +403,46 @@ def train(env, cfg, opts, placement, corpus, echo):
     if traces and env.rank == 0:
         save_trace(opts["trace"], traces, traced_steps, cfg, env)
     return record
+
+
+def relayout(model, opt, env, cfg, opts, step, echo):
+    """Regroup each layer's experts by co-activation in its recent batches (netmoe.expert_layout)
+    if the modelled All-to-All saving over the next T steps beats the cost of moving the weights
+    and AdamW moments (modelled at the inter-node bandwidth until a move has been measured)."""
+    T, bpt = opts["relayout_every"], 4 * cfg.hidden
+    plans, saving_ms = [], 0.0
+    for m in model.moe:
+        new = netmoe.expert_layout(np.concatenate(m.recent), env.topo)
+        for num in m.recent:   # modelled per-step time, old layout minus new (fwd + bwd, no lookahead)
+            for ed, sign in ((m.expert_device, 1), (new, -1)):
+                tokens = netmoe._device_tokens(num, env.topo, ed)
+                dest = netmoe._solve(num, env.topo, None, ed, ed)
+                for where in (netmoe.static_placement(len(num), env.J), dest):
+                    saving_ms += sign * 2e3 * netmoe.a2a_time(netmoe._traffic(tokens, where, env.topo), env.topo, bpt)
+        plans.append(new)
+    saving_ms /= len(model.moe[0].recent)
+    per_expert = 3 * 4 * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2, model.moe[0].b2))
+    moving = sum(int((new != m.expert_device).sum()) for m, new in zip(model.moe, plans))
+    rate = _RELAYOUT_MS_PER_BYTE[0] or 1e3 / env.topo.inter_bw
+    cost_ms = moving * per_expert * rate
+    apply = opts["relayout_force"] or saving_ms * T > cost_ms
+    t = time.perf_counter()
+    if apply:
+        for m, new in zip(model.moe, plans):
+            m.relayout(new, opt)
+        _barrier(env)
+        if moving:
+            _RELAYOUT_MS_PER_BYTE[0] = (time.perf_counter() - t) * 1e3 / (moving * per_expert)
+    out = dict(step=step + 1, applied=apply, experts_moved=moving if apply else 0, bytes=moving * per_expert,
+               saving_ms_per_step=saving_ms, cost_ms=cost_ms, measured_ms=(time.perf_counter() - t) * 1e3,
+               payback_steps=cost_ms / saving_ms if saving_ms > 0 else None)
+    echo(f"re-layout after step {step}: {'applied' if apply else 'skipped'}; {moving} experts "
+         f"({moving * per_expert / 1e6:.1f} MB) would move, modelled saving {saving_ms:.3g} ms/step vs cost "
+         f"{cost_ms:.3g} ms")
+    return out
+
+
+_RELAYOUT_MS_PER_BYTE = [None]   # measured on the last re-layout that moved anything
 
 
 def append_step(record, shared, stats):
@@ -760,6 +805,9 @@ def job_options(f):
         click.option("--ckpt", default=None, help="checkpoint directory"),
         click.option("--ckpt-every", default=100, show_default=True),
         click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --ckpt"),
+        click.option("--relayout-every", default=0, show_default=True,
+                     help="every T steps regroup experts by co-activation when it pays (0: never)"),
+        click.option("--relayout-force", is_flag=True, help="apply every re-layout, paying or not (tests)"),
         click.option("--intra-bw", default=400e9, show_default=True, help="bytes/s, for Eq. 1"),
         click.option("--inter-bw", default=100e9, show_default=True, help="bytes/s, for Eq. 1"),
         click.option("--cpu", is_flag=True, help="stay on the CPU even where CUDA is present"),
