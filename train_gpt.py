@@ -431,7 +431,7 @@ def relayout(model, opt, env, cfg, opts, step, echo):
         for m, new in zip(model.moe, plans):
             m.relayout(new, opt)
         _barrier(env)
-        if moving:
+        if moving and env.world > 1:   # in one process a move is a local copy: keep the network model
             _RELAYOUT_MS_PER_BYTE[0] = (time.perf_counter() - t) * 1e3 / (moving * per_expert)
     out = dict(step=step + 1, applied=apply, experts_moved=moving if apply else 0, bytes=moving * per_expert,
                saving_ms_per_step=saving_ms, cost_ms=cost_ms, measured_ms=(time.perf_counter() - t) * 1e3,
