@@ -523,6 +523,8 @@ def resolve(opts):
                                f"({'--virtual-world' if opts['virtual_world'] else 'processes'})")
     if cfg.top_k > cfg.experts_per_device * J:
         raise click.UsageError(f"top-k {cfg.top_k} exceeds the E={cfg.experts_per_device * J} experts")
+    if opts.get("relayout_every", 0) < 0 or opts["steps"] < 0:
+        raise click.UsageError("--steps and --relayout-every must not be negative")
     if opts["data"] and not os.path.exists(opts["data"]):
         raise click.UsageError(f"data file {opts['data']} does not exist")
     topo = dataclasses.replace(topo, intra_bw=opts["intra_bw"], inter_bw=opts["inter_bw"])
