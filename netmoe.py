@@ -405,6 +405,23 @@ class MoEStats:
                         *(getattr(self, f.name) + getattr(o, f.name) for f in dataclasses.fields(self)[2:]))
 
 
+def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
+    """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
+    gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four All-to-Alls (forward
+    and backward), and the samples moved. What the layer records, for replays and planning."""
+    num = _check_num(num, topo)
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    return _layer_stats(_device_tokens(num, topo, ed), np.asarray(cur), np.asarray(dest), topo, bytes_per_token)
+
+
+def _layer_stats(tokens, cur, dest, topo, bytes_per_token):
+    scatter, gather = _traffic(tokens, cur, topo), _traffic(tokens, dest, topo)
+    return MoEStats(scatter, gather, samples=len(dest),
+                    moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
+                    moved_device=int((dest != cur).sum()),
+                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
+
+
 class MoELayer(nn.Module):
     """Expert-parallel MoE block with NetMoE's sample placement: forward(x, sid) -> (y, sid', aux).
 
@@ -585,7 +602,7 @@ class MoELayer(nn.Module):
         run = self._forward_virtual if self.virtual or self.J == 1 else self._forward_ep
         tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
         y, keep, dest = run(x, g, route, num, tokens[0], join, ops)
-        self._record(tokens, static_placement(I, self.J), dest, x.element_size() * H)
+        self._stats += _layer_stats(tokens, static_placement(I, self.J), dest, self.topo, x.element_size() * H)
         return y, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _experts(self, x, g, k0, local, counts):
@@ -665,18 +682,6 @@ class MoELayer(nn.Module):
         if len(set(hs)) != 1:
             raise RuntimeError(f"ranks computed different placements (hashes {hs}); the solver must be "
                                f"deterministic and every rank must see the same num")
-
-    def _record(self, tokens, cur, dest, bytes_per_token):
-        st, topo = self._stats, self.topo
-        for name, where in (("scatter", cur), ("gather", dest)):
-            vol = _traffic(tokens, where, topo)
-            for k, v in vol.items():
-                getattr(st, name)[k] += v
-            st.a2a_model_ms += 2e3 * a2a_time(vol, topo, bytes_per_token)   # forward + backward
-        st.samples += len(dest)
-        st.moved_node += int((topo.node_of(dest) != topo.node_of(cur)).sum())
-        st.moved_device += int((dest != cur).sum())
-
 
 _REFERENCE = sys.modules[__name__]
 

@@ -86,7 +86,9 @@ def test_lsap_agrees_with_scipy(kind):
         maximize = bool(rng.integers(2))
         r, col = km.linear_sum_assignment(c, maximize=maximize)
         r2, col2 = scipy_lsap(c, maximize=maximize)
-        assert np.array_equal(r, r2), seed
+        assert len(r) == len(r2) and np.all(np.diff(r) > 0), seed
+        if n <= m:   # every row is matched; with more rows than columns ties may pick other rows
+            assert np.array_equal(r, r2), seed
         assert c[r, col].sum() == pytest.approx(c[r2, col2].sum(), rel=1e-12), seed
 
 

@@ -415,10 +415,9 @@ def relayout(model, opt, env, cfg, opts, step, echo):
         new = netmoe.expert_layout(np.concatenate(m.recent), env.topo)
         for num in m.recent:   # modelled per-step time, old layout minus new (fwd + bwd, no lookahead)
             for ed, sign in ((m.expert_device, 1), (new, -1)):
-                tokens = netmoe._device_tokens(num, env.topo, ed)
-                dest = netmoe._solve(num, env.topo, None, ed, ed)
-                for where in (netmoe.static_placement(len(num), env.J), dest):
-                    saving_ms += sign * 2e3 * netmoe.a2a_time(netmoe._traffic(tokens, where, env.topo), env.topo, bpt)
+                dest = netmoe.solve_placement(num, env.topo, expert_device=ed)
+                saving_ms += sign * netmoe.layer_stats(num, netmoe.static_placement(len(num), env.J), dest,
+                                                       env.topo, bpt, ed).a2a_model_ms
         plans.append(new)
     saving_ms /= len(model.moe[0].recent)
     per_expert = 3 * 4 * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2, model.moe[0].b2))
@@ -690,8 +689,7 @@ def simulate_trace(trace, topo, bytes_per_token, compute_ms, layout=False):
         ed = eds
         if isinstance(nxt, tuple):
             ed, nxt = learned, nxt[1]
-        acc = dict(scatter_inter=0, gather_inter=0, intra=0, inter=0, moved_node=0, moved_device=0, samples=0,
-                   a2a_ms=0.0)
+        acc = netmoe.MoEStats()
         for s in range(first, steps):
             cur = netmoe.static_placement(I, topo.world)
             for l in range(L):
@@ -707,22 +705,16 @@ def simulate_trace(trace, topo, bytes_per_token, compute_ms, layout=False):
                         nn_ = netmoe.count_tokens(route[s, l + 1], E).numpy()
                     dest = netmoe.solve_placement(num, topo, num_next=nn_, expert_device=ed_l,
                                                   expert_device_next=ed_next)
-                for phase, where in (("scatter", cur), ("gather", dest)):
-                    v = netmoe.traffic(num, where, topo, ed_l)
-                    acc[phase + "_inter"] += v["inter"]
-                    acc["inter"] += v["inter"]
-                    acc["intra"] += v["intra"]
-                    acc["a2a_ms"] += 2e3 * netmoe.a2a_time(v, topo, bytes_per_token)   # fwd + bwd
-                acc["moved_node"] += int((topo.node_of(dest) != topo.node_of(cur)).sum())
-                acc["moved_device"] += int((dest != cur).sum())
-                acc["samples"] += I
+                acc += netmoe.layer_stats(num, cur, dest, topo, bytes_per_token, ed_l)
                 cur = dest
-        per = lambda k: acc[k] / (steps - first)
-        out[name] = dict(inter=per("inter"), intra=per("intra"), scatter_inter=per("scatter_inter"),
-                         gather_inter=per("gather_inter"), a2a_ms=per("a2a_ms"),
-                         moved_node=acc["moved_node"] / acc["samples"], moved_device=acc["moved_device"] / acc["samples"],
-                         iter_ms=compute_ms + per("a2a_ms") if compute_ms is not None else None,
-                         mb_per_a2a=per("inter") * bytes_per_token / 1e6 / (2 * L))
+        n = steps - first
+        out[name] = dict(inter=(acc.scatter["inter"] + acc.gather["inter"]) / n,
+                         intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
+                         scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
+                         a2a_ms=acc.a2a_model_ms / n, moved_node=acc.moved_node / acc.samples,
+                         moved_device=acc.moved_device / acc.samples,
+                         iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
+                         mb_per_a2a=(acc.scatter["inter"] + acc.gather["inter"]) / n * bytes_per_token / 1e6 / (2 * L))
     return out
 
 
