@@ -1,23 +1,26 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
 # distutils: language = c++
 """Exact assignment solvers for NetMoE, in Cython with the GIL released during the solve.
 
 linear_sum_assignment(cost, maximize=False) -> (row_ind, col_ind)
     scipy.optimize.linear_sum_assignment's contract; the paper's Kuhn-Munkres (KM). One shortest
-    augmenting path per row (Dijkstra on reduced costs, row and column potentials), as in
-    Jonker-Volgenant and Crouse's rectangular variant.
+    augmenting path per row (Dijkstra on reduced costs with row and column potentials), as in
+    Jonker-Volgenant and Crouse's rectangular variant. O(n^2 m).
 
 capacitated_assignment(cost[n, k], capacity[k]) -> col[n]
     Each of n items to one of k columns, column j taking exactly capacity[j] items, minimum summed
     cost: what each stage of NetMoE's placement solves. The paper copies every column capacity[j]
-    times into an n x n KM matrix; here it is a min-cost flow whose only nodes are the k columns.
-    Moving item x from column a to b costs cost[x, b] - cost[x, a]; per (a, b) a heap keeps the
-    cheapest such item on top. Start with every item in its cheapest column, then move one item
-    at a time from an over-full column along a shortest path (Dijkstra over k nodes, column
-    potentials) to a column with room. O(n k + moves * k^2 + pushes * log n).
+    times into an n x n KM matrix; here it is a min-cost flow whose only nodes are the k columns:
+    moving item x from column a to b costs cost[x, b] - cost[x, a], and per pair (a, b) the
+    cheapest such moves are kept in order. Start with every item in its cheapest column, then move
+    the surplus one item at a time from over-full columns along shortest paths (Dijkstra over the
+    k columns, column potentials) to columns with room. About O(n k + surplus k^2); the surplus
+    is typically O(sqrt(n k)), and a warm start keeps it there when costs are skewed.
 
 Integer input is solved in exact int64 arithmetic; anything else in float64 (+inf marks a
-forbidden pair). Ties go to the lowest index, so equal input gives equal output on every machine.
+forbidden pair). Ties are broken by fixed rules (lowest index first), never by chance, so equal
+input gives equal output on every machine.
 """
 import numpy as np
 from libc.math cimport INFINITY
@@ -39,8 +42,8 @@ cdef extern from "<algorithm>" namespace "std" nogil:
     void make_heap[It](It first, It last) noexcept
     void sort[It](It first, It last) noexcept
 
-# "Unreached" for integer distances: far above any reachable value (see _INT_HEADROOM), and
-# sums of two such values still fit in int64.
+# "Unreached" for integer distances: only ever compared, and far above any reachable value
+# (see _INT_HEADROOM), so finite sums never come near it.
 cdef long long INT_INF = 1LL << 62
 # Every potential and distance either solver forms stays within a few times the largest |entry|
 # and the entries' span, so keeping both below 2**62 / (_INT_HEADROOM * (size + 2)) leaves a wide
@@ -178,7 +181,7 @@ def linear_sum_assignment(cost, maximize=False):
     cost: a 2-D matrix of any shape; +inf forbids a pair (-inf with maximize=True).
     Returns (row_ind, col_ind), int64 arrays of length min(n, m), row_ind ascending, such that
     cost[row_ind, col_ind].sum() is minimal (maximal with maximize=True).
-    Raises ValueError("cost matrix is infeasible ...") when forbidden pairs leave no full matching."""
+    Raises ValueError("cost matrix is infeasible ...") if forbidden pairs leave no full matching."""
     a = _as_cost(cost, maximize)
     transposed = a.shape[0] > a.shape[1]
     if transposed:   # the solver matches every row, so rows must be the shorter side
@@ -224,12 +227,8 @@ def linear_sum_assignment(cost, maximize=False):
 # So the cheapest move is the better of the two fronts, and a pair is refilled (with twice the
 # room) only when both run dry while `more` is set. A fill is one pass over the column with about
 # one compare per item, and pops are O(1): much cheaper than heaps over every item.
-DEF ROOM = 16
-# Warm start: the potentials that solve the problem on every WARM_STRIDE-th item (capacities
-# scaled) put the cheapest-column start within about sqrt(n k WARM_STRIDE) moves of balance
-# (sampling noise). Used when the plain start is further off than that, as with skewed costs
-# (most items preferring one column): it then costs little more than random costs.
-DEF WARM_STRIDE = 8
+cdef enum:
+    ROOM = 4   # first size of buf: the fastest of 1..16 measured for n = 384..8192, k = 2..64
 
 ctypedef pair[num_t, Py_ssize_t] move_t   # (cost of the move, item)
 ctypedef move_t* move_p
@@ -320,6 +319,39 @@ cdef long long _start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
     return surplus
 
 
+# Warm start: the potentials that solve the problem on every WARM_STRIDE-th item (capacities
+# scaled) put the cheapest-column start within about sqrt(n k WARM_STRIDE) moves of balance
+# (sampling noise). Used when the plain start is further off than that, as with skewed costs
+# (most items preferring one column), so that these cost little more than random ones.
+cdef enum:
+    WARM_STRIDE = 8
+
+
+cdef void _warm_start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
+                      const long long* cap, num_t* pi) noexcept nogil:
+    """Set pi to the potentials of the problem on items 0, WARM_STRIDE, 2 WARM_STRIDE, ..."""
+    cdef Py_ssize_t m = (n + WARM_STRIDE - 1) // WARM_STRIDE, j, b
+    cdef long long left = m, r
+    cdef vector[long long] sub_cap, sub_col
+    sub_cap.resize(k, 0)
+    sub_col.resize(m, 0)
+    # capacities scaled to sum to m: floors, then one more for the largest remainders
+    for j in range(k):
+        sub_cap[j] = cap[j] * m // n
+        left -= sub_cap[j]
+    while left > 0:
+        b = -1
+        for j in range(k):
+            r = cap[j] * m % n
+            if sub_cap[j] == cap[j] * m // n and r and (b < 0 or r > cap[b] * m % n):
+                b = j
+        sub_cap[b] += 1
+        left -= 1
+    if _capacitated(c, m, k, ld * WARM_STRIDE, sub_cap.data(), sub_col.data(), pi) < 0:
+        for j in range(k):   # the sample alone is infeasible (+inf entries): no warm start
+            pi[j] = 0
+
+
 cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
                       const long long* cap, long long* col, num_t* pi) noexcept nogil:
     """Min-cost flow of items (rows c[x * ld : x * ld + k]) into columns by successive shortest
@@ -328,38 +360,18 @@ cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
     Invariant: every item x in column a has c[x, a] - pi[a] <= c[x, b] - pi[b] for all b, i.e.
     every residual edge a -> b has reduced cost >= 0. Returns -1 if forbidden (+inf) entries
     make the capacities unreachable."""
-    cdef Py_ssize_t j, a, b, x, t, ab, es, m
+    cdef Py_ssize_t j, a, b, x, t, ab, es
     cdef num_t inf = _inf(<num_t>0), cand, D, low
-    cdef long long surplus, r, left
+    cdef long long surplus
     cdef move_t move
-    cdef vector[long long] count_, sub_cap_, sub_col_
+    cdef vector[long long] count_
     count_.resize(k, 0)
     cdef long long* count = count_.data()
 
     surplus = _start(c, n, k, ld, cap, pi, col, count)
     if surplus * surplus > n * k * WARM_STRIDE and n >= 2 * WARM_STRIDE * k:
-        m = (n + WARM_STRIDE - 1) // WARM_STRIDE
-        # Scaled capacities summing to m: floors, then one more for the largest remainders.
-        sub_cap_.resize(k, 0)
-        sub_col_.resize(m, 0)
-        left = m
-        for j in range(k):
-            sub_cap_[j] = cap[j] * m // n
-            left -= sub_cap_[j]
-        while left > 0:
-            b = -1
-            for j in range(k):
-                r = cap[j] * m % n
-                if sub_cap_[j] == cap[j] * m // n and r and (b < 0 or r > cap[b] * m % n):
-                    b = j
-            sub_cap_[b] += 1
-            left -= 1
-        if _capacitated(c, m, k, ld * WARM_STRIDE, sub_cap_.data(), sub_col_.data(), pi) == 0:
-            surplus = _start(c, n, k, ld, cap, pi, col, count)
-        else:   # the sample alone is infeasible; the full problem may not be
-            for j in range(k):
-                pi[j] = 0
-            surplus = _start(c, n, k, ld, cap, pi, col, count)
+        _warm_start(c, n, k, ld, cap, pi)
+        surplus = _start(c, n, k, ld, cap, pi, col, count)
 
     # per pair (a * k + b): see the comment above _offer
     cdef vector[vector[move_t]] arena_, grown_, extra_
@@ -419,7 +431,7 @@ cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
                 if done[b]:
                     continue
                 ab = a * k + b
-                while True:
+                while True:   # the cheapest move a -> b: drop items that left a, refill if dry
                     while head[ab] < size[ab] and col[buf[ab][head[ab]].second] != a:
                         head[ab] += 1
                     es = _drop_left(extra[ab], col, a)
@@ -490,7 +502,8 @@ def capacitated_assignment(cost, capacity):
         raise ValueError(f"capacity must be 1-D with one entry per cost column ({k}), "
                          f"got shape {cap.shape}")
     if not (cap.dtype == np.bool_ or np.issubdtype(cap.dtype, np.integer)):
-        if not np.issubdtype(cap.dtype, np.floating) or not np.all(np.isfinite(cap) & (np.floor(cap) == cap)):
+        whole = np.issubdtype(cap.dtype, np.floating) and np.all(np.isfinite(cap) & (cap % 1 == 0))
+        if not whole:
             raise ValueError(f"capacity must hold whole numbers, got {cap.tolist()}")
     if (cap < 0).any():
         raise ValueError(f"capacity must be non-negative, got {cap.tolist()}")

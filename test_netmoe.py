@@ -25,119 +25,307 @@ import train_gpt
 # ---- solver: km.linear_sum_assignment and km.capacitated_assignment
 
 
+def _fresh_cases(count):
+    """`count` generators, each from a fresh seed that failures report, so any case replays."""
+    for _ in range(count):
+        seed = np.random.SeedSequence().entropy
+        yield np.random.default_rng(seed), f"seed={seed}"
+
+
 def _brute_lsap(c):
-    """Exact optimum by trying every injective map of the shorter side (n <= 7)."""
+    """Exact optimum by trying every injective map of the shorter side (sides <= 7).
+    Sums Python numbers, so integer input is summed exactly."""
+    c = c if c.shape[0] <= c.shape[1] else c.T
     n, m = c.shape
-    if n <= m:
-        return min(sum(c[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
-    return _brute_lsap(c.T)
+    v = c.tolist()
+    return min(sum(v[i][p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
 
 
-def _seeded():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    return np.random.default_rng(seed), seed
+def _brute_capacitated(c, cap):
+    """Exact optimum over every assignment of n <= 6 items with the given column counts."""
+    v, cap = c.tolist(), tuple(int(x) for x in cap)
+    return min(sum(v[i][a[i]] for i in range(len(v)))
+               for a in itertools.product(range(len(cap)), repeat=len(v))
+               if tuple(a.count(j) for j in range(len(cap))) == cap)
 
 
-@pytest.mark.parametrize("kind", ["int", "float"])
-def test_lsap_finds_the_exact_optimum_of_every_small_matrix(kind):
-    rng, seed = _seeded()
-    for _ in range(150):
+def _total(c, rows, cols):
+    """The summed cost of a solution, exact (Python ints) for integer input."""
+    return sum(c[i, j].item() for i, j in zip(rows, cols))
+
+
+def _expanded_optimum(c, cap):
+    """The paper's formulation: column j copied cap[j] times, solved as a square KM problem."""
+    copies = np.repeat(np.arange(c.shape[1]), cap)
+    r, e = km.linear_sum_assignment(c[:, copies])
+    return _total(c, r, copies[e])
+
+
+def _check_lsap_contract(c, r, col, why):
+    n, m = c.shape
+    assert r.dtype == col.dtype == np.int64 and r.shape == col.shape == (min(n, m),), why
+    assert np.all(np.diff(r) > 0) and len(set(col.tolist())) == len(col), why
+    assert np.all((0 <= r) & (r < n)) and np.all((0 <= col) & (col < m)), why
+
+
+def _check_capacities(col, cap, why):
+    assert col.dtype == np.int64 and np.array_equal(np.bincount(col, minlength=len(cap)), cap), why
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_lsap_finds_the_brute_force_optimum_of_small_matrices_of_any_shape(dtype):
+    for rng, why in _fresh_cases(300):
         n, m = rng.integers(1, 7, size=2)
-        c = rng.integers(-9, 10, size=(n, m)) if kind == "int" else rng.normal(size=(n, m))
+        c = rng.integers(-9, 10, size=(n, m)) if dtype == np.int64 else rng.normal(size=(n, m))
         r, col = km.linear_sum_assignment(c)
-        assert len(r) == len(col) == min(n, m) and np.all(np.diff(r) > 0), seed
-        assert len(set(col.tolist())) == len(col), seed
-        assert c[r, col].sum() == pytest.approx(_brute_lsap(c), abs=1e-9), seed
+        _check_lsap_contract(c, r, col, why)
+        assert _total(c, r, col) == pytest.approx(_brute_lsap(c), abs=1e-9), why
 
 
-def test_lsap_ties_huge_and_negative_integers_are_exact():
-    rng, seed = _seeded()
-    assert km.linear_sum_assignment(np.zeros((4, 4), dtype=np.int64))[1].tolist() == [0, 1, 2, 3]
-    assert sorted(km.linear_sum_assignment(np.ones((5, 3)))[1].tolist()) == [0, 1, 2]
-    for _ in range(30):
-        n = int(rng.integers(2, 7))
-        c = rng.integers(-2**40, 2**40, size=(n, n))
+def test_lsap_ties_give_a_valid_optimum_and_the_same_answer_every_time():
+    equal = np.full((5, 5), 3, dtype=np.int64)
+    r, col = km.linear_sum_assignment(equal)
+    _check_lsap_contract(equal, r, col, "all equal")
+    assert sorted(col.tolist()) == [0, 1, 2, 3, 4]
+    for rng, why in _fresh_cases(50):
+        row = rng.integers(0, 4, size=int(rng.integers(3, 8)))
+        same = np.tile(row, (int(rng.integers(1, len(row) + 1)), 1))   # repeated rows
+        r, col = km.linear_sum_assignment(same)
+        _check_lsap_contract(same, r, col, why)
+        assert _total(same, r, col) == sum(sorted(row.tolist())[:len(same)]), why
+        again = km.linear_sum_assignment(same.copy())
+        assert np.array_equal(r, again[0]) and np.array_equal(col, again[1]), why
+
+
+def test_lsap_is_exact_for_huge_and_negative_integers():
+    for rng, why in _fresh_cases(60):
+        n, m = rng.integers(1, 7, size=2)
+        c = rng.integers(-2**40, 2**40, size=(n, m))
         r, col = km.linear_sum_assignment(c)
-        best = min(sum(int(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
-        assert sum(int(c[i, j]) for i, j in zip(r, col)) == best, seed
+        assert _total(c, r, col) == _brute_lsap(c), why
+        # near 2**54 float64 cannot tell neighbouring integers apart; int64 arithmetic can
+        c = 2**54 + rng.integers(0, 16, size=(n, m))
+        r, col = km.linear_sum_assignment(c)
+        assert _total(c, r, col) == _brute_lsap(c), why
 
 
-def test_lsap_maximize_and_forbidden_entries():
-    rng, seed = _seeded()
-    for _ in range(50):
-        c = rng.normal(size=(4, 6))
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_lsap_maximize_finds_the_largest_total(dtype):
+    for rng, why in _fresh_cases(100):
+        n, m = rng.integers(1, 7, size=2)
+        c = rng.integers(-9, 10, size=(n, m)).astype(dtype)
         r, col = km.linear_sum_assignment(c, maximize=True)
-        assert c[r, col].sum() == pytest.approx(-_brute_lsap(-c)), seed
-    c = np.array([[np.inf, 1.0], [2.0, np.inf]])
-    assert km.linear_sum_assignment(c)[1].tolist() == [1, 0]
-    with pytest.raises(ValueError, match="infeasible"):
-        km.linear_sum_assignment(np.array([[np.inf, 1.0], [np.inf, 2.0]]))
-    r, col = km.linear_sum_assignment(np.zeros((0, 3)))
-    assert r.shape == col.shape == (0,)
+        _check_lsap_contract(c, r, col, why)
+        assert _total(c, r, col) == pytest.approx(-_brute_lsap(-c), abs=1e-9), why
 
 
-@pytest.mark.parametrize("kind", ["int", "float"])
-def test_lsap_agrees_with_scipy(kind):
+@pytest.mark.parametrize("shape", [(0, 0), (0, 3), (3, 0)])
+def test_lsap_of_an_empty_matrix_is_empty(shape):
+    for c in (np.zeros(shape), np.zeros(shape, dtype=np.int64)):
+        r, col = km.linear_sum_assignment(c)
+        assert r.shape == col.shape == (0,) and r.dtype == col.dtype == np.int64
+
+
+def test_lsap_never_uses_a_forbidden_infinite_entry():
+    for rng, why in _fresh_cases(100):
+        n, m = rng.integers(1, 7, size=2)
+        c = rng.normal(size=(n, m))
+        c[rng.random((n, m)) < 0.4] = np.inf
+        best = _brute_lsap(c)
+        if best == np.inf:
+            with pytest.raises(ValueError, match="infeasible"):
+                km.linear_sum_assignment(c)
+            continue
+        r, col = km.linear_sum_assignment(c)
+        _check_lsap_contract(c, r, col, why)
+        assert _total(c, r, col) == pytest.approx(best, abs=1e-9), why
+        # maximize=True forbids -inf instead, as scipy does
+        r, col = km.linear_sum_assignment(-c, maximize=True)
+        assert _total(-c, r, col) == pytest.approx(-best, abs=1e-9), why
+
+
+def test_lsap_raises_when_every_complete_matching_is_forbidden():
+    c = np.array([[np.inf, 1.0, np.inf], [np.inf, 2.0, np.inf], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="cost matrix is infeasible"):
+        km.linear_sum_assignment(c)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_lsap_agrees_with_scipy(dtype):
     scipy_lsap = pytest.importorskip("scipy.optimize").linear_sum_assignment
-    rng, seed = _seeded()
-    for _ in range(40):
-        n, m = rng.integers(1, 200, size=2)
-        c = rng.integers(0, 50, size=(n, m)) if kind == "int" else rng.random((n, m))
+    for rng, why in _fresh_cases(30):
+        n = int(rng.integers(1, 200))
+        m = n if rng.random() < 0.3 else int(rng.integers(1, 200))
+        c = rng.integers(-1000, 1000, size=(n, m)) if dtype == np.int64 else rng.random((n, m))
         maximize = bool(rng.integers(2))
         r, col = km.linear_sum_assignment(c, maximize=maximize)
         r2, col2 = scipy_lsap(c, maximize=maximize)
-        assert len(r) == len(r2) and np.all(np.diff(r) > 0), seed
-        if n <= m:   # every row is matched; with more rows than columns ties may pick other rows
-            assert np.array_equal(r, r2), seed
-        assert c[r, col].sum() == pytest.approx(c[r2, col2].sum(), rel=1e-12), seed
+        _check_lsap_contract(c, r, col, why)
+        assert r.shape == r2.shape, why
+        if n <= m:   # every row is matched: row_ind is 0..n-1 in both
+            assert np.array_equal(r, r2), why
+        if dtype == np.int64:
+            assert _total(c, r, col) == _total(c, r2, col2), why
+        else:
+            assert c[r, col].sum() == pytest.approx(c[r2, col2].sum(), rel=1e-9), why
 
 
-def test_capacitated_equals_km_on_the_expanded_matrix_and_respects_capacities():
-    rng, seed = _seeded()
-    for t in range(300):
-        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 7))
-        cap = rng.multinomial(n, np.ones(k) / k)             # zero capacities happen too
-        c = rng.integers(-30, 30, size=(n, k)) if t % 2 else rng.normal(size=(n, k))
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_capacitated_equals_km_on_the_expanded_matrix(dtype):
+    for rng, why in _fresh_cases(200):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(1, 9))
+        cap = rng.multinomial(n, rng.dirichlet(np.ones(k)))       # zero capacities happen too
+        c = rng.integers(-30, 30, size=(n, k)) if dtype == np.int64 else rng.normal(size=(n, k))
         col = km.capacitated_assignment(c, cap)
-        assert col.dtype == np.int64 and np.array_equal(np.bincount(col, minlength=k), cap), seed
-        cols = np.repeat(np.arange(k), cap)
-        r, e = km.linear_sum_assignment(c[:, cols])
-        assert c[np.arange(n), col].sum() == pytest.approx(c[r, cols[e]].sum(), abs=1e-9), seed
-        if n <= 7:
-            assert c[np.arange(n), col].sum() == pytest.approx(_brute_lsap(c[:, cols]), abs=1e-9), seed
+        _check_capacities(col, cap, why)
+        assert _total(c, range(n), col) == pytest.approx(_expanded_optimum(c, cap), abs=1e-9), why
 
 
-def test_capacitated_is_exact_for_huge_integers_and_deterministic_under_ties():
-    rng, seed = _seeded()
-    c = rng.integers(-2**40, 2**40, size=(30, 4))
-    cap = np.array([10, 5, 15, 0])
-    col = km.capacitated_assignment(c, cap)
-    cols = np.repeat(np.arange(4), cap)
-    r, e = km.linear_sum_assignment(c[:, cols])
-    assert sum(int(c[i, j]) for i, j in enumerate(col)) == sum(int(c[i, cols[j]]) for i, j in zip(r, e)), seed
+def test_capacitated_finds_the_brute_force_optimum_of_tiny_problems():
+    for rng, why in _fresh_cases(100):
+        n, k = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.integers(-5, 6, size=(n, k)) if rng.random() < 0.5 else rng.normal(size=(n, k))
+        col = km.capacitated_assignment(c, cap)
+        _check_capacities(col, cap, why)
+        assert _total(c, range(n), col) == pytest.approx(_brute_capacitated(c, cap), abs=1e-9), why
+
+
+def test_capacitated_stays_optimal_when_most_items_prefer_one_column():
+    # The skewed case: the cheapest-column start is far from balanced (warm start, long runs
+    # of moves out of one column).
+    for rng, why in _fresh_cases(6):
+        n, k = int(rng.integers(300, 700)), int(rng.integers(2, 9))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.integers(0, 1000, size=(n, k))
+        c[:, int(rng.integers(k))] -= int(rng.integers(0, 2000))
+        col = km.capacitated_assignment(c, cap)
+        _check_capacities(col, cap, why)
+        assert _total(c, range(n), col) == _expanded_optimum(c, cap), why
+
+
+def test_capacitated_edge_cases_one_column_zero_capacity_no_items():
+    assert km.capacitated_assignment(np.arange(5.0)[:, None], [5]).tolist() == [0] * 5
+    col = km.capacitated_assignment(np.array([[0, 9, 1], [0, 9, 2], [5, 0, 0]]), [0, 1, 2])
+    assert col.tolist() == [2, 2, 1]
+    empty = km.capacitated_assignment(np.zeros((0, 3)), [0, 0, 0])
+    assert empty.shape == (0,) and empty.dtype == np.int64
+
+
+def test_capacitated_is_deterministic_under_ties():
+    for rng, why in _fresh_cases(20):
+        n, k = int(rng.integers(1, 200)), int(rng.integers(1, 10))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.integers(0, 2, size=(n, k))        # many equal costs
+        first = km.capacitated_assignment(c, cap)
+        _check_capacities(first, cap, why)
+        assert np.array_equal(first, km.capacitated_assignment(c.copy(), cap.copy())), why
+        assert np.array_equal(first, km.capacitated_assignment(c.astype(np.int32), list(cap))), why
     ties = np.ones((12, 3), dtype=np.int64)
-    first = km.capacitated_assignment(ties, [4, 4, 4])
-    assert all(np.array_equal(first, km.capacitated_assignment(ties.copy(), [4, 4, 4])) for _ in range(3))
-    assert km.capacitated_assignment(np.zeros((5, 1)), [5]).tolist() == [0] * 5
-    assert km.capacitated_assignment(np.zeros((0, 3)), [0, 0, 0]).shape == (0,)
+    assert np.array_equal(km.capacitated_assignment(ties, [4, 4, 4]),
+                          km.capacitated_assignment(ties, [4, 4, 4]))
 
 
-@pytest.mark.parametrize("call", [
-    lambda: km.linear_sum_assignment(np.zeros(3)),
-    lambda: km.linear_sum_assignment(np.array([[1.0, np.nan]])),
-    lambda: km.linear_sum_assignment(np.array([["a", "b"]])),
-    lambda: km.linear_sum_assignment(np.array([[np.inf, 1.0]]), maximize=True),
-    lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1]),
-    lambda: km.capacitated_assignment(np.zeros((4, 2)), [5, -1]),
-    lambda: km.capacitated_assignment(np.zeros((4, 2)), [[2, 2]]),
-    lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1, 1]),
-    lambda: km.capacitated_assignment(np.array([[np.inf, np.inf], [1.0, 2.0]]), [1, 1]),
-    lambda: km.capacitated_assignment(np.array([[np.nan, 1.0], [1.0, 2.0]]), [1, 1]),
-    lambda: km.capacitated_assignment(np.zeros(4), [4]),
-], ids=["1-D", "nan", "strings", "max-inf", "sum", "negative", "2-D capacity", "length", "no finite",
-        "nan-cap", "1-D-cap"])
-def test_bad_solver_input_raises_value_error(call):
-    with pytest.raises(ValueError):
+def test_capacitated_is_exact_for_huge_integers():
+    for rng, why in _fresh_cases(20):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.integers(-2**40, 2**40, size=(n, k))
+        col = km.capacitated_assignment(c, cap)
+        assert _total(c, range(n), col) == _expanded_optimum(c, cap), why
+        c = 2**54 + rng.integers(0, 16, size=(n, k))   # beyond float64's integer precision
+        col = km.capacitated_assignment(c, cap)
+        assert _total(c, range(n), col) == _expanded_optimum(c, cap), why
+        if n <= 6:
+            assert _total(c, range(n), col) == _brute_capacitated(c, cap), why
+
+
+def test_capacitated_never_uses_a_forbidden_infinite_entry():
+    for rng, why in _fresh_cases(100):
+        n, k = int(rng.integers(1, 7)), int(rng.integers(2, 5))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.normal(size=(n, k))
+        c[rng.random((n, k)) < 0.4] = np.inf
+        c[np.arange(n), rng.integers(0, k, size=n)] = 1.0     # every row keeps a finite entry
+        best = _brute_capacitated(c, cap)
+        if best == np.inf:
+            with pytest.raises(ValueError, match="infeasible"):
+                km.capacitated_assignment(c, cap)
+            continue
+        col = km.capacitated_assignment(c, cap)
+        _check_capacities(col, cap, why)
+        assert _total(c, range(n), col) == pytest.approx(best, abs=1e-9), why
+
+
+def test_capacitated_agrees_with_scipy_on_the_expanded_matrix():
+    scipy_lsap = pytest.importorskip("scipy.optimize").linear_sum_assignment
+    for rng, why in _fresh_cases(8):
+        n, k = int(rng.integers(100, 800)), int(rng.integers(2, 17))
+        cap = rng.multinomial(n, np.ones(k) / k)
+        c = rng.integers(0, 5000, size=(n, k))
+        if rng.random() < 0.5:
+            c[:, 0] -= 3000          # skewed
+        copies = np.repeat(np.arange(k), cap)
+        r, e = scipy_lsap(c[:, copies])
+        col = km.capacitated_assignment(c, cap)
+        _check_capacities(col, cap, why)
+        assert _total(c, range(n), col) == _total(c, r, copies[e]), why
+
+
+def test_solvers_release_the_gil_while_they_solve():
+    import threading
+    import time
+    rng = np.random.default_rng(0)
+    square = rng.random((1200, 1200))
+    skewed = rng.integers(0, 1000, size=(8192, 128))
+    skewed[:, 0] -= 2000
+    for solve in (lambda: km.linear_sum_assignment(square),
+                  lambda: km.capacitated_assignment(skewed, np.full(128, 64))):
+        stamps, stop = [], threading.Event()
+
+        def tick():   # Python work on another thread: it runs only while the GIL is free
+            while not stop.is_set():
+                stamps.append(time.perf_counter())
+                time.sleep(0.0005)
+
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        time.sleep(0.01)
+        start = time.perf_counter()
+        solve()
+        end = time.perf_counter()
+        stop.set()
+        ticker.join()
+        during = [start] + [t for t in stamps if start < t < end] + [end]
+        assert max(np.diff(during)) < 0.5 * (end - start), f"solve took {end - start:.3f} s"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: km.linear_sum_assignment(np.zeros(3)), "2-D"),
+    (lambda: km.linear_sum_assignment(np.zeros((2, 2, 2))), "2-D"),
+    (lambda: km.linear_sum_assignment(np.array([[1.0, np.nan]])), "NaN"),
+    (lambda: km.linear_sum_assignment(np.array([["a", "b"]])), "real numbers"),
+    (lambda: km.linear_sum_assignment(np.array([[1j, 2]])), "real numbers"),
+    (lambda: km.linear_sum_assignment(np.array([[-np.inf, 1.0]])), "-inf"),
+    (lambda: km.linear_sum_assignment(np.array([[np.inf, 1.0]]), maximize=True), r"\+inf"),
+    (lambda: km.linear_sum_assignment(np.array([[0, 2**62]])), "too wide"),
+    (lambda: km.capacitated_assignment(np.zeros(4), [4]), "2-D"),
+    (lambda: km.capacitated_assignment(np.array([[np.nan, 1.0], [1.0, 2.0]]), [1, 1]), "NaN"),
+    (lambda: km.capacitated_assignment(np.array([["a"], ["b"]]), [2]), "real numbers"),
+    (lambda: km.capacitated_assignment(np.array([[1.0, 2.0], [np.inf, np.inf]]), [1, 1]),
+     "row 1 of cost has no finite entry"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), [[2, 2]]), "1-D"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1, 1]), "one entry per cost column"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), [5, -1]), "non-negative"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1]), "sum to 3 but cost has 4 rows"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), [2.5, 1.5]), "whole numbers"),
+    (lambda: km.capacitated_assignment(np.zeros((4, 2)), ["2", "2"]), "whole numbers"),
+], ids=["lsap-1-D", "lsap-3-D", "lsap-nan", "lsap-strings", "lsap-complex", "lsap-minus-inf",
+        "lsap-max-plus-inf", "lsap-too-wide-ints", "cap-1-D-cost", "cap-nan", "cap-strings",
+        "cap-row-all-inf", "cap-2-D-capacity", "cap-wrong-length", "cap-negative", "cap-bad-sum",
+        "cap-fractional", "cap-string-capacity"])
+def test_bad_solver_input_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
         call()
 
 
