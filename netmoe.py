@@ -303,23 +303,94 @@ def _partition(A, groups):
     return group
 
 
-def expert_layout(num, topo):
-    """A balanced expert -> device map (E/J experts a device) that puts experts used by the same
-    samples on the same node, then the same device: what NetMoE's two stages can exploit.
-    num: [M, E] per-sample expert counts of recent batches. Affinity of experts a, b is
-    sum_i p_i[a] p_i[b] with p_i sample i's routing distribution."""
-    num = _check_num(num, topo)
-    E, J, G = num.shape[1], topo.world, topo.gpus_per_node
-    _check_expert_device(None, E, J)
-    p = num / np.maximum(num.sum(1, keepdims=True), 1)
-    A = p.T @ p
-    np.fill_diagonal(A, 0.0)
-    node = _partition(A, topo.nodes)
-    device = np.empty(E, dtype=np.int64)
-    for n in range(topo.nodes):
-        members = np.flatnonzero(node == n)
-        device[members] = n * G + _partition(A[np.ix_(members, members)], G)
-    return device
+def expert_layout(nums, topo, current=None):
+    """Balanced expert -> device maps (E/J experts a device), one per MoE layer, that put experts
+    used by the same samples on the same node, then the same device: what NetMoE's two stages
+    can exploit. nums: per layer, [M, E] per-sample expert counts of recent batches, the same M
+    samples in the same row order in every layer (a single [M, E] array: one layer).
+    current: the layouts in use (one per layer, or one array for one layer).
+
+    Grouping: experts a, b attract by sum_i d_i[a] d_i[b], d_i = p_i - mean(p), p_i sample i's
+    routing distribution: how much more than on average the samples that use a also use b.
+    Centred, because uncentred the popular experts attract each other whether or not the same
+    samples use them.
+    Numbering: which group goes to which node matters across layers: a sample sits on one node
+    for layer l's gather and layer l + 1's scatter, so layer l + 1's groups are numbered after the
+    layer-l groups its samples use (max correlation, an assignment problem); likewise devices
+    inside a node. The first layer's scatter leaves from where the data loader put the samples,
+    which no numbering favours, so its groups are numbered to move the fewest experts from
+    `current`."""
+    single = not isinstance(nums, (list, tuple))
+    nums = [_check_num(n, topo) for n in ([nums] if single else nums)]
+    if single and current is not None:
+        current = [current]
+    E, J, G = nums[0].shape[1], topo.world, topo.gpus_per_node
+    if any(n.shape != nums[0].shape for n in nums):
+        raise ValueError("nums must give every layer the same samples and experts")
+    current = [_check_expert_device(c, E, J) for c in (current or [None] * len(nums))]
+    if len(current) != len(nums):
+        raise ValueError(f"current must give one layout per layer ({len(nums)}), got {len(current)}")
+    out = []
+    for l, num in enumerate(nums):
+        p = num / np.maximum(num.sum(1, keepdims=True), 1)
+        d = p - p.mean(0)
+        A = d.T @ d
+        np.fill_diagonal(A, 0.0)
+        if l == 0:
+            number = lambda group, k, prev: _match(group, prev(current[0]), k)
+        else:
+            prev_p = nums[l - 1] / np.maximum(nums[l - 1].sum(1, keepdims=True), 1)
+            number = lambda group, k, prev: _align(group, d, prev_p, prev(out[-1]), k)
+        node = number(_partition(A, topo.nodes), topo.nodes, topo.node_of)
+        device = np.empty(E, dtype=np.int64)
+        for n in range(topo.nodes):
+            members = np.flatnonzero(node == n)
+            sub = np.full(E, -1)
+            sub[members] = _partition(A[np.ix_(members, members)], G)
+            device[members] = n * G + number(sub, G, lambda ed: np.where(ed // G == n, ed - n * G, -1))[members]
+        out.append(device)
+    return out[0] if single else out
+
+
+def _match(group, old, k):
+    """Renumber groups 0..k-1 so that as many items as possible keep their old number (old
+    outside 0..k-1 counts for nothing; so do items with group -1)."""
+    inside = (old >= 0) & (old < k) & (group >= 0)
+    overlap = np.zeros((k, k), dtype=np.int64)
+    np.add.at(overlap, (group[inside], old[inside]), 1)
+    rows, cols = km.linear_sum_assignment(overlap, maximize=True)
+    return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
+
+
+def _align(group, d, prev_p, prev_of, k):
+    """Renumber groups 0..k-1 (items with group -1 aside) after the previous layer's: group g
+    gets number m where the samples' extra use of g (d, centred) best correlates with their
+    share of the previous layer's experts numbered m (prev_of[e] in 0..k-1, -1 elsewhere)."""
+    mine = np.stack([d[:, group == g].sum(1) for g in range(k)], 1)
+    theirs = np.stack([prev_p[:, prev_of == m].sum(1) for m in range(k)], 1)
+    theirs = theirs - theirs.mean(0)
+    rows, cols = km.linear_sum_assignment(mine.T @ theirs, maximize=True)
+    return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
+
+
+def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe"):
+    """MoEStats of one batch through consecutive MoE layers (nums: per layer [I, E] counts, rows
+    by sample id): samples start where the data loader put them and follow each layer's gather.
+    layouts: per-layer expert maps (default contiguous); nexts: per layer the counts its gather
+    prices the next layer's scatter with (predicted or true; None: no lookahead)."""
+    I, L = len(nums[0]), len(nums)
+    layouts = layouts or [None] * L
+    cur, acc = static_placement(I, topo.world), MoEStats()
+    for l, num in enumerate(nums):
+        if placement == "static":
+            dest = static_placement(I, topo.world)
+        else:
+            nxt = nexts[l] if nexts is not None and l + 1 < L else None
+            dest = solve_placement(num, topo, num_next=nxt, expert_device=layouts[l],
+                                   expert_device_next=layouts[min(l + 1, L - 1)])
+        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l])
+        cur = dest
+    return acc
 
 
 def static_placement(I, J):
@@ -566,13 +637,14 @@ class MoELayer(nn.Module):
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
         num, sid_all = meta[:, :E], meta[:, -1]
-        if torch.is_grad_enabled():
-            self.recent.append(num)
+        if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
+            self.recent.append(num[np.argsort(sid_all, kind="stable")])
         I = num.shape[0]
         if I % self.J:
             raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
-        args = (_solve, num, self.topo, meta[:, E:2 * E] if predict else None, self.expert_device, self.expert_device)
+        args = (_solve, num, self.topo, meta[:, E:2 * E] if predict else None, self.expert_device,
+                self.next.expert_device if predict else self.expert_device)
         # The solver overlaps the scatter and the experts. On CPU they run in this thread, so the
         # solver gets its own (the Cython part releases the GIL). On GPU they are queued kernels:
         # solving inline once they are queued overlaps them without fighting over the GIL.

@@ -516,6 +516,53 @@ def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups():
     assert inter(layout) == 0 < inter(None)
 
 
+def test_expert_layouts_of_consecutive_layers_put_the_groups_a_sample_uses_on_one_node():
+    """Two kinds of samples, each using one hidden group of experts in layer 0 and another in
+    layer 1. A sample sits on one node for layer 0's gather and layer 1's scatter, so the layouts
+    must put both of its groups on the same node: then, after the first scatter, no token leaves
+    its node (the grouping alone is not enough; the numbering across layers decides this)."""
+    rng = np.random.default_rng()
+    topo = netmoe.Topology(2, 2)
+    E, I = 8, 32
+    groups = [rng.permutation(E).reshape(2, 4) for _ in range(2)]   # per layer, hidden groups
+
+    def batch():
+        kind = rng.permutation(np.arange(I) % 2)
+        nums = [np.zeros((I, E), dtype=np.int64) for _ in range(2)]
+        for l in range(2):
+            for i in range(I):
+                nums[l][i, groups[l][kind[i]]] = rng.multinomial(40, np.full(4, 0.25))
+        return nums
+
+    learned = netmoe.expert_layout(batch(), topo)
+    for layout in learned:
+        assert np.array_equal(np.bincount(layout, minlength=4), np.full(4, 2))
+    nums = batch()   # other samples, same structure
+    st = netmoe.replay(nums, topo, 4, learned, nexts=nums[1:])
+    first_scatter = netmoe.traffic(nums[0], netmoe.static_placement(I, 4), topo, learned[0])["inter"]
+    assert st.gather["inter"] == 0 and st.scatter["inter"] == first_scatter > 0
+
+
+def test_expert_layout_numbers_groups_to_move_as_few_experts_as_possible():
+    """The grouping is what matters; given the layout in use, a re-learned layout with the same
+    groups under other node and device numbers moves nothing, and against any layout in use it
+    keeps at least as many experts on their node as the plain numbering does."""
+    rng = np.random.default_rng()
+    topo = netmoe.Topology(4, 2)
+    num = rng.integers(0, 30, size=(64, 16))
+    plain = netmoe.expert_layout(num, topo)
+    node_perm, dev_perm = rng.permutation(4), rng.permutation(2)
+    renamed = node_perm[plain // 2] * 2 + dev_perm[plain % 2]   # same groups, other numbers
+    assert np.array_equal(netmoe.expert_layout(num, topo, current=renamed), renamed)
+    for _ in range(5):
+        current = rng.permutation(np.repeat(np.arange(8), 2))
+        kept = netmoe.expert_layout(num, topo, current=current)
+        assert np.array_equal(np.bincount(kept, minlength=8), np.full(8, 2))
+        same_groups = lambda a, b: np.array_equal(a[:, None] == a[None], b[:, None] == b[None])
+        assert same_groups(kept // 2, plain // 2) and same_groups(kept, plain)
+        assert (kept // 2 == current // 2).sum() >= (plain // 2 == current // 2).sum()
+
+
 @pytest.mark.parametrize("call", [
     lambda: netmoe.solve_placement(np.zeros(8, dtype=np.int64), netmoe.Topology(2, 2)),
     lambda: netmoe.solve_placement(-np.ones((8, 8), dtype=np.int64), netmoe.Topology(2, 2)),
@@ -757,6 +804,30 @@ def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run
     assert (stats.moved_device, stats.scatter, stats.gather) == tuple(layer_report[1][4:7])
 
 
+def test_lookahead_reads_the_next_layers_own_expert_layout():
+    """With re-layouts every layer has its own expert -> device map: the gather's placement must
+    price the next layer's scatter with the next layer's map, not its own."""
+    topo = netmoe.Topology(2, 2)
+    rng = np.random.default_rng(5)
+    a, b = (netmoe.MoELayer(16, 32, 8, 2, topology=topo, virtual_world=4).double() for _ in range(2))
+    a.next = b
+    for layer in (a, b):
+        layer.set_expert_device(rng.permutation(np.repeat(np.arange(4), 2)))
+    used = []
+    a.placement_override = lambda dest: used.append(dest) or dest
+    a.record = True
+    x = torch.randn(8, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    a(x, torch.arange(8))
+    sid, route, pred = a.last_routes
+    num, nxt = netmoe.count_tokens(route, 8).numpy(), netmoe.count_tokens(pred, 8).numpy()
+    right = netmoe.solve_placement(num, topo, num_next=nxt, expert_device=a.expert_device,
+                                   expert_device_next=b.expert_device)
+    wrong = netmoe.solve_placement(num, topo, num_next=nxt, expert_device=a.expert_device,
+                                   expert_device_next=a.expert_device)
+    assert not np.array_equal(right, wrong)   # the case tells the two apart
+    assert np.array_equal(used[0], right)
+
+
 # ---- training: train_gpt.py end to end (4 gloo processes, 2 virtual nodes x 2)
 
 
@@ -842,11 +913,32 @@ def test_trace_and_simulate_round_trip(tmp_path):
     sim = json.loads((tmp_path / "s.json").read_text())["results"]
     assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
     assert sim["static"]["moved_device"] == 0
+    topo = netmoe.Topology(2, 4)   # static EP: scatter and gather both cross what traffic() says
+    direct = [sum(2 * netmoe.traffic(netmoe.count_tokens(t["route"][s, l], 16), netmoe.static_placement(32, 8),
+                                     topo)["inter"] for l in range(2)) for s in range(2)]
+    assert sim["static"]["inter"] == np.mean(direct)
+    assert [g["steps"] for g in sim["by_stage"]] == [[0, 0], [3, 3]]
+    assert [g["static"]["inter"] for g in sim["by_stage"]] == direct
     res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
                                              "--json", str(tmp_path / "l.json")])
     assert res.exit_code == 0, res.output
     sim = json.loads((tmp_path / "l.json").read_text())["results"]
     assert sim["static + layout"]["moved_device"] == 0 and "netmoe + lookahead + layout" in sim
+
+
+def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    solver = tmp_path / "solver.json"
+    solver.write_text(json.dumps([dict(topology="2x8", I=32, capacitated_ms=0.1, km_ms=0.2, paper_km_ms=0.08),
+                                  dict(topology="2x8", I=64, capacitated_ms=0.1, km_ms=0.4, paper_km_ms=0.48)]))
+    run = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "run")
+    res = CliRunner().invoke(train_gpt.cli, ["plot", str(solver), str(tmp_path / "run.json"), "--smooth", "2"])
+    assert res.exit_code == 0, res.output
+    for name in ("solver.png", "run.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "other.json").write_text("{}")
+    res = CliRunner().invoke(train_gpt.cli, ["plot", str(tmp_path / "other.json")])
+    assert res.exit_code != 0 and "nothing to plot" in res.output
 
 
 @pytest.mark.parametrize("args, message", [

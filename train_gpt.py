@@ -408,18 +408,24 @@ def train(env, cfg, opts, placement, corpus, echo):
 def relayout(model, opt, env, cfg, opts, step, echo):
     """Regroup each layer's experts by co-activation in its recent batches (netmoe.expert_layout)
     if the modelled All-to-All saving over the next T steps beats the cost of moving the weights
-    and AdamW moments (modelled at the inter-node bandwidth until a move has been measured)."""
-    T, bpt = opts["relayout_every"], 4 * cfg.hidden
-    plans, saving_ms = [], 0.0
-    for m in model.moe:
-        new = netmoe.expert_layout(np.concatenate(m.recent), env.topo)
-        for num in m.recent:   # modelled per-step time, old layout minus new (fwd + bwd, no lookahead)
-            for ed, sign in ((m.expert_device, 1), (new, -1)):
-                dest = netmoe.solve_placement(num, env.topo, expert_device=ed)
-                saving_ms += sign * netmoe.layer_stats(num, netmoe.static_placement(len(num), env.J), dest,
-                                                       env.topo, bpt, ed).a2a_model_ms
-        plans.append(new)
-    saving_ms /= len(model.moe[0].recent)
+    and AdamW moments (modelled at the inter-node bandwidth until a move has been measured). The
+    saving is estimated on batches the trial layout was not learned from (leave one out), since a
+    layout always fits the batches it was learned on better than the next ones."""
+    T, bpt, topo = opts["relayout_every"], 4 * cfg.hidden, env.topo
+    recent = [list(m.recent) for m in model.moe]   # [layer][batch], rows by sample id
+    current = [m.expert_device for m in model.moe]
+    B = len(recent[0])
+    stack = lambda ks: [np.concatenate([batches[k] for k in ks]) for batches in recent]
+    plans = netmoe.expert_layout(stack(range(B)), topo, current=current)
+    saving_ms = 0.0
+    for k in range(B):   # modelled time per step (fwd + bwd), old layouts minus new, each batch
+        # scored with layouts learned without it (unseen batches); its true next-layer routing
+        # stands in for the lookahead's prediction
+        trial = netmoe.expert_layout(stack([j for j in range(B) if j != k] or [k]), topo, current=current)
+        batch = [batches[k] for batches in recent]
+        saving_ms += (netmoe.replay(batch, topo, bpt, current, batch[1:]).a2a_model_ms -
+                      netmoe.replay(batch, topo, bpt, trial, batch[1:]).a2a_model_ms)
+    saving_ms /= B
     per_expert = 3 * 4 * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2, model.moe[0].b2))
     moving = sum(int((new != m.expert_device).sum()) for m, new in zip(model.moe, plans))
     rate = _RELAYOUT_MS_PER_BYTE[0] or 1e3 / env.topo.inter_bw
@@ -663,59 +669,50 @@ def summary_table(result, warmup):
 # ---------------------------------------------------------------------------------------------
 
 
-def simulate_trace(trace, topo, bytes_per_token, compute_ms, layout=False):
-    """Volumes of every All-to-All of every recorded step under four placements. Samples start
-    where the data loader put them (static) and then follow each variant's gathers. With layout,
-    steps 1.. are replayed with each layer's experts regrouped by netmoe.expert_layout learned on
-    the recorded step before (other batches), beside the contiguous layout on the same steps."""
+def simulate_trace(trace, topo, bytes_per_token, layout=False):
+    """MoEStats of every recorded step under each placement: {name: [stats of step s, ...]}, for
+    steps `first`.. (returned too). Samples start where the data loader put them (static) and
+    then follow each variant's gathers. With layout, steps 1.. are replayed with each layer's
+    experts regrouped by netmoe.expert_layout learned on the (up to 4) recorded steps before
+    (other batches), beside the contiguous layout on the same steps: what --relayout-every does
+    live from its last 4 batches."""
     route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
     E = int(trace["num_experts"])
     steps, L, I = route.shape[:3]
     if I % topo.world or E % topo.world:
         raise click.UsageError(f"the trace has I={I} samples and E={E} experts: neither may be split over "
                                f"topology {topo} ({topo.world} devices)")
-    variants = {"static": None, "netmoe, no lookahead": "none", "netmoe + lookahead": "pred",
-                "netmoe + oracle next": "oracle"}
-    first, eds = 0, [[netmoe.default_expert_device(E, topo.world)] * L] * steps
+    nums = [[netmoe.count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
+    preds = [[netmoe.count_tokens(pred[s, l], E).numpy() for l in range(L - 1)] for s in range(steps)]
+    first, learned = 0, [None] * steps
     if layout:
         if steps < 2:
             raise click.UsageError("--layout learns on earlier recorded steps: the trace needs at least 2")
         first = 1
-        learned = [None] + [[netmoe.expert_layout(netmoe.count_tokens(route[s - 1, l], E), topo) for l in range(L)]
-                            for s in range(1, steps)]   # each step uses the recorded step before it
-        variants.update({"static + layout": ("layout", None), "netmoe + lookahead + layout": ("layout", "pred")})
-    out = {}
-    for name, nxt in variants.items():
-        ed = eds
-        if isinstance(nxt, tuple):
-            ed, nxt = learned, nxt[1]
-        acc = netmoe.MoEStats()
-        for s in range(first, steps):
-            cur = netmoe.static_placement(I, topo.world)
-            for l in range(L):
-                num = netmoe.count_tokens(route[s, l], E).numpy()
-                ed_l, ed_next = ed[s][l], ed[s][min(l + 1, L - 1)]
-                if nxt is None:
-                    dest = netmoe.static_placement(I, topo.world)
-                else:
-                    nn_ = None
-                    if l + 1 < L and nxt == "pred":
-                        nn_ = netmoe.count_tokens(pred[s, l], E).numpy()
-                    elif l + 1 < L and nxt == "oracle":
-                        nn_ = netmoe.count_tokens(route[s, l + 1], E).numpy()
-                    dest = netmoe.solve_placement(num, topo, num_next=nn_, expert_device=ed_l,
-                                                  expert_device_next=ed_next)
-                acc += netmoe.layer_stats(num, cur, dest, topo, bytes_per_token, ed_l)
-                cur = dest
-        n = steps - first
-        out[name] = dict(inter=(acc.scatter["inter"] + acc.gather["inter"]) / n,
-                         intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
-                         scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
-                         a2a_ms=acc.a2a_model_ms / n, moved_node=acc.moved_node / acc.samples,
-                         moved_device=acc.moved_device / acc.samples,
-                         iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
-                         mb_per_a2a=(acc.scatter["inter"] + acc.gather["inter"]) / n * bytes_per_token / 1e6 / (2 * L))
-    return out
+        for s in range(1, steps):   # from up to 4 recorded steps before
+            learned[s] = netmoe.expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
+                                               for l in range(L)], topo)
+    variants = {"static": (False, "static", None), "netmoe, no lookahead": (False, "netmoe", None),
+                "netmoe + lookahead": (False, "netmoe", "pred"), "netmoe + oracle next": (False, "netmoe", "oracle")}
+    if layout:
+        variants.update({"static + layout": (True, "static", None),
+                         "netmoe + lookahead + layout": (True, "netmoe", "pred")})
+    nexts = lambda s, kind: nums[s][1:] if kind == "oracle" else preds[s] if kind == "pred" else None
+    return {name: [netmoe.replay(nums[s], topo, bytes_per_token, learned[s] if lay else None, nexts(s, kind), placement)
+                   for s in range(first, steps)]
+            for name, (lay, placement, kind) in variants.items()}, first
+
+
+def sim_summary(stats, L, bytes_per_token, compute_ms=None):
+    """Per-step means of a list of per-step MoEStats."""
+    acc, n = sum(stats, netmoe.MoEStats()), len(stats)
+    inter = acc.scatter["inter"] + acc.gather["inter"]
+    return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
+                scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
+                a2a_ms=acc.a2a_model_ms / n, moved_node=acc.moved_node / acc.samples,
+                moved_device=acc.moved_device / acc.samples,
+                iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
+                mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * L))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +736,7 @@ def bench_solver(repeats, max_expanded, echo):
     cases = [("2x8", 16 * b) for b in (2, 4, 8, 16, 24)] + [("4x8", 1024), ("16x8", 8192)]
     rows, results = [], []
     paper = {32: 0.08, 64: 0.48, 128: 1.48, 256: 10.82, 384: 31.09}   # Table 4, KM ms (J = 16)
+    paper_window = {32: 3.69, 64: 7.13, 128: 13.50, 256: 27.31, 384: 41.65}   # Table 4, scatter + compute
     for spec, I in cases:
         topo = netmoe.Topology.parse(spec)
         E = 2 * topo.world
@@ -756,16 +754,51 @@ def bench_solver(repeats, max_expanded, echo):
             times[m] = float(np.median(ts)) * 1e3
             costs[m] = int(c[np.arange(I), topo.node_of(dest)].sum())
         same = "yes" if len(set(costs.values())) == 1 else f"NO {costs}"
+        window = solver_window(I // topo.world, topo, torch.cuda.is_available()) if spec == "2x8" else {}
         r = dict(topology=spec, I=I, I_per_J=I // topo.world, **{f"{m}_ms": times.get(m) for m in methods},
-                 paper_km_ms=paper.get(I) if spec == "2x8" else None, same_optimum=same)
+                 paper_km_ms=paper.get(I) if spec == "2x8" else None, **window,
+                 paper_window_ms=paper_window.get(I) if spec == "2x8" else None, same_optimum=same)
         results.append(r)
         fmt = lambda v: "-" if v is None else f"{v:.3f}"
         rows.append([spec, I, I // topo.world] + [fmt(times.get(m)) for m in methods] +
                     [fmt(times[m] / times["capacitated"]) if m in times else "-" for m in methods[1:]] +
-                    [fmt(r["paper_km_ms"]), same])
+                    [fmt(r["paper_km_ms"]), fmt(window.get("compute_ms")), fmt(window.get("scatter_model_ms")),
+                     fmt(r["paper_window_ms"]), same])
     echo(table(["topology", "I", "I/J"] + [f"{m} ms" for m in methods] + [f"{m}/capacitated" for m in methods[1:]]
-               + ["paper KM ms", "same optimum"], rows))
+               + ["paper KM ms", "experts ms (GPU)", "scatter ms (Eq.1)", "paper scatter+compute ms",
+                  "same optimum"], rows))
     return results
+
+
+def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
+    """The window the solver hides in (Table 4's last column) at I/J = b for MoE-GPT-S on this GPU:
+    one device's expert compute, measured (E/J = 2 experts, b * S * K rows split evenly, forward,
+    bf16 autocast, CUDA events, median), and the scatter, modelled by Eq. 1 with the topology's
+    bandwidths for routing without locality (each device sends (G - 1) / J of its rows to its own
+    node and (J - G) / J to others). One GPU cannot time a 16-GPU scatter. Without a GPU
+    (measure=False) only the scatter."""
+    J, G = topo.world, topo.gpus_per_node
+    rows = b * J * S * K   # cluster-wide routed tokens
+    out = dict(scatter_model_ms=1e3 * netmoe.a2a_time(dict(intra=rows * (G - 1) // J, inter=rows * (J - G) // J),
+                                                      topo, 4 * hidden))
+    if not measure:
+        return out
+    dev = torch.device("cuda")
+    layer = netmoe.MoELayer(hidden, 4 * hidden, 2, K).to(dev)
+    n = b * S * K
+    x, g = torch.randn(n, hidden, device=dev), torch.rand(n, device=dev)
+    k0, local = (torch.arange(n, device=dev) % K == 0).float(), torch.arange(n, device=dev) % 2
+    ts = []
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        for i in range(reps + 5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            layer._experts(x, g, k0, local, [n // 2, n - n // 2])
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 5:
+                ts.append(start.elapsed_time(end))
+    return dict(out, compute_ms=float(np.median(ts)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,8 +884,9 @@ def compare(**kw):
 @click.option("--bytes-per-token", type=int, default=None, help="default: 4 * H from the trace (fp32)")
 @click.option("--compute-ms", type=float, default=None, help="per-iteration compute time, for an estimate")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
+@click.option("--stages", type=click.IntRange(min=1), default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", default=None)
-def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, json_path):
+def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
         t = dict(np.load(trace))
@@ -860,33 +894,36 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
         raise click.ClickException(f"{trace} is not a routing trace: {e}") from None
     topo = netmoe.Topology.parse(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
-    res = simulate_trace(t, topo, bpt, compute_ms, layout)
+    per_step, first = simulate_trace(t, topo, bpt, layout)
+    steps, L, I, S, K = t["route"].shape
+    res = {name: sim_summary(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
     rows = [[name, r["inter"], f"{(r['inter'] / base['inter'] - 1) * 100:+.1f}%" if base["inter"] else "-",
              r["gather_inter"], r["intra"], f"{(r['intra'] / base['intra'] - 1) * 100:+.1f}%" if base["intra"] else "-",
              r["mb_per_a2a"], r["moved_node"], r["moved_device"], r["a2a_ms"]]
             + ([r["iter_ms"]] if compute_ms is not None else []) for name, r in res.items()]
-    steps, L, I, S, K = t["route"].shape
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
                f"on {topo}, {bpt} bytes/token; volumes are routed tokens per iteration (forward)")
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev", "A2A ms (Eq.1)"] + (["iter ms"] if compute_ms is not None else []),
                      rows))
-    if steps > 1 and not layout:   # does locality change as training goes on?
-        per_step = []
-        for i in range(steps):
-            r = simulate_trace({**t, "route": t["route"][i:i + 1], "route_next_pred": t["route_next_pred"][i:i + 1]},
-                               topo, bpt, compute_ms)
-            per_step.append(r)
-        click.echo("by recorded step (inter-node tokens; change vs static):")
-        click.echo(table(["training step", "static"] + [n for n in res if n != "static"],
-                         [[int(t["steps"][i]) if "steps" in t else i, r["static"]["inter"]] +
-                          [f"{(r[n]['inter'] / r['static']['inter'] - 1) * 100:+.1f}%"
-                                                       for n in res if n != "static"] for i, r in enumerate(per_step)]))
-        res["by_step"] = per_step
+    n = steps - first
+    if n > 1:   # does locality change as training goes on? consecutive recorded steps in `stages` groups
+        recorded = [int(x) for x in t["steps"]] if "steps" in t else list(range(steps))
+        bounds = np.linspace(0, n, min(stages, n) + 1).round().astype(int)
+        res["by_stage"] = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            r = {name: sim_summary(st[a:b], L, bpt) for name, st in per_step.items()}
+            res["by_stage"].append(dict(steps=[recorded[first + a], recorded[first + b - 1]], **r))
+        click.echo("by stage of training (inter-node tokens per step; change vs static):")
+        click.echo(table(["training steps", "static"] + [n for n in res if n not in ("static", "by_stage")],
+                         [[f"{g['steps'][0]}-{g['steps'][1]}", g["static"]["inter"]] +
+                          [f"{(g[n]['inter'] / g['static']['inter'] - 1) * 100:+.1f}%" for n in per_step if n != "static"]
+                          for g in res["by_stage"]]))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(trace=trace, topology=topology, bytes_per_token=bpt, results=res), f, indent=1)
+            json.dump(dict(trace=os.path.basename(trace), topology=topology, bytes_per_token=bpt, results=res), f,
+                      indent=1)
 
 
 @cli.command()
@@ -910,6 +947,76 @@ def summary(files, warmup):
     click.echo(table(["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup",
                       "static A2A ms", "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms",
                       "|loss diff|"], rows))
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
+def plot(files, smooth):
+    """PNG beside each result JSON: solver time vs I (bench solver), inter-node tokens per step
+    over training (train / compare), or per placement and stage of training (simulate). Needs
+    matplotlib (pip install matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
+    skipped = []
+    for path in files:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except ValueError as e:
+            raise click.ClickException(f"{path} is not JSON: {e}") from None
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        if isinstance(res, list) and res and "capacitated_ms" in res[0]:
+            rows = [dict(r, window_ms=r["compute_ms"] + r["scatter_model_ms"] if r.get("compute_ms") else None)
+                    for r in res if r["topology"] == "2x8"]
+            I = [r["I"] for r in rows]
+            for key, label in (("capacitated_ms", "ours (capacitated)"), ("km_ms", "our KM, I x I"),
+                               ("scipy_ms", "scipy, I x I"), ("paper_km_ms", "paper's KM"),
+                               ("window_ms", "window: experts (this GPU) + scatter (Eq. 1)"),
+                               ("paper_window_ms", "paper's window: scatter + compute")):
+                pts = [(i, r[key]) for i, r in zip(I, rows) if r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), "--" if "window" in label else "-o", label=label, ms=3)
+            ax.set(xscale="log", yscale="log", xlabel="I (samples, J = 16 as 2x8)", ylabel="ms",
+                   title="Solve time (Table 4)")
+        elif isinstance(res, dict) and "by_stage" in res.get("results", {}):
+            stages = res["results"]["by_stage"]
+            x = [sum(g["steps"]) / 2 for g in stages]
+            for name in res["results"]:
+                if name != "by_stage":
+                    ax.plot(x, [g[name]["inter"] for g in stages], "-o", ms=3, label=name)
+            ax.set(xlabel="training step (middle of each stage)", ylabel="inter-node tokens / step",
+                   title=f"{res['topology']}: inter-node routed tokens, replayed")
+        elif isinstance(res, dict) and "runs" in res:
+            k = max(1, smooth)
+            for name, r in res["runs"].items():
+                v = np.add(r["volume"]["scatter"]["inter"], r["volume"]["gather"]["inter"]).astype(float)
+                if len(v) >= k:
+                    ax.plot(np.arange(k - 1, len(v)), np.convolve(v, np.ones(k) / k, "valid"), label=name)
+                for rl in r.get("relayouts", []):
+                    if rl.get("applied"):
+                        ax.axvline(rl["step"], color="grey", lw=0.6, ls=":")
+            ax.set(xlabel="step", ylabel="inter-node tokens / step",
+                   title=f"{res['config']['topology']}: inter-node routed tokens ({k}-step mean)")
+        else:
+            plt.close(fig)
+            skipped.append(path)
+            continue
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = os.path.splitext(path)[0] + ".png"
+        fig.savefig(out)
+        plt.close(fig)
+        click.echo(f"wrote {out}")
+    if skipped:
+        click.echo(f"skipped (not a bench solver, train/compare or simulate JSON): {', '.join(skipped)}")
+        if len(skipped) == len(files):
+            raise click.ClickException("nothing to plot")
 
 
 @cli.group()
