@@ -13,5 +13,6 @@ setup(
                           compiler_directives={"language_level": 3}),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "click"],
-    extras_require={"test": ["pytest", "scipy"]},   # scipy: a test oracle and benchmark baseline only
+    # scipy: a test oracle and benchmark baseline only; matplotlib: `train_gpt.py plot` only
+    extras_require={"test": ["pytest", "scipy"], "plot": ["matplotlib"]},
 )
