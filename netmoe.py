@@ -322,6 +322,8 @@ def expert_layout(nums, topo, current=None):
     `current`."""
     single = not isinstance(nums, (list, tuple))
     nums = [_check_num(n, topo) for n in ([nums] if single else nums)]
+    if not nums:
+        raise ValueError("nums must hold the counts of at least one layer")
     if single and current is not None:
         current = [current]
     E, J, G = nums[0].shape[1], topo.world, topo.gpus_per_node
@@ -333,7 +335,7 @@ def expert_layout(nums, topo, current=None):
     out = []
     for l, num in enumerate(nums):
         p = num / np.maximum(num.sum(1, keepdims=True), 1)
-        d = p - p.mean(0)
+        d = p - p.mean(0) if len(p) else p   # no samples: no affinity, any balanced split
         A = d.T @ d
         np.fill_diagonal(A, 0.0)
         if l == 0:
@@ -366,6 +368,8 @@ def _align(group, d, prev_p, prev_of, k):
     """Renumber groups 0..k-1 (items with group -1 aside) after the previous layer's: group g
     gets number m where the samples' extra use of g (d, centred) best correlates with their
     share of the previous layer's experts numbered m (prev_of[e] in 0..k-1, -1 elsewhere)."""
+    if not len(d):   # no samples: nothing to align with
+        return group
     mine = np.stack([d[:, group == g].sum(1) for g in range(k)], 1)
     theirs = np.stack([prev_p[:, prev_of == m].sum(1) for m in range(k)], 1)
     theirs = theirs - theirs.mean(0)

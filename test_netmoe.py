@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -541,6 +542,33 @@ def test_expert_layouts_of_consecutive_layers_put_the_groups_a_sample_uses_on_on
     st = netmoe.replay(nums, topo, 4, learned, nexts=nums[1:])
     first_scatter = netmoe.traffic(nums[0], netmoe.static_placement(I, 4), topo, learned[0])["inter"]
     assert st.gather["inter"] == 0 and st.scatter["inter"] == first_scatter > 0
+
+
+@pytest.mark.parametrize("spec, per_device, samples", [("1x4", 1, 12), ("4x1", 2, 12), ("1x1", 3, 5),
+                                                        ("3x2", 2, 12), ("2x2", 2, 0)])
+def test_expert_layout_is_balanced_on_any_topology_even_without_samples(spec, per_device, samples):
+    rng = np.random.default_rng()
+    topo = netmoe.Topology.parse(spec)
+    E = topo.world * per_device
+    nums = [rng.integers(0, 9, size=(samples, E)) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layouts = netmoe.expert_layout(nums, topo)
+    for layout in layouts:
+        assert np.array_equal(np.bincount(layout, minlength=topo.world), np.full(topo.world, per_device))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: netmoe.expert_layout([], netmoe.Topology(2, 2)), "at least one layer"),
+    (lambda: netmoe.expert_layout([np.ones((4, 8), np.int64), np.ones((5, 8), np.int64)], netmoe.Topology(2, 2)),
+     "same samples"),
+    (lambda: netmoe.expert_layout([np.ones((4, 8), np.int64)] * 2, netmoe.Topology(2, 2), current=[None]),
+     "one layout per layer"),
+    (lambda: netmoe.expert_layout(np.ones((4, 6), np.int64), netmoe.Topology(2, 2)), "split evenly"),
+])
+def test_expert_layout_rejects_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_expert_layout_numbers_groups_to_move_as_few_experts_as_possible():

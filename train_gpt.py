@@ -376,7 +376,8 @@ def train(env, cfg, opts, placement, corpus, echo):
         clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if opts["relayout_every"] and (step + 1) % opts["relayout_every"] == 0:
+        # static EP sends every sample home, so no layout changes its volumes: only NetMoE re-lays out
+        if opts["relayout_every"] and placement == "netmoe" and (step + 1) % opts["relayout_every"] == 0:
             record["relayouts"].append(relayout(model, opt, env, cfg, opts, step, echo))
         if env.device.type == "cuda":
             torch.cuda.synchronize()
@@ -833,7 +834,7 @@ def job_options(f):
         click.option("--ckpt-every", default=100, show_default=True),
         click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --ckpt"),
         click.option("--relayout-every", default=0, show_default=True,
-                     help="every T steps regroup experts by co-activation when it pays (0: never)"),
+                     help="every T steps regroup experts by co-activation when it pays (NetMoE runs; 0: never)"),
         click.option("--relayout-force", is_flag=True, help="apply every re-layout, paying or not (tests)"),
         click.option("--intra-bw", default=400e9, show_default=True, help="bytes/s, for Eq. 1"),
         click.option("--inter-bw", default=100e9, show_default=True, help="bytes/s, for Eq. 1"),
