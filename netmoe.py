@@ -197,6 +197,21 @@ def traffic(num, sample_device, topo, expert_device=None):
     return _traffic(_device_tokens(num, topo, ed), sd, topo)
 
 
+def pair_traffic(num, sample_device, topo, expert_device=None):
+    """[J, J] tokens device j sends device k in the scatter when sample i sits on sample_device[i]
+    (the gather sends the transpose): the split sizes of one All-to-All. Its same-node, other-device
+    entries sum to traffic()'s intra, its other-node entries to its inter."""
+    num = _check_num(num, topo)
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    sd = _as_int_array(sample_device, "sample_device", 1)
+    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
+        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
+    per_dev = _device_tokens(num, topo, ed)[0]   # [I, J]
+    out = np.zeros((topo.world, topo.world), dtype=np.int64)
+    np.add.at(out, sd, per_dev)
+    return out
+
+
 def _traffic(tokens, sample_device, topo):
     per_dev, per_node, total = tokens
     rows = np.arange(len(total))

@@ -499,6 +499,22 @@ def test_planted_locality_is_found():
     assert netmoe.traffic(num, netmoe.static_placement(I, 8), topo)["inter"] > 0
 
 
+def test_pair_traffic_gives_the_split_sizes_behind_traffic():
+    rng = np.random.default_rng()
+    for spec in ("2x2", "1x4", "4x1", "2x3"):
+        topo = netmoe.Topology.parse(spec)
+        J, I, E = topo.world, 3 * topo.world, 2 * topo.world
+        num, sd = rng.integers(0, 9, size=(I, E)), rng.integers(0, J, size=I)
+        ed = rng.permutation(np.repeat(np.arange(J), 2))
+        T = netmoe.pair_traffic(num, sd, topo, ed)
+        node = np.arange(J) // topo.gpus_per_node
+        same, eye = node[:, None] == node[None], np.eye(J, dtype=bool)
+        assert netmoe.traffic(num, sd, topo, ed) == {"local": T[eye].sum(), "intra": T[same & ~eye].sum(),
+                                                     "inter": T[~same].sum()}
+        assert np.array_equal(T.sum(1), np.bincount(sd, weights=num.sum(1), minlength=J))   # what j holds
+        assert np.array_equal(T.sum(0), np.bincount(ed, weights=num.sum(0), minlength=J))   # what k's experts get
+
+
 def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups():
     """Samples use the experts of one hidden group of 4, the groups scattered over the contiguous
     blocks: the learned layout puts each group on one node, so NetMoE keeps every token inside."""
@@ -998,6 +1014,24 @@ def test_main_job_runs_with_no_arguments():
                          cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "inter-node tokens / step" in res.stdout and "netmoe" in res.stdout
+
+
+def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
+    """Eq. 1's check on 4 gloo processes as 2 nodes x 2: every timed exchange must deliver each row
+    from the rank its split sizes name (the worker raises otherwise), both tiers get a fit, and
+    every case is priced by the fitted model."""
+    out = tmp_path / "a2a.json"
+    res = CliRunner().invoke(train_gpt.cli, ["bench", "a2a", "--nproc", "4", "--topology", "2x2", "--hidden", "8",
+                                             "--tokens", "64", "--batch", "2", "--sizes", "8,32", "--cases", "4",
+                                             "--warmup", "1", "--repeats", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert set(r["fit"]) == {"intra", "inter"} and all(f["bw"] > 0 for f in r["fit"].values())
+    assert [c["kind"] for c in r["cases"]] == ["skewed", "netmoe gather"] * 2
+    for c in r["cases"]:
+        assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32
+    res = CliRunner().invoke(train_gpt.cli, ["bench", "a2a", "--nproc", "4", "--topology", "2x4"])
+    assert res.exit_code != 0 and "does not have 4 devices" in res.output
 
 
 # ---- kernels: kernels.cu against its torch references (CUDA only)

@@ -1022,7 +1022,7 @@ def plot(files, smooth):
 
 @cli.group()
 def bench():
-    """Benchmarks: solver (CPU), kernels (CUDA)."""
+    """Benchmarks: solver (CPU; the window on GPU), layer and a2a (several GPUs or CPU processes), kernels (CUDA)."""
 
 
 @bench.command("solver")
@@ -1159,13 +1159,130 @@ def bench_kernels(echo=print, reps=50, sets=4):
     return rows
 
 
-def _layer_bench_worker(rank, world, init, o, out_path):
+def _bench_init(rank, world, init):
+    """One GPU per rank with NCCL where there are GPUs, else a CPU process with gloo."""
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
+    return cuda, device
+
+
+def _spawn_bench(worker, o):
+    """Run worker(rank, world, init, o, out_path) on o["nproc"] processes; rank 0's JSON."""
+    if o["topology"] and netmoe.Topology.parse(o["topology"]).world != o["nproc"]:
+        raise click.UsageError(f"topology {o['topology']} does not have {o['nproc']} devices (--nproc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.json")
+        mp.spawn(worker, args=(o["nproc"], "file://" + os.path.join(tmp, "init"), o, out), nprocs=o["nproc"], join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _a2a_bench_worker(rank, world, init, o, out_path):
+    """Eq. 1 against timed All-to-Alls: profile each tier, then time traffic matrices and predict."""
+    cuda, device = _bench_init(rank, world, init)
+    topo = netmoe.Topology.parse(o["topology"] or f"1x{world}")
+    H, J = o["hidden"], world
+    node = np.arange(J) // topo.gpus_per_node
+    same, eye = node[:, None] == node[None], np.eye(J, dtype=bool)
+    tiers = {"intra": same & ~eye, "inter": ~same}
+
+    def timed(T):   # T[j, k]: tokens j sends k; median over repeats of the slowest rank
+        send, recv = [int(v) for v in T[rank]], [int(v) for v in T[:, rank]]
+        x = torch.full((sum(send), H), float(rank), device=device)
+        y = torch.empty(sum(recv), H, device=device)
+        ts = []
+        for it in range(o["warmup"] + o["repeats"]):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            dist.all_to_all_single(y, x, recv, send)
+            if cuda:
+                torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t) * 1e3)
+        src = torch.repeat_interleave(torch.arange(J, device=device), torch.tensor(recv, device=device))
+        if not torch.equal(y[:, 0], src.float()):   # each row came from the rank the split sizes say
+            raise RuntimeError("All-to-All delivered rows from the wrong ranks")
+        ts = torch.tensor(ts[o["warmup"]:], dtype=torch.float64, device=device)
+        dist.all_reduce(ts, op=dist.ReduceOp.MAX)
+        return float(ts.median())
+
+    bpt = 4 * H
+    volume = lambda T: {t: int(T[m].sum()) for t, m in tiers.items()}
+    fit = {}
+    for tier, mask in tiers.items():   # Eq. 1 per tier: t = alpha + bytes / v, least squares over sizes
+        if not mask.any():
+            continue
+        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in o["sizes"]]
+        slope, alpha = np.polyfit(*zip(*pts), 1)
+        fit[tier] = dict(alpha_ms=max(float(alpha), 0.0), bw=1e3 / slope if slope > 0 else float("inf"), points=pts)
+    model = netmoe.Topology(topo.nodes, topo.gpus_per_node,
+                            **{f"{t}_{k}": v for t in ("intra", "inter") if t in fit
+                               for k, v in (("bw", fit[t]["bw"]), ("lat", fit[t]["alpha_ms"] / 1e3))})
+    rng = np.random.default_rng(o["seed"])   # the same matrices on every rank
+    cases = []
+    for c in range(o["cases"]):
+        if c % 2 == 0:   # skewed: each device's rows spread by a Dirichlet draw
+            T = np.stack([rng.multinomial(o["tokens"], rng.dirichlet(np.full(J, 0.3))) for _ in range(J)])
+            kind = "skewed"
+        else:   # what NetMoE's gather sends, on counts with locality
+            num = routed_num(rng, o["batch"] * J, 2 * J, S=o["tokens"] // (2 * o["batch"]))
+            T = netmoe.pair_traffic(num, netmoe.solve_placement(num, topo), topo).T
+            kind = "netmoe gather"
+        v = volume(T)
+        cases.append(dict(kind=kind, intra_bytes=v["intra"] * bpt, inter_bytes=v["inter"] * bpt,
+                          measured_ms=timed(T), model_ms=1e3 * netmoe.a2a_time(v, model, bpt)))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(dict(fit=fit, cases=cases), f)
+    dist.destroy_process_group()
+
+
+@bench.command("a2a", short_help="the cost model (Eq. 1) against timed All-to-Alls")
+@click.option("--nproc", default=4, show_default=True, help="GPUs (or CPU processes) to spawn")
+@click.option("--topology", default=None, help="NxG virtual nodes; default 1xNPROC")
+@click.option("--hidden", default=768, show_default=True, help="row width: fp32 rows of MoE-GPT-S")
+@click.option("--tokens", default=8192, show_default=True, help="rows each device sends in a test case")
+@click.option("--batch", default=4, show_default=True, help="I/J for the NetMoE cases")
+@click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
+@click.option("--cases", default=40, show_default=True)
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--repeats", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", default=None)
+def bench_a2a_cmd(json_path, **o):
+    """Does Eq. 1 predict real All-to-Alls? Profiles alpha and bandwidth per tier (as the paper
+    does), then times skewed and NetMoE-produced traffic matrices against the fitted model."""
+    try:
+        o["sizes"] = [int(v) for v in o["sizes"].split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{o['sizes']!r} is not a comma-separated list of integers", param_hint="--sizes")
+    if len(o["sizes"]) < 2 or min(o["sizes"]) < 1:
+        raise click.BadParameter("give at least two positive sizes to fit a line through", param_hint="--sizes")
+    res = _spawn_bench(_a2a_bench_worker, o)
+    for tier, f in res["fit"].items():
+        click.echo(f"{tier}: alpha {f['alpha_ms']:.4f} ms, bandwidth {f['bw'] / 1e9:.1f} GB/s (cluster-wide bytes)")
+    err = np.array([c["model_ms"] / c["measured_ms"] - 1 for c in res["cases"]])
+    rows = []
+    for kind in sorted({c["kind"] for c in res["cases"]}):
+        e = np.array([abs(x) for x, c in zip(err, res["cases"]) if c["kind"] == kind])
+        rows.append([kind, len(e), f"{np.median(e) * 100:.1f}%", f"{np.percentile(e, 90) * 100:.1f}%",
+                     f"{e.max() * 100:.1f}%"])
+    click.echo(f"Eq. 1 against measured, {len(err)} traffic matrices, {o['nproc']} ranks as "
+               f"{o['topology'] or '1x%d' % o['nproc']}; |model / measured - 1|:")
+    click.echo(table(["matrices", "n", "median", "p90", "max"], rows))
+    res["options"] = o
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def _layer_bench_worker(rank, world, init, o, out_path):
+    cuda, device = _bench_init(rank, world, init)
     topo = netmoe.Topology.parse(o["topology"] or f"1x{world}")
     H, S, B = o["hidden"], o["seq_len"], o["batch"]
     E = 2 * world
@@ -1224,12 +1341,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--json", "json_path", default=None)
 def bench_layer_cmd(json_path, **o):
     """One MoE layer forward+backward: static vs NetMoE vs NetMoE that keeps samples in place."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "r.json")
-        mp.spawn(_layer_bench_worker, args=(o["nproc"], "file://" + os.path.join(tmp, "init"), o, out),
-                 nprocs=o["nproc"], join=True)
-        with open(out) as f:
-            per_rank = json.load(f)
+    per_rank = _spawn_bench(_layer_bench_worker, o)
     names = list(per_rank[0])
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in names}
     base = med["static"]["ms"]
