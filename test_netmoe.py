@@ -944,6 +944,18 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
     np.testing.assert_allclose(resumed["runs"]["netmoe"]["loss"], moved["loss"], rtol=1e-6)
 
 
+def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path):
+    """Re-planning every step, a move of whole experts (about 0.4 MB each here) can never be paid
+    back by one step's saving (a few thousand 256-byte tokens): every plan is skipped and the
+    layout stays contiguous; the record says why (cost above saving)."""
+    r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1"],
+             tmp_path, "gate")["runs"]["netmoe"]
+    assert len(r["relayouts"]) == 6 and any(plan["bytes"] > 0 for plan in r["relayouts"])
+    for plan in r["relayouts"]:
+        assert not plan["applied"] and plan["experts_moved"] == 0
+        assert plan["cost_ms"] > plan["saving_ms_per_step"]
+
+
 def test_trace_and_simulate_round_trip(tmp_path):
     trace = str(tmp_path / "t.npz")
     _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--trace", trace, "--trace-every", "3"],
