@@ -344,7 +344,7 @@ def expert_layout(nums, topo, current=None):
     E, J, G = nums[0].shape[1], topo.world, topo.gpus_per_node
     if any(n.shape != nums[0].shape for n in nums):
         raise ValueError("nums must give every layer the same samples and experts")
-    current = [_check_expert_device(c, E, J) for c in (current or [None] * len(nums))]
+    current = [_check_expert_device(c, E, J) for c in ([None] * len(nums) if current is None else list(current))]
     if len(current) != len(nums):
         raise ValueError(f"current must give one layout per layer ({len(nums)}), got {len(current)}")
     out = []
