@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The paper's end-to-end experiment (Fig. 6): MoE-GPT presets, static EP then NetMoE in one job,
-# 20 warm-up + 50 measured iterations, one JSON per preset, then one summary table.
+# The paper's end-to-end experiment (Fig. 6): first the cost-model check (bench a2a), then MoE-GPT
+# presets, static EP then NetMoE in one job, 20 warm-up + 50 measured iterations, one JSON per
+# preset, then one summary table.
 #
 # The paper's cluster, 4 nodes x 8 GPUs -- run on every node, NODE_RANK = 0, 1, 2, 3:
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 NPROC_PER_NODE=8 ./run_cluster.sh s m l xl
@@ -30,12 +31,19 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do presets+=("$1"); shift; done
 [ ${#presets[@]} -gt 0 ] || presets=(s)
 
 mkdir -p "$OUT"
+run() {
+    torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" train_gpt.py "$@"
+}
+# First the cost-model check (CHECK_A2A=0 skips it): Eq. 1's alpha and bandwidth fitted per tier,
+# then timed All-to-Alls of skewed and NetMoE traffic matrices against the fitted model.
+if [ "${CHECK_A2A:-1}" = 1 ] && [ $((NNODES * NPROC_PER_NODE)) -gt 1 ]; then
+    run bench a2a --topology "$TOPOLOGY" --json "$OUT/bench_a2a_${TOPOLOGY}.json"
+fi
 files=()
 for p in "${presets[@]}"; do
     json="$OUT/cluster_${p}_${TOPOLOGY}.json"
-    torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-        train_gpt.py compare --preset "$p" --topology "$TOPOLOGY" --steps "$STEPS" --warmup "$WARMUP" \
+    run compare --preset "$p" --topology "$TOPOLOGY" --steps "$STEPS" --warmup "$WARMUP" \
         --log-every 10 --json "$json" "$@"
     files+=("$json")
 done

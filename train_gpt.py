@@ -1162,21 +1162,38 @@ def bench_kernels(echo=print, reps=50, sets=4):
 def _bench_init(rank, world, init):
     """One GPU per rank with NCCL where there are GPUs, else a CPU process with gloo."""
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
     return cuda, device
 
 
 def _spawn_bench(worker, o):
-    """Run worker(rank, world, init, o, out_path) on o["nproc"] processes; rank 0's JSON."""
+    """Run worker(rank, world, init, o, out_path) on o["nproc"] spawned processes, or on this
+    process as one rank of torchrun (then --nproc is the world size and the topology defaults to
+    nodes x local ranks). Rank 0's JSON; None on the other torchrun ranks."""
+    if "RANK" in os.environ:
+        o["nproc"] = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"]))
+        o["topology"] = o["topology"] or f"{o['nproc'] // local}x{local}"
     if o["topology"] and netmoe.Topology.parse(o["topology"]).world != o["nproc"]:
         raise click.UsageError(f"topology {o['topology']} does not have {o['nproc']} devices (--nproc)")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        mp.spawn(worker, args=(o["nproc"], "file://" + os.path.join(tmp, "init"), o, out), nprocs=o["nproc"], join=True)
+        if "RANK" in os.environ:
+            worker(int(os.environ["RANK"]), o["nproc"], "env://", o, out)
+            if int(os.environ["RANK"]) != 0:
+                return None
+        else:
+            try:
+                mp.spawn(worker, args=(o["nproc"], "file://" + os.path.join(tmp, "init"), o, out),
+                         nprocs=o["nproc"], join=True)
+            except mp.ProcessRaisedException as e:
+                lines = [l for l in str(e).strip().splitlines() if l.strip()]
+                raise click.ClickException(f"a rank failed: {lines[-1]}") from None
         with open(out) as f:
             return json.load(f)
 
@@ -1264,8 +1281,12 @@ def bench_a2a_cmd(json_path, **o):
     if len(o["sizes"]) < 2 or min(o["sizes"]) < 1:
         raise click.BadParameter("give at least two positive sizes to fit a line through", param_hint="--sizes")
     res = _spawn_bench(_a2a_bench_worker, o)
+    if res is None:   # a torchrun rank other than 0
+        return
     for tier, f in res["fit"].items():
-        click.echo(f"{tier}: alpha {f['alpha_ms']:.4f} ms, bandwidth {f['bw'] / 1e9:.1f} GB/s (cluster-wide bytes)")
+        click.echo(f"{tier}: alpha {f['alpha_ms']:.4f} ms, bandwidth " +
+                   (f"{f['bw'] / 1e9:.1f} GB/s (cluster-wide bytes)" if np.isfinite(f["bw"]) else
+                    "unresolved: the time did not grow with size over --sizes (try larger sizes)"))
     err = np.array([c["model_ms"] / c["measured_ms"] - 1 for c in res["cases"]])
     rows = []
     for kind in sorted({c["kind"] for c in res["cases"]}):
@@ -1342,6 +1363,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 def bench_layer_cmd(json_path, **o):
     """One MoE layer forward+backward: static vs NetMoE vs NetMoE that keeps samples in place."""
     per_rank = _spawn_bench(_layer_bench_worker, o)
+    if per_rank is None:
+        return
     names = list(per_rank[0])
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in names}
     base = med["static"]["ms"]
