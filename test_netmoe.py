@@ -2,6 +2,7 @@
 
 Distributed tests spawn gloo processes on the CPU; GPU tests (NCCL, kernels) skip without CUDA.
 """
+import importlib.util
 import itertools
 import json
 import os
@@ -1039,6 +1040,9 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert set(r["fit"]) == {"intra", "inter"} and all(f["bw"] > 0 for f in r["fit"].values())
+    if importlib.util.find_spec("matplotlib"):
+        assert CliRunner().invoke(train_gpt.cli, ["plot", str(out)]).exit_code == 0
+        assert (tmp_path / "a2a.png").read_bytes()[:4] == b"\x89PNG"
     assert [c["kind"] for c in r["cases"]] == ["skewed", "netmoe gather"] * 2
     for c in r["cases"]:
         assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32

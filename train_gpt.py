@@ -954,9 +954,9 @@ def summary(files, warmup):
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
 def plot(files, smooth):
-    """PNG beside each result JSON: solver time vs I (bench solver), inter-node tokens per step
-    over training (train / compare), or per placement and stage of training (simulate). Needs
-    matplotlib (pip install matplotlib)."""
+    """PNG beside each result JSON: solver time vs I (bench solver), measured vs modelled
+    All-to-All (bench a2a), inter-node tokens per step over training (train / compare), or per
+    placement and stage of training (simulate). Needs matplotlib (pip install matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -984,6 +984,15 @@ def plot(files, smooth):
                     ax.plot(*zip(*pts), "--" if "window" in label else "-o", label=label, ms=3)
             ax.set(xscale="log", yscale="log", xlabel="I (samples, J = 16 as 2x8)", ylabel="ms",
                    title="Solve time (Table 4)")
+        elif isinstance(res, dict) and "cases" in res and "fit" in res:
+            for kind in sorted({c["kind"] for c in res["cases"]}):
+                pts = [(c["model_ms"], c["measured_ms"]) for c in res["cases"] if c["kind"] == kind]
+                ax.plot(*zip(*pts), "o", ms=3, label=kind)
+            top = max(max(c["model_ms"], c["measured_ms"]) for c in res["cases"])
+            ax.plot([0, top], [0, top], "k:", lw=0.8, label="model = measured")
+            ax.set(xlabel="Eq. 1 with fitted alpha and bandwidth, ms", ylabel="measured All-to-All, ms",
+                   title=f"Cost model check, {res['options']['nproc']} ranks as "
+                         f"{res['options']['topology'] or '1x%d' % res['options']['nproc']}")
         elif isinstance(res, dict) and "by_stage" in res.get("results", {}):
             stages = res["results"]["by_stage"]
             x = [sum(g["steps"]) / 2 for g in stages]
@@ -1015,7 +1024,7 @@ def plot(files, smooth):
         plt.close(fig)
         click.echo(f"wrote {out}")
     if skipped:
-        click.echo(f"skipped (not a bench solver, train/compare or simulate JSON): {', '.join(skipped)}")
+        click.echo(f"skipped (not a bench solver / a2a, train / compare or simulate JSON): {', '.join(skipped)}")
         if len(skipped) == len(files):
             raise click.ClickException("nothing to plot")
 
