@@ -586,31 +586,43 @@ def launch(opts):
             identity = ckpt_identity(dataclasses.replace(cfg, vocab=Corpus.vocab_of(opts["data"])),
                                      Env(0, 1 if opts["virtual_world"] else J, J, topo, None), dict(opts, placement=p))
             read_checkpoint(os.path.join(opts["ckpt"], p), identity)
+    result = run_ranks(worker, opts["nproc"], opts, solo=True, ranks_handle_sigint=True)
+    if result is None:   # a torchrun rank other than 0
+        return None
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump(result, f, indent=1)
+    click.echo(summary_table(result, opts["warmup"]))
+    return result
+
+
+def run_ranks(worker, nproc, opts, solo=False, ranks_handle_sigint=False):
+    """worker(rank, world, init, opts, out_path) on every rank: this process as one torchrun rank,
+    nproc spawned processes, or (solo and nproc == 1) this process alone, with no process group.
+    Returns the JSON rank 0 wrote to out_path; None on the other torchrun ranks. With
+    ranks_handle_sigint, Ctrl-C goes to the spawned ranks only (they save and stop)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         if "RANK" in os.environ:
             worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", opts, out)
             if int(os.environ["RANK"]) != 0:
                 return None
-        elif opts["nproc"] > 1:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)   # the ranks handle Ctrl-C and save
+        elif solo and nproc == 1:
+            worker(0, 1, None, opts, out)
+        else:
+            if ranks_handle_sigint:
+                old = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                mp.spawn(worker, args=(opts["nproc"], "file://" + os.path.join(tmp, "init"), opts, out),
-                         nprocs=opts["nproc"], join=True)
+                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), opts, out),
+                         nprocs=nproc, join=True)
             except mp.ProcessRaisedException as e:
                 lines = [l for l in str(e).strip().splitlines() if l.strip()]
                 raise click.ClickException(f"a rank failed: {lines[-1]}") from None
             finally:
-                signal.signal(signal.SIGINT, old)
-        else:
-            worker(0, 1, None, opts, out)
+                if ranks_handle_sigint:
+                    signal.signal(signal.SIGINT, old)
         with open(out) as f:
-            result = json.load(f)
-    if opts["json"]:
-        with open(opts["json"], "w") as f:
-            json.dump(result, f, indent=1)
-    click.echo(summary_table(result, opts["warmup"]))
-    return result
+            return json.load(f)
 
 
 def _mean(xs):
@@ -1190,21 +1202,7 @@ def _spawn_bench(worker, o):
         o["topology"] = o["topology"] or f"{o['nproc'] // local}x{local}"
     if o["topology"] and netmoe.Topology.parse(o["topology"]).world != o["nproc"]:
         raise click.UsageError(f"topology {o['topology']} does not have {o['nproc']} devices (--nproc)")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "r.json")
-        if "RANK" in os.environ:
-            worker(int(os.environ["RANK"]), o["nproc"], "env://", o, out)
-            if int(os.environ["RANK"]) != 0:
-                return None
-        else:
-            try:
-                mp.spawn(worker, args=(o["nproc"], "file://" + os.path.join(tmp, "init"), o, out),
-                         nprocs=o["nproc"], join=True)
-            except mp.ProcessRaisedException as e:
-                lines = [l for l in str(e).strip().splitlines() if l.strip()]
-                raise click.ClickException(f"a rank failed: {lines[-1]}") from None
-        with open(out) as f:
-            return json.load(f)
+    return run_ranks(worker, o["nproc"], o)
 
 
 def _a2a_bench_worker(rank, world, init, o, out_path):
