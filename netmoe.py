@@ -19,8 +19,8 @@ import collections
 import dataclasses
 import hashlib
 import os
-import sys
 import time
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +114,9 @@ def gather_order(src, dest, num_samples):
     return torch.argsort(dest[src] * num_samples + src, stable=True)
 
 
+# kernels.cu's ops in plain torch, under the kernels' names: what each kernel is tested against
+REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, dispatch_order=dispatch_order,
+                                      gather_order=gather_order)
 _KERNELS = None
 
 
@@ -122,16 +125,34 @@ def hot_path(device):
     kernels.cu on CUDA (built on first use), else the torch references above. Same results."""
     global _KERNELS
     if torch.device(device).type != "cuda" or os.environ.get("NETMOE_NO_KERNELS") == "1":
-        return _REFERENCE
+        return REFERENCE_OPS
     if _KERNELS is None:
-        try:
-            from torch.utils.cpp_extension import load
-            src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
-            _KERNELS = load("netmoe_kernels", [src], extra_cuda_cflags=["-O3"], verbose=False)
-        except Exception as e:   # no nvcc, no kernels.cu, a failed build: fall back, say so once
-            warnings.warn(f"netmoe: CUDA kernels unavailable ({type(e).__name__}: {e}); using torch references")
-            _KERNELS = _REFERENCE
+        _KERNELS = _load_kernels() or REFERENCE_OPS
     return _KERNELS
+
+
+def _load_kernels(timeout=None):
+    """Build (or reuse) kernels.cu; None, after one warning, where that cannot be done. torch
+    waits forever on a build lock left by an interrupted build, so a lock held longer than
+    `timeout` seconds (NETMOE_BUILD_LOCK_TIMEOUT, default 300; a build takes about a minute)
+    counts as stale."""
+    from torch.utils import cpp_extension
+    name = "netmoe_kernels"
+    timeout = float(os.environ.get("NETMOE_BUILD_LOCK_TIMEOUT", 300)) if timeout is None else timeout
+    try:
+        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
+        deadline = time.monotonic() + timeout
+        while os.path.exists(lock):
+            if time.monotonic() > deadline:
+                warnings.warn(f"netmoe: the kernels.cu build lock {lock} has been held for over {timeout:g} s "
+                              f"(an interrupted build? delete it to rebuild); using torch references")
+                return None
+            time.sleep(0.2)
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+        return cpp_extension.load(name, [src], extra_cuda_cflags=["-O3"], verbose=False)
+    except Exception as e:   # no nvcc, no kernels.cu, a failed build: fall back, say so once
+        warnings.warn(f"netmoe: CUDA kernels unavailable ({type(e).__name__}: {e}); using torch references")
+        return None
 
 
 def default_expert_device(num_experts, world):
@@ -484,15 +505,17 @@ class MoEStats:
     samples: int = 0          # samples that passed through the gathers
     moved_node: int = 0       # of which the gather put on another node
     moved_device: int = 0     # ... on another device
-    solver_ms: float = 0.0    # time the solver thread worked
+    solver_ms: float = 0.0    # time the solver worked
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
     a2a_model_ms: float = 0.0  # Eq. 1 for the same four All-to-Alls (payload = the residual rows)
 
-    def __add__(self, o):
-        add = lambda a, b: {k: a[k] + b[k] for k in a}
-        return MoEStats(add(self.scatter, o.scatter), add(self.gather, o.gather),
-                        *(getattr(self, f.name) + getattr(o, f.name) for f in dataclasses.fields(self)[2:]))
+    def __add__(self, other):
+        out = MoEStats()
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(out, f.name, {k: a[k] + b[k] for k in a} if isinstance(a, dict) else a + b)
+        return out
 
 
 def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
@@ -510,6 +533,44 @@ def _layer_stats(tokens, cur, dest, topo, bytes_per_token):
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
                     a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+class _Solve:
+    """Algorithm 1's Solve, overlapped with the scatter and the experts. On CPU those run in the
+    caller's thread, so the solver gets its own (km releases the GIL). On GPU they are queued
+    kernels: solving inline in result(), once they are queued, overlaps them without the two
+    threads trading the GIL."""
+
+    def __init__(self, args, inline):
+        self.args, self.inline = args, inline
+        self.future = None if inline else _SOLVER.submit(_timed, _solve, *args)
+
+    def result(self):
+        """(dest, seconds of solving, seconds the caller waited for it)."""
+        if self.inline:
+            queued = torch.cuda.Event()
+            queued.record()
+            dest, seconds = _timed(_solve, *self.args)
+            # an upper bound: all of it counts as exposed if the GPU ran dry before it finished
+            return dest, seconds, seconds if queued.query() else 0.0
+        t = time.perf_counter()
+        dest, seconds = self.future.result()
+        return dest, seconds, time.perf_counter() - t
+
+
+def _same_everywhere(array, group):
+    """True on every rank if every rank holds the same integer array (a hash is all-gathered)."""
+    h = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(array, dtype=np.int64).tobytes(),
+                                       digest_size=7).digest(), "little")
+    hashes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hashes, h, group=group)
+    return len(set(hashes)) == 1
 
 
 class MoELayer(nn.Module):
@@ -551,18 +612,12 @@ class MoELayer(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(n_local, hidden))
         for p in (self.w1, self.b1, self.w2, self.b2):
             p.expert = True   # not averaged over ranks: each rank owns its experts
-        self.next = None      # the next MoELayer, for lookahead (set by the model)
-        self.placement_override = None   # benchmarks: dest -> dest actually used (e.g. keep in place)
+        self.keep_in_place = False   # benchmarks: do all of NetMoE's work, then keep samples in place
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
         self.last_routes = None
+        self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats, self._timer = MoEStats(), _Timer()
         self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
-
-    def __setattr__(self, name, value):
-        if name == "next":   # a reference for lookahead, not a submodule: its parameters stay its own
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def set_expert_device(self, expert_device):
         """Expert e lives on device expert_device[e]; rows are ordered by `slot` = device-major position."""
@@ -574,23 +629,33 @@ class MoELayer(nn.Module):
         self.local_experts = order if self.virtual else order[self.rank * per:(self.rank + 1) * per]
 
     def relayout(self, expert_device, optimizer=None):
-        """Move the experts to a new balanced layout. Weights and their AdamW moments travel with
-        them in one All-to-All (a local permutation in one process); parameters keep their
-        identity, so the optimizer carries on. Every rank must pass the same map. Returns the
-        number of experts that changed device."""
+        """Move the experts to a new balanced layout. Weights and every per-expert optimizer state
+        tensor travel with them in one All-to-All (a local permutation in one process); parameters
+        keep their identity, so the optimizer carries on. Every rank must pass the same map
+        (checked). Call it between optimizer steps, with the gradients cleared. Returns the number
+        of experts that changed device."""
         new = _check_expert_device(expert_device, self.num_experts, self.J)
+        distributed = not self.virtual and self.J > 1
+        if distributed and not _same_everywhere(new, self.group):
+            raise RuntimeError("ranks passed different expert maps to relayout; compute the map on one rank "
+                               "and broadcast it, or weights would move to the wrong places")
+        params = [self.w1, self.b1, self.w2, self.b2]
+        if any(p.grad is not None for p in params):
+            raise RuntimeError("relayout moves experts between optimizer steps: clear the gradients first "
+                               "(optimizer.zero_grad(set_to_none=True))")
         per = self.num_experts // self.J
         old_order = np.lexsort((np.arange(self.num_experts), self.expert_device))
         old_local, changed = self.local_experts, int((new != self.expert_device).sum())
         state = optimizer.state if optimizer is not None else {}
-        tensors = [self.w1, self.b1, self.w2, self.b2]
-        tensors += [state[p][k] for p in tensors[:4] for k in ("exp_avg", "exp_avg_sq") if k in state.get(p, {})]
+        # every state tensor with one row per local expert (AdamW's moments, amsgrad's max, ...)
+        tensors = params + [v for p in params for v in state.get(p, {}).values()
+                            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(old_local)]
         flat = torch.cat([t.detach().reshape(len(old_local), -1) for t in tensors], 1)
         row_of = np.empty(self.num_experts, dtype=np.int64)
         row_of[old_local] = np.arange(len(old_local))          # expert id -> its row in flat
         self.set_expert_device(new)
         index = lambda a: torch.as_tensor(a, device=flat.device)
-        if self.virtual or self.J == 1:
+        if not distributed:
             rows = flat[index(row_of[self.local_experts])]
         else:
             # send my experts ordered by their new slot; receive, from each rank in turn, its
@@ -626,29 +691,78 @@ class MoELayer(nn.Module):
         stats.a2a_ms = self._timer.pop_ms()
         return stats
 
-    def forward(self, x, sid):
+    def forward(self, x, sid, next_layer=None):
+        """next_layer: the MoELayer that follows, for the lookahead (its gate on this input
+        predicts its scatter, which the placement then prices with its expert map)."""
+        B, S, H = self._check_input(x, sid)
+        sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
+        K, ops = self.top_k, hot_path(x.device)
+        # 1. Gate; and the lookahead (paper Sec. 3.3)
+        probs, g, route = self.route(x)
+        lookahead = self.placement == "netmoe" and self.lookahead and next_layer is not None
+        pred = None
+        if next_layer is not None and (lookahead or self.record):
+            with torch.no_grad():   # softmax keeps the order: top-K of the logits
+                pred = next_layer.gate(next_layer.ln(x)).topk(next_layer.top_k, dim=-1)[1]
+        if self.record:
+            self.last_routes = (sid, route, pred)
+        # 2. Counts of every sample of the global batch (Eq. 2): all split sizes follow from them
+        num, num_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid)
+        I = len(num)
+        f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
+        aux = self.num_experts * (f * probs.mean((0, 1))).sum()
+        # 3. Solve starts, overlapping the scatter and the experts
+        solve = None
+        if self.placement == "netmoe":
+            ed_next = next_layer.expert_device if lookahead else self.expert_device
+            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next), inline=x.is_cuda)
+        # 4. Scatter: (token, k) rows to their experts' devices
+        tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
+        local = self.virtual or self.J == 1
+        scatter = self._scatter_local if local else self._scatter_ep
+        rows, gate, src, pos, expert, counts = scatter(x, g, route, num, tokens[0], ops)
+        # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1)
+        y = gate[:, None] * self._experts(rows, expert, counts) + (pos % K == 0).to(x.dtype)[:, None] * rows
+        # 6. Join the solver
+        dest = static_placement(I, self.J)
+        if solve is not None:
+            solved, seconds, exposed = solve.result()
+            self._stats.solver_ms += seconds * 1e3
+            self._stats.solver_exposed_ms += exposed * 1e3
+            dest = dest if self.keep_in_place else solved
+        self._check_same_dest(dest)
+        self.last_dest = dest
+        # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
+        gather = self._gather_local if local else self._gather_ep
+        out, keep = gather(y, src, pos, dest, tokens[0], ops, (B, S, H))
+        self._stats += _layer_stats(tokens, static_placement(I, self.J), dest, self.topo, x.element_size() * H)
+        return out, torch.as_tensor(sid_all[keep], device=x.device), aux
+
+    def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"x must be [B, S, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.float64):
-            # the token index rides in the payload as a float column; bf16 would round it
+            # the token position rides in the payload as a float column; bf16 would round it
             raise ValueError(f"the residual stream must be float32 or float64, got {x.dtype}")
-        sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
-        if sid.numel() != x.shape[0]:
-            raise ValueError(f"sid must give one id per sample: {sid.numel()} ids for {x.shape[0]} samples")
-        B, S, H = x.shape
-        E, K = self.num_experts, self.top_k
-        ops = hot_path(x.device)
-        probs, g, route = self.route(x)
-        meta = [ops.count_tokens(route, E)]
-        predict = self.placement == "netmoe" and self.lookahead and self.next is not None
-        pred = None
-        if self.next is not None and (predict or self.record):
-            with torch.no_grad():   # paper Sec. 3.3: the next layer's gate on this input predicts its scatter
-                pred = self.next.gate(self.next.ln(x)).topk(self.next.top_k, dim=-1)[1]   # softmax keeps the order
-        if predict:
-            meta.append(ops.count_tokens(pred, E))
-        if self.record:
-            self.last_routes = (sid, route, pred)
+        if torch.as_tensor(sid).numel() != x.shape[0]:
+            raise ValueError(f"sid must give one id per sample: {torch.as_tensor(sid).numel()} ids for "
+                             f"{x.shape[0]} samples")
+        if not self.virtual and self.J > 1:
+            # every rank must hold the same B: the all-gather of the counts and the All-to-All
+            # splits assume it, and NCCL would hang or read garbage rather than fail
+            sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(self.J)]
+            dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=self.group)
+            sizes = torch.cat(sizes).tolist()
+            if len(set(sizes)) > 1:
+                raise ValueError(f"every rank must hold the same number of samples; per rank: {sizes}")
+        return x.shape
+
+    def _all_counts(self, ops, route, pred, sid):
+        """num [I, E] (Eq. 2) for every sample of the global batch in slot order (rank-major),
+        the lookahead's predicted num_next (or None), and the samples' ids: one all-gather, and
+        the one host sync the layer needs (split sizes are host integers)."""
+        E = self.num_experts
+        meta = [ops.count_tokens(route, E)] + ([ops.count_tokens(pred, E)] if pred is not None else [])
         meta = torch.cat(meta + [sid[:, None]], 1)
         if not self.virtual and self.J > 1:
             parts = [torch.empty_like(meta) for _ in range(self.J)]
@@ -656,128 +770,114 @@ class MoELayer(nn.Module):
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
         num, sid_all = meta[:, :E], meta[:, -1]
+        if len(num) % self.J:
+            raise ValueError(f"I={len(num)} samples cannot be split over J={self.J} devices; "
+                             f"use a global batch divisible by {self.J}")
         if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
             self.recent.append(num[np.argsort(sid_all, kind="stable")])
-        I = num.shape[0]
-        if I % self.J:
-            raise ValueError(f"I={I} samples cannot be split over J={self.J} devices; "
-                             f"use a global batch divisible by {self.J}")
-        args = (_solve, num, self.topo, meta[:, E:2 * E] if predict else None, self.expert_device,
-                self.next.expert_device if predict else self.expert_device)
-        # The solver overlaps the scatter and the experts. On CPU they run in this thread, so the
-        # solver gets its own (the Cython part releases the GIL). On GPU they are queued kernels:
-        # solving inline once they are queued overlaps them without fighting over the GIL.
-        inline = x.is_cuda
-        if self.placement == "netmoe" and not inline:
-            solve = _SOLVER.submit(_timed, *args)
-        f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
-        aux = E * (f * probs.mean((0, 1))).sum()
+        return num, (meta[:, E:2 * E] if pred is not None else None), sid_all
 
-        def join():   # called just before the gather, with the scatter and experts under way
-            if self.placement == "static":
-                return static_placement(I, self.J)
-            t = time.perf_counter()
-            if inline:
-                queued = torch.cuda.Event()
-                queued.record()
-                dest, seconds = _timed(*args)
-                # upper bound: all of it counts as exposed if the GPU ran dry before it finished
-                exposed = seconds if queued.query() else 0.0
-            else:
-                dest, seconds = solve.result()
-                exposed = time.perf_counter() - t
-            self._stats.solver_exposed_ms += exposed * 1e3
-            self._stats.solver_ms += seconds * 1e3
-            return dest if self.placement_override is None else self.placement_override(dest)
-
-        run = self._forward_virtual if self.virtual or self.J == 1 else self._forward_ep
-        tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
-        y, keep, dest = run(x, g, route, num, tokens[0], join, ops)
-        self._stats += _layer_stats(tokens, static_placement(I, self.J), dest, self.topo, x.element_size() * H)
-        return y, torch.as_tensor(sid_all[keep], device=x.device), aux
-
-    def _experts(self, x, g, k0, local, counts):
-        """Rows in any order, local[i] = local expert of row i (counts[e] rows each) ->
-        g * FFN_e(LN(x)) + [k == 0] * x (App. A.1: the residual is added on the expert side to
-        exactly one of a token's K rows)."""
-        order = torch.argsort(local, stable=True)
+    def _experts(self, x, expert, counts):
+        """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
+        Rows are grouped by expert for one grouped matrix product per weight (torch._grouped_mm,
+        where it runs: bf16 on CUDA, float32/bf16 on CPU) or a loop over experts (the plain
+        reference; float64, and float32 on CUDA). Either way expert weights are read, and their
+        gradients written, once per call."""
+        order = torch.argsort(expert, stable=True)
         h = self.ln(x[order])
-        outs = []
-        for e, chunk in enumerate(h.split(counts)):
-            mid = F.gelu(torch.addmm(self.b1[e], chunk, self.w1[e]))
-            outs.append(torch.addmm(self.b2[e], mid, self.w2[e]))
-        y = torch.cat(outs)[torch.argsort(order)]
-        return g[:, None] * y + k0[:, None] * x
+        if _grouped_mm_ok(h):
+            y = self._ffn_grouped(h, counts)
+        else:
+            y = self._ffn_loop(h, counts)
+        return y.new_empty(y.shape).index_copy(0, order, y)
 
-    def _forward_virtual(self, x, g, route, num, per_dev, join, ops):
-        """All experts in this process: no exchange, same placement and volumes as J devices."""
-        I, S, H = x.shape
+    def _ffn_loop(self, h, counts):
+        # unbind, not self.w1[e]: indexing a stacked parameter makes autograd add a zero gradient
+        # of the whole stack for every expert, O(E x weights) per call
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        outs = [torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], chunk, w1[e])), w2[e])
+                for e, chunk in enumerate(h.split(counts))]
+        return torch.cat(outs)
+
+    def _ffn_grouped(self, h, counts):
+        dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
+        ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
+        reps = torch.as_tensor(counts).to(h.device, non_blocking=True)
+        bias = lambda b: b.to(dtype).repeat_interleave(reps, 0, output_size=h.shape[0])
+        with torch.autocast(h.device.type, enabled=False):
+            mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + bias(self.b1))
+            return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + bias(self.b2)
+
+    def _scatter_local(self, x, g, route, num, per_dev, ops):
+        """All experts in this process: the scatter is a reordering of the (token, k) rows by
+        expert. Returns rows, their gate weights, sample slot and position s*K+k of each row,
+        its local expert and the rows per local expert."""
+        B, S, H = x.shape
         K = self.top_k
-        order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=x.device))
-        tok = order // K
-        local = torch.as_tensor(self.slot, device=x.device)[route.reshape(-1)[order]]
-        y = self._experts(x.reshape(-1, H)[tok], g.reshape(-1)[order].to(x.dtype),
-                          (order % K == 0).to(x.dtype), local, num.sum(0)[self.local_experts].tolist())
-        out = torch.zeros(I * S, H, dtype=x.dtype, device=x.device).index_add(0, tok, y)
-        dest = join()
-        keep = np.argsort(dest, kind="stable")   # device-major: virtual device d holds rows d*B..
-        return out.view(I, S, H)[torch.as_tensor(keep, device=x.device)], keep, dest
+        slot = torch.as_tensor(self.slot, device=x.device)
+        order = ops.dispatch_order(route, slot)
+        return (x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), order // (S * K),
+                order % (S * K), slot[route.reshape(-1)[order]], num.sum(0)[self.local_experts].tolist())
 
-    def _forward_ep(self, x, g, route, num, per_dev, join, ops):
+    def _gather_local(self, y, src, pos, dest, per_dev, ops, shape):
+        """Sum each token's K rows into the sample's new slot (device-major, as J devices would)."""
+        I, (_, S, H), K = len(dest), shape, self.top_k
+        keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
+        new = np.empty(I, dtype=np.int64)
+        new[keep] = np.arange(I)
+        row = torch.as_tensor(new, device=y.device)[src] * S + pos // K
+        return y.new_zeros(I * S, H).index_add(0, row, y).view(I, S, H), keep
+
+    def _scatter_ep(self, x, g, route, num, per_dev, ops):
+        """Rows ordered by (expert device, local expert, b, s, k) go to their expert's device. The
+        receiver can name every row's sample and expert from num alone (every rank holds it), so
+        only the position s*K+k travels, as a float column beside x and the gate weight."""
         B, S, H = x.shape
         J, r, K, I = self.J, self.rank, self.top_k, num.shape[0]
         dev = x.device
-        mine = slice(r * B, (r + 1) * B)
-        # Scatter: rows ordered by (expert device, local expert, b, s, k), so the receiver can
-        # tell every row's sample and expert from num alone; only the position s*K+k travels.
-        slot = torch.as_tensor(self.slot, device=dev)
-        order = ops.dispatch_order(route, slot)
+        order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=dev))
         payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
                              (order % (S * K)).to(x.dtype)[:, None]], 1)
-        recv = AllToAll.apply(payload, per_dev[mine].sum(0).tolist(),
+        recv = AllToAll.apply(payload, per_dev[r * B:(r + 1) * B].sum(0).tolist(),
                               per_dev[:, r].reshape(J, B).sum(1).tolist(), self.group, self._timer)
-        # Expert side: arrival order is (source rank, local expert, b, s, k).
-        cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)      # [J, El, B]
+        # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
+        cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
         n_rows, n_local = int(cnt.sum()), len(self.local_experts)   # output_size: no device sync
-        local = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
+        expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
             reps, output_size=n_rows)
         src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
             reps, output_size=n_rows)
-        pos = recv[:, H + 1]
-        y = self._experts(recv[:, :H], recv[:, H], ((pos.long() % K) == 0).to(x.dtype), local,
-                          cnt.sum((0, 2)).tolist())
-        # Gather: rows to dest[sample], ordered by (dest, sample), so the receiver knows each
-        # row's sample from num and dest; the payload again carries only s*K+k.
-        dest = join()
-        self._check_same_dest(dest)
-        dest_t = torch.as_tensor(dest, device=dev)
-        gorder = ops.gather_order(src, dest_t, I)
+        return recv[:, :H], recv[:, H], src, recv[:, H + 1].long(), expert, cnt.sum((0, 2)).tolist()
+
+    def _gather_ep(self, y, src, pos, dest, per_dev, ops, shape):
+        """Rows to dest[sample], ordered by (dest, sample): the receiver knows each row's sample
+        from num and dest (every rank holds both); the payload again carries only s*K+k."""
+        B, S, H = shape
+        J, r, K, I = self.J, self.rank, self.top_k, len(dest)
+        dev = y.device
+        gorder = ops.gather_order(src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = AllToAll.apply(torch.cat([y, pos[:, None]], 1)[gorder],
+        back = AllToAll.apply(torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
                               np.bincount(dest, weights=per_dev[:, r], minlength=J).astype(np.int64).tolist(),
                               per_dev[keep].sum(0).tolist(), self.group, self._timer)
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         row = new_slot * S + back[:, H].long() // K
-        out = torch.zeros(B * S, H, dtype=x.dtype, device=dev).index_add(0, row, back[:, :H])
-        return out.view(B, S, H), keep, dest
+        return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
-        if not self.debug:
-            return
-        h = int.from_bytes(hashlib.blake2b(dest.tobytes(), digest_size=7).digest(), "little")
-        hs = [None] * self.J
-        dist.all_gather_object(hs, h, group=self.group)
-        if len(set(hs)) != 1:
-            raise RuntimeError(f"ranks computed different placements (hashes {hs}); the solver must be "
-                               f"deterministic and every rank must see the same num")
-
-_REFERENCE = sys.modules[__name__]
+        if self.debug and not self.virtual and self.J > 1 and not _same_everywhere(dest, self.group):
+            raise RuntimeError("ranks computed different placements; the solver must be deterministic "
+                               "and every rank must see the same num")
 
 
-def _timed(fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t
+def _grouped_mm_ok(h):
+    """Where torch._grouped_mm runs: bf16 on CUDA Hopper and newer (used under autocast), and
+    float32 or bf16 on CPU. Elsewhere the per-expert loop."""
+    if not hasattr(torch, "_grouped_mm") or os.environ.get("NETMOE_NO_GROUPED_MM") == "1":
+        return False
+    if h.is_cuda:
+        return torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
+    return h.dtype in (torch.float32, torch.bfloat16)

@@ -95,16 +95,14 @@ class GPT(nn.Module):
         self.attn = nn.ModuleList(Attention(cfg) for _ in range(cfg.n_layer))
         self.moe = nn.ModuleList(netmoe.MoELayer(cfg.hidden, 4 * cfg.hidden, E, cfg.top_k, **moe)
                                  for _ in range(cfg.n_layer))
-        for a, b in zip(self.moe, self.moe[1:]):
-            a.next = b
         self.ln_f = nn.LayerNorm(cfg.hidden)
 
     def forward(self, idx, sid):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         aux = 0.0
-        for ln, attn, moe in zip(self.ln1, self.attn, self.moe):
+        for i, (ln, attn, moe) in enumerate(zip(self.ln1, self.attn, self.moe)):
             x = x + attn(ln(x))
-            x, sid, a = moe(x.float(), sid)
+            x, sid, a = moe(x.float(), sid, next_layer=self.moe[i + 1] if i + 1 < len(self.moe) else None)
             aux = aux + a
         return self.ln_f(x) @ self.wte.weight.T, sid, aux
 
