@@ -18,7 +18,11 @@ E experts, K experts per token, S tokens per sample, H hidden size, B = I / J sa
 import collections
 import dataclasses
 import hashlib
+import json
 import os
+import signal
+import sys
+import tempfile
 import time
 import types
 import warnings
@@ -27,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -431,6 +436,71 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l])
         cur = dest
     return acc
+
+
+def replay_trace(trace, topo, bytes_per_token, layout=False):
+    """MoEStats of every recorded step of a routing trace (train --trace) under each placement:
+    ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
+    put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
+    layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
+    (other batches), beside the contiguous layout on the same steps: what re-layout does live
+    from its last 4 batches."""
+    route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
+    E = int(trace["num_experts"])
+    steps, L, I = route.shape[:3]
+    if I % topo.world or E % topo.world:
+        raise ValueError(f"the trace has I={I} samples and E={E} experts: both must split evenly over "
+                         f"topology {topo} ({topo.world} devices)")
+    if layout and steps < 2:
+        raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
+    nums = [[count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
+    preds = [[count_tokens(pred[s, l], E).numpy() for l in range(L - 1)] for s in range(steps)]
+    first = 1 if layout else 0
+    learned = [None] + [expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
+                                       for l in range(L)], topo) if layout else None for s in range(1, steps)]
+    variants = {"static": (False, "static", None), "netmoe, no lookahead": (False, "netmoe", None),
+                "netmoe + lookahead": (False, "netmoe", "pred"), "netmoe + oracle next": (False, "netmoe", "oracle")}
+    if layout:
+        variants.update({"static + layout": (True, "static", None),
+                         "netmoe + lookahead + layout": (True, "netmoe", "pred")})
+    nexts = lambda s, kind: nums[s][1:] if kind == "oracle" else preds[s] if kind == "pred" else None
+    return {name: [replay(nums[s], topo, bytes_per_token, learned[s] if lay else None, nexts(s, kind), placement)
+                   for s in range(first, steps)]
+            for name, (lay, placement, kind) in variants.items()}, first
+
+
+def replay_means(stats, layers, bytes_per_token, compute_ms=None):
+    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given."""
+    acc, n = sum(stats, MoEStats()), len(stats)
+    inter = acc.scatter["inter"] + acc.gather["inter"]
+    return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
+                scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
+                a2a_ms=acc.a2a_model_ms / n, moved_node=acc.moved_node / acc.samples,
+                moved_device=acc.moved_device / acc.samples,
+                iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
+                mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * layers))
+
+
+def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon):
+    """New expert layouts from each layer's recent batches (recent[layer][batch]: [M, E] counts,
+    rows by sample id) and whether they pay: the modelled All-to-All saving per step over
+    `horizon` steps against moving the experts that change device at ms_per_expert each. The
+    saving is scored on batches a trial layout was not learned from (leave one out): a layout
+    always fits the batches it was learned on better than the next ones; each batch's true
+    next-layer routing stands in for the lookahead's prediction."""
+    n = len(recent[0])
+    stack = lambda ks: [np.concatenate([batches[k] for k in ks]) for batches in recent]
+    layouts = expert_layout(stack(range(n)), topo, current=current)
+    saving_ms = 0.0
+    for k in range(n):
+        trial = expert_layout(stack([j for j in range(n) if j != k] or [k]), topo, current=current)
+        batch = [batches[k] for batches in recent]
+        saving_ms += (replay(batch, topo, bytes_per_token, current, batch[1:]).a2a_model_ms -
+                      replay(batch, topo, bytes_per_token, trial, batch[1:]).a2a_model_ms) / n
+    moving = sum(int((new != cur).sum()) for cur, new in zip(current, layouts))
+    cost_ms = moving * ms_per_expert
+    return dict(layouts=layouts, moving=moving, saving_ms=saving_ms, cost_ms=cost_ms,
+                apply=saving_ms * horizon > cost_ms)
 
 
 def static_placement(I, J):
@@ -881,3 +951,121 @@ def _grouped_mm_ok(h):
     if h.is_cuda:
         return torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
     return h.dtype in (torch.float32, torch.bfloat16)
+
+
+def global_routes(layers):
+    """Each layer's routes in its last call, for the whole global batch, rows by sample id:
+    [(route [I, S, K], the lookahead's predicted next-layer route or -1), ...] as numpy. A
+    collective: every rank calls it (the layers must have had record = True)."""
+    out = []
+    for m in layers:
+        sid, route, pred = m.last_routes
+        pred = torch.full_like(route, -1) if pred is None else pred
+        both = torch.cat([sid[:, None, None].expand(-1, route.shape[1], 1), route, pred], 2)
+        if not m.virtual and m.J > 1:
+            parts = [torch.empty_like(both) for _ in range(m.J)]
+            dist.all_gather(parts, both, group=m.group)
+            both = torch.cat(parts)
+        both = both.cpu()
+        both = both[torch.argsort(both[:, 0, 0])]
+        out.append((both[..., 1:1 + m.top_k].numpy(), both[..., 1 + m.top_k:].numpy()))
+    return out
+
+
+class Trace:
+    """A routing trace, what replay_trace reads: an .npz with route and route_next_pred int16
+    [steps, layers, I, S, K], num_experts, and the recorded step numbers. save() rewrites the
+    whole file atomically; a trace reopened with keep_before=step keeps its steps before `step`
+    (a resumed run continues it)."""
+
+    def __init__(self, path, keep_before=0):
+        self.path, self.steps, self.routes = path, [], []
+        if keep_before and os.path.exists(path):
+            old = np.load(path)
+            keep = old["steps"] < keep_before
+            self.steps = old["steps"][keep].tolist()
+            self.routes = [list(zip(r, p)) for r, p in zip(old["route"][keep], old["route_next_pred"][keep])]
+
+    def add(self, step, routes):
+        self.steps.append(step)
+        self.routes.append(routes)
+
+    def save(self, **meta):
+        arrays = dict(route=np.array([[r for r, _ in t] for t in self.routes], dtype=np.int16),
+                      route_next_pred=np.array([[p for _, p in t] for t in self.routes], dtype=np.int16),
+                      steps=np.array(self.steps, dtype=np.int64), **meta)
+        with open(self.path + ".part", "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.path + ".part", self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Ranks: one process per device, for training and the benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+class RankError(RuntimeError):
+    """Ranks could not start as asked, or one of them failed: one line for the user."""
+
+
+def on_cpu(cpu, local_ranks):
+    """Whether ranks run on the CPU: asked for, no GPU, or fewer GPUs than ranks on this host.
+    Spawned ranks then fall back to gloo with a notice; torchrun's ranks stop with a one-line
+    error instead (another node may have the GPUs, and all ranks must pick one backend)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cpu or gpus == 0 or local_ranks <= gpus:
+        return cpu or gpus == 0
+    if "LOCAL_RANK" in os.environ:
+        raise RankError(f"{local_ranks} ranks per node but {gpus} GPU(s) here; pass --cpu to run on the CPU")
+    print(f"note: {gpus} GPU(s) for {local_ranks} processes: running them on the CPU with gloo (--cpu)",
+          file=sys.stderr)
+    return True
+
+
+def start_rank(rank, world, init, cpu):
+    """This process as rank `rank` of `world`: its device (one GPU per local rank) and, with more
+    than one rank, the process group (NCCL on GPUs, gloo on CPU). Returns the device."""
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cpu") if cpu else torch.device("cuda", local)
+    if not cpu:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:
+        dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world,
+                                **({} if cpu else {"device_id": device}))
+    return device
+
+
+def run_ranks(worker, nproc, args, handle_sigint=False):
+    """worker(rank, world, init, *args, out_path) on every rank: this process as one torchrun
+    rank (RANK is set), nproc spawned processes, or this process alone (nproc == 1). Returns the
+    JSON rank 0 wrote to out_path; None on the other torchrun ranks. A failing spawned rank
+    becomes a RankError of one line. With handle_sigint, Ctrl-C goes to the spawned ranks only
+    (they save and stop)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        if "RANK" in os.environ:
+            worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", *args, out)
+            if int(os.environ["RANK"]) != 0:
+                return None
+        elif nproc == 1:
+            worker(0, 1, None, *args, out)
+        else:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if handle_sigint else None
+            try:
+                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), *args, out),
+                         nprocs=nproc, join=True)
+            except mp.ProcessRaisedException as e:
+                last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+                if last.startswith("click.exceptions."):   # a message meant for the user as it is
+                    last = last.split(": ", 1)[-1]
+                raise RankError(f"a rank failed: {last}") from None
+            except mp.ProcessExitedException as e:
+                raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
+            finally:
+                if handle_sigint:
+                    signal.signal(signal.SIGINT, old)
+        with open(out) as f:
+            return json.load(f)

@@ -7,12 +7,12 @@ setup(
     name="netmoe",
     version="0.1.0",
     description="NetMoE (ICLR 2025): MoE training with dynamic sample placement",
-    py_modules=["netmoe", "train_gpt"],
+    py_modules=["netmoe", "train_gpt", "bench"],
     ext_modules=cythonize([Extension("km", ["km.pyx"], include_dirs=[np.get_include()],
                                      extra_compile_args=["-O3"], language="c++")],
                           compiler_directives={"language_level": 3}),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "click"],
-    # scipy: a test oracle and benchmark baseline only; matplotlib: `train_gpt.py plot` only
+    # scipy: a test oracle and benchmark baseline only; matplotlib: `bench.py plot` only
     extras_require={"test": ["pytest", "scipy"], "plot": ["matplotlib"]},
 )

@@ -1,0 +1,577 @@
+"""netmoe benchmarks and plots: the paper's tables measured on this machine.
+
+  python bench.py solver                      # Algorithm 1's Solve (paper Table 4), CPU
+  python bench.py kernels                     # kernels.cu against the torch code it replaces (CUDA)
+  python bench.py layer --virtual-world 32 --topology 4x8   # one MoE-GPT-S layer on one GPU
+  python bench.py layer --nproc 2             # the same over 2 GPUs (or CPU processes), static vs NetMoE
+  python bench.py a2a --nproc 4 --topology 2x2   # Eq. 1 against timed All-to-Alls
+  python bench.py plot results/*.json         # a PNG beside each JSON (needs matplotlib)
+
+Every timing is a median over repeats after warm-up, with CUDA events on a GPU. Ratios are
+measured side by side in one run. Under torchrun, layer and a2a run on torchrun's ranks.
+"""
+import json
+import os
+import time
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import netmoe
+from train_gpt import TOPOLOGY, one_line_errors, table
+
+
+@click.group()
+def cli():
+    """Benchmarks: solver (CPU; the window on GPU), kernels (CUDA), layer and a2a (GPUs or CPU processes), plot."""
+
+
+def routed_num(rng, I, E, S=1024, K=2, concentration=0.3):
+    """Per-sample expert counts with some data locality: each sample prefers a few experts."""
+    prefs = rng.dirichlet(np.full(E, concentration), size=I)
+    return np.stack([rng.multinomial(S * K, p) for p in prefs])
+
+
+def bench_solver(repeats, max_expanded, echo):
+    rng = np.random.default_rng(0)
+    try:
+        import scipy  # noqa: F401  (baseline only)
+        methods = ["capacitated", "km", "scipy"]
+    except ImportError:
+        methods = ["capacitated", "km"]
+    cases = [("2x8", 16 * b) for b in (2, 4, 8, 16, 24)] + [("4x8", 1024), ("16x8", 8192)]
+    rows, results = [], []
+    paper = {32: 0.08, 64: 0.48, 128: 1.48, 256: 10.82, 384: 31.09}   # Table 4, KM ms (J = 16)
+    paper_window = {32: 3.69, 64: 7.13, 128: 13.50, 256: 27.31, 384: 41.65}   # Table 4, scatter + compute
+    for spec, I in cases:
+        topo = netmoe.Topology.parse(spec)
+        E = 2 * topo.world
+        num, nxt = routed_num(rng, I, E), routed_num(rng, I, E)
+        c = (netmoe.placement_costs(num, topo)[0] + netmoe.placement_costs(nxt, topo)[0])
+        times, costs = {}, {}
+        for m in methods:
+            if m != "capacitated" and I > max_expanded:
+                continue
+            ts = []
+            for _ in range(repeats if m == "capacitated" or I <= 512 else max(3, repeats // 10)):
+                t = time.perf_counter()
+                dest = netmoe.solve_placement(num, topo, num_next=nxt, method=m)
+                ts.append(time.perf_counter() - t)
+            times[m] = float(np.median(ts)) * 1e3
+            costs[m] = int(c[np.arange(I), topo.node_of(dest)].sum())
+        same = "yes" if len(set(costs.values())) == 1 else f"NO {costs}"
+        window = solver_window(I // topo.world, topo, torch.cuda.is_available()) if spec == "2x8" else {}
+        r = dict(topology=spec, I=I, I_per_J=I // topo.world, **{f"{m}_ms": times.get(m) for m in methods},
+                 paper_km_ms=paper.get(I) if spec == "2x8" else None, **window,
+                 paper_window_ms=paper_window.get(I) if spec == "2x8" else None, same_optimum=same)
+        results.append(r)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        rows.append([spec, I, I // topo.world] + [fmt(times.get(m)) for m in methods] +
+                    [fmt(times[m] / times["capacitated"]) if m in times else "-" for m in methods[1:]] +
+                    [fmt(r["paper_km_ms"]), fmt(window.get("compute_ms")), fmt(window.get("scatter_model_ms")),
+                     fmt(r["paper_window_ms"]), same])
+    echo(table(["topology", "I", "I/J"] + [f"{m} ms" for m in methods] + [f"{m}/capacitated" for m in methods[1:]]
+               + ["paper KM ms", "experts ms (GPU)", "scatter ms (Eq.1)", "paper scatter+compute ms",
+                  "same optimum"], rows))
+    return results
+
+
+def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
+    """The window the solver hides in (Table 4's last column) at I/J = b for MoE-GPT-S on this GPU:
+    one device's expert compute, measured (E/J = 2 experts, b * S * K rows split evenly, forward,
+    bf16 autocast, CUDA events, median), and the scatter, modelled by Eq. 1 with the topology's
+    bandwidths for routing without locality (each device sends (G - 1) / J of its rows to its own
+    node and (J - G) / J to others). One GPU cannot time a 16-GPU scatter. Without a GPU
+    (measure=False) only the scatter."""
+    J, G = topo.world, topo.gpus_per_node
+    rows = b * J * S * K   # cluster-wide routed tokens
+    out = dict(scatter_model_ms=1e3 * netmoe.a2a_time(dict(intra=rows * (G - 1) // J, inter=rows * (J - G) // J),
+                                                      topo, 4 * hidden))
+    if not measure:
+        return out
+    dev = torch.device("cuda")
+    layer = netmoe.MoELayer(hidden, 4 * hidden, 2, K).to(dev)
+    n = b * S * K
+    x, g = torch.randn(n, hidden, device=dev), torch.rand(n, device=dev)
+    k0, local = (torch.arange(n, device=dev) % K == 0).float(), torch.arange(n, device=dev) % 2
+    ts = []
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        for i in range(reps + 5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            layer._experts(x, g, k0, local, [n // 2, n - n // 2])
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 5:
+                ts.append(start.elapsed_time(end))
+    return dict(out, compute_ms=float(np.median(ts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
+def plot(files, smooth):
+    """PNG beside each result JSON: solver time vs I (bench solver), measured vs modelled
+    All-to-All (bench a2a), inter-node tokens per step over training (train / compare), or per
+    placement and stage of training (simulate). Needs matplotlib (pip install matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
+    skipped = []
+    for path in files:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except ValueError as e:
+            raise click.ClickException(f"{path} is not JSON: {e}") from None
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        if isinstance(res, list) and res and "capacitated_ms" in res[0]:
+            rows = [dict(r, window_ms=r["compute_ms"] + r["scatter_model_ms"] if r.get("compute_ms") else None)
+                    for r in res if r["topology"] == "2x8"]
+            I = [r["I"] for r in rows]
+            for key, label in (("capacitated_ms", "ours (capacitated)"), ("km_ms", "our KM, I x I"),
+                               ("scipy_ms", "scipy, I x I"), ("paper_km_ms", "paper's KM"),
+                               ("window_ms", "window: experts (this GPU) + scatter (Eq. 1)"),
+                               ("paper_window_ms", "paper's window: scatter + compute")):
+                pts = [(i, r[key]) for i, r in zip(I, rows) if r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), "--" if "window" in label else "-o", label=label, ms=3)
+            ax.set(xscale="log", yscale="log", xlabel="I (samples, J = 16 as 2x8)", ylabel="ms",
+                   title="Solve time (Table 4)")
+        elif isinstance(res, dict) and "cases" in res and "fit" in res:
+            for kind in sorted({c["kind"] for c in res["cases"]}):
+                pts = [(c["model_ms"], c["measured_ms"]) for c in res["cases"] if c["kind"] == kind]
+                ax.plot(*zip(*pts), "o", ms=3, label=kind)
+            top = max(max(c["model_ms"], c["measured_ms"]) for c in res["cases"])
+            ax.plot([0, top], [0, top], "k:", lw=0.8, label="model = measured")
+            ax.set(xlabel="Eq. 1 with fitted alpha and bandwidth, ms", ylabel="measured All-to-All, ms",
+                   title=f"Cost model check, {res['options']['nproc']} ranks as "
+                         f"{res['options']['topology'] or '1x%d' % res['options']['nproc']}")
+        elif isinstance(res, dict) and "by_stage" in res.get("results", {}):
+            stages = res["results"]["by_stage"]
+            x = [sum(g["steps"]) / 2 for g in stages]
+            for name in res["results"]:
+                if name != "by_stage":
+                    ax.plot(x, [g[name]["inter"] for g in stages], "-o", ms=3, label=name)
+            ax.set(xlabel="training step (middle of each stage)", ylabel="inter-node tokens / step",
+                   title=f"{res['topology']}: inter-node routed tokens, replayed")
+        elif isinstance(res, dict) and "runs" in res:
+            k = max(1, smooth)
+            for name, r in res["runs"].items():
+                v = np.add(r["volume"]["scatter"]["inter"], r["volume"]["gather"]["inter"]).astype(float)
+                if len(v) >= k:
+                    ax.plot(np.arange(k - 1, len(v)), np.convolve(v, np.ones(k) / k, "valid"), label=name)
+                for rl in r.get("relayouts", []):
+                    if rl.get("applied"):
+                        ax.axvline(rl["step"], color="grey", lw=0.6, ls=":")
+            ax.set(xlabel="step", ylabel="inter-node tokens / step",
+                   title=f"{res['config']['topology']}: inter-node routed tokens ({k}-step mean)")
+        else:
+            plt.close(fig)
+            skipped.append(path)
+            continue
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = os.path.splitext(path)[0] + ".png"
+        fig.savefig(out)
+        plt.close(fig)
+        click.echo(f"wrote {out}")
+    if skipped:
+        click.echo(f"skipped (not a bench solver / a2a, train / compare or simulate JSON): {', '.join(skipped)}")
+        if len(skipped) == len(files):
+            raise click.ClickException("nothing to plot")
+
+
+
+def _write_json(path, obj):
+    if path:
+        with open(path + ".part", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".part", path)
+
+
+def _run_bench(worker, o):
+    """worker(rank, world, init, o, out_path) on o["nproc"] ranks (spawned, or torchrun's, whose
+    world and nodes x local ranks then give --nproc and the default topology); rank 0's JSON,
+    None on the other torchrun ranks."""
+    if "RANK" in os.environ:
+        o["nproc"] = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"]))
+        o["topology"] = o["topology"] or netmoe.Topology(o["nproc"] // local, local)
+    o["topology"] = o["topology"] or netmoe.Topology(1, o["nproc"])
+    if o["topology"].world != o["nproc"]:
+        raise click.UsageError(f"topology {o['topology']} does not have {o['nproc']} devices (--nproc)")
+    with one_line_errors():
+        o["cpu"] = netmoe.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
+        return netmoe.run_ranks(worker, o["nproc"], (o,))
+
+
+@cli.command("solver")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--max-expanded", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="largest I for the I x I baselines")
+@click.option("--json", "json_path", default=None)
+def solver_cmd(repeats, max_expanded, json_path):
+    """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4)."""
+    click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
+    _write_json(json_path, bench_solver(repeats, max_expanded, click.echo))
+
+
+@cli.command("kernels")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "json_path", default=None)
+def kernels_cmd(repeats, json_path):
+    """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench kernels needs a CUDA device")
+    _write_json(json_path, bench_kernels(click.echo, reps=repeats))
+
+
+def bench_kernels(echo=print, reps=50, sets=4):
+    """Time each op of kernels.cu against the torch code it replaces, on an NVIDIA GPU.
+
+    Shapes: (a) the paper's per-GPU layer, B=4 samples of S=1024 tokens, K=2, E=64 on J=32
+    devices (4x8); (b) a large one, B=16, S=4096, K=8, E=256 (4x8). GPU ops are timed with CUDA
+    events, median of `reps` runs after warm-up, inputs rotated over `sets` fresh sets, and L2
+    wiped (a 256 MB write) before each run so no run reads the last one's data from cache; the
+    wipe also keeps the GPU busy while the host queues the op, so launch latency on the host is
+    not counted. placement_costs' reference is numpy on the CPU, so both sides of that row are
+    wall-clock times including the copy to the host that the solver needs anyway.
+    The floor: a 1 GiB device-to-device copy (bytes read + written over its time); each op's
+    achieved rate is the bytes it must move (inputs read once, outputs written once) over its time.
+    Returns one dict per row."""
+    ops = netmoe.hot_path("cuda")
+    if ops is netmoe.REFERENCE_OPS:
+        raise RuntimeError("kernels.cu did not build: nothing to benchmark")
+    ref = netmoe.REFERENCE_OPS
+    dev = torch.device("cuda")
+    wipe = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+
+    def gpu_ms(fn, inputs):
+        for args in inputs * 2:   # warm-up: module load, allocator, clocks
+            fn(*args)
+        torch.cuda.synchronize()
+        events = []
+        for r in range(reps):
+            wipe.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*inputs[r % len(inputs)])
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return float(np.median([s.elapsed_time(e) for s, e in events]))
+
+    def wall_ms(fn, inputs):
+        for args in inputs * 2:
+            fn(*args)
+        times = []
+        for r in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(*inputs[r % len(inputs)])
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(times))
+
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    copy_ms = gpu_ms(lambda: dst.copy_(big), [()])
+    copy_bw = 2 * big.numel() / copy_ms / 1e6   # GB/s
+    del big, dst
+    tiny = torch.zeros(1, device=dev)
+    launch_ms = gpu_ms(lambda: tiny.add_(1), [()])
+    echo(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_bw:.0f} GB/s, "
+         f"one tiny kernel {launch_ms * 1e3:.1f} us")
+
+    rows = []
+    for label, B, S, K, E, topo in (("paper", 4, 1024, 2, 64, "4x8"), ("large", 16, 4096, 8, 256, "4x8")):
+        topo = netmoe.Topology.parse(topo)
+        J, I = topo.world, B * topo.world
+        shape = f"{label} B={B} S={S} K={K} E={E} J={J}"
+        El = E // J
+        cases = {name: [] for name in ("count_tokens", "placement_costs", "dispatch_order", "gather_order")}
+        for _ in range(sets):
+            route_all = torch.randint(E, (I, S, K), device=dev)   # the whole global batch's routing
+            route = route_all[:B].contiguous()                    # this rank's samples
+            num = ops.count_tokens(route_all, E)
+            ed = torch.as_tensor(netmoe.default_expert_device(E, J), device=dev)
+            slot = torch.randperm(E, device=dev)
+            # rank 0's expert side, laid out as MoELayer._forward_ep receives it: (source, expert, b)
+            cnt = num[:, :El].reshape(J, B, El).permute(0, 2, 1).reshape(-1)
+            src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, El, B).reshape(-1).repeat_interleave(cnt)
+            dest = torch.randperm(I, device=dev) // B
+            cases["count_tokens"].append((route, E))
+            cases["placement_costs"].append((num, ed))
+            cases["dispatch_order"].append((route, slot))
+            cases["gather_order"].append((src, dest, I))
+        n_route, n_src = route.numel(), src.numel()
+        moved = {   # bytes each op must read + write
+            "count_tokens": n_route * 8 + B * E * 8,
+            "placement_costs": I * E * 8 + E * 8 + I * (topo.nodes + J) * 8,
+            "dispatch_order": n_route * 8 + E * 8 + n_route * 8,
+            "gather_order": n_src * 8 + I * 8 + n_src * 8,
+        }
+        timings = {
+            "count_tokens": (gpu_ms(ref.count_tokens, cases["count_tokens"]),
+                             gpu_ms(ops.count_tokens, cases["count_tokens"])),
+            "placement_costs": (
+                wall_ms(lambda num, ed: netmoe.placement_costs(num, topo, ed.cpu()), cases["placement_costs"]),
+                wall_ms(lambda num, ed: [t.cpu() for t in ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node)],
+                        cases["placement_costs"])),
+            "dispatch_order": (gpu_ms(ref.dispatch_order, cases["dispatch_order"]),
+                               gpu_ms(ops.dispatch_order, cases["dispatch_order"])),
+            "gather_order": (gpu_ms(ref.gather_order, cases["gather_order"]),
+                             gpu_ms(ops.gather_order, cases["gather_order"])),
+        }
+        for name, (t_ref, t_cuda) in timings.items():
+            gbs = moved[name] / t_cuda / 1e6
+            rows.append(dict(kernel=name, shape=shape, n=n_src if name == "gather_order" else n_route,
+                             torch_ms=t_ref, cuda_ms=t_cuda, speedup=t_ref / t_cuda, bytes=moved[name],
+                             gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw,
+                             timing="wall, incl. copy to host" if name == "placement_costs" else "cuda events"))
+        if label == "large":
+            pc = cases["placement_costs"][0]
+            rows.append(dict(kernel="placement_costs (gpu only)", shape=shape, n=I * E,
+                             torch_ms=float("nan"),
+                             cuda_ms=gpu_ms(lambda num, ed: ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node), [pc]),
+                             speedup=float("nan"), bytes=moved["placement_costs"], copy_gb_s=copy_bw,
+                             timing="cuda events"))
+            rows[-1]["gb_s"] = rows[-1]["bytes"] / rows[-1]["cuda_ms"] / 1e6
+            rows[-1]["copy_frac"] = rows[-1]["gb_s"] / copy_bw
+
+    echo(f"{'kernel':<27} | {'shape':<34} | {'torch ms':>9} | {'cuda ms':>8} | {'speedup':>7} | "
+         f"{'GB/s':>7} | {'% of copy bw':>12}")
+    for r in rows:
+        echo(f"{r['kernel']:<27} | {r['shape']:<34} | {r['torch_ms']:>9.4f} | {r['cuda_ms']:>8.4f} | "
+             f"{r['speedup']:>6.1f}x | {r['gb_s']:>7.0f} | {100 * r['copy_frac']:>11.1f}%")
+    return rows
+
+
+def _a2a_bench_worker(rank, world, init, o, out_path):
+    """Eq. 1 against timed All-to-Alls: profile each tier, then time traffic matrices and predict."""
+    device = netmoe.start_rank(rank, world, init, o["cpu"])
+    cuda = device.type == "cuda"
+    topo = o["topology"]
+    H, J = o["hidden"], world
+    node = np.arange(J) // topo.gpus_per_node
+    same, eye = node[:, None] == node[None], np.eye(J, dtype=bool)
+    tiers = {"intra": same & ~eye, "inter": ~same}
+
+    def timed(T):   # T[j, k]: tokens j sends k; median over repeats of the slowest rank
+        send, recv = [int(v) for v in T[rank]], [int(v) for v in T[:, rank]]
+        x = torch.full((sum(send), H), float(rank), device=device)
+        y = torch.empty(sum(recv), H, device=device)
+        ts = []
+        for it in range(o["warmup"] + o["repeats"]):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            dist.all_to_all_single(y, x, recv, send)
+            if cuda:
+                torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t) * 1e3)
+        src = torch.repeat_interleave(torch.arange(J, device=device), torch.tensor(recv, device=device))
+        if not torch.equal(y[:, 0], src.float()):   # each row came from the rank the split sizes say
+            raise RuntimeError("All-to-All delivered rows from the wrong ranks")
+        ts = torch.tensor(ts[o["warmup"]:], dtype=torch.float64, device=device)
+        dist.all_reduce(ts, op=dist.ReduceOp.MAX)
+        return float(ts.median())
+
+    bpt = 4 * H
+    volume = lambda T: {t: int(T[m].sum()) for t, m in tiers.items()}
+    fit = {}
+    for tier, mask in tiers.items():   # Eq. 1 per tier: t = alpha + bytes / v, least squares over sizes
+        if not mask.any():
+            continue
+        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in o["sizes"]]
+        slope, alpha = np.polyfit(*zip(*pts), 1)
+        fit[tier] = dict(alpha_ms=max(float(alpha), 0.0), bw=1e3 / slope if slope > 0 else float("inf"), points=pts)
+    model = netmoe.Topology(topo.nodes, topo.gpus_per_node,
+                            **{f"{t}_{k}": v for t in ("intra", "inter") if t in fit
+                               for k, v in (("bw", fit[t]["bw"]), ("lat", fit[t]["alpha_ms"] / 1e3))})
+    rng = np.random.default_rng(o["seed"])   # the same matrices on every rank
+    cases = []
+    for c in range(o["cases"]):
+        if c % 2 == 0:   # skewed: each device's rows spread by a Dirichlet draw
+            T = np.stack([rng.multinomial(o["tokens"], rng.dirichlet(np.full(J, 0.3))) for _ in range(J)])
+            kind = "skewed"
+        else:   # what NetMoE's gather sends, on counts with locality
+            num = routed_num(rng, o["batch"] * J, 2 * J, S=o["tokens"] // (2 * o["batch"]))
+            T = netmoe.pair_traffic(num, netmoe.solve_placement(num, topo), topo).T
+            kind = "netmoe gather"
+        v = volume(T)
+        cases.append(dict(kind=kind, intra_bytes=v["intra"] * bpt, inter_bytes=v["inter"] * bpt,
+                          measured_ms=timed(T), model_ms=1e3 * netmoe.a2a_time(v, model, bpt)))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(dict(fit=fit, cases=cases), f)
+    dist.destroy_process_group()
+
+
+@cli.command("a2a", short_help="the cost model (Eq. 1) against timed All-to-Alls")
+@click.option("--nproc", type=click.IntRange(min=2), default=4, show_default=True, help="GPUs (or CPU processes) to spawn")
+@click.option("--topology", type=TOPOLOGY, default=None, help="NxG virtual nodes; default 1xNPROC")
+@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="row width: fp32 rows of MoE-GPT-S")
+@click.option("--tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="rows each device sends in a test case")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J for the NetMoE cases")
+@click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
+@click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
+@click.option("--json", "json_path", default=None)
+def bench_a2a_cmd(json_path, **o):
+    """Does Eq. 1 predict real All-to-Alls? Profiles alpha and bandwidth per tier (as the paper
+    does), then times skewed and NetMoE-produced traffic matrices against the fitted model."""
+    try:
+        o["sizes"] = [int(v) for v in o["sizes"].split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{o['sizes']!r} is not a comma-separated list of integers", param_hint="--sizes")
+    if len(o["sizes"]) < 2 or min(o["sizes"]) < 1:
+        raise click.BadParameter("give at least two positive sizes to fit a line through", param_hint="--sizes")
+    res = _run_bench(_a2a_bench_worker, o)
+    if res is None:   # a torchrun rank other than 0
+        return
+    for tier, f in res["fit"].items():
+        click.echo(f"{tier}: alpha {f['alpha_ms']:.4f} ms, bandwidth " +
+                   (f"{f['bw'] / 1e9:.1f} GB/s (cluster-wide bytes)" if np.isfinite(f["bw"]) else
+                    "unresolved: the time did not grow with size over --sizes (try larger sizes)"))
+    err = np.array([c["model_ms"] / c["measured_ms"] - 1 for c in res["cases"]])
+    rows = []
+    for kind in sorted({c["kind"] for c in res["cases"]}):
+        e = np.array([abs(x) for x, c in zip(err, res["cases"]) if c["kind"] == kind])
+        rows.append([kind, len(e), f"{np.median(e) * 100:.1f}%", f"{np.percentile(e, 90) * 100:.1f}%",
+                     f"{e.max() * 100:.1f}%"])
+    click.echo(f"Eq. 1 against measured, {len(err)} traffic matrices, {o['nproc']} ranks as "
+               f"{o['topology']}; |model / measured - 1|:")
+    click.echo(table(["matrices", "n", "median", "p90", "max"], rows))
+    res["options"] = dict(o, topology=str(o["topology"]))
+    _write_json(json_path, res)
+
+
+def _layer_bench_worker(rank, world, init, o, out_path):
+    """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike; on
+    one process with virtual_world=J, all J devices' work on one device."""
+    device = netmoe.start_rank(rank, world, init, o["cpu"])
+    cuda = device.type == "cuda"
+    topo, J, H, S, K = o["topology"], o["topology"].world, o["hidden"], o["seq_len"], o["top_k"]
+    E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)
+    virtual = dict(virtual_world=J) if world == 1 else {}
+    layers = {}
+    for name in ("static", "netmoe, samples kept in place", "netmoe"):
+        torch.manual_seed(0)
+        layer = netmoe.MoELayer(H, 4 * H, E, K, "static" if name == "static" else "netmoe", topology=topo, **virtual)
+        layer.keep_in_place = "kept" in name   # all of NetMoE's work, then no move
+        layers[name] = layer.to(device)
+    torch.manual_seed(1)
+    nxt = netmoe.MoELayer(H, 4 * H, E, K, topology=topo, **virtual).to(device)   # for the lookahead
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(B, S, H, generator=g).to(device).requires_grad_()
+    sid = torch.arange(rank * B, (rank + 1) * B, device=device)
+    # the experts' matrix products alone, on the same rows spread evenly over the local experts
+    n_local = len(layers["static"].local_experts)
+    rows = torch.randn(B * S * K, H, generator=g).to(device).requires_grad_()
+    expert = torch.arange(B * S * K, device=device) * n_local // (B * S * K)
+    counts = torch.bincount(expert, minlength=n_local).tolist()
+    runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
+            "experts only": lambda: (layers["static"]._experts(rows, expert, counts), None, 0.0)}
+    times = {n: [] for n in runs}
+    for it in range(o["warmup"] + o["repeats"]):
+        for name, run in runs.items():
+            if world > 1:
+                dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                y, _, aux = run()
+            (y.float().square().mean() + aux).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if it >= o["warmup"]:
+                times[name].append((time.perf_counter() - t) * 1e3)
+        for layer in layers.values():
+            if it < o["warmup"]:
+                layer.pop_stats()
+    # expert FLOPs of forward + backward: 6 per weight per row, two H x 4H matrices, K rows a token
+    flops = 6 * B * S * K * 8 * H * H
+    out = {}
+    for name in runs:
+        st = layers[name].pop_stats() if name in layers else netmoe.MoEStats()
+        ms = float(np.median(times[name]))
+        out[name] = dict(ms=ms, tflops=flops / ms / 1e9, a2a_ms=st.a2a_ms / o["repeats"],
+                         solver_ms=st.solver_ms / o["repeats"], exposed_ms=st.solver_exposed_ms / o["repeats"],
+                         gather_inter=st.gather["inter"] / o["repeats"], gather_intra=st.gather["intra"] / o["repeats"],
+                         moved_device=st.moved_device / max(st.samples, 1))
+    per_rank = [out] * world
+    if world > 1:
+        dist.all_gather_object(per_rank, out)
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(per_rank, f)
+
+
+@cli.command("layer")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs (or CPU processes) to spawn")
+@click.option("--virtual-world", type=click.IntRange(min=1), default=None,
+              help="one process doing all J devices' work (needs --nproc 1)")
+@click.option("--topology", type=TOPOLOGY, default=None, help="NxG; default 1xJ")
+@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="MoE-GPT-S: 768")
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J")
+@click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
+@click.option("--json", "json_path", default=None)
+def layer_cmd(json_path, virtual_world, **o):
+    """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
+    and the experts' matrix products alone; bf16 autocast on a GPU."""
+    if virtual_world:
+        if o["nproc"] != 1:
+            raise click.UsageError("--virtual-world runs in one process; drop --nproc")
+        o["topology"] = o["topology"] or netmoe.Topology(1, virtual_world)
+        if o["topology"].world != virtual_world:
+            raise click.UsageError(f"topology {o['topology']} does not have {virtual_world} devices")
+        with one_line_errors():
+            o["cpu"] = netmoe.on_cpu(o["cpu"], 1)
+            per_rank = netmoe.run_ranks(_layer_bench_worker, 1, (o,))
+    else:
+        per_rank = _run_bench(_layer_bench_worker, o)
+    if per_rank is None:
+        return
+    med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}
+    base = med["static"]["ms"]
+    J = o["topology"].world
+    click.echo(f"MoE layer fwd+bwd, H={o['hidden']}, S={o['seq_len']}, I={o['batch'] * J}, "
+               f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}"
+               f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
+               f"TFLOP/s counts the experts' matrix products only")
+    click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",
+                      "solver exposed ms", "gather inter", "gather intra", "moved dev"],
+                     [[n, m["ms"], f"{(m['ms'] / base - 1) * 100:+.1f}%", m["tflops"], m["a2a_ms"], m["solver_ms"],
+                       m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
+                      for n, m in med.items()]))
+    _write_json(json_path, dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
+                                per_rank=per_rank, median=med))
+
+
+if __name__ == "__main__":
+    cli()
