@@ -6,8 +6,8 @@ most of that sample's experts, chosen by an exact two-stage assignment (Algorith
 rides on the gather that happens anyway, every device keeps I/J samples, and the maths of
 training is unchanged. This file, in data-flow order:
 
-  1. topology and cost model    Topology, count_tokens (Eq. 2), placement_costs (Eq. 8),
-                                traffic (Eq. 3-4), a2a_time (Eq. 1)
+  1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, placement_costs
+                                (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1)
   2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers)
   3. All-to-All                 autograd functions over all_to_all_single with uneven splits
   4. the layer                  MoELayer (gate, scatter, experts with inlined residual, gather)
@@ -101,6 +101,29 @@ def count_tokens(route, num_experts):
     return num.scatter_add_(1, flat, torch.ones_like(flat))
 
 
+def node_counts(route, expert_node, nodes):
+    """nc[i, n] = tokens of sample i with at least one of their K experts on node n (expert e on
+    node expert_node[e]): the rows the node exchange sends to node n, one per (token, node).
+
+    route: [I, S, K] expert ids; expert_node: [E] node ids. Returns an int64 torch tensor [I, N]
+    on route's device. The reference of the CUDA kernel of the same name."""
+    route = torch.as_tensor(route)
+    expert_node = torch.as_tensor(expert_node, device=route.device)
+    if route.dim() != 3 or route.dtype.is_floating_point:
+        raise ValueError(f"route must be an integer tensor [I, S, K], got {tuple(route.shape)} {route.dtype}")
+    if expert_node.dim() != 1 or expert_node.dtype.is_floating_point:
+        raise ValueError(f"expert_node must be an integer tensor [E], got {tuple(expert_node.shape)} "
+                         f"{expert_node.dtype}")
+    if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) or nodes < 1:
+        raise ValueError(f"nodes must be a positive integer, got {nodes!r}")
+    if route.numel() and (route.min() < 0 or route.max() >= len(expert_node)):
+        raise ValueError(f"route holds expert ids outside [0, {len(expert_node)})")
+    if expert_node.numel() and (expert_node.min() < 0 or expert_node.max() >= nodes):
+        raise ValueError(f"expert_node holds node ids outside [0, {nodes})")
+    hit = torch.zeros(route.shape[:2] + (nodes,), dtype=torch.bool, device=route.device)
+    return hit.scatter_(2, expert_node.long()[route.long()], True).sum(1)
+
+
 def dispatch_order(route, slot):
     """Scatter layout: the stable permutation of the B*S*K (token, k) pairs of route [B, S, K] that
     groups them by slot[expert] (device-major expert position). Stability keeps (b, s, k) order
@@ -115,13 +138,13 @@ def gather_order(src, dest, num_samples):
 
 
 # kernels.cu's ops in plain torch, under the kernels' names: what each kernel is tested against
-REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, dispatch_order=dispatch_order,
-                                      gather_order=gather_order)
+REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, node_counts=node_counts,
+                                      dispatch_order=dispatch_order, gather_order=gather_order)
 _KERNELS = None
 
 
 def hot_path(device):
-    """count_tokens / dispatch_order / gather_order for tensors on `device`: the kernels of
+    """count_tokens / node_counts / dispatch_order / gather_order for tensors on `device`: the kernels of
     kernels.cu on CUDA (built on first use), else the torch references above. Same results."""
     global _KERNELS
     if torch.device(device).type != "cuda" or os.environ.get("NETMOE_NO_KERNELS") == "1":
@@ -195,59 +218,104 @@ def _check_num(num, topo, name="num"):
     return num
 
 
-def placement_costs(num, topo, expert_device=None):
-    """Eq. 8. c[i, n]: tokens of sample i whose experts are NOT on node n (inter-node volume if i
-    sits on node n). c_intra[i, j]: tokens of sample i whose experts are on Node(j) but not on j."""
-    num = _check_num(num, topo)
-    return _costs(_device_tokens(num, topo, _check_expert_device(expert_device, num.shape[1], topo.world)), topo)
+def _check_exchange(exchange, node_count, num, topo, ed, name="node_count"):
+    """The node counts the exchange needs (None for the expert exchange), checked against num."""
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    if exchange == "expert":
+        if node_count is not None:
+            raise ValueError(f"{name} is only used by exchange='node'")
+        return None
+    if node_count is None:
+        raise ValueError(f"exchange='node' needs {name} [I, N]: netmoe.node_counts(route, expert_device // G, N)")
+    nc = _check_num(node_count, topo, name)
+    if nc.shape != (num.shape[0], topo.nodes):
+        raise ValueError(f"{name} must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
+    per_node = _device_tokens(num, topo, ed)[1]
+    if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
+        raise ValueError(f"{name} does not fit the counts: a token counts on node n only if one of its "
+                         f"experts is there (compute it with the same expert layout)")
+    return nc
 
 
-def _costs(tokens, topo):
+def _volumes(tokens, topo, nc=None):
+    """Rows sample i sends, for every place it could sit: inter [I, N] across nodes if it sits on
+    node n, intra [I, J] across devices inside a node if it sits on device j, local [I, J] that
+    stay on j. Eq. 8's costs are the first two; Eq. 3-4's volumes are all three read where the
+    sample sits (scatter and gather move the same rows, in opposite directions).
+    Expert exchange (nc None): one row per (token, expert) straight to the expert's device.
+    Node exchange (nc = node_counts [I, N]): one rail row per (token, other node it needs), then
+    from (m, g) on every node m one NVLink row per (token, k) to the expert's device; a sample on
+    rail g keeps on device only the rows of experts on (m, g), for every m."""
     per_dev, per_node, total = tokens
-    return total[:, None] - per_node, np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev
+    G = topo.gpus_per_node
+    if nc is None:
+        return total[:, None] - per_node, np.repeat(per_node, G, axis=1) - per_dev, per_dev
+    local = np.tile(sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes)), topo.nodes)
+    return nc.sum(1)[:, None] - nc, total[:, None] - local, local
 
 
-def traffic(num, sample_device, topo, expert_device=None):
-    """Eq. 3-4: routed tokens that stay on their device / cross devices inside a node / cross
-    nodes, when sample i sits on sample_device[i]. Scatter and gather move the same pairs."""
+def placement_costs(num, topo, expert_device=None, exchange="expert", node_count=None):
+    """Eq. 8. c[i, n]: rows of sample i that cross nodes if it sits on node n; c_intra[i, j]: rows
+    that cross devices inside a node if it sits on device j. Expert exchange: tokens whose experts
+    are NOT on node n, and on Node(j) but not on j. Node exchange (node_count: node_counts of the
+    same routes and layout): one row per (token, node other than n) it needs, and the rows the
+    NVLink hops move on every node (see _volumes)."""
     num = _check_num(num, topo)
-    sd = _as_int_array(sample_device, "sample_device", 1)
-    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
-        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    return _traffic(_device_tokens(num, topo, ed), sd, topo)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return _volumes(_device_tokens(num, topo, ed), topo, nc)[:2]
+
+
+def _check_sample_device(sd, I, topo, name="sample_device"):
+    sd = _as_int_array(sd, name, 1)
+    if sd.shape[0] != I or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
+        raise ValueError(f"{name} must give each of I={I} samples a device in [0, {topo.world})")
+    return sd
+
+
+def traffic(num, sample_device, topo, expert_device=None, exchange="expert", node_count=None):
+    """Eq. 3-4: rows that stay on their device / cross devices inside a node / cross nodes, when
+    sample i sits on sample_device[i]. Scatter and gather move the same rows. For the node
+    exchange inter counts its rail rows, intra and local its NVLink rows (forwarding included)."""
+    num = _check_num(num, topo)
+    sd = _check_sample_device(sample_device, num.shape[0], topo)
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return _traffic(_volumes(_device_tokens(num, topo, ed), topo, nc), sd, topo)
 
 
 def pair_traffic(num, sample_device, topo, expert_device=None):
     """[J, J] tokens device j sends device k in the scatter when sample i sits on sample_device[i]
-    (the gather sends the transpose): the split sizes of one All-to-All. Its same-node, other-device
-    entries sum to traffic()'s intra, its other-node entries to its inter."""
+    (the gather sends the transpose): the split sizes of one All-to-All of the expert exchange.
+    Its same-node, other-device entries sum to traffic()'s intra, its other-node entries to its inter."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    sd = _as_int_array(sample_device, "sample_device", 1)
-    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
-        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
+    sd = _check_sample_device(sample_device, num.shape[0], topo)
     per_dev = _device_tokens(num, topo, ed)[0]   # [I, J]
     out = np.zeros((topo.world, topo.world), dtype=np.int64)
     np.add.at(out, sd, per_dev)
     return out
 
 
-def _traffic(tokens, sample_device, topo):
-    per_dev, per_node, total = tokens
-    rows = np.arange(len(total))
-    local = per_dev[rows, sample_device]
-    same_node = per_node[rows, topo.node_of(sample_device)]
-    return {"local": int(local.sum()), "intra": int((same_node - local).sum()),
-            "inter": int((total - same_node).sum())}
+def _traffic(volumes, sample_device, topo):
+    inter, intra, local = volumes
+    rows = np.arange(len(inter))
+    return {"local": int(local[rows, sample_device].sum()), "intra": int(intra[rows, sample_device].sum()),
+            "inter": int(inter[rows, topo.node_of(sample_device)].sum())}
 
 
-def a2a_time(volume, topo, bytes_per_token):
-    """Eq. 1: t = max(t_intra, t_inter), t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes."""
+def a2a_time(volume, topo, bytes_per_token, exchange="expert"):
+    """Eq. 1: t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes of tier x. The expert exchange
+    is one All-to-All: t = max(t_intra, t_inter). The node exchange runs its rail hop, then its
+    NVLink hop: t = t_inter + t_intra (a pipelined implementation, as DeepEP's, forwards rows while
+    others still arrive and would approach the max)."""
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
     def term(tokens, lat, bw):
         return lat + tokens * bytes_per_token / bw if tokens else 0.0
-    return max(term(volume["intra"], topo.intra_lat, topo.intra_bw),
-               term(volume["inter"], topo.inter_lat, topo.inter_bw))
+    t = (term(volume["intra"], topo.intra_lat, topo.intra_bw), term(volume["inter"], topo.inter_lat, topo.inter_bw))
+    return max(t) if exchange == "expert" else sum(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,14 +341,16 @@ def _assign(cost, groups, method):
 
 
 def solve_placement(num, topo, num_next=None, expert_device=None, method="capacitated",
-                    expert_device_next=None):
+                    expert_device_next=None, exchange="expert", node_count=None, node_count_next=None):
     """Algorithm 1's Solve: the device each sample goes to in this layer's gather.
 
     Stage 1 puts I/N samples on every node, minimising the summed inter-node cost c (Eq. 8) of this
     gather plus, with lookahead, the next layer's predicted scatter. Stage 2 spreads each node's
     samples over its G devices, I/J each, minimising the summed intra-node cost c_intra. Both are
     exact (capacitated assignment; `method="km"` solves the paper's expanded I x I matrices,
-    `method="scipy"` the same with scipy, for benchmarks).
+    `method="scipy"` the same with scipy, for benchmarks). exchange="node" prices the rows of the
+    node exchange; it needs node_count (node_counts of this layer's routes under expert_device)
+    and, with num_next, node_count_next (of the predicted routes under expert_device_next).
     Integer input and fixed tie-breaking make every rank compute the same dest."""
     num = _check_num(num, topo)
     I, E = num.shape
@@ -291,19 +361,25 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
     if method not in ("capacitated", "km", "scipy"):
         raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
     ed = _check_expert_device(expert_device, E, J)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    nc_next = None
     if num_next is not None:
         num_next = _check_num(num_next, topo, "num_next")
         if num_next.shape != num.shape:
             raise ValueError(f"num_next has shape {num_next.shape}, num has {num.shape}")
         expert_device_next = ed if expert_device_next is None else _check_expert_device(expert_device_next, E, J)
-    return _solve(num, topo, num_next, ed, expert_device_next, method)
+        nc_next = _check_exchange(exchange, node_count_next, num_next, topo, expert_device_next, "node_count_next")
+    elif node_count_next is not None:
+        raise ValueError("node_count_next prices the next layer's scatter: pass num_next with it")
+    return _solve(num, topo, num_next, ed, expert_device_next, method, nc, nc_next)
 
 
-def _solve(num, topo, num_next, ed, ed_next, method="capacitated"):
-    """solve_placement without the checks, for callers that built valid input themselves."""
-    c, c_intra = _costs(_device_tokens(num, topo, ed), topo)
+def _solve(num, topo, num_next, ed, ed_next, method="capacitated", nc=None, nc_next=None):
+    """solve_placement without the checks, for callers that built valid input themselves
+    (nc, nc_next: node counts for the node exchange, None for the expert exchange)."""
+    c, c_intra, _ = _volumes(_device_tokens(num, topo, ed), topo, nc)
     if num_next is not None:
-        cn, cn_intra = _costs(_device_tokens(num_next, topo, ed_next), topo)
+        cn, cn_intra, _ = _volumes(_device_tokens(num_next, topo, ed_next), topo, nc_next)
         c, c_intra = c + cn, c_intra + cn_intra
     node = _assign(c, topo.nodes, method)
     dest = np.empty(len(num), dtype=np.int64)
@@ -413,13 +489,41 @@ def _align(group, d, prev_p, prev_of, k):
     return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
 
 
-def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe"):
+def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe", exchange="expert",
+           routes=None, next_routes=None):
     """MoEStats of one batch through consecutive MoE layers (nums: per layer [I, E] counts, rows
     by sample id): samples start where the data loader put them and follow each layer's gather.
     layouts: per-layer expert maps (default contiguous); nexts: per layer the counts its gather
-    prices the next layer's scatter with (predicted or true; None: no lookahead)."""
+    prices the next layer's scatter with (predicted or true; None: no lookahead).
+    routes: per layer [I, S, K], rows by sample id (nums must be their counts); next_routes: per
+    layer the routes of the next layer that nexts counts (the last layer's are not read), in place
+    of nexts. exchange="node" needs them: its rows depend on each layer's expert map."""
     I, L = len(nums[0]), len(nums)
-    layouts = layouts or [None] * L
+    E, G = np.shape(nums[0])[1], topo.gpus_per_node
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    if placement not in ("netmoe", "static"):
+        raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
+    layouts = [_check_expert_device(ed, E, topo.world) for ed in (layouts or [None] * L)]
+    if exchange == "node" and routes is None:
+        raise ValueError("exchange='node' needs routes: per layer [I, S, K], rows by sample id")
+    if exchange == "node" and nexts is not None and next_routes is None:
+        raise ValueError("exchange='node' with lookahead needs next_routes (the routes nexts counts)")
+    for name, given, counts in (("routes", routes, nums), ("next_routes", next_routes, nexts)):
+        if given is None:
+            continue
+        if len(given) != L and not (name == "next_routes" and len(given) == L - 1):
+            raise ValueError(f"{name} must hold one [I, S, K] array per layer ({L}), got {len(given)}")
+        derived = [count_tokens(r, E).numpy() for r in given[:L - 1 if name == "next_routes" else L]]
+        if counts is not None and any(not np.array_equal(d, c) for d, c in zip(derived, counts)):
+            raise ValueError(f"{'nums' if name == 'routes' else 'nexts'} are not the counts of {name}")
+        if name == "next_routes":
+            nexts = derived + [None]
+    ncs, nc_nexts = [None] * L, [None] * L
+    if exchange == "node":
+        ncs = [node_counts(routes[l], layouts[l] // G, topo.nodes).numpy() for l in range(L)]
+        if next_routes is not None:
+            nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
     cur, acc = static_placement(I, topo.world), MoEStats()
     for l, num in enumerate(nums):
         if placement == "static":
@@ -427,8 +531,9 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         else:
             nxt = nexts[l] if nexts is not None and l + 1 < L else None
             dest = solve_placement(num, topo, num_next=nxt, expert_device=layouts[l],
-                                   expert_device_next=layouts[min(l + 1, L - 1)])
-        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l])
+                                   expert_device_next=layouts[min(l + 1, L - 1)], exchange=exchange,
+                                   node_count=ncs[l], node_count_next=nc_nexts[l] if nxt is not None else None)
+        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l], exchange, ncs[l])
         cur = dest
     return acc
 
@@ -499,7 +604,9 @@ _SOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-solver")
 
 @dataclasses.dataclass
 class MoEStats:
-    """Counters of one or more MoE-layer calls (sum with +). Volumes are routed tokens, cluster-wide."""
+    """Counters of one or more MoE-layer calls (sum with +). Volumes are rows sent, cluster-wide:
+    routed tokens for the expert exchange; for the node exchange inter counts its rail rows, one
+    per (token, node), and intra and local its NVLink rows, one per (token, expert)."""
     scatter: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
     gather: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
     samples: int = 0          # samples that passed through the gathers
@@ -508,7 +615,7 @@ class MoEStats:
     solver_ms: float = 0.0    # time the solver worked
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
-    a2a_model_ms: float = 0.0  # Eq. 1 for the same four All-to-Alls (payload = the residual rows)
+    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (payload = the residual rows)
 
     def __add__(self, other):
         out = MoEStats()
@@ -518,21 +625,25 @@ class MoEStats:
         return out
 
 
-def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
+def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, exchange="expert", node_count=None):
     """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
-    gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four All-to-Alls (forward
-    and backward), and the samples moved. What the layer records, for replays and planning."""
+    gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four exchanges (forward
+    and backward), and the samples moved. What the layer records, for replays and planning.
+    exchange="node" needs node_count, as placement_costs does."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    return _layer_stats(_device_tokens(num, topo, ed), np.asarray(cur), np.asarray(dest), topo, bytes_per_token)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    cur = _check_sample_device(cur, num.shape[0], topo, "cur")
+    dest = _check_sample_device(dest, num.shape[0], topo, "dest")
+    return _layer_stats(_volumes(_device_tokens(num, topo, ed), topo, nc), cur, dest, topo, bytes_per_token, exchange)
 
 
-def _layer_stats(tokens, cur, dest, topo, bytes_per_token):
-    scatter, gather = _traffic(tokens, cur, topo), _traffic(tokens, dest, topo)
+def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
+    scatter, gather = _traffic(volumes, cur, topo), _traffic(volumes, dest, topo)
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
+                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token, exchange) for v in (scatter, gather)))
 
 
 def _timed(fn, *args):
@@ -735,7 +846,8 @@ class MoELayer(nn.Module):
         # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
         gather = self._gather_local if local else self._gather_ep
         out, keep = gather(y, src, pos, dest, tokens[0], ops, (B, S, H))
-        self._stats += _layer_stats(tokens, static_placement(I, self.J), dest, self.topo, x.element_size() * H)
+        self._stats += _layer_stats(_volumes(tokens, self.topo), static_placement(I, self.J), dest, self.topo,
+                                    x.element_size() * H)
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _check_input(self, x, sid):

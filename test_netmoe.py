@@ -516,6 +516,135 @@ def test_pair_traffic_gives_the_split_sizes_behind_traffic():
         assert np.array_equal(T.sum(0), np.bincount(ed, weights=num.sum(0), minlength=J))   # what k's experts get
 
 
+def _random_route(rng, I, S, K, E):
+    """[I, S, K] distinct experts per token, each sample favouring a few (as a top-K gate does)."""
+    fav = rng.dirichlet(np.full(E, 0.3), size=I) + 1e-3
+    return np.stack([[rng.choice(E, K, replace=False, p=f / f.sum()) for _ in range(S)] for f in fav]).reshape(I, S, K)
+
+
+def test_node_counts_match_a_plain_loop():
+    rng = np.random.default_rng(21)
+    for I, S, K, E, N in [(5, 7, 2, 12, 3), (4, 6, 1, 8, 2), (3, 5, 4, 8, 4), (2, 3, 3, 6, 1), (0, 4, 2, 8, 2),
+                          (3, 0, 2, 8, 2)]:
+        route = rng.integers(0, E, size=(I, S, K))
+        expert_node = rng.integers(0, N, size=E)
+        nc = netmoe.node_counts(torch.as_tensor(route), torch.as_tensor(expert_node), N)
+        ref = np.zeros((I, N), dtype=np.int64)
+        for i, s in np.ndindex(I, S):
+            for n in set(expert_node[route[i, s]]):
+                ref[i, n] += 1
+        assert nc.dtype == torch.int64 and np.array_equal(nc.numpy(), ref), (I, S, K, E, N)
+    for bad in (lambda: netmoe.node_counts(torch.ones(2, 3, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), 1),
+                lambda: netmoe.node_counts(torch.zeros(2, 3, 2, dtype=torch.long), torch.full((4,), 2), 2),
+                lambda: netmoe.node_counts(torch.zeros(2, 6, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2),
+                lambda: netmoe.node_counts(torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long), 0)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES + ["3x2"])
+def test_node_exchange_costs_and_volumes_count_the_rows_each_hop_sends(spec):
+    """Brute force over tokens: a sample on (n, g) sends one rail row per (token, node m != n
+    holding any of its experts) to (m, g), then on every node m one NVLink row per (token, k)
+    from (m, g) to the expert's device. The gather is the same rows reversed."""
+    rng = np.random.default_rng(22)
+    topo = netmoe.Topology.parse(spec)
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    E = 2 * J
+    for K in (1, 2, 3):
+        route = _random_route(rng, 2 * J, 5, min(K, E), E)
+        ed = rng.permutation(np.arange(E) // 2)
+        num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
+        c, c_intra = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        sd = rng.integers(0, J, size=len(num))
+        vol = dict(local=0, intra=0, inter=0)
+        for i in range(len(num)):
+            rail = lambda m, j: m * G + j % G   # the device of node m on the rail of device j
+            for n in range(N):
+                assert c[i, n] == sum(len(set(ed[route[i, s]] // G) - {n}) for s in range(route.shape[1]))
+            for j in range(J):
+                assert c_intra[i, j] == sum(ed[e] != rail(ed[e] // G, j) for e in route[i].reshape(-1))
+            for s in range(route.shape[1]):
+                vol["inter"] += len(set(ed[route[i, s]] // G) - {sd[i] // G})
+                for e in route[i, s]:
+                    vol["local" if ed[e] == rail(ed[e] // G, sd[i]) else "intra"] += 1
+        assert netmoe.traffic(num, sd, topo, ed, exchange="node", node_count=nc) == vol
+        flat = netmoe.traffic(num, sd, topo, ed)
+        # one rail row per (token, node) replaces every (token, expert) row to that node
+        assert vol["inter"] <= flat["inter"] and (K > 1 or vol["inter"] == flat["inter"])
+        if N == 1:   # no rails: the two exchanges are the same
+            assert vol == flat
+            assert all(np.array_equal(a, b) for a, b in zip((c, c_intra), netmoe.placement_costs(num, topo, ed)))
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_node_exchange_placement_is_balanced_and_each_stage_is_exactly_optimal(spec, lookahead):
+    rng = np.random.default_rng(23)
+    topo = netmoe.Topology.parse(spec)
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    I, E = J * (8 // J if J <= 8 else 1) if J > 1 else 6, 2 * J
+    for _ in range(3):
+        ed, ed_next = (rng.permutation(np.arange(E) // 2) for _ in range(2))
+        route, nxt = _random_route(rng, I, 6, 2, E), _random_route(rng, I, 6, 2, E)
+        num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
+        kw = dict(num_next=netmoe.count_tokens(nxt, E).numpy(), expert_device_next=ed_next,
+                  node_count_next=netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else {}
+        dest = netmoe.solve_placement(num, topo, expert_device=ed, exchange="node", node_count=nc, **kw)
+        assert dest.dtype == np.int64 and np.array_equal(np.bincount(dest, minlength=J), np.full(J, I // J))
+        c, ci = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        if lookahead:
+            cn, cin = netmoe.placement_costs(kw["num_next"], topo, ed_next, exchange="node",
+                                             node_count=kw["node_count_next"])
+            c, ci = c + cn, ci + cin
+        node = dest // G
+        best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
+        assert c[np.arange(I), node].sum() == best1
+        for n in range(N):
+            m = np.flatnonzero(node == n)
+            sub = ci[m][:, n * G:(n + 1) * G]
+            best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
+            assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+
+
+def test_eq1_time_of_the_node_exchange_adds_its_two_hops():
+    topo = netmoe.Topology(2, 4, intra_lat=1e-6, inter_lat=5e-6)
+    v = dict(local=7, intra=40, inter=10)
+    t_intra, t_inter = 1e-6 + 40 * 64 / 400e9, 5e-6 + 10 * 64 / 100e9
+    assert netmoe.a2a_time(v, topo, 64) == pytest.approx(max(t_intra, t_inter))
+    assert netmoe.a2a_time(v, topo, 64, exchange="node") == pytest.approx(t_intra + t_inter)
+    assert netmoe.a2a_time(dict(local=3, intra=0, inter=0), topo, 64, exchange="node") == 0.0
+
+
+_ROUTE = torch.tensor([[[0, 2], [0, 1]], [[1, 2], [2, 3]], [[0, 3], [1, 3]], [[0, 1], [0, 1]]])   # I=4 S=2 K=2 E=4
+_T = netmoe.Topology(2, 2)
+_NUM, _NC = netmoe.count_tokens(_ROUTE, 4).numpy(), netmoe.node_counts(_ROUTE, torch.tensor([0, 0, 1, 1]), 2).numpy()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="nodes"), "exchange must be"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node"), "needs node_count"),
+    (lambda: netmoe.placement_costs(_NUM, _T, node_count=_NC), "only used by exchange='node'"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC[:, :1]), "must be"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=-_NC), "negative"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC + 5), "does not fit"),
+    (lambda: netmoe.placement_costs(_NUM, _T, [1, 2, 3, 0], exchange="node", node_count=_NC), "does not fit"),
+    (lambda: netmoe.solve_placement(_NUM, _T, num_next=_NUM, exchange="node", node_count=_NC), "node_count_next"),
+    (lambda: netmoe.solve_placement(_NUM, _T, exchange="node", node_count=_NC, node_count_next=_NC), "num_next"),
+    (lambda: netmoe.traffic(_NUM, [0, 1, 2, 3], _T, exchange="node"), "needs node_count"),
+    (lambda: netmoe.layer_stats(_NUM, [0, 1, 2, 3], [0, 1, 2, 9], _T, 4, exchange="node", node_count=_NC), "dest"),
+    (lambda: netmoe.a2a_time(dict(local=0, intra=1, inter=1), _T, 4, exchange="tree"), "exchange must be"),
+    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node"), "needs routes"),
+    (lambda: netmoe.replay([_NUM, _NUM], _T, 4, nexts=[_NUM], exchange="node", routes=[np.zeros((4, 2, 2), int)] * 2),
+     "next_routes"),
+    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node", routes=[np.zeros((4, 2, 2), int)]), "not the counts"),
+], ids=["name", "missing", "unused", "shape", "negative", "too-many", "other-layout", "missing-next", "next-alone",
+        "traffic", "dest-range", "a2a-name", "replay-routes", "replay-next", "replay-counts"])
+def test_bad_node_exchange_input_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups():
     """Samples use the experts of one hidden group of 4, the groups scattered over the contiguous
     blocks: the learned layout puts each group on one node, so NetMoE keeps every token inside."""
