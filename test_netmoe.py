@@ -534,10 +534,11 @@ def test_node_counts_match_a_plain_loop():
             for n in set(expert_node[route[i, s]]):
                 ref[i, n] += 1
         assert nc.dtype == torch.int64 and np.array_equal(nc.numpy(), ref), (I, S, K, E, N)
-    for bad in (lambda: netmoe.node_counts(torch.ones(2, 3, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), 1),
-                lambda: netmoe.node_counts(torch.zeros(2, 3, 2, dtype=torch.long), torch.full((4,), 2), 2),
-                lambda: netmoe.node_counts(torch.zeros(2, 6, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2),
-                lambda: netmoe.node_counts(torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long), 0)):
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.long)
+    for bad in (lambda: netmoe.node_counts(z(2, 3, 2) + 1, z(1), 1),        # expert id past E
+                lambda: netmoe.node_counts(z(2, 3, 2), z(4) + 2, 2),        # node id past N
+                lambda: netmoe.node_counts(z(2, 6), z(4), 2),               # not [I, S, K]
+                lambda: netmoe.node_counts(z(2, 3, 2), z(4), 0)):           # no nodes
         with pytest.raises(ValueError):
             bad()
 
