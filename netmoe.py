@@ -692,13 +692,19 @@ class MoELayer(nn.Module):
     load-balance loss. Each rank holds E/J experts. placement="static" is plain EP: the same code
     with every sample returned to where it came from. virtual_world=J runs in one process with all
     E experts, computing placements and volumes exactly as J devices would (the reference model).
+    exchange="expert" sends one row per (token, expert) straight to the expert's device and back;
+    exchange="node" one row per (token, remote node) to the rail peer there, which forwards it over
+    NVLink, and back the same way with the rows of a token summed inside each node first.
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
-                 topology=None, group=None, virtual_world=None, expert_device=None, debug=False):
+                 topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
+                 exchange="expert"):
         super().__init__()
         if placement not in ("netmoe", "static"):
             raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
+        if exchange not in ("expert", "node"):
+            raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -713,6 +719,10 @@ class MoELayer(nn.Module):
                              f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
         self.placement, self.lookahead, self.group, self.debug = placement, lookahead, group, debug
+        # On one node the node exchange has no rail hop: it is the expert exchange (same rows, same
+        # costs), so that path runs and both give identical results.
+        self.exchange = exchange
+        self.node_exchange = exchange == "node" and self.topo.nodes > 1
         self.set_expert_device(_check_expert_device(expert_device, num_experts, self.J))
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
@@ -728,6 +738,8 @@ class MoELayer(nn.Module):
         self.last_routes = None
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats, self._timer = MoEStats(), _Timer()
+        # debug, EP: rows this rank's forward exchanges sent per tier, read from their split sizes
+        self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
         self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
 
     def set_expert_device(self, expert_device):
@@ -817,8 +829,10 @@ class MoELayer(nn.Module):
                 pred = next_layer.gate(next_layer.ln(x)).topk(next_layer.top_k, dim=-1)[1]
         if self.record:
             self.last_routes = (sid, route, pred)
-        # 2. Counts of every sample of the global batch (Eq. 2): all split sizes follow from them
-        num, num_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid)
+        # 2. Counts of every sample of the global batch (Eq. 2; node counts for the node exchange):
+        #    all split sizes follow from them
+        num, num_next, nc, nc_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid,
+                                                               next_layer)
         I = len(num)
         f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
         aux = self.num_experts * (f * probs.mean((0, 1))).sum()
@@ -826,12 +840,17 @@ class MoELayer(nn.Module):
         solve = None
         if self.placement == "netmoe":
             ed_next = next_layer.expert_device if lookahead else self.expert_device
-            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next), inline=x.is_cuda)
+            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next, "capacitated", nc, nc_next),
+                           inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices
         tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
         local = self.virtual or self.J == 1
-        scatter = self._scatter_local if local else self._scatter_ep
-        rows, gate, src, pos, expert, counts = scatter(x, g, route, num, tokens[0], ops)
+        if local:
+            rows, gate, src, pos, expert, counts = self._scatter_local(x, g, route, num, tokens[0], ops)
+        elif self.node_exchange:
+            rows, gate, src, pos, expert, counts = self._scatter_node(x, g, route, num, tokens, nc, ops)
+        else:
+            rows, gate, src, pos, expert, counts = self._scatter_ep(x, g, route, num, tokens[0], ops)
         # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1)
         y = gate[:, None] * self._experts(rows, expert, counts) + (pos % K == 0).to(x.dtype)[:, None] * rows
         # 6. Join the solver
@@ -844,10 +863,14 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
-        gather = self._gather_local if local else self._gather_ep
-        out, keep = gather(y, src, pos, dest, tokens[0], ops, (B, S, H))
-        self._stats += _layer_stats(_volumes(tokens, self.topo), static_placement(I, self.J), dest, self.topo,
-                                    x.element_size() * H)
+        if local:
+            out, keep = self._gather_local(y, src, pos, dest, tokens[0], ops, (B, S, H))
+        elif self.node_exchange:
+            out, keep = self._gather_node(y, src, pos, dest, tokens, nc, ops, (B, S, H))
+        else:
+            out, keep = self._gather_ep(y, src, pos, dest, tokens[0], ops, (B, S, H))
+        self._stats += _layer_stats(_volumes(tokens, self.topo, nc), static_placement(I, self.J), dest, self.topo,
+                                    x.element_size() * H, "node" if self.node_exchange else "expert")
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _check_input(self, x, sid):
@@ -869,25 +892,36 @@ class MoELayer(nn.Module):
                 raise ValueError(f"every rank must hold the same number of samples; per rank: {sizes}")
         return x.shape
 
-    def _all_counts(self, ops, route, pred, sid):
+    def _all_counts(self, ops, route, pred, sid, next_layer):
         """num [I, E] (Eq. 2) for every sample of the global batch in slot order (rank-major),
-        the lookahead's predicted num_next (or None), and the samples' ids: one all-gather, and
-        the one host sync the layer needs (split sizes are host integers)."""
-        E = self.num_experts
-        meta = [ops.count_tokens(route, E)] + ([ops.count_tokens(pred, E)] if pred is not None else [])
+        the lookahead's predicted num_next (or None), for the node exchange the node counts of
+        both (nc with this layer's expert map, nc_next with the next layer's; else None), and the
+        samples' ids: one all-gather, and the one host sync the layer needs (split sizes are host
+        integers)."""
+        E, N, G = self.num_experts, self.topo.nodes, self.topo.gpus_per_node
+        routes = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
+        meta = [ops.count_tokens(r, E) for r, _ in routes]
+        if self.node_exchange:
+            meta += [ops.node_counts(r, torch.as_tensor(layer.expert_device // G, device=r.device), N)
+                     for r, layer in routes]
         meta = torch.cat(meta + [sid[:, None]], 1)
         if not self.virtual and self.J > 1:
             parts = [torch.empty_like(meta) for _ in range(self.J)]
             dist.all_gather(parts, meta, group=self.group)
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
-        num, sid_all = meta[:, :E], meta[:, -1]
+        widths = [E] * len(routes) + ([N] * len(routes) if self.node_exchange else [])
+        cols = np.split(meta, np.cumsum(widths), axis=1)
+        num, sid_all = cols[0], meta[:, -1]
+        num_next = cols[1] if pred is not None else None
+        nc = cols[len(routes)] if self.node_exchange else None
+        nc_next = cols[len(routes) + 1] if self.node_exchange and pred is not None else None
         if len(num) % self.J:
             raise ValueError(f"I={len(num)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
         if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
             self.recent.append(num[np.argsort(sid_all, kind="stable")])
-        return num, (meta[:, E:2 * E] if pred is not None else None), sid_all
+        return num, num_next, nc, nc_next, sid_all
 
     def _experts(self, x, expert, counts):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
@@ -950,8 +984,7 @@ class MoELayer(nn.Module):
         order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=dev))
         payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
                              (order % (S * K)).to(x.dtype)[:, None]], 1)
-        recv = AllToAll.apply(payload, per_dev[r * B:(r + 1) * B].sum(0).tolist(),
-                              per_dev[:, r].reshape(J, B).sum(1).tolist(), self.group, self._timer)
+        recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
         cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
@@ -970,13 +1003,132 @@ class MoELayer(nn.Module):
         dev = y.device
         gorder = ops.gather_order(src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = AllToAll.apply(torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
-                              np.bincount(dest, weights=per_dev[:, r], minlength=J).astype(np.int64).tolist(),
-                              per_dev[keep].sum(0).tolist(), self.group, self._timer)
+        back = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
+                          np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         row = new_slot * S + back[:, H].long() // K
         return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
+
+    def _send(self, phase, rows, send, recv):
+        """AllToAll of rows: send[j] of them to rank j, recv[j] from rank j. In debug mode also
+        counts the rows this rank sends per tier, from the split sizes alone."""
+        send, recv = [int(v) for v in send], [int(v) for v in recv]
+        if self.debug:
+            node = self.topo.node_of(np.arange(self.J)) == self.topo.node_of(self.rank)
+            sent = np.asarray(send, dtype=np.int64)
+            tiers = self.sent[phase]
+            tiers["local"] += int(sent[self.rank])
+            tiers["intra"] += int(sent[node].sum() - sent[self.rank])
+            tiers["inter"] += int(sent[~node].sum())
+        return AllToAll.apply(rows, send, recv, self.group, self._timer)
+
+    def _scatter_node(self, x, g, route, num, tokens, nc, ops):
+        """Node exchange, scatter; returns what _scatter_ep returns. This rank is (n, gl): device gl
+        of node n. Samples sit in slot order, so sample p is on rail (p // B) % G."""
+        B, S, H = x.shape
+        J, r, K, I, G, N = self.J, self.rank, self.top_k, num.shape[0], self.topo.gpus_per_node, self.topo.nodes
+        per_dev, per_node, _ = tokens
+        n, gl = divmod(r, G)
+        dev, ranks = x.device, np.arange(J)
+        # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
+        # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
+        # node m, so the receiver names each row's sample from nc (every rank holds it); the
+        # position s and the K (expert, gate) pairs travel in the row, the expert ids as floats
+        # (exact below 2^24). Tokens whose experts are all on node n skip this hop.
+        own = torch.cat([x.reshape(-1, H), torch.arange(S, device=dev).repeat(B).to(x.dtype)[:, None],
+                         route.reshape(-1, K).to(x.dtype), g.reshape(-1, K).to(x.dtype)], 1)
+        hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
+        hit.scatter_(2, torch.as_tensor(self.expert_device // G, device=dev)[route], True)
+        hit[..., n] = False
+        rail = (ranks % G == gl) & (ranks // G != n)
+        per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
+        send = np.where(rail, per_rank[r, ranks // G], 0)
+        recv = np.where(rail, per_rank[:, n], 0)
+        mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
+        got = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv).split(recv.tolist())
+        # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
+        # holds now, in (sample slot, s) order
+        held = torch.cat(got[:r] + (own,) + got[r + 1:])
+        # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
+        # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
+        # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
+        # for local expert e and sample p are num[p, e] for every p on rail g' (wherever it sits:
+        # its tokens reach node n on rail g'), so the expert side names sample and expert from num;
+        # x, the gate weight and s*K+k travel.
+        per = self.num_experts // J
+        key = np.where(self.expert_device // G == n, self.slot - n * G * per, G * per)
+        on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
+        order = ops.dispatch_order(held[None, :, H + 1:H + 1 + K].long(), torch.as_tensor(key, device=dev))
+        order = order[:int(per_node[on_rail == gl, n].sum())]
+        t = order // K
+        payload = torch.cat([held[t, :H], held[:, H + 1 + K:].reshape(-1, 1)[order],
+                             (held[t, H] * K + (order % K).to(x.dtype))[:, None]], 1)
+        rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
+        np.add.at(rail_dev, on_rail, per_dev)
+        node = ranks // G == n
+        recv = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
+                          np.where(node, rail_dev[ranks % G, r], 0))
+        # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
+        members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
+        cnt = num[:, self.local_experts][members].transpose(0, 2, 1)   # [g', local expert, sample]
+        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        n_rows, n_local = int(cnt.sum()), len(self.local_experts)
+        expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
+            reps, output_size=n_rows)
+        src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
+            reps, output_size=n_rows)
+        return recv[:, :H], recv[:, H], src, recv[:, H + 1].long(), expert, cnt.sum((0, 2)).tolist()
+
+    def _gather_node(self, y, src, pos, dest, tokens, nc, ops, shape):
+        """Node exchange, gather; returns what _gather_ep returns. This rank is (m, gl)."""
+        B, S, H = shape
+        J, r, K, I, G = self.J, self.rank, self.top_k, len(dest), self.topo.gpus_per_node
+        per_dev = tokens[0]
+        m, gl = divmod(r, G)
+        dev, ranks = y.device, np.arange(J)
+        # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
+        # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
+        # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
+        via = m * G + dest % G
+        gorder = ops.gather_order(src, torch.as_tensor(via, device=dev), I)
+        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
+        node = ranks // G == m
+        got = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
+                         np.bincount(via, weights=per_dev[:, r], minlength=J),
+                         np.where(node, per_dev[mine].sum(0), 0))
+        reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
+        sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
+            torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
+        # Rows of samples that stay on node m land in the output; the others add up per token into
+        # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
+        # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
+        keep = np.flatnonzero(dest == r)                          # new slots
+        away = mine[dest[mine] != r]
+        away = away[np.argsort(dest[away], kind="stable")]
+        base = np.zeros(I, dtype=np.int64)
+        base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
+        key = torch.as_tensor(base, device=dev)[sample] + got[:, H].long() // K
+        is_away = key >= B * S
+        n_away, n_part = len(away) * S, int(nc[away, m].sum())
+        away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
+        present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
+        compact = present.cumsum(0) - 1
+        row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
+        summed = y.new_zeros(B * S + n_part, H).index_add(0, row, got[:, :H])
+        # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
+        # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
+        # names each row's sample from nc and dest; s travels.
+        s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
+        rail = (ranks % G == gl) & ~node
+        back = self._send("gather", torch.cat([summed[B * S:], s_part.to(y.dtype)[:, None]], 1),
+                          np.bincount(dest[away], weights=nc[away, m], minlength=J),
+                          np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
+        reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
+        new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
+            reps, output_size=int(reps.sum()))
+        out = summed[:B * S].index_add(0, new_slot * S + back[:, H].long(), back[:, :H])
+        return out.view(B, S, H), keep
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""

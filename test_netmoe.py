@@ -770,8 +770,9 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _make_params(E, K, empty_device, seed, world=4, layers=2):
-    """Full (all-expert) float64 parameters of a stack of MoE layers."""
+def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None):
+    """Full (all-expert) float64 parameters of a stack of MoE layers (layouts: per layer the
+    expert -> device map, default contiguous; it says which experts the empty device holds)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     out = []
@@ -784,9 +785,9 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2):
             # logits in the thousands would leave float32 gradients no digits to compare.)
             v = 2 * torch.ones(H_, dtype=torch.float64)
             p["ln_b"] = v
-            per = E // world
+            ed = netmoe.default_expert_device(E, world) if layouts is None else layouts[len(out)]
             for e in range(E):
-                p["wg"][e] = -v if e // per == empty_device else 0.2 * v + 0.3 * rnd(H_)
+                p["wg"][e] = -v if ed[e] == empty_device else 0.2 * v + 0.3 * rnd(H_)
         out.append(p)
     return out
 
@@ -817,24 +818,41 @@ def _load(layer, p):
             getattr(layer, name).copy_(p[name][torch.as_tensor(layer.local_experts)])
 
 
+# (placement, K, planted empty device?[, exchange, expert layout, nodes]): the last three default
+# to the expert exchange, contiguous experts and 2 nodes of world/2 devices
 LAYER_CASES = [("static", 2, None), ("netmoe", 2, None), ("netmoe", 1, None), ("netmoe", 4, None),
                ("netmoe", 2, 3), ("static", 2, 3)]
+NODE_CASES = [("static", 2, None, "node", "contiguous", 2), ("netmoe", 2, None, "node", "contiguous", 2),
+              ("netmoe", 2, None, "node", "random", 2), ("netmoe", 1, None, "node", "random", 2),
+              ("netmoe", 4, None, "node", "contiguous", 2), ("netmoe", 2, 3, "node", "random", 2),
+              ("static", 4, 3, "node", "random", 2), ("netmoe", 2, None, "node", "random", 4),
+              ("netmoe", 2, None, "node", "random", 1)]
+NODE_CASES_8 = [("netmoe", 2, None, "node", "random", 2), ("static", 1, 7, "node", "contiguous", 2),
+                ("netmoe", 4, 7, "node", "random", 2), ("netmoe", 2, None, "node", "contiguous", 4)]
 
 
 def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
-    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL)."""
+    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL). Per case:
+    the worst relative error against the single-process model, samples moved, the modelled
+    volumes, how many layers left the planted device idle, the rows the exchanges' split sizes
+    sent per tier, and (node exchange on one node) whether it equals the expert exchange bit for bit."""
     torch.set_num_threads(1)
     dev, dtype = (torch.device("cuda", rank), torch.float32) if gpu else (torch.device("cpu"), torch.float64)
     if gpu:
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if gpu else "gloo", init_method="file://" + init_file, rank=rank, world_size=world)
-    topo = netmoe.Topology(2, world // 2)
     B = I_ // world
     report = []
-    for ci, (placement, K, empty) in enumerate(cases):
+    for ci, case in enumerate(cases):
+        placement, K, empty, exchange, layout, nodes = (*case, "expert", "contiguous", 2)[:6]
+        topo = netmoe.Topology(nodes, world // nodes)
         E = 8
         empty = None if empty is None else world - 1
-        params = _make_params(E, K, empty, seed=1000 + ci, world=world)
+        layouts = None
+        if layout == "random":   # a balanced map of its own per layer
+            rng = np.random.default_rng(500 + ci)
+            layouts = [rng.permutation(netmoe.default_expert_device(E, world)) for _ in range(2)]
+        params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts)
         if gpu:   # the reference sees exactly the float32 numbers the layer holds
             params = [{k: v.float().double() for k, v in p.items()} for p in params]
         g = torch.Generator().manual_seed(77 + ci)
@@ -845,16 +863,21 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
         y_ref, aux_ref = _reference(xr, ref_params, K)
         ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
 
-        layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True).to(dev, dtype)
-                  for _ in params]
-        for L, p in zip(layers, params):
-            _load(L, p)
-        xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
-        h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
-        for L, nxt in zip(layers, layers[1:] + [None]):
-            h, sid, a = L(h, sid, next_layer=nxt)
-            aux = aux + a
-        ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+        def run(exchange):
+            layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange,
+                                      expert_device=None if layouts is None else layouts[li]).to(dev, dtype)
+                      for li in range(len(params))]
+            for L, p in zip(layers, params):
+                _load(L, p)
+            xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
+            h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
+            for L, nxt in zip(layers, layers[1:] + [None]):
+                h, sid, a = L(h, sid, next_layer=nxt)
+                aux = aux + a
+            ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+            return layers, xl, h, sid
+
+        layers, xl, h, sid = run(exchange)
 
         def gather(t):
             t = t.to(dev).contiguous()
@@ -879,8 +902,21 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
         # rows the empty device's experts received, over both layers (0 where a device is planted empty)
         idle = sum(int(gather(L.w1.grad.abs().sum().reshape(1))[empty].item() == 0) for L in layers) \
             if empty is not None else None
+        tiers = ("local", "intra", "inter")
+        sent = torch.tensor([sum(L.sent[ph][t] for L in layers) for ph in ("scatter", "gather") for t in tiers],
+                            device=dev)
+        dist.all_reduce(sent)
+        sent = dict(zip(("scatter", "gather"), (dict(zip(tiers, sent[i:i + 3].tolist())) for i in (0, 3))))
+        same_as_flat = None
+        if exchange == "node" and nodes == 1:
+            flat = run("expert")
+            ours = [h, sid, xl.grad] + [p.grad for L in layers for p in L.parameters()]
+            theirs = [flat[2], flat[3], flat[1].grad] + [p.grad for L in flat[0] for p in L.parameters()]
+            same = torch.tensor([int(all(torch.equal(a, b) for a, b in zip(ours, theirs)))], device=dev)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            same_as_flat = bool(same.item())
         report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
-                       stats.scatter, stats.gather, idle))
+                       stats.scatter, stats.gather, idle, sent, same_as_flat))
     if rank == 0:
         with open(errors_file, "w") as f:
             json.dump(report, f)
@@ -898,7 +934,14 @@ def _spawn(fn, world, *args):
 
 @pytest.fixture(scope="module")
 def layer_report():
-    return _spawn(_layer_worker, 4, LAYER_CASES, False)
+    """Both exchanges on 4 gloo ranks (2x2; 4x1 and 1x4 where a case says): LAYER_CASES, then NODE_CASES."""
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False)
+
+
+@pytest.fixture(scope="module")
+def layer_report_8():
+    """The node exchange on 8 gloo ranks as 2x4 (rails of 4 devices) and 4x2 (three remote nodes)."""
+    return _spawn(_layer_worker, 8, NODE_CASES_8, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -937,22 +980,23 @@ def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    report = _spawn(_layer_worker, world, LAYER_CASES, True)
-    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, _, _, idle in report
-           if worst > 1e-5 or (e is not None and idle != 2)]
+    report = _spawn(_layer_worker, world, LAYER_CASES + NODE_CASES, True)
+    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same
+           in report if worst > 1e-5 or (e is not None and idle != 2) or same is False
+           or sent != {"scatter": scatter, "gather": gather}]
     assert not bad, f"float32 on {world} GPUs, worst relative error per failing case: {bad}"
 
 
 @pytest.mark.parametrize("case", range(len(LAYER_CASES)))
 def test_ep_layer_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
-    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle = layer_report[case]
+    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[case]
     assert worst <= 1e-10, f"{placement} K={K}: {worst_name} differs by {worst:.2e}"
     if empty is not None:   # the planted device received no token in either layer
         assert idle == 2
 
 
 def test_netmoe_really_moves_samples_in_the_equality_test(layer_report):
-    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report}
+    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report[:len(LAYER_CASES)]}
     assert moved[("static", 2, None)] == 0
     assert moved[("netmoe", 2, None)] > 0
 
@@ -974,6 +1018,84 @@ def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run
     y_ref, _ = _reference(x, params, K)
     assert _rel(h.detach(), y_ref[sid]) <= 1e-12
     assert (stats.moved_device, stats.scatter, stats.gather) == tuple(layer_report[1][4:7])
+
+
+@pytest.mark.parametrize("case", range(len(NODE_CASES)))
+def test_node_exchange_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
+    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[len(LAYER_CASES) + case]
+    assert worst <= 1e-10, f"node exchange {NODE_CASES[case]}: {worst_name} differs by {worst:.2e}"
+    if empty is not None:
+        assert idle == 2
+    if placement == "netmoe" and NODE_CASES[case][-1] > 1:   # the solver moved samples: hop A forwarded rows
+        assert moved > 0 and gather["inter"] > 0
+
+
+def test_node_exchange_on_eight_ranks_equals_single_process_model(layer_report_8):
+    for case, (placement, K, empty, (worst_name, worst), moved, _, _, idle, *_) in zip(NODE_CASES_8, layer_report_8):
+        assert worst <= 1e-10, f"node exchange {case} on 2x4: {worst_name} differs by {worst:.2e}"
+        assert empty is None or idle == 2
+        assert (moved > 0) == (placement == "netmoe")
+
+
+def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_report_8):
+    """The rows every All-to-All's split sizes sent, per tier (one exchange for the expert exchange,
+    rail and NVLink hops for the node exchange), add up to the volumes the cost model counts."""
+    for case, (*_, scatter, gather, idle, sent, same) in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8,
+                                                             layer_report + layer_report_8):
+        assert sent == {"scatter": scatter, "gather": gather}, case
+        assert scatter["local"] + scatter["intra"] > 0 and gather["local"] + gather["intra"] > 0
+
+
+def test_node_exchange_on_one_node_is_the_expert_exchange_bit_for_bit(layer_report):
+    one_node = [r for c, r in zip(NODE_CASES, layer_report[len(LAYER_CASES):]) if c[-1] == 1]
+    assert one_node and all(r[-1] is True for r in one_node)
+
+
+def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
+    """virtual_world layers with the node exchange and their own expert maps record their routes;
+    replaying those routes (with the lookahead's predicted ones) gives the layers' counters, and
+    each layer's placement is the solver's on node counts under its own and the next layer's map."""
+    topo = netmoe.Topology(2, 2)
+    rng = np.random.default_rng(11)
+    layers = [netmoe.MoELayer(16, 32, 8, 2, topology=topo, virtual_world=4, exchange="node").double() for _ in range(3)]
+    for layer in layers:
+        layer.set_expert_device(rng.permutation(np.repeat(np.arange(4), 2)))
+        layer.record = True
+    gen = torch.Generator().manual_seed(11)
+    for layer in layers:
+        with torch.no_grad():
+            layer.gate.weight.copy_(2 * torch.randn(8, 16, generator=gen, dtype=torch.float64))
+    h, sid = torch.randn(8, 24, 16, dtype=torch.float64, generator=gen), torch.arange(8)
+    live = netmoe.MoEStats()
+    routes, preds = [], []
+    for l, (layer, nxt) in enumerate(zip(layers, layers[1:] + [None])):
+        h, new_sid, _ = layer(h, sid, next_layer=nxt)
+        stats = layer.pop_stats()
+        live += stats
+        rec_sid, route, pred = layer.last_routes
+        by_id = np.argsort(rec_sid.numpy())
+        routes.append(route.numpy()[by_id])
+        preds.append(pred.numpy()[by_id] if pred is not None else None)
+        num = netmoe.count_tokens(route, 8).numpy()
+        nc = netmoe.node_counts(route, layer.expert_device // 2, 2).numpy()
+        kw = {}
+        if nxt is not None:
+            kw = dict(num_next=netmoe.count_tokens(pred, 8).numpy(), expert_device_next=nxt.expert_device,
+                      node_count_next=netmoe.node_counts(pred, nxt.expert_device // 2, 2).numpy())
+        dest = netmoe.solve_placement(num, topo, expert_device=layer.expert_device, exchange="node",
+                                      node_count=nc, **kw)
+        assert np.array_equal(layer.last_dest, dest), f"layer {l}"
+        want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, 8 * 16, layer.expert_device,
+                                  exchange="node", node_count=nc)
+        assert (stats.scatter, stats.gather, stats.moved_device) == (want.scatter, want.gather, want.moved_device)
+        assert stats.a2a_model_ms == pytest.approx(want.a2a_model_ms)
+        sid = new_sid
+    nums = [netmoe.count_tokens(torch.as_tensor(r), 8).numpy() for r in routes]
+    replayed = netmoe.replay(nums, topo, 8 * 16, [L.expert_device for L in layers], placement="netmoe",
+                             exchange="node", routes=routes, next_routes=preds)
+    assert (replayed.scatter, replayed.gather, replayed.moved_node, replayed.moved_device) == \
+        (live.scatter, live.gather, live.moved_node, live.moved_device)
+    assert replayed.a2a_model_ms == pytest.approx(live.a2a_model_ms)
 
 
 def test_lookahead_reads_the_next_layers_own_expert_layout():
