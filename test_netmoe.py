@@ -1357,6 +1357,27 @@ def test_count_tokens_kernel_equals_reference(kernels, I, S, K, E):
 
 
 @cuda_only
+@pytest.mark.parametrize("I,S,K,E,N", [
+    (1, 1, 1, 1, 1), (1, 7, 2, 4, 2), (4, 1024, 2, 64, 4), (3, 4097, 8, 256, 16),   # 4097: several blocks per sample
+    (16, 333, 8, 256, 32), (2, 5, 1, 300, 3), (5, 100, 4, 64, 1),
+    (2, 64, 2, 20000, 20000),                                                        # N=20000: global-atomics path
+    (0, 5, 2, 8, 2), (3, 0, 2, 8, 2)])
+def test_node_counts_kernel_equals_reference(kernels, I, S, K, E, N):
+    gen, seed = _fresh_generator()
+    for dtype in (torch.int64, torch.int32):
+        for kind in ("uniform", "sparse", "one"):
+            route = _route(gen, (I, S, K), E, kind, dtype) if I * S else torch.zeros((I, S, K), dtype=dtype, device="cuda")
+            for layout in ("any", "balanced"):   # any node map; and E/N experts a node, as a layer's is
+                expert_node = torch.randint(N, (E,), generator=gen, device="cuda") if layout == "any" or E % N else \
+                    torch.randperm(E, generator=gen, device="cuda") // (E // N)
+                _poison((I, N))
+                got = kernels.node_counts(route, expert_node, N)
+                want = netmoe.node_counts(route, expert_node, N)
+                assert got.dtype == torch.int64 and got.shape == (I, N)
+                assert torch.equal(got, want), f"seed={seed} {dtype} {kind} {layout}"
+
+
+@cuda_only
 @pytest.mark.parametrize("I,E,topo", [
     (1, 1, "1x1"), (8, 8, "2x2"), (128, 64, "4x8"), (512, 256, "4x8"), (33, 256, "2x8"), (5, 12, "3x1"),
     (7, 64, "1x8"), (0, 8, "2x2")])
@@ -1429,6 +1450,8 @@ def test_sorts_return_permutations_even_for_out_of_range_ids(kernels):
     order = kernels.gather_order(torch.tensor([5, 0, -2, 1], device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"), 2)
     assert torch.equal(order.sort().values, torch.arange(4, device="cuda"))
     assert kernels.count_tokens(route, 4).sum() == 2   # out-of-range ids count nowhere
+    # ... nor do experts on out-of-range nodes: only token 1's expert 0 (node 0) counts
+    assert kernels.node_counts(route, torch.tensor([0, 1, 5, -1], device="cuda"), 2).tolist() == [[1, 0]]
 
 
 @cuda_only
@@ -1445,7 +1468,9 @@ def test_kernels_reject_inputs_they_cannot_handle(kernels):
                  ("[I, S, K]", lambda: k.count_tokens(z(2, 6), 4)),
                  ("int64 or int32", lambda: k.dispatch_order(z(2, 3, 2).float(), z(4))),
                  ("num_samples", lambda: k.gather_order(z(3), z(4), 5)),
-                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2))]
+                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2)),
+                 ("expert_node", lambda: k.node_counts(z(2, 3, 2), z(4).int(), 2)),
+                 ("[I, S, K]", lambda: k.node_counts(z(6, 2), z(4), 2))]
         for expected, call in cases:
             try:
                 call()
@@ -1463,11 +1488,13 @@ def test_kernels_reject_inputs_they_cannot_handle(kernels):
 
 @cuda_only
 @pytest.mark.parametrize("placement", ["netmoe", "static"])
-def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(kernels, monkeypatch, placement):
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(kernels, monkeypatch, placement,
+                                                                             exchange):
     gen, seed = _fresh_generator()
     torch.manual_seed(seed)
     layer = netmoe.MoELayer(32, 64, num_experts=8, top_k=2, placement=placement,
-                            topology=netmoe.Topology(2, 2), virtual_world=4).cuda()
+                            topology=netmoe.Topology(2, 2), virtual_world=4, exchange=exchange).cuda()
     x = torch.randn(8, 37, 32, device="cuda", generator=gen)
     w = torch.randn(8, 37, 32, device="cuda", generator=gen)
     sid = torch.arange(8, device="cuda")
@@ -1487,7 +1514,7 @@ def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(k
         return [y, new_sid, aux, xg.grad] + [p.grad for p in layer.parameters()]
 
     fast = run(Counted())
-    assert {"count_tokens", "dispatch_order"} <= set(calls)
+    assert {"count_tokens", "dispatch_order"} | ({"node_counts"} if exchange == "node" else set()) <= set(calls)
     slow = run(netmoe.REFERENCE_OPS)
     assert torch.equal(fast[1], slow[1]), f"seed={seed}: different sample placement"
     for a, b in zip(fast, slow):   # index_add's float atomics may reorder sums: rounding only
