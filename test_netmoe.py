@@ -1098,6 +1098,11 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
     assert replayed.a2a_model_ms == pytest.approx(live.a2a_model_ms)
 
 
+def test_layer_rejects_an_unknown_exchange():
+    with pytest.raises(ValueError, match="exchange must be 'expert' or 'node'"):
+        netmoe.MoELayer(8, 16, 4, 2, topology=netmoe.Topology(2, 2), virtual_world=4, exchange="nodes")
+
+
 def test_lookahead_reads_the_next_layers_own_expert_layout():
     """With re-layouts every layer has its own expert -> device map: the gather's placement must
     price the next layer's scatter with the next layer's map, not its own."""
