@@ -2,6 +2,7 @@
 // same values, bit for bit) what its torch reference in netmoe.py returns:
 //
 //   count_tokens(route[I,S,K], E)              -> num[I,E] int64        netmoe.count_tokens (Eq. 2)
+//   node_counts(route[I,S,K], expert_node, N)  -> nc[I,N] int64         netmoe.node_counts
 //   placement_costs(num, expert_device, N, G)  -> (c[I,N], c_intra[I,J]) netmoe.placement_costs (Eq. 8)
 //   dispatch_order(route, slot)                -> argsort(slot[route.reshape(-1)], stable=True)
 //   gather_order(src, dest, I)                 -> argsort(dest[src] * I + src, stable=True)
@@ -21,8 +22,8 @@
 //      output position. Inside a tile each warp owns a contiguous run and ranks equal keys with
 //      __match_any_sync in input order, so equal keys keep their order: the stable argsort.
 // Ids are not range-checked against the tables (that would cost a device sync). An out-of-range
-// id counts nowhere (count_tokens) or sorts as the last key (the sorts): wrong but never out of
-// bounds, and the sorts still return a permutation.
+// id counts nowhere (count_tokens, node_counts; so does a node id outside [0, N)) or sorts as the
+// last key (the sorts): wrong but never out of bounds, and the sorts still return a permutation.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -126,6 +127,83 @@ at::Tensor count_tokens(at::Tensor route, int64_t num_experts) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return num;
+}
+
+// ------------------------------------------------------------------------------------------
+// node_counts: a shared-memory histogram over nodes per (sample, chunk of its tokens). A thread
+// takes a token, maps its K experts to nodes and counts each node once: at its first k.
+// ------------------------------------------------------------------------------------------
+constexpr int kNodeChunk = 1024;   // tokens per block
+
+template <typename Id>
+__device__ __forceinline__ int node_of(const Id* __restrict__ ids, int k, const int64_t* __restrict__ expert_node,
+                                       int E, int N) {
+  const int64_t e = ids[k];
+  if (e < 0 || e >= E) return -1;
+  const int64_t n = expert_node[e];
+  return (n >= 0 && n < N) ? (int)n : -1;
+}
+
+template <typename Id>
+__global__ void node_counts_kernel(const Id* __restrict__ route, const int64_t* __restrict__ expert_node,
+                                   int64_t S, int K, int chunks, int E, int N, bool shared_hist, bool accumulate,
+                                   int64_t* __restrict__ nc) {
+  extern __shared__ int hist[];
+  const int64_t i = blockIdx.x / chunks;
+  const int64_t lo = (blockIdx.x % chunks) * (int64_t)kNodeChunk;
+  const int64_t hi = min(S, lo + kNodeChunk);
+  unsigned long long* out = reinterpret_cast<unsigned long long*>(nc + i * N);
+  if (shared_hist) {
+    for (int n = threadIdx.x; n < N; n += blockDim.x) hist[n] = 0;
+    __syncthreads();
+  }
+  for (int64_t s = lo + threadIdx.x; s < hi; s += blockDim.x) {
+    const Id* ids = route + (i * S + s) * K;
+    for (int k = 0; k < K; ++k) {
+      const int n = node_of(ids, k, expert_node, E, N);
+      bool first = n >= 0;
+      for (int j = 0; j < k && first; ++j) first = node_of(ids, j, expert_node, E, N) != n;
+      if (!first) continue;
+      if (shared_hist) atomicAdd(&hist[n], 1);
+      else atomicAdd(out + n, 1ULL);   // N too large for shared memory: count straight into nc (zeroed)
+    }
+  }
+  if (!shared_hist) return;
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    if (!accumulate) nc[i * N + n] = hist[n];
+    else if (hist[n]) atomicAdd(out + n, (unsigned long long)hist[n]);
+  }
+}
+
+at::Tensor node_counts(at::Tensor route, at::Tensor expert_node, int64_t nodes) {
+  check_cuda_int(route, "node_counts", "route");
+  TORCH_CHECK(route.dim() == 3, "node_counts: route must be [I, S, K]");
+  TORCH_CHECK(expert_node.device() == route.device() && expert_node.scalar_type() == at::kLong &&
+              expert_node.dim() == 1, "node_counts: expert_node must be an int64 tensor [E] on route's device");
+  TORCH_CHECK(nodes >= 1 && nodes < INT_MAX, "node_counts: nodes out of range");
+  TORCH_CHECK(expert_node.size(0) < INT_MAX && route.size(2) < INT_MAX, "node_counts: too many experts");
+  const at::cuda::OptionalCUDAGuard guard(route.device());
+  route = route.contiguous();
+  expert_node = expert_node.contiguous();
+  const int64_t I = route.size(0), S = route.size(1), K = route.size(2);
+  const int N = static_cast<int>(nodes), E = static_cast<int>(expert_node.size(0));
+  const int64_t chunks = std::max<int64_t>(1, (S + kNodeChunk - 1) / kNodeChunk);
+  TORCH_CHECK(I * chunks < INT_MAX, "node_counts: route too large");
+  const bool shared_hist = N * sizeof(int) <= 48 * 1024;
+  const bool accumulate = chunks > 1 || !shared_hist;
+  auto opts = route.options().dtype(at::kLong);
+  at::Tensor nc = accumulate ? at::zeros({I, N}, opts) : at::empty({I, N}, opts);
+  if (I == 0) return nc;
+  if (S == 0 || K == 0) return nc.zero_();
+  with_int_type(route, [&](auto tag) {
+    using Id = decltype(tag);
+    node_counts_kernel<Id><<<I * chunks, kThreads, shared_hist ? N * sizeof(int) : 0, stream()>>>(
+        route.data_ptr<Id>(), expert_node.data_ptr<int64_t>(), S, (int)K, (int)chunks, E, N, shared_hist,
+        accumulate, nc.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return nc;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -451,6 +529,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "netmoe's CUDA hot path; each op equals its torch reference in netmoe.py";
   m.def("count_tokens", &count_tokens, "num[I,E]: (token, k) pairs of sample i routed to expert e (Eq. 2)",
         py::arg("route"), py::arg("num_experts"));
+  m.def("node_counts", &node_counts, "nc[I,N]: tokens of sample i with at least one of their K experts on node n",
+        py::arg("route"), py::arg("expert_node"), py::arg("nodes"));
   m.def("placement_costs", &placement_costs, "(c[I,N], c_intra[I,J]) of Eq. 8",
         py::arg("num"), py::arg("expert_device"), py::arg("nodes"), py::arg("gpus_per_node"));
   m.def("dispatch_order", &dispatch_order, "torch.argsort(slot[route.reshape(-1)], stable=True)",

@@ -6,8 +6,8 @@ most of that sample's experts, chosen by an exact two-stage assignment (Algorith
 rides on the gather that happens anyway, every device keeps I/J samples, and the maths of
 training is unchanged. This file, in data-flow order:
 
-  1. topology and cost model    Topology, count_tokens (Eq. 2), placement_costs (Eq. 8),
-                                traffic (Eq. 3-4), a2a_time (Eq. 1)
+  1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, placement_costs
+                                (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1)
   2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers)
   3. All-to-All                 autograd functions over all_to_all_single with uneven splits
   4. the layer                  MoELayer (gate, scatter, experts with inlined residual, gather)
@@ -106,6 +106,29 @@ def count_tokens(route, num_experts):
     return num.scatter_add_(1, flat, torch.ones_like(flat))
 
 
+def node_counts(route, expert_node, nodes):
+    """nc[i, n] = tokens of sample i with at least one of their K experts on node n (expert e on
+    node expert_node[e]): the rows the node exchange sends to node n, one per (token, node).
+
+    route: [I, S, K] expert ids; expert_node: [E] node ids. Returns an int64 torch tensor [I, N]
+    on route's device. The reference of the CUDA kernel of the same name."""
+    route = torch.as_tensor(route)
+    expert_node = torch.as_tensor(expert_node, device=route.device)
+    if route.dim() != 3 or route.dtype.is_floating_point:
+        raise ValueError(f"route must be an integer tensor [I, S, K], got {tuple(route.shape)} {route.dtype}")
+    if expert_node.dim() != 1 or expert_node.dtype.is_floating_point:
+        raise ValueError(f"expert_node must be an integer tensor [E], got {tuple(expert_node.shape)} "
+                         f"{expert_node.dtype}")
+    if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) or nodes < 1:
+        raise ValueError(f"nodes must be a positive integer, got {nodes!r}")
+    if route.numel() and (route.min() < 0 or route.max() >= len(expert_node)):
+        raise ValueError(f"route holds expert ids outside [0, {len(expert_node)})")
+    if expert_node.numel() and (expert_node.min() < 0 or expert_node.max() >= nodes):
+        raise ValueError(f"expert_node holds node ids outside [0, {nodes})")
+    hit = torch.zeros(route.shape[:2] + (nodes,), dtype=torch.bool, device=route.device)
+    return hit.scatter_(2, expert_node.long()[route.long()], True).sum(1)
+
+
 def dispatch_order(route, slot):
     """Scatter layout: the stable permutation of the B*S*K (token, k) pairs of route [B, S, K] that
     groups them by slot[expert] (device-major expert position). Stability keeps (b, s, k) order
@@ -120,13 +143,13 @@ def gather_order(src, dest, num_samples):
 
 
 # kernels.cu's ops in plain torch, under the kernels' names: what each kernel is tested against
-REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, dispatch_order=dispatch_order,
-                                      gather_order=gather_order)
+REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, node_counts=node_counts,
+                                      dispatch_order=dispatch_order, gather_order=gather_order)
 _KERNELS = None
 
 
 def hot_path(device):
-    """count_tokens / dispatch_order / gather_order for tensors on `device`: the kernels of
+    """count_tokens / node_counts / dispatch_order / gather_order for tensors on `device`: the kernels of
     kernels.cu on CUDA (built on first use), else the torch references above. Same results."""
     global _KERNELS
     if torch.device(device).type != "cuda" or os.environ.get("NETMOE_NO_KERNELS") == "1":
@@ -200,59 +223,104 @@ def _check_num(num, topo, name="num"):
     return num
 
 
-def placement_costs(num, topo, expert_device=None):
-    """Eq. 8. c[i, n]: tokens of sample i whose experts are NOT on node n (inter-node volume if i
-    sits on node n). c_intra[i, j]: tokens of sample i whose experts are on Node(j) but not on j."""
-    num = _check_num(num, topo)
-    return _costs(_device_tokens(num, topo, _check_expert_device(expert_device, num.shape[1], topo.world)), topo)
+def _check_exchange(exchange, node_count, num, topo, ed, name="node_count"):
+    """The node counts the exchange needs (None for the expert exchange), checked against num."""
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    if exchange == "expert":
+        if node_count is not None:
+            raise ValueError(f"{name} is only used by exchange='node'")
+        return None
+    if node_count is None:
+        raise ValueError(f"exchange='node' needs {name} [I, N]: netmoe.node_counts(route, expert_device // G, N)")
+    nc = _check_num(node_count, topo, name)
+    if nc.shape != (num.shape[0], topo.nodes):
+        raise ValueError(f"{name} must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
+    per_node = _device_tokens(num, topo, ed)[1]
+    if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
+        raise ValueError(f"{name} does not fit the counts: a token counts on node n only if one of its "
+                         f"experts is there (compute it with the same expert layout)")
+    return nc
 
 
-def _costs(tokens, topo):
+def _volumes(tokens, topo, nc=None):
+    """Rows sample i sends, for every place it could sit: inter [I, N] across nodes if it sits on
+    node n, intra [I, J] across devices inside a node if it sits on device j, local [I, J] that
+    stay on j. Eq. 8's costs are the first two; Eq. 3-4's volumes are all three read where the
+    sample sits (scatter and gather move the same rows, in opposite directions).
+    Expert exchange (nc None): one row per (token, expert) straight to the expert's device.
+    Node exchange (nc = node_counts [I, N]): one rail row per (token, other node it needs), then
+    from (m, g) on every node m one NVLink row per (token, k) to the expert's device; a sample on
+    rail g keeps on device only the rows of experts on (m, g), for every m."""
     per_dev, per_node, total = tokens
-    return total[:, None] - per_node, np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev
+    G = topo.gpus_per_node
+    if nc is None:
+        return total[:, None] - per_node, np.repeat(per_node, G, axis=1) - per_dev, per_dev
+    local = np.tile(sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes)), topo.nodes)
+    return nc.sum(1)[:, None] - nc, total[:, None] - local, local
 
 
-def traffic(num, sample_device, topo, expert_device=None):
-    """Eq. 3-4: routed tokens that stay on their device / cross devices inside a node / cross
-    nodes, when sample i sits on sample_device[i]. Scatter and gather move the same pairs."""
+def placement_costs(num, topo, expert_device=None, exchange="expert", node_count=None):
+    """Eq. 8. c[i, n]: rows of sample i that cross nodes if it sits on node n; c_intra[i, j]: rows
+    that cross devices inside a node if it sits on device j. Expert exchange: tokens whose experts
+    are NOT on node n, and on Node(j) but not on j. Node exchange (node_count: node_counts of the
+    same routes and layout): one row per (token, node other than n) it needs, and the rows the
+    NVLink hops move on every node (see _volumes)."""
     num = _check_num(num, topo)
-    sd = _as_int_array(sample_device, "sample_device", 1)
-    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
-        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    return _traffic(_device_tokens(num, topo, ed), sd, topo)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return _volumes(_device_tokens(num, topo, ed), topo, nc)[:2]
+
+
+def _check_sample_device(sd, I, topo, name="sample_device"):
+    sd = _as_int_array(sd, name, 1)
+    if sd.shape[0] != I or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
+        raise ValueError(f"{name} must give each of I={I} samples a device in [0, {topo.world})")
+    return sd
+
+
+def traffic(num, sample_device, topo, expert_device=None, exchange="expert", node_count=None):
+    """Eq. 3-4: rows that stay on their device / cross devices inside a node / cross nodes, when
+    sample i sits on sample_device[i]. Scatter and gather move the same rows. For the node
+    exchange inter counts its rail rows, intra and local its NVLink rows (forwarding included)."""
+    num = _check_num(num, topo)
+    sd = _check_sample_device(sample_device, num.shape[0], topo)
+    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return _traffic(_volumes(_device_tokens(num, topo, ed), topo, nc), sd, topo)
 
 
 def pair_traffic(num, sample_device, topo, expert_device=None):
     """[J, J] tokens device j sends device k in the scatter when sample i sits on sample_device[i]
-    (the gather sends the transpose): the split sizes of one All-to-All. Its same-node, other-device
-    entries sum to traffic()'s intra, its other-node entries to its inter."""
+    (the gather sends the transpose): the split sizes of one All-to-All of the expert exchange.
+    Its same-node, other-device entries sum to traffic()'s intra, its other-node entries to its inter."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    sd = _as_int_array(sample_device, "sample_device", 1)
-    if sd.shape[0] != num.shape[0] or (sd.size and (sd.min() < 0 or sd.max() >= topo.world)):
-        raise ValueError(f"sample_device must give each of I={num.shape[0]} samples a device in [0, {topo.world})")
+    sd = _check_sample_device(sample_device, num.shape[0], topo)
     per_dev = _device_tokens(num, topo, ed)[0]   # [I, J]
     out = np.zeros((topo.world, topo.world), dtype=np.int64)
     np.add.at(out, sd, per_dev)
     return out
 
 
-def _traffic(tokens, sample_device, topo):
-    per_dev, per_node, total = tokens
-    rows = np.arange(len(total))
-    local = per_dev[rows, sample_device]
-    same_node = per_node[rows, topo.node_of(sample_device)]
-    return {"local": int(local.sum()), "intra": int((same_node - local).sum()),
-            "inter": int((total - same_node).sum())}
+def _traffic(volumes, sample_device, topo):
+    inter, intra, local = volumes
+    rows = np.arange(len(inter))
+    return {"local": int(local[rows, sample_device].sum()), "intra": int(intra[rows, sample_device].sum()),
+            "inter": int(inter[rows, topo.node_of(sample_device)].sum())}
 
 
-def a2a_time(volume, topo, bytes_per_token):
-    """Eq. 1: t = max(t_intra, t_inter), t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes."""
+def a2a_time(volume, topo, bytes_per_token, exchange="expert"):
+    """Eq. 1: t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes of tier x. The expert exchange
+    is one All-to-All: t = max(t_intra, t_inter). The node exchange runs its rail hop, then its
+    NVLink hop: t = t_inter + t_intra (a pipelined implementation, as DeepEP's, forwards rows while
+    others still arrive and would approach the max)."""
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
     def term(tokens, lat, bw):
         return lat + tokens * bytes_per_token / bw if tokens else 0.0
-    return max(term(volume["intra"], topo.intra_lat, topo.intra_bw),
-               term(volume["inter"], topo.inter_lat, topo.inter_bw))
+    t = (term(volume["intra"], topo.intra_lat, topo.intra_bw), term(volume["inter"], topo.inter_lat, topo.inter_bw))
+    return max(t) if exchange == "expert" else sum(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +346,16 @@ def _assign(cost, groups, method):
 
 
 def solve_placement(num, topo, num_next=None, expert_device=None, method="capacitated",
-                    expert_device_next=None):
+                    expert_device_next=None, exchange="expert", node_count=None, node_count_next=None):
     """Algorithm 1's Solve: the device each sample goes to in this layer's gather.
 
     Stage 1 puts I/N samples on every node, minimising the summed inter-node cost c (Eq. 8) of this
     gather plus, with lookahead, the next layer's predicted scatter. Stage 2 spreads each node's
     samples over its G devices, I/J each, minimising the summed intra-node cost c_intra. Both are
     exact (capacitated assignment; `method="km"` solves the paper's expanded I x I matrices,
-    `method="scipy"` the same with scipy, for benchmarks).
+    `method="scipy"` the same with scipy, for benchmarks). exchange="node" prices the rows of the
+    node exchange; it needs node_count (node_counts of this layer's routes under expert_device)
+    and, with num_next, node_count_next (of the predicted routes under expert_device_next).
     Integer input and fixed tie-breaking make every rank compute the same dest."""
     num = _check_num(num, topo)
     I, E = num.shape
@@ -296,19 +366,25 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
     if method not in ("capacitated", "km", "scipy"):
         raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
     ed = _check_expert_device(expert_device, E, J)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    nc_next = None
     if num_next is not None:
         num_next = _check_num(num_next, topo, "num_next")
         if num_next.shape != num.shape:
             raise ValueError(f"num_next has shape {num_next.shape}, num has {num.shape}")
         expert_device_next = ed if expert_device_next is None else _check_expert_device(expert_device_next, E, J)
-    return _solve(num, topo, num_next, ed, expert_device_next, method)
+        nc_next = _check_exchange(exchange, node_count_next, num_next, topo, expert_device_next, "node_count_next")
+    elif node_count_next is not None:
+        raise ValueError("node_count_next prices the next layer's scatter: pass num_next with it")
+    return _solve(num, topo, num_next, ed, expert_device_next, method, nc, nc_next)
 
 
-def _solve(num, topo, num_next, ed, ed_next, method="capacitated"):
-    """solve_placement without the checks, for callers that built valid input themselves."""
-    c, c_intra = _costs(_device_tokens(num, topo, ed), topo)
+def _solve(num, topo, num_next, ed, ed_next, method="capacitated", nc=None, nc_next=None):
+    """solve_placement without the checks, for callers that built valid input themselves
+    (nc, nc_next: node counts for the node exchange, None for the expert exchange)."""
+    c, c_intra, _ = _volumes(_device_tokens(num, topo, ed), topo, nc)
     if num_next is not None:
-        cn, cn_intra = _costs(_device_tokens(num_next, topo, ed_next), topo)
+        cn, cn_intra, _ = _volumes(_device_tokens(num_next, topo, ed_next), topo, nc_next)
         c, c_intra = c + cn, c_intra + cn_intra
     node = _assign(c, topo.nodes, method)
     dest = np.empty(len(num), dtype=np.int64)
@@ -418,13 +494,41 @@ def _align(group, d, prev_p, prev_of, k):
     return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
 
 
-def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe"):
+def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe", exchange="expert",
+           routes=None, next_routes=None):
     """MoEStats of one batch through consecutive MoE layers (nums: per layer [I, E] counts, rows
     by sample id): samples start where the data loader put them and follow each layer's gather.
     layouts: per-layer expert maps (default contiguous); nexts: per layer the counts its gather
-    prices the next layer's scatter with (predicted or true; None: no lookahead)."""
+    prices the next layer's scatter with (predicted or true; None: no lookahead).
+    routes: per layer [I, S, K], rows by sample id (nums must be their counts); next_routes: per
+    layer the routes of the next layer that nexts counts (the last layer's are not read), in place
+    of nexts. exchange="node" needs them: its rows depend on each layer's expert map."""
     I, L = len(nums[0]), len(nums)
-    layouts = layouts or [None] * L
+    E, G = np.shape(nums[0])[1], topo.gpus_per_node
+    if exchange not in ("expert", "node"):
+        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    if placement not in ("netmoe", "static"):
+        raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
+    layouts = [_check_expert_device(ed, E, topo.world) for ed in (layouts or [None] * L)]
+    if exchange == "node" and routes is None:
+        raise ValueError("exchange='node' needs routes: per layer [I, S, K], rows by sample id")
+    if exchange == "node" and nexts is not None and next_routes is None:
+        raise ValueError("exchange='node' with lookahead needs next_routes (the routes nexts counts)")
+    for name, given, counts in (("routes", routes, nums), ("next_routes", next_routes, nexts)):
+        if given is None:
+            continue
+        if len(given) != L and not (name == "next_routes" and len(given) == L - 1):
+            raise ValueError(f"{name} must hold one [I, S, K] array per layer ({L}), got {len(given)}")
+        derived = [count_tokens(r, E).numpy() for r in given[:L - 1 if name == "next_routes" else L]]
+        if counts is not None and any(not np.array_equal(d, c) for d, c in zip(derived, counts)):
+            raise ValueError(f"{'nums' if name == 'routes' else 'nexts'} are not the counts of {name}")
+        if name == "next_routes":
+            nexts = derived + [None]
+    ncs, nc_nexts = [None] * L, [None] * L
+    if exchange == "node":
+        ncs = [node_counts(routes[l], layouts[l] // G, topo.nodes).numpy() for l in range(L)]
+        if next_routes is not None:
+            nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
     cur, acc = static_placement(I, topo.world), MoEStats()
     for l, num in enumerate(nums):
         if placement == "static":
@@ -432,19 +536,20 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         else:
             nxt = nexts[l] if nexts is not None and l + 1 < L else None
             dest = solve_placement(num, topo, num_next=nxt, expert_device=layouts[l],
-                                   expert_device_next=layouts[min(l + 1, L - 1)])
-        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l])
+                                   expert_device_next=layouts[min(l + 1, L - 1)], exchange=exchange,
+                                   node_count=ncs[l], node_count_next=nc_nexts[l] if nxt is not None else None)
+        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l], exchange, ncs[l])
         cur = dest
     return acc
 
 
-def replay_trace(trace, topo, bytes_per_token, layout=False):
+def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
     """MoEStats of every recorded step of a routing trace (train --trace) under each placement:
     ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
     put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
     layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
     (other batches), beside the contiguous layout on the same steps: what re-layout does live
-    from its last 4 batches."""
+    from its last 4 batches. exchange: what the All-to-Alls send (and the solver prices)."""
     route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
     E = int(trace["num_experts"])
     steps, L, I = route.shape[:3]
@@ -454,7 +559,6 @@ def replay_trace(trace, topo, bytes_per_token, layout=False):
     if layout and steps < 2:
         raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
     nums = [[count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
-    preds = [[count_tokens(pred[s, l], E).numpy() for l in range(L - 1)] for s in range(steps)]
     first = 1 if layout else 0
     learned = [None] + [expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
                                        for l in range(L)], topo) if layout else None for s in range(1, steps)]
@@ -463,8 +567,10 @@ def replay_trace(trace, topo, bytes_per_token, layout=False):
     if layout:
         variants.update({"static + layout": (True, "static", None),
                          "netmoe + lookahead + layout": (True, "netmoe", "pred")})
-    nexts = lambda s, kind: nums[s][1:] if kind == "oracle" else preds[s] if kind == "pred" else None
-    return {name: [replay(nums[s], topo, bytes_per_token, learned[s] if lay else None, nexts(s, kind), placement)
+    # the lookahead's routes of layer l + 1: predicted from layer l's input, or the true ones
+    nexts = lambda s, kind: list(route[s, 1:]) if kind == "oracle" else list(pred[s, :-1]) if kind == "pred" else None
+    return {name: [replay(nums[s], topo, bytes_per_token, learned[s] if lay else None, None, placement, exchange,
+                          list(route[s]), nexts(s, kind))
                    for s in range(first, steps)]
             for name, (lay, placement, kind) in variants.items()}, first
 
@@ -569,7 +675,9 @@ _SOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-solver")
 
 @dataclasses.dataclass
 class MoEStats:
-    """Counters of one or more MoE-layer calls (sum with +). Volumes are routed tokens, cluster-wide."""
+    """Counters of one or more MoE-layer calls (sum with +). Volumes are rows sent, cluster-wide:
+    routed tokens for the expert exchange; for the node exchange inter counts its rail rows, one
+    per (token, node), and intra and local its NVLink rows, one per (token, expert)."""
     scatter: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
     gather: dict = dataclasses.field(default_factory=lambda: dict(local=0, intra=0, inter=0))
     samples: int = 0          # samples that passed through the gathers
@@ -578,7 +686,7 @@ class MoEStats:
     solver_ms: float = 0.0    # time the solver worked
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
-    a2a_model_ms: float = 0.0  # Eq. 1 for the same four All-to-Alls (payload = the residual rows)
+    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (payload = the residual rows)
 
     def __add__(self, other):
         out = MoEStats()
@@ -588,21 +696,25 @@ class MoEStats:
         return out
 
 
-def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
+def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, exchange="expert", node_count=None):
     """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
-    gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four All-to-Alls (forward
-    and backward), and the samples moved. What the layer records, for replays and planning."""
+    gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four exchanges (forward
+    and backward), and the samples moved. What the layer records, for replays and planning.
+    exchange="node" needs node_count, as placement_costs does."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    return _layer_stats(_device_tokens(num, topo, ed), np.asarray(cur), np.asarray(dest), topo, bytes_per_token)
+    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    cur = _check_sample_device(cur, num.shape[0], topo, "cur")
+    dest = _check_sample_device(dest, num.shape[0], topo, "dest")
+    return _layer_stats(_volumes(_device_tokens(num, topo, ed), topo, nc), cur, dest, topo, bytes_per_token, exchange)
 
 
-def _layer_stats(tokens, cur, dest, topo, bytes_per_token):
-    scatter, gather = _traffic(tokens, cur, topo), _traffic(tokens, dest, topo)
+def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
+    scatter, gather = _traffic(volumes, cur, topo), _traffic(volumes, dest, topo)
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
+                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token, exchange) for v in (scatter, gather)))
 
 
 def _timed(fn, *args):
@@ -617,21 +729,28 @@ class _Solve:
     kernels: solving inline in result(), once they are queued, overlaps them without the two
     threads trading the GIL."""
 
-    def __init__(self, args, inline):
-        self.args, self.inline = args, inline
-        self.future = None if inline else _SOLVER.submit(_timed, _solve, *args)
+    def __init__(self, args, order, inline):
+        # rows in sample-id order (`order`): ties then break the same way wherever the samples
+        # sit, so a replay of the same routing (netmoe.replay) finds the same placements
+        self.args = [a[order] if isinstance(a, np.ndarray) and a.ndim == 2 else a for a in args]
+        self.order, self.inline = order, inline
+        self.future = None if inline else _SOLVER.submit(_timed, _solve, *self.args)
 
     def result(self):
         """(dest, seconds of solving, seconds the caller waited for it)."""
         if self.inline:
             queued = torch.cuda.Event()
             queued.record()
-            dest, seconds = _timed(_solve, *self.args)
+            by_id, seconds = _timed(_solve, *self.args)
             # an upper bound: all of it counts as exposed if the GPU ran dry before it finished
-            return dest, seconds, seconds if queued.query() else 0.0
-        t = time.perf_counter()
-        dest, seconds = self.future.result()
-        return dest, seconds, time.perf_counter() - t
+            exposed = seconds if queued.query() else 0.0
+        else:
+            t = time.perf_counter()
+            by_id, seconds = self.future.result()
+            exposed = time.perf_counter() - t
+        dest = np.empty_like(by_id)
+        dest[self.order] = by_id
+        return dest, seconds, exposed
 
 
 def _same_everywhere(array, group):
@@ -651,13 +770,19 @@ class MoELayer(nn.Module):
     load-balance loss. Each rank holds E/J experts. placement="static" is plain EP: the same code
     with every sample returned to where it came from. virtual_world=J runs in one process with all
     E experts, computing placements and volumes exactly as J devices would (the reference model).
+    exchange="expert" sends one row per (token, expert) straight to the expert's device and back;
+    exchange="node" one row per (token, remote node) to the rail peer there, which forwards it over
+    NVLink, and back the same way with the rows of a token summed inside each node first.
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
-                 topology=None, group=None, virtual_world=None, expert_device=None, debug=False):
+                 topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
+                 exchange="expert"):
         super().__init__()
         if placement not in ("netmoe", "static"):
             raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
+        if exchange not in ("expert", "node"):
+            raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -672,6 +797,10 @@ class MoELayer(nn.Module):
                              f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
         self.placement, self.lookahead, self.group, self.debug = placement, lookahead, group, debug
+        # On one node the node exchange has no rail hop: it is the expert exchange (same rows, same
+        # costs), so that path runs and both give identical results.
+        self.exchange = exchange
+        self.node_exchange = exchange == "node" and self.topo.nodes > 1
         self.set_expert_device(_check_expert_device(expert_device, num_experts, self.J))
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
@@ -687,6 +816,8 @@ class MoELayer(nn.Module):
         self.last_routes = None
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats, self._timer = MoEStats(), _Timer()
+        # debug, EP: rows this rank's forward exchanges sent per tier, read from their split sizes
+        self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
         self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
 
     def set_expert_device(self, expert_device):
@@ -776,8 +907,10 @@ class MoELayer(nn.Module):
                 pred = next_layer.gate(next_layer.ln(x)).topk(next_layer.top_k, dim=-1)[1]
         if self.record:
             self.last_routes = (sid, route, pred)
-        # 2. Counts of every sample of the global batch (Eq. 2): all split sizes follow from them
-        num, num_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid)
+        # 2. Counts of every sample of the global batch (Eq. 2; node counts for the node exchange):
+        #    all split sizes follow from them
+        num, num_next, nc, nc_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid,
+                                                               next_layer)
         I = len(num)
         f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
         aux = self.num_experts * (f * probs.mean((0, 1))).sum()
@@ -785,12 +918,17 @@ class MoELayer(nn.Module):
         solve = None
         if self.placement == "netmoe":
             ed_next = next_layer.expert_device if lookahead else self.expert_device
-            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next), inline=x.is_cuda)
+            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next, "capacitated", nc, nc_next),
+                           np.argsort(sid_all, kind="stable"), inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices
         tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
         local = self.virtual or self.J == 1
-        scatter = self._scatter_local if local else self._scatter_ep
-        rows, gate, src, pos, expert, counts = scatter(x, g, route, num, tokens[0], ops)
+        if local:
+            rows, gate, src, pos, expert, counts = self._scatter_local(x, g, route, num, tokens[0], ops)
+        elif self.node_exchange:
+            rows, gate, src, pos, expert, counts = self._scatter_node(x, g, route, num, tokens, nc, ops)
+        else:
+            rows, gate, src, pos, expert, counts = self._scatter_ep(x, g, route, num, tokens[0], ops)
         # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1)
         y = gate[:, None] * self._experts(rows, expert, counts) + (pos % K == 0).to(x.dtype)[:, None] * rows
         # 6. Join the solver
@@ -803,9 +941,14 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
-        gather = self._gather_local if local else self._gather_ep
-        out, keep = gather(y, src, pos, dest, tokens[0], ops, (B, S, H))
-        self._stats += _layer_stats(tokens, static_placement(I, self.J), dest, self.topo, x.element_size() * H)
+        if local:
+            out, keep = self._gather_local(y, src, pos, dest, tokens[0], ops, (B, S, H))
+        elif self.node_exchange:
+            out, keep = self._gather_node(y, src, pos, dest, tokens, nc, ops, (B, S, H))
+        else:
+            out, keep = self._gather_ep(y, src, pos, dest, tokens[0], ops, (B, S, H))
+        self._stats += _layer_stats(_volumes(tokens, self.topo, nc), static_placement(I, self.J), dest, self.topo,
+                                    x.element_size() * H, "node" if self.node_exchange else "expert")
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _check_input(self, x, sid):
@@ -827,25 +970,36 @@ class MoELayer(nn.Module):
                 raise ValueError(f"every rank must hold the same number of samples; per rank: {sizes}")
         return x.shape
 
-    def _all_counts(self, ops, route, pred, sid):
+    def _all_counts(self, ops, route, pred, sid, next_layer):
         """num [I, E] (Eq. 2) for every sample of the global batch in slot order (rank-major),
-        the lookahead's predicted num_next (or None), and the samples' ids: one all-gather, and
-        the one host sync the layer needs (split sizes are host integers)."""
-        E = self.num_experts
-        meta = [ops.count_tokens(route, E)] + ([ops.count_tokens(pred, E)] if pred is not None else [])
+        the lookahead's predicted num_next (or None), for the node exchange the node counts of
+        both (nc with this layer's expert map, nc_next with the next layer's; else None), and the
+        samples' ids: one all-gather, and the one host sync the layer needs (split sizes are host
+        integers)."""
+        E, N, G = self.num_experts, self.topo.nodes, self.topo.gpus_per_node
+        routes = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
+        meta = [ops.count_tokens(r, E) for r, _ in routes]
+        if self.node_exchange:
+            meta += [ops.node_counts(r, torch.as_tensor(layer.expert_device // G, device=r.device), N)
+                     for r, layer in routes]
         meta = torch.cat(meta + [sid[:, None]], 1)
         if not self.virtual and self.J > 1:
             parts = [torch.empty_like(meta) for _ in range(self.J)]
             dist.all_gather(parts, meta, group=self.group)
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
-        num, sid_all = meta[:, :E], meta[:, -1]
+        widths = [E] * len(routes) + ([N] * len(routes) if self.node_exchange else [])
+        cols = np.split(meta, np.cumsum(widths), axis=1)
+        num, sid_all = cols[0], meta[:, -1]
+        num_next = cols[1] if pred is not None else None
+        nc = cols[len(routes)] if self.node_exchange else None
+        nc_next = cols[len(routes) + 1] if self.node_exchange and pred is not None else None
         if len(num) % self.J:
             raise ValueError(f"I={len(num)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
         if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
             self.recent.append(num[np.argsort(sid_all, kind="stable")])
-        return num, (meta[:, E:2 * E] if pred is not None else None), sid_all
+        return num, num_next, nc, nc_next, sid_all
 
     def _experts(self, x, expert, counts):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
@@ -908,8 +1062,7 @@ class MoELayer(nn.Module):
         order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=dev))
         payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
                              (order % (S * K)).to(x.dtype)[:, None]], 1)
-        recv = AllToAll.apply(payload, per_dev[r * B:(r + 1) * B].sum(0).tolist(),
-                              per_dev[:, r].reshape(J, B).sum(1).tolist(), self.group, self._timer)
+        recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
         cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
@@ -928,13 +1081,132 @@ class MoELayer(nn.Module):
         dev = y.device
         gorder = ops.gather_order(src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = AllToAll.apply(torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
-                              np.bincount(dest, weights=per_dev[:, r], minlength=J).astype(np.int64).tolist(),
-                              per_dev[keep].sum(0).tolist(), self.group, self._timer)
+        back = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
+                          np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         row = new_slot * S + back[:, H].long() // K
         return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
+
+    def _send(self, phase, rows, send, recv):
+        """AllToAll of rows: send[j] of them to rank j, recv[j] from rank j. In debug mode also
+        counts the rows this rank sends per tier, from the split sizes alone."""
+        send, recv = [int(v) for v in send], [int(v) for v in recv]
+        if self.debug:
+            node = self.topo.node_of(np.arange(self.J)) == self.topo.node_of(self.rank)
+            sent = np.asarray(send, dtype=np.int64)
+            tiers = self.sent[phase]
+            tiers["local"] += int(sent[self.rank])
+            tiers["intra"] += int(sent[node].sum() - sent[self.rank])
+            tiers["inter"] += int(sent[~node].sum())
+        return AllToAll.apply(rows, send, recv, self.group, self._timer)
+
+    def _scatter_node(self, x, g, route, num, tokens, nc, ops):
+        """Node exchange, scatter; returns what _scatter_ep returns. This rank is (n, gl): device gl
+        of node n. Samples sit in slot order, so sample p is on rail (p // B) % G."""
+        B, S, H = x.shape
+        J, r, K, I, G, N = self.J, self.rank, self.top_k, num.shape[0], self.topo.gpus_per_node, self.topo.nodes
+        per_dev, per_node, _ = tokens
+        n, gl = divmod(r, G)
+        dev, ranks = x.device, np.arange(J)
+        # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
+        # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
+        # node m, so the receiver names each row's sample from nc (every rank holds it); the
+        # position s and the K (expert, gate) pairs travel in the row, the expert ids as floats
+        # (exact below 2^24). Tokens whose experts are all on node n skip this hop.
+        own = torch.cat([x.reshape(-1, H), torch.arange(S, device=dev).repeat(B).to(x.dtype)[:, None],
+                         route.reshape(-1, K).to(x.dtype), g.reshape(-1, K).to(x.dtype)], 1)
+        hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
+        hit.scatter_(2, torch.as_tensor(self.expert_device // G, device=dev)[route], True)
+        hit[..., n] = False
+        rail = (ranks % G == gl) & (ranks // G != n)
+        per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
+        send = np.where(rail, per_rank[r, ranks // G], 0)
+        recv = np.where(rail, per_rank[:, n], 0)
+        mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
+        got = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv).split(recv.tolist())
+        # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
+        # holds now, in (sample slot, s) order
+        held = torch.cat(got[:r] + (own,) + got[r + 1:])
+        # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
+        # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
+        # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
+        # for local expert e and sample p are num[p, e] for every p on rail g' (wherever it sits:
+        # its tokens reach node n on rail g'), so the expert side names sample and expert from num;
+        # x, the gate weight and s*K+k travel.
+        per = self.num_experts // J
+        key = np.where(self.expert_device // G == n, self.slot - n * G * per, G * per)
+        on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
+        order = ops.dispatch_order(held[None, :, H + 1:H + 1 + K].long(), torch.as_tensor(key, device=dev))
+        order = order[:int(per_node[on_rail == gl, n].sum())]
+        t = order // K
+        payload = torch.cat([held[t, :H], held[:, H + 1 + K:].reshape(-1, 1)[order],
+                             (held[t, H] * K + (order % K).to(x.dtype))[:, None]], 1)
+        rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
+        np.add.at(rail_dev, on_rail, per_dev)
+        node = ranks // G == n
+        recv = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
+                          np.where(node, rail_dev[ranks % G, r], 0))
+        # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
+        members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
+        cnt = num[:, self.local_experts][members].transpose(0, 2, 1)   # [g', local expert, sample]
+        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        n_rows, n_local = int(cnt.sum()), len(self.local_experts)
+        expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
+            reps, output_size=n_rows)
+        src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
+            reps, output_size=n_rows)
+        return recv[:, :H], recv[:, H], src, recv[:, H + 1].long(), expert, cnt.sum((0, 2)).tolist()
+
+    def _gather_node(self, y, src, pos, dest, tokens, nc, ops, shape):
+        """Node exchange, gather; returns what _gather_ep returns. This rank is (m, gl)."""
+        B, S, H = shape
+        J, r, K, I, G = self.J, self.rank, self.top_k, len(dest), self.topo.gpus_per_node
+        per_dev = tokens[0]
+        m, gl = divmod(r, G)
+        dev, ranks = y.device, np.arange(J)
+        # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
+        # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
+        # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
+        via = m * G + dest % G
+        gorder = ops.gather_order(src, torch.as_tensor(via, device=dev), I)
+        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
+        node = ranks // G == m
+        got = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
+                         np.bincount(via, weights=per_dev[:, r], minlength=J),
+                         np.where(node, per_dev[mine].sum(0), 0))
+        reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
+        sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
+            torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
+        # Rows of samples that stay on node m land in the output; the others add up per token into
+        # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
+        # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
+        keep = np.flatnonzero(dest == r)                          # new slots
+        away = mine[dest[mine] != r]
+        away = away[np.argsort(dest[away], kind="stable")]
+        base = np.zeros(I, dtype=np.int64)
+        base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
+        key = torch.as_tensor(base, device=dev)[sample] + got[:, H].long() // K
+        is_away = key >= B * S
+        n_away, n_part = len(away) * S, int(nc[away, m].sum())
+        away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
+        present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
+        compact = present.cumsum(0) - 1
+        row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
+        summed = y.new_zeros(B * S + n_part, H).index_add(0, row, got[:, :H])
+        # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
+        # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
+        # names each row's sample from nc and dest; s travels.
+        s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
+        rail = (ranks % G == gl) & ~node
+        back = self._send("gather", torch.cat([summed[B * S:], s_part.to(y.dtype)[:, None]], 1),
+                          np.bincount(dest[away], weights=nc[away, m], minlength=J),
+                          np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
+        reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
+        new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
+            reps, output_size=int(reps.sum()))
+        out = summed[:B * S].index_add(0, new_slot * S + back[:, H].long(), back[:, :H])
+        return out.view(B, S, H), keep
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""

@@ -525,6 +525,136 @@ def test_pair_traffic_gives_the_split_sizes_behind_traffic(rng):
         assert np.array_equal(T.sum(0), np.bincount(ed, weights=num.sum(0), minlength=J))   # what k's experts get
 
 
+def _random_route(rng, I, S, K, E):
+    """[I, S, K] distinct experts per token, each sample favouring a few (as a top-K gate does)."""
+    fav = rng.dirichlet(np.full(E, 0.3), size=I) + 1e-3
+    return np.stack([[rng.choice(E, K, replace=False, p=f / f.sum()) for _ in range(S)] for f in fav]).reshape(I, S, K)
+
+
+def test_node_counts_match_a_plain_loop():
+    rng = np.random.default_rng(21)
+    for I, S, K, E, N in [(5, 7, 2, 12, 3), (4, 6, 1, 8, 2), (3, 5, 4, 8, 4), (2, 3, 3, 6, 1), (0, 4, 2, 8, 2),
+                          (3, 0, 2, 8, 2)]:
+        route = rng.integers(0, E, size=(I, S, K))
+        expert_node = rng.integers(0, N, size=E)
+        nc = netmoe.node_counts(torch.as_tensor(route), torch.as_tensor(expert_node), N)
+        ref = np.zeros((I, N), dtype=np.int64)
+        for i, s in np.ndindex(I, S):
+            for n in set(expert_node[route[i, s]]):
+                ref[i, n] += 1
+        assert nc.dtype == torch.int64 and np.array_equal(nc.numpy(), ref), (I, S, K, E, N)
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.long)
+    for bad in (lambda: netmoe.node_counts(z(2, 3, 2) + 1, z(1), 1),        # expert id past E
+                lambda: netmoe.node_counts(z(2, 3, 2), z(4) + 2, 2),        # node id past N
+                lambda: netmoe.node_counts(z(2, 6), z(4), 2),               # not [I, S, K]
+                lambda: netmoe.node_counts(z(2, 3, 2), z(4), 0)):           # no nodes
+        with pytest.raises(ValueError):
+            bad()
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES + ["3x2"])
+def test_node_exchange_costs_and_volumes_count_the_rows_each_hop_sends(spec):
+    """Brute force over tokens: a sample on (n, g) sends one rail row per (token, node m != n
+    holding any of its experts) to (m, g), then on every node m one NVLink row per (token, k)
+    from (m, g) to the expert's device. The gather is the same rows reversed."""
+    rng = np.random.default_rng(22)
+    topo = netmoe.Topology.parse(spec)
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    E = 2 * J
+    for K in (1, 2, 3):
+        route = _random_route(rng, 2 * J, 5, min(K, E), E)
+        ed = rng.permutation(np.arange(E) // 2)
+        num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
+        c, c_intra = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        sd = rng.integers(0, J, size=len(num))
+        vol = dict(local=0, intra=0, inter=0)
+        for i in range(len(num)):
+            rail = lambda m, j: m * G + j % G   # the device of node m on the rail of device j
+            for n in range(N):
+                assert c[i, n] == sum(len(set(ed[route[i, s]] // G) - {n}) for s in range(route.shape[1]))
+            for j in range(J):
+                assert c_intra[i, j] == sum(ed[e] != rail(ed[e] // G, j) for e in route[i].reshape(-1))
+            for s in range(route.shape[1]):
+                vol["inter"] += len(set(ed[route[i, s]] // G) - {sd[i] // G})
+                for e in route[i, s]:
+                    vol["local" if ed[e] == rail(ed[e] // G, sd[i]) else "intra"] += 1
+        assert netmoe.traffic(num, sd, topo, ed, exchange="node", node_count=nc) == vol
+        flat = netmoe.traffic(num, sd, topo, ed)
+        # one rail row per (token, node) replaces every (token, expert) row to that node
+        assert vol["inter"] <= flat["inter"] and (K > 1 or vol["inter"] == flat["inter"])
+        if N == 1:   # no rails: the two exchanges are the same
+            assert vol == flat
+            assert all(np.array_equal(a, b) for a, b in zip((c, c_intra), netmoe.placement_costs(num, topo, ed)))
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES)
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_node_exchange_placement_is_balanced_and_each_stage_is_exactly_optimal(spec, lookahead):
+    rng = np.random.default_rng(23)
+    topo = netmoe.Topology.parse(spec)
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    I, E = J * (8 // J if J <= 8 else 1) if J > 1 else 6, 2 * J
+    for _ in range(3):
+        ed, ed_next = (rng.permutation(np.arange(E) // 2) for _ in range(2))
+        route, nxt = _random_route(rng, I, 6, 2, E), _random_route(rng, I, 6, 2, E)
+        num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
+        kw = dict(num_next=netmoe.count_tokens(nxt, E).numpy(), expert_device_next=ed_next,
+                  node_count_next=netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else {}
+        dest = netmoe.solve_placement(num, topo, expert_device=ed, exchange="node", node_count=nc, **kw)
+        assert dest.dtype == np.int64 and np.array_equal(np.bincount(dest, minlength=J), np.full(J, I // J))
+        c, ci = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        if lookahead:
+            cn, cin = netmoe.placement_costs(kw["num_next"], topo, ed_next, exchange="node",
+                                             node_count=kw["node_count_next"])
+            c, ci = c + cn, ci + cin
+        node = dest // G
+        best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
+        assert c[np.arange(I), node].sum() == best1
+        for n in range(N):
+            m = np.flatnonzero(node == n)
+            sub = ci[m][:, n * G:(n + 1) * G]
+            best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
+            assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+
+
+def test_eq1_time_of_the_node_exchange_adds_its_two_hops():
+    topo = netmoe.Topology(2, 4, intra_lat=1e-6, inter_lat=5e-6)
+    v = dict(local=7, intra=40, inter=10)
+    t_intra, t_inter = 1e-6 + 40 * 64 / 400e9, 5e-6 + 10 * 64 / 100e9
+    assert netmoe.a2a_time(v, topo, 64) == pytest.approx(max(t_intra, t_inter))
+    assert netmoe.a2a_time(v, topo, 64, exchange="node") == pytest.approx(t_intra + t_inter)
+    assert netmoe.a2a_time(dict(local=3, intra=0, inter=0), topo, 64, exchange="node") == 0.0
+
+
+_ROUTE = torch.tensor([[[0, 2], [0, 1]], [[1, 2], [2, 3]], [[0, 3], [1, 3]], [[0, 1], [0, 1]]])   # I=4 S=2 K=2 E=4
+_T = netmoe.Topology(2, 2)
+_NUM, _NC = netmoe.count_tokens(_ROUTE, 4).numpy(), netmoe.node_counts(_ROUTE, torch.tensor([0, 0, 1, 1]), 2).numpy()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="nodes"), "exchange must be"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node"), "needs node_count"),
+    (lambda: netmoe.placement_costs(_NUM, _T, node_count=_NC), "only used by exchange='node'"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC[:, :1]), "must be"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=-_NC), "negative"),
+    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC + 5), "does not fit"),
+    (lambda: netmoe.placement_costs(_NUM, _T, [1, 2, 3, 0], exchange="node", node_count=_NC), "does not fit"),
+    (lambda: netmoe.solve_placement(_NUM, _T, num_next=_NUM, exchange="node", node_count=_NC), "node_count_next"),
+    (lambda: netmoe.solve_placement(_NUM, _T, exchange="node", node_count=_NC, node_count_next=_NC), "num_next"),
+    (lambda: netmoe.traffic(_NUM, [0, 1, 2, 3], _T, exchange="node"), "needs node_count"),
+    (lambda: netmoe.layer_stats(_NUM, [0, 1, 2, 3], [0, 1, 2, 9], _T, 4, exchange="node", node_count=_NC), "dest"),
+    (lambda: netmoe.a2a_time(dict(local=0, intra=1, inter=1), _T, 4, exchange="tree"), "exchange must be"),
+    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node"), "needs routes"),
+    (lambda: netmoe.replay([_NUM, _NUM], _T, 4, nexts=[_NUM], exchange="node", routes=[np.zeros((4, 2, 2), int)] * 2),
+     "next_routes"),
+    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node", routes=[np.zeros((4, 2, 2), int)]), "not the counts"),
+], ids=["name", "missing", "unused", "shape", "negative", "too-many", "other-layout", "missing-next", "next-alone",
+        "traffic", "dest-range", "a2a-name", "replay-routes", "replay-next", "replay-counts"])
+def test_bad_node_exchange_input_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups(rng):
     """Samples use the experts of one hidden group of 4, the groups scattered over the contiguous
     blocks: the learned layout puts each group on one node, so NetMoE keeps every token inside."""
@@ -645,8 +775,9 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _make_params(E, K, empty_device, seed, world=4, layers=2):
-    """Full (all-expert) float64 parameters of a stack of MoE layers."""
+def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None):
+    """Full (all-expert) float64 parameters of a stack of MoE layers (layouts: per layer the
+    expert -> device map, default contiguous; it says which experts the empty device holds)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     out = []
@@ -659,9 +790,9 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2):
             # logits in the thousands would leave float32 gradients no digits to compare.)
             v = 2 * torch.ones(H_, dtype=torch.float64)
             p["ln_b"] = v
-            per = E // world
+            ed = netmoe.default_expert_device(E, world) if layouts is None else layouts[len(out)]
             for e in range(E):
-                p["wg"][e] = -v if e // per == empty_device else 0.2 * v + 0.3 * rnd(H_)
+                p["wg"][e] = -v if ed[e] == empty_device else 0.2 * v + 0.3 * rnd(H_)
         out.append(p)
     return out
 
@@ -692,24 +823,41 @@ def _load(layer, p):
             getattr(layer, name).copy_(p[name][torch.as_tensor(layer.local_experts)])
 
 
+# (placement, K, planted empty device?[, exchange, expert layout, nodes]): the last three default
+# to the expert exchange, contiguous experts and 2 nodes of world/2 devices
 LAYER_CASES = [("static", 2, None), ("netmoe", 2, None), ("netmoe", 1, None), ("netmoe", 4, None),
                ("netmoe", 2, 3), ("static", 2, 3)]
+NODE_CASES = [("static", 2, None, "node", "contiguous", 2), ("netmoe", 2, None, "node", "contiguous", 2),
+              ("netmoe", 2, None, "node", "random", 2), ("netmoe", 1, None, "node", "random", 2),
+              ("netmoe", 4, None, "node", "contiguous", 2), ("netmoe", 2, 3, "node", "random", 2),
+              ("static", 4, 3, "node", "random", 2), ("netmoe", 2, None, "node", "random", 4),
+              ("netmoe", 2, None, "node", "random", 1)]
+NODE_CASES_8 = [("netmoe", 2, None, "node", "random", 2), ("static", 1, 7, "node", "contiguous", 2),
+                ("netmoe", 4, 7, "node", "random", 2), ("netmoe", 2, None, "node", "contiguous", 4)]
 
 
 def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
-    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL)."""
+    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL). Per case:
+    the worst relative error against the single-process model, samples moved, the modelled
+    volumes, how many layers left the planted device idle, the rows the exchanges' split sizes
+    sent per tier, and (node exchange on one node) whether it equals the expert exchange bit for bit."""
     torch.set_num_threads(1)
     dev, dtype = (torch.device("cuda", rank), torch.float32) if gpu else (torch.device("cpu"), torch.float64)
     if gpu:
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if gpu else "gloo", init_method="file://" + init_file, rank=rank, world_size=world)
-    topo = netmoe.Topology(2, world // 2)
     B = I_ // world
     report = []
-    for ci, (placement, K, empty) in enumerate(cases):
+    for ci, case in enumerate(cases):
+        placement, K, empty, exchange, layout, nodes = (*case, "expert", "contiguous", 2)[:6]
+        topo = netmoe.Topology(nodes, world // nodes)
         E = 8
         empty = None if empty is None else world - 1
-        params = _make_params(E, K, empty, seed=1000 + ci, world=world)
+        layouts = None
+        if layout == "random":   # a balanced map of its own per layer
+            rng = np.random.default_rng(500 + ci)
+            layouts = [rng.permutation(netmoe.default_expert_device(E, world)) for _ in range(2)]
+        params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts)
         if gpu:   # the reference sees exactly the float32 numbers the layer holds
             params = [{k: v.float().double() for k, v in p.items()} for p in params]
         g = torch.Generator().manual_seed(77 + ci)
@@ -720,16 +868,21 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
         y_ref, aux_ref = _reference(xr, ref_params, K)
         ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
 
-        layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True).to(dev, dtype)
-                  for _ in params]
-        for L, p in zip(layers, params):
-            _load(L, p)
-        xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
-        h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
-        for L, nxt in zip(layers, layers[1:] + [None]):
-            h, sid, a = L(h, sid, next_layer=nxt)
-            aux = aux + a
-        ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+        def run(exchange):
+            layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange,
+                                      expert_device=None if layouts is None else layouts[li]).to(dev, dtype)
+                      for li in range(len(params))]
+            for L, p in zip(layers, params):
+                _load(L, p)
+            xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
+            h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
+            for L, nxt in zip(layers, layers[1:] + [None]):
+                h, sid, a = L(h, sid, next_layer=nxt)
+                aux = aux + a
+            ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+            return layers, xl, h, sid
+
+        layers, xl, h, sid = run(exchange)
 
         def gather(t):
             t = t.to(dev).contiguous()
@@ -754,8 +907,21 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
         # rows the empty device's experts received, over both layers (0 where a device is planted empty)
         idle = sum(int(gather(L.w1.grad.abs().sum().reshape(1))[empty].item() == 0) for L in layers) \
             if empty is not None else None
+        tiers = ("local", "intra", "inter")
+        sent = torch.tensor([sum(L.sent[ph][t] for L in layers) for ph in ("scatter", "gather") for t in tiers],
+                            device=dev)
+        dist.all_reduce(sent)
+        sent = dict(zip(("scatter", "gather"), (dict(zip(tiers, sent[i:i + 3].tolist())) for i in (0, 3))))
+        same_as_flat = None
+        if exchange == "node" and nodes == 1:
+            flat = run("expert")
+            ours = [h, sid, xl.grad] + [p.grad for L in layers for p in L.parameters()]
+            theirs = [flat[2], flat[3], flat[1].grad] + [p.grad for L in flat[0] for p in L.parameters()]
+            same = torch.tensor([int(all(torch.equal(a, b) for a, b in zip(ours, theirs)))], device=dev)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            same_as_flat = bool(same.item())
         report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
-                       stats.scatter, stats.gather, idle))
+                       stats.scatter, stats.gather, idle, sent, same_as_flat))
     if rank == 0:
         with open(errors_file, "w") as f:
             json.dump(report, f)
@@ -773,7 +939,14 @@ def _spawn(fn, world, *args):
 
 @pytest.fixture(scope="module")
 def layer_report():
-    return _spawn(_layer_worker, 4, LAYER_CASES, False)
+    """Both exchanges on 4 gloo ranks (2x2; 4x1 and 1x4 where a case says): LAYER_CASES, then NODE_CASES."""
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False)
+
+
+@pytest.fixture(scope="module")
+def layer_report_8():
+    """The node exchange on 8 gloo ranks as 2x4 (rails of 4 devices) and 4x2 (three remote nodes)."""
+    return _spawn(_layer_worker, 8, NODE_CASES_8, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -812,22 +985,23 @@ def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    report = _spawn(_layer_worker, world, LAYER_CASES, True)
-    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, _, _, idle in report
-           if worst > 1e-5 or (e is not None and idle != 2)]
+    report = _spawn(_layer_worker, world, LAYER_CASES + NODE_CASES, True)
+    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same
+           in report if worst > 1e-5 or (e is not None and idle != 2) or same is False
+           or sent != {"scatter": scatter, "gather": gather}]
     assert not bad, f"float32 on {world} GPUs, worst relative error per failing case: {bad}"
 
 
 @pytest.mark.parametrize("case", range(len(LAYER_CASES)))
 def test_ep_layer_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
-    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle = layer_report[case]
+    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[case]
     assert worst <= 1e-10, f"{placement} K={K}: {worst_name} differs by {worst:.2e}"
     if empty is not None:   # the planted device received no token in either layer
         assert idle == 2
 
 
 def test_netmoe_really_moves_samples_in_the_equality_test(layer_report):
-    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report}
+    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report[:len(LAYER_CASES)]}
     assert moved[("static", 2, None)] == 0
     assert moved[("netmoe", 2, None)] > 0
 
@@ -849,6 +1023,89 @@ def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run
     y_ref, _ = _reference(x, params, K)
     assert _rel(h.detach(), y_ref[sid]) <= 1e-12
     assert (stats.moved_device, stats.scatter, stats.gather) == tuple(layer_report[1][4:7])
+
+
+@pytest.mark.parametrize("case", range(len(NODE_CASES)))
+def test_node_exchange_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
+    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[len(LAYER_CASES) + case]
+    assert worst <= 1e-10, f"node exchange {NODE_CASES[case]}: {worst_name} differs by {worst:.2e}"
+    if empty is not None:
+        assert idle == 2
+    if placement == "netmoe" and NODE_CASES[case][-1] > 1:   # the solver moved samples: hop A forwarded rows
+        assert moved > 0 and gather["inter"] > 0
+
+
+def test_node_exchange_on_eight_ranks_equals_single_process_model(layer_report_8):
+    for case, (placement, K, empty, (worst_name, worst), moved, _, _, idle, *_) in zip(NODE_CASES_8, layer_report_8):
+        assert worst <= 1e-10, f"node exchange {case} on 2x4: {worst_name} differs by {worst:.2e}"
+        assert empty is None or idle == 2
+        assert (moved > 0) == (placement == "netmoe")
+
+
+def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_report_8):
+    """The rows every All-to-All's split sizes sent, per tier (one exchange for the expert exchange,
+    rail and NVLink hops for the node exchange), add up to the volumes the cost model counts."""
+    for case, (*_, scatter, gather, idle, sent, same) in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8,
+                                                             layer_report + layer_report_8):
+        assert sent == {"scatter": scatter, "gather": gather}, case
+        assert scatter["local"] + scatter["intra"] > 0 and gather["local"] + gather["intra"] > 0
+
+
+def test_node_exchange_on_one_node_is_the_expert_exchange_bit_for_bit(layer_report):
+    one_node = [r for c, r in zip(NODE_CASES, layer_report[len(LAYER_CASES):]) if c[-1] == 1]
+    assert one_node and all(r[-1] is True for r in one_node)
+
+
+def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
+    """virtual_world layers with the node exchange and their own expert maps record their routes;
+    replaying those routes (with the lookahead's predicted ones) gives the layers' counters, and
+    each layer's placement is the solver's on node counts under its own and the next layer's map."""
+    topo = netmoe.Topology(2, 2)
+    rng = np.random.default_rng(11)
+    layers = [netmoe.MoELayer(16, 32, 8, 2, topology=topo, virtual_world=4, exchange="node").double() for _ in range(3)]
+    for layer in layers:
+        layer.set_expert_device(rng.permutation(np.repeat(np.arange(4), 2)))
+        layer.record = True
+    gen = torch.Generator().manual_seed(11)
+    for layer in layers:
+        with torch.no_grad():
+            layer.gate.weight.copy_(2 * torch.randn(8, 16, generator=gen, dtype=torch.float64))
+    h, sid = torch.randn(8, 24, 16, dtype=torch.float64, generator=gen), torch.arange(8)
+    live = netmoe.MoEStats()
+    routes, preds = [], []
+    for l, (layer, nxt) in enumerate(zip(layers, layers[1:] + [None])):
+        h, new_sid, _ = layer(h, sid, next_layer=nxt)
+        stats = layer.pop_stats()
+        live += stats
+        rec_sid, route, pred = layer.last_routes
+        by_id = np.argsort(rec_sid.numpy())
+        routes.append(route.numpy()[by_id])
+        preds.append(pred.numpy()[by_id] if pred is not None else None)
+        num = netmoe.count_tokens(route, 8).numpy()
+        nc = netmoe.node_counts(route, layer.expert_device // 2, 2).numpy()
+        kw = {}
+        if nxt is not None:
+            kw = dict(num_next=netmoe.count_tokens(pred, 8).numpy(), expert_device_next=nxt.expert_device,
+                      node_count_next=netmoe.node_counts(pred, nxt.expert_device // 2, 2).numpy())
+        dest = netmoe.solve_placement(num, topo, expert_device=layer.expert_device, exchange="node",
+                                      node_count=nc, **kw)
+        assert np.array_equal(layer.last_dest, dest), f"layer {l}"
+        want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, 8 * 16, layer.expert_device,
+                                  exchange="node", node_count=nc)
+        assert (stats.scatter, stats.gather, stats.moved_device) == (want.scatter, want.gather, want.moved_device)
+        assert stats.a2a_model_ms == pytest.approx(want.a2a_model_ms)
+        sid = new_sid
+    nums = [netmoe.count_tokens(torch.as_tensor(r), 8).numpy() for r in routes]
+    replayed = netmoe.replay(nums, topo, 8 * 16, [L.expert_device for L in layers], placement="netmoe",
+                             exchange="node", routes=routes, next_routes=preds)
+    assert (replayed.scatter, replayed.gather, replayed.moved_node, replayed.moved_device) == \
+        (live.scatter, live.gather, live.moved_node, live.moved_device)
+    assert replayed.a2a_model_ms == pytest.approx(live.a2a_model_ms)
+
+
+def test_layer_rejects_an_unknown_exchange():
+    with pytest.raises(ValueError, match="exchange must be 'expert' or 'node'"):
+        netmoe.MoELayer(8, 16, 4, 2, topology=netmoe.Topology(2, 2), virtual_world=4, exchange="nodes")
 
 
 def test_lookahead_reads_the_next_layers_own_expert_layout():
@@ -1166,6 +1423,25 @@ def test_trace_and_simulate_round_trip(tmp_path):
     assert sim["static + layout"]["moved_device"] == 0 and "netmoe + lookahead + layout" in sim
 
 
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_simulate_replays_exactly_what_the_live_layers_counted(tmp_path, exchange):
+    """The same routing replayed (simulate) and trained (the layers' own counters), step by step:
+    the same placements, so the same rows on every tier, for either exchange."""
+    trace = str(tmp_path / "t.npz")
+    live = _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--exchange", exchange,
+                 "--trace", trace, "--trace-every", "3"], tmp_path, "live")["runs"]["netmoe"]["volume"]
+    out = tmp_path / "s.json"
+    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--exchange", exchange,
+                                             "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    stages = json.loads(out.read_text())["results"]["by_stage"]
+    assert [g["steps"] for g in stages] == [[0, 0], [3, 3]]
+    for g in stages:
+        step, sim = g["steps"][0], g["netmoe + lookahead"]
+        assert sim["scatter_inter"] == live["scatter"]["inter"][step]
+        assert sim["gather_inter"] == live["gather"]["inter"][step]
+        assert sim["intra"] == live["scatter"]["intra"][step] + live["gather"]["intra"][step]
+
 def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
     pytest.importorskip("matplotlib")
     solver = tmp_path / "solver.json"
@@ -1334,6 +1610,27 @@ def test_count_tokens_kernel_equals_reference(kernels, I, S, K, E):
 
 
 @cuda_only
+@pytest.mark.parametrize("I,S,K,E,N", [
+    (1, 1, 1, 1, 1), (1, 7, 2, 4, 2), (4, 1024, 2, 64, 4), (3, 4097, 8, 256, 16),   # 4097: several blocks per sample
+    (16, 333, 8, 256, 32), (2, 5, 1, 300, 3), (5, 100, 4, 64, 1),
+    (2, 64, 2, 20000, 20000),                                                        # N=20000: global-atomics path
+    (0, 5, 2, 8, 2), (3, 0, 2, 8, 2)])
+def test_node_counts_kernel_equals_reference(kernels, I, S, K, E, N):
+    gen, seed = _fresh_generator()
+    for dtype in (torch.int64, torch.int32):
+        for kind in ("uniform", "sparse", "one"):
+            route = _route(gen, (I, S, K), E, kind, dtype) if I * S else torch.zeros((I, S, K), dtype=dtype, device="cuda")
+            for layout in ("any", "balanced"):   # any node map; and E/N experts a node, as a layer's is
+                expert_node = torch.randint(N, (E,), generator=gen, device="cuda") if layout == "any" or E % N else \
+                    torch.randperm(E, generator=gen, device="cuda") // (E // N)
+                _poison((I, N))
+                got = kernels.node_counts(route, expert_node, N)
+                want = netmoe.node_counts(route, expert_node, N)
+                assert got.dtype == torch.int64 and got.shape == (I, N)
+                assert torch.equal(got, want), f"seed={seed} {dtype} {kind} {layout}"
+
+
+@cuda_only
 @pytest.mark.parametrize("I,E,topo", [
     (1, 1, "1x1"), (8, 8, "2x2"), (128, 64, "4x8"), (512, 256, "4x8"), (33, 256, "2x8"), (5, 12, "3x1"),
     (7, 64, "1x8"), (0, 8, "2x2")])
@@ -1406,6 +1703,8 @@ def test_sorts_return_permutations_even_for_out_of_range_ids(kernels):
     order = kernels.gather_order(torch.tensor([5, 0, -2, 1], device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"), 2)
     assert torch.equal(order.sort().values, torch.arange(4, device="cuda"))
     assert kernels.count_tokens(route, 4).sum() == 2   # out-of-range ids count nowhere
+    # ... nor do experts on out-of-range nodes: only token 1's expert 0 (node 0) counts
+    assert kernels.node_counts(route, torch.tensor([0, 1, 5, -1], device="cuda"), 2).tolist() == [[1, 0]]
 
 
 @cuda_only
@@ -1422,7 +1721,9 @@ def test_kernels_reject_inputs_they_cannot_handle(kernels):
                  ("[I, S, K]", lambda: k.count_tokens(z(2, 6), 4)),
                  ("int64 or int32", lambda: k.dispatch_order(z(2, 3, 2).float(), z(4))),
                  ("num_samples", lambda: k.gather_order(z(3), z(4), 5)),
-                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2))]
+                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2)),
+                 ("expert_node", lambda: k.node_counts(z(2, 3, 2), z(4).int(), 2)),
+                 ("[I, S, K]", lambda: k.node_counts(z(6, 2), z(4), 2))]
         for expected, call in cases:
             try:
                 call()
@@ -1440,11 +1741,13 @@ def test_kernels_reject_inputs_they_cannot_handle(kernels):
 
 @cuda_only
 @pytest.mark.parametrize("placement", ["netmoe", "static"])
-def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(kernels, monkeypatch, placement):
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(kernels, monkeypatch, placement,
+                                                                             exchange):
     gen, seed = _fresh_generator()
     torch.manual_seed(seed)
     layer = netmoe.MoELayer(32, 64, num_experts=8, top_k=2, placement=placement,
-                            topology=netmoe.Topology(2, 2), virtual_world=4).cuda()
+                            topology=netmoe.Topology(2, 2), virtual_world=4, exchange=exchange).cuda()
     x = torch.randn(8, 37, 32, device="cuda", generator=gen)
     w = torch.randn(8, 37, 32, device="cuda", generator=gen)
     sid = torch.arange(8, device="cuda")
@@ -1464,7 +1767,7 @@ def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(k
         return [y, new_sid, aux, xg.grad] + [p.grad for p in layer.parameters()]
 
     fast = run(Counted())
-    assert {"count_tokens", "dispatch_order"} <= set(calls)
+    assert {"count_tokens", "dispatch_order"} | ({"node_counts"} if exchange == "node" else set()) <= set(calls)
     slow = run(netmoe.REFERENCE_OPS)
     assert torch.equal(fast[1], slow[1]), f"seed={seed}: different sample placement"
     for a, b in zip(fast, slow):   # index_add's float atomics may reorder sums: rounding only

@@ -196,6 +196,8 @@ class TrainConfig:
     n_layer: int = _opt(None, COUNT)
     experts_per_device: int = _opt(None, COUNT, "E/J")
     top_k: int = _opt(None, COUNT)
+    exchange: str = _opt("expert", click.Choice(["expert", "node"]),
+                         "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(1e-3, POSITIVE)
     warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
@@ -494,7 +496,7 @@ def forward_loss(model, tokens, env):
 
 def train(env, mcfg, cfg, placement, corpus, echo):
     torch.manual_seed(cfg.seed)
-    model = GPT(mcfg, env.J, placement=placement, lookahead=cfg.lookahead, topology=env.topo,
+    model = GPT(mcfg, env.J, placement=placement, lookahead=cfg.lookahead, topology=env.topo, exchange=cfg.exchange,
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
     opt = make_optimizer(model, cfg.lr)
@@ -535,7 +537,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         # static EP sends every sample home, so no layout changes its volumes: only NetMoE re-lays out
         if cfg.relayout_every and placement == "netmoe" and (step + 1) % cfg.relayout_every == 0:
             record["relayouts"].append(relayout(model, opt, env, cfg, step, planner, echo))
-        stats = sum((m.pop_stats() for m in model.moe), netmoe.MoEStats())   # waits for the GPU
+        stats = sum((m.pop_stats() for m in model.moe), netmoe.MoEStats())
+        if env.device.type == "cuda":   # the step's time includes its GPU work
+            torch.cuda.synchronize()
         iter_ms = (time.perf_counter() - t0) * 1e3
         # the step's one host read of device numbers; the all-reduce also shares Ctrl-C
         shared = torch.stack([ce.detach().double(), norm, *(torch.tensor(v, dtype=torch.float64, device=env.device) for v in (
@@ -684,7 +688,8 @@ def worker(rank, world, init, cfg, out_path):
         if rank == 0:
             config = dict(dataclasses.asdict(mcfg), J=J, topology=str(topo), world=world, device=device.type,
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead)
+                          data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
+                          exchange=cfg.exchange)
             with open(out_path, "w") as f:
                 json.dump(dict(config=config, runs=runs), f)
     finally:
@@ -734,8 +739,9 @@ def summarize(run, skip, device_name=""):
 
 
 def table(header, rows):
-    cells = [header] + [[c if isinstance(c, str) else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}"
-                         for c in r] for r in rows]
+    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
+                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
+    cells = [header] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
@@ -763,7 +769,7 @@ def summary_table(result, skip):
     measured = runs[names[0]]["measured"]
     head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
             f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
-    return head + "\n" + table(["", *names], [[x if x is not None else "-" for x in r] for r in body])
+    return head + "\n" + table(["", *names], body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,9 +822,11 @@ def compare(**kw):
 @click.option("--bytes-per-token", type=COUNT, default=None, help="default: 4 * H from the trace (fp32)")
 @click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
+@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True,
+              help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", default=None)
-def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, stages, json_path):
+def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
         t = dict(np.load(trace))
@@ -830,14 +838,14 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
     topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
     try:
-        per_step, first = netmoe.replay_trace(t, topo, bpt, layout)
+        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     res = {name: netmoe.replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
     change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
-               f"on {topo}, {bpt} bytes/token; volumes are routed tokens per iteration (forward)")
+               f"on {topo}, {exchange} exchange, {bpt} bytes/token; volumes are rows per iteration (forward)")
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev", "A2A ms (Eq.1)"] + (["iter ms"] if compute_ms is not None else []),
                      [[name, r["inter"], change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
@@ -856,7 +864,8 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
                           [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
                           for g in res["by_stage"]]))
     if json_path:
-        out = dict(trace=os.path.basename(trace), topology=str(topology), bytes_per_token=bpt, results=res)
+        out = dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange, bytes_per_token=bpt,
+                   results=res)
         _atomic_write(json_path, lambda f: json.dump(out, f, indent=1), "w")
 
 
