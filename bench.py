@@ -475,7 +475,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     layers = {}
     for name in ("static", "netmoe, samples kept in place", "netmoe"):
         torch.manual_seed(0)
-        layer = netmoe.MoELayer(H, 4 * H, E, K, "static" if name == "static" else "netmoe", topology=topo, **virtual)
+        layer = netmoe.MoELayer(H, 4 * H, E, K, "static" if name == "static" else "netmoe", topology=topo,
+                                exchange=o["exchange"], **virtual)
         layer.keep_in_place = "kept" in name   # all of NetMoE's work, then no move
         layers[name] = layer.to(device)
     torch.manual_seed(1)
@@ -537,6 +538,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J")
 @click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
@@ -561,7 +563,7 @@ def layer_cmd(json_path, virtual_world, **o):
     base = med["static"]["ms"]
     J = o["topology"].world
     click.echo(f"MoE layer fwd+bwd, H={o['hidden']}, S={o['seq_len']}, I={o['batch'] * J}, "
-               f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}"
+               f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}, {o['exchange']} exchange"
                f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
                f"TFLOP/s counts the experts' matrix products only")
     click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",

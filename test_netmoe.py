@@ -1129,6 +1129,47 @@ def test_lookahead_reads_the_next_layers_own_expert_layout():
     assert np.array_equal(a.last_dest, right)
 
 
+def _experts_both_ways(device, dtype, autocast, monkeypatch, seed):
+    """The layer's expert compute, grouped (torch._grouped_mm) and as the per-expert loop, on the
+    same rows (uneven counts, an expert with none): outputs and every gradient."""
+    g = torch.Generator().manual_seed(seed)
+    layer = netmoe.MoELayer(32, 48, 8, 2, virtual_world=2).to(device, dtype)
+    with torch.no_grad():
+        for p in (layer.b1, layer.b2, layer.ln.bias):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    counts = [5, 0, 17, 3, 9, 1, 30, 7]
+    expert = torch.repeat_interleave(torch.arange(8), torch.tensor(counts))
+    expert = expert[torch.randperm(len(expert), generator=g)].to(device)   # rows in any order
+    x = torch.randn(len(expert), 32, generator=g, dtype=torch.float64).to(device, dtype)
+    w = torch.randn(len(expert), 32, generator=g, dtype=torch.float64).to(device)
+    out = {}
+    for way in ("grouped", "loop"):
+        monkeypatch.setenv("NETMOE_NO_GROUPED_MM", "1" if way == "loop" else "0")
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
+            y = layer._experts(xi, expert, counts)
+        (y.double() * w).sum().backward()
+        out[way] = [y.detach().double(), xi.grad.double()] + [p.grad.double() for p in layer.parameters()
+                                                            if p.grad is not None]
+        layer.zero_grad(set_to_none=True)
+    return out
+
+
+def test_grouped_expert_compute_equals_the_per_expert_loop_on_cpu(monkeypatch):
+    if not netmoe._grouped_mm_ok(torch.zeros(1)):
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    out = _experts_both_ways("cpu", torch.float32, False, monkeypatch, seed=3)
+    for a, b in zip(out["grouped"], out["loop"]):
+        assert _rel(a, b) <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="torch._grouped_mm in bf16 needs a CUDA GPU of compute capability 9.0+")
+def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkeypatch):
+    out = _experts_both_ways("cuda", torch.float32, True, monkeypatch, seed=4)
+    for a, b in zip(out["grouped"], out["loop"]):   # both bf16 products: rounding apart, not more
+        assert _rel(a, b) <= 2e-2
+
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
     torch.set_num_threads(1)
