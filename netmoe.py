@@ -1004,8 +1004,7 @@ class MoELayer(nn.Module):
     def _experts(self, x, expert, counts):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
         Rows are grouped by expert for one grouped matrix product per weight (torch._grouped_mm,
-        where it runs: bf16 on CUDA, float32/bf16 on CPU) or a loop over experts (the plain
-        reference; float64, and float32 on CUDA). Either way expert weights are read, and their
+        bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU). Either way expert weights are read, and their
         gradients written, once per call."""
         order = torch.argsort(expert, stable=True)
         h = self.ln(x[order])
@@ -1026,11 +1025,14 @@ class MoELayer(nn.Module):
     def _ffn_grouped(self, h, counts):
         dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
         ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
-        reps = torch.as_tensor(counts).to(h.device, non_blocking=True)
-        bias = lambda b: b.to(dtype).repeat_interleave(reps, 0, output_size=h.shape[0])
+        # each row's expert bias as a product with the one-hot rows x experts matrix: its backward
+        # is a matrix product too, where indexing the biases would add 10^5 rows into E atomically
+        which = torch.repeat_interleave(torch.as_tensor(counts).to(h.device, non_blocking=True),
+                                        output_size=h.shape[0])
+        one_hot = F.one_hot(which, len(counts)).to(dtype)
         with torch.autocast(h.device.type, enabled=False):
-            mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + bias(self.b1))
-            return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + bias(self.b2)
+            mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + one_hot @ self.b1.to(dtype))
+            return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + one_hot @ self.b2.to(dtype)
 
     def _scatter_local(self, x, g, route, num, per_dev, ops):
         """All experts in this process: the scatter is a reordering of the (token, k) rows by
@@ -1216,13 +1218,15 @@ class MoELayer(nn.Module):
 
 
 def _grouped_mm_ok(h):
-    """Where torch._grouped_mm runs: bf16 on CUDA Hopper and newer (used under autocast), and
-    float32 or bf16 on CPU. Elsewhere the per-expert loop."""
-    if not hasattr(torch, "_grouped_mm") or os.environ.get("NETMOE_NO_GROUPED_MM") == "1":
+    """Whether the experts use torch._grouped_mm: on CUDA Hopper or newer under bf16 autocast
+    (one product per weight instead of one per expert). On CPU the per-expert loop is as fast
+    (torch's CPU grouped product loops over the groups itself). NETMOE_GROUPED_MM=0 or 1 overrides."""
+    force = os.environ.get("NETMOE_GROUPED_MM")
+    if not hasattr(torch, "_grouped_mm") or force == "0":
         return False
-    if h.is_cuda:
-        return torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
-    return h.dtype in (torch.float32, torch.bfloat16)
+    if force == "1":
+        return h.dtype in (torch.float32, torch.bfloat16) or h.is_cuda
+    return h.is_cuda and torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
 
 
 def global_routes(layers):
