@@ -1,4 +1,4 @@
-"""netmoe benchmarks and plots: the paper's tables measured on this machine.
+"""netmoe benchmarks, plots and reports: the paper's tables measured on this machine.
 
   python bench.py solver                      # Algorithm 1's Solve (paper Table 4), CPU
   python bench.py kernels                     # kernels.cu against the torch code it replaces (CUDA)
@@ -9,8 +9,13 @@
 
 Every timing is a median over repeats after warm-up, with CUDA events on a GPU. Ratios are
 measured side by side in one run. Under torchrun, layer and a2a run on torchrun's ranks.
+The reports of train_gpt.py live here too: the table it prints after training, and its
+`simulate` (replay a routing trace) and `summary` (one table over runs) commands.
 """
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import time
 
@@ -20,7 +25,205 @@ import torch
 import torch.distributed as dist
 
 import netmoe
-from train_gpt import TOPOLOGY, one_line_errors, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line types and errors, shared with train_gpt.py
+# ---------------------------------------------------------------------------------------------
+
+
+class TopologyType(click.ParamType):
+    name = "NxG"
+
+    def convert(self, value, param, ctx):
+        try:
+            return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class PositiveType(click.FloatRange):
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):   # nan passes every range check
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
+
+
+COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Errors reach the user as one line: a failing rank's, and what torch or numpy raise on bad
+    input in this process (NETMOE_TRACEBACK=1 shows the traceback)."""
+    try:
+        yield
+    except netmoe.RankError as e:
+        raise click.ClickException(str(e)) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("NETMOE_TRACEBACK") == "1":
+            raise
+        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
+                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
+
+
+
+def _write_json(path, obj):
+    if path:
+        with open(path + ".part", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".part", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: the table after training, run summaries, replays of traces (train_gpt.py's
+# summary and simulate commands)
+# ---------------------------------------------------------------------------------------------
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}   # dense, datasheets
+
+
+def summarize(run, skip, device_name=""):
+    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
+    n = len(run["loss"])
+    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
+    vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    tflops = m(run.get("tflops", []))
+    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
+                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
+                tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
+                a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
+                solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
+                inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
+                intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
+                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]))
+
+
+def table(header, rows):
+    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
+                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
+    cells = [header] + [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def summary_table(result, skip):
+    c = result["config"]
+    runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
+    names = list(runs)
+    rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
+            ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
+            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
+            ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
+            ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
+            ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
+            ("solver exposed ms / step", "solver_exposed_ms")]
+    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+    if names == ["static", "netmoe"]:
+        for r in body:
+            a, b = r[1], r[2]
+            losses = r[0] in ("final train loss", "validation loss")
+            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
+                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
+        names = names + ["change"]
+    measured = runs[names[0]]["measured"]
+    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
+            f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
+    return head + "\n" + table(["", *names], body)
+
+
+@click.command()
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
+@click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
+@click.option("--inter-bw", type=POSITIVE, default=100e9, show_default=True)
+@click.option("--bytes-per-token", type=COUNT, default=None, help="default: 4 * H from the trace (fp32)")
+@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
+@click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
+@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True,
+              help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
+@click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
+@click.option("--json", "json_path", default=None)
+def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
+    """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
+    try:
+        t = dict(np.load(trace))
+        steps, L, I, S, K = t["route"].shape
+        if t["route_next_pred"].shape != t["route"].shape:
+            raise ValueError("route and route_next_pred differ in shape")
+    except Exception as e:
+        raise click.ClickException(f"{trace} is not a routing trace (train --trace writes one): {e}") from None
+    topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
+    bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
+    try:
+        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    res = {name: netmoe.replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
+    base = res["static"]
+    change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
+    click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
+               f"on {topo}, {exchange} exchange, {bpt} bytes/token; volumes are rows per iteration (forward)")
+    # the node exchange's hops one after the other (as here), and overlapped (as a pipelined one)
+    times = ["A2A ms (Eq.1)"] + (["A2A ms, hops overlapped"] if exchange == "node" else [])
+    times += (["iter ms"] + (["iter ms, hops overlapped"] if exchange == "node" else [])) if compute_ms is not None else []
+    keys = [k for k in ("a2a_ms", "a2a_pipelined_ms", "iter_ms", "iter_pipelined_ms")
+            if (exchange == "node" or "pipelined" not in k) and (compute_ms is not None or "iter" not in k)]
+    click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
+                      "moved node", "moved dev"] + times,
+                     [[name, r["inter"], change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
+                       change(r["intra"], base["intra"]), r["mb_per_a2a"], r["moved_node"], r["moved_device"]] +
+                      [r[k] for k in keys] for name, r in res.items()]))
+    n = steps - first
+    if n > 1:   # does locality change as training goes on? consecutive recorded steps in `stages` groups
+        recorded = [int(x) for x in t["steps"]] if "steps" in t else list(range(steps))
+        bounds = np.linspace(0, n, min(stages, n) + 1).round().astype(int)
+        res["by_stage"] = [dict(steps=[recorded[first + a], recorded[first + b - 1]],
+                                **{name: netmoe.replay_means(st[a:b], L, bpt) for name, st in per_step.items()})
+                           for a, b in zip(bounds[:-1], bounds[1:])]
+        click.echo("by stage of training (inter-node tokens per step; change vs static):")
+        click.echo(table(["training steps", "static"] + [n for n in per_step if n != "static"],
+                         [[f"{g['steps'][0]}-{g['steps'][1]}", g["static"]["inter"]] +
+                          [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
+                          for g in res["by_stage"]]))
+    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
+                                bytes_per_token=bpt, results=res))
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--skip-steps", type=NONNEG, default=None, help="default: what each run used")
+def summary(files, skip_steps):
+    """One table over `compare --json` files: static vs NetMoE per run."""
+    rows = []
+    for path in files:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            c, runs = res["config"], res["runs"]
+            skip = c.get("skip_steps", c.get("warmup", 0)) if skip_steps is None else skip_steps
+            s, n = (summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise click.ClickException(f"{path} is not a `compare --json` record ({type(e).__name__}: {e})") from None
+        rows.append([os.path.basename(path), f"H={c['hidden']} L={c['n_layer']}", c["topology"], s["measured"],
+                     s["iter_ms"], n["iter_ms"], f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"],
+                     f"{(n['inter'] / s['inter'] - 1) * 100:+.1f}%" if s["inter"] else "-",
+                     f"{(n['intra'] / s['intra'] - 1) * 100:+.1f}%" if s["intra"] else "-",
+                     n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"])
+    click.echo(table(["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup",
+                      "static A2A ms", "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms",
+                      "|loss diff|"], rows))
+
 
 
 @click.group()
@@ -193,13 +396,6 @@ def plot(files, smooth):
         if len(skipped) == len(files):
             raise click.ClickException("nothing to plot")
 
-
-
-def _write_json(path, obj):
-    if path:
-        with open(path + ".part", "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".part", path)
 
 
 def _run_bench(worker, o):

@@ -18,6 +18,7 @@ E experts, K experts per token, S tokens per sample, H hidden size, B = I / J sa
 import collections
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -581,9 +582,11 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
     inter = acc.scatter["inter"] + acc.gather["inter"]
     return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
                 scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
-                a2a_ms=acc.a2a_model_ms / n, moved_node=acc.moved_node / acc.samples,
+                a2a_ms=acc.a2a_model_ms / n, a2a_pipelined_ms=acc.a2a_pipelined_ms / n,
+                moved_node=acc.moved_node / acc.samples,
                 moved_device=acc.moved_device / acc.samples,
                 iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
+                iter_pipelined_ms=compute_ms + acc.a2a_pipelined_ms / n if compute_ms is not None else None,
                 mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * layers))
 
 
@@ -687,6 +690,7 @@ class MoEStats:
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
     a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (payload = the residual rows)
+    a2a_pipelined_ms: float = 0.0  # the same with a node exchange's two hops overlapped (max of tiers)
 
     def __add__(self, other):
         out = MoEStats()
@@ -714,7 +718,8 @@ def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token, exchange) for v in (scatter, gather)))
+                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token, exchange) for v in (scatter, gather)),
+                    a2a_pipelined_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
 
 
 def _timed(fn, *args):
@@ -1308,6 +1313,11 @@ def start_rank(rank, world, init, cpu):
     if not cpu:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    # torch._dynamo (torch.optim imports it) holds on to the default process group when first
+    # imported after init_process_group: the group then outlives destroy_process_group, its gloo
+    # threads live on into interpreter shutdown, and now and then a rank aborts at exit
+    # ("terminate called without an active exception"). Imported before, it holds nothing.
+    importlib.import_module("torch._dynamo")
     if world > 1:
         dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world,
                                 **({} if cpu else {"device_id": device}))

@@ -841,11 +841,8 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
     the worst relative error against the single-process model, samples moved, the modelled
     volumes, how many layers left the planted device idle, the rows the exchanges' split sizes
     sent per tier, and (node exchange on one node) whether it equals the expert exchange bit for bit."""
-    torch.set_num_threads(1)
-    dev, dtype = (torch.device("cuda", rank), torch.float32) if gpu else (torch.device("cpu"), torch.float64)
-    if gpu:
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if gpu else "gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    dev = netmoe.start_rank(rank, world, "file://" + init_file, cpu=not gpu)
+    dtype = torch.float32 if gpu else torch.float64
     B = I_ // world
     report = []
     for ci, case in enumerate(cases):
@@ -1172,8 +1169,7 @@ def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkey
 
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    netmoe.start_rank(rank, world, "file://" + init_file, cpu=True)
     report = {}
     layer = netmoe.MoELayer(H_, F_, 4, 2, topology=netmoe.Topology(1, 2)).double()
     x = torch.randn(2 + rank, S_, H_, dtype=torch.float64)   # rank 1 holds one sample more
@@ -1322,8 +1318,7 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
 def _plan_worker(rank, world, init_file, out_file):
     """Rank-dependent recent batches stand in for ranks whose float arithmetic disagrees: the
     layouts every rank applies must still be the one rank 0 planned."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    netmoe.start_rank(rank, world, "file://" + init_file, cpu=True)
     mcfg = dataclasses.replace(train_gpt.PRESETS["tiny"], seq_len=8)
     topo = netmoe.Topology(2, 1)
     model = train_gpt.GPT(mcfg, world, topology=topo)
@@ -1426,6 +1421,26 @@ def test_a_stale_kernel_build_lock_falls_back_to_the_references_instead_of_waiti
         assert netmoe._load_kernels(timeout=0.2) is None
 
 
+def _threads_worker(rank, world, init_file, cfg, out_file):
+    """A training rank, then the names of the threads still alive in it."""
+    train_gpt.worker(rank, world, "file://" + init_file, cfg, out_file + ".run")
+    threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(threads, f)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
+def test_training_ranks_leave_no_process_group_threads_behind():
+    """When a rank's training returns, its process group is gone with its threads. Were they
+    still alive, the interpreter's shutdown would destroy them, and a thread that wants the GIL
+    then aborts the rank ("terminate called without an active exception"): now and then, since
+    it is a race. (torch._dynamo, imported by torch.optim after the group was made, kept it alive.)"""
+    cfg = train_gpt.TrainConfig(preset="tiny", steps=2, seq_len=32, nproc=2, topology=netmoe.Topology(2, 1), cpu=True,
+                                eval_batches=1, log_every=100)
+    threads = _spawn(_threads_worker, 2, cfg)
+    assert not [t for t in threads if "gloo" in t], threads
+
 def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path):
     """Re-planning every step, a move of whole experts (about 0.4 MB each here) can never be paid
     back by one step's saving (a few thousand 256-byte tokens): every plan is skipped and the
@@ -1488,7 +1503,7 @@ def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
     solver = tmp_path / "solver.json"
     solver.write_text(json.dumps([dict(topology="2x8", I=32, capacitated_ms=0.1, km_ms=0.2, paper_km_ms=0.08),
                                   dict(topology="2x8", I=64, capacitated_ms=0.1, km_ms=0.4, paper_km_ms=0.48)]))
-    run = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "run")
+    _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "run")
     res = CliRunner().invoke(bench.cli, ["plot", str(solver), str(tmp_path / "run.json"), "--smooth", "2"])
     assert res.exit_code == 0, res.output
     for name in ("solver.png", "run.png"):

@@ -33,7 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench
 import netmoe
+from bench import COUNT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, summary_table
 
 # ---------------------------------------------------------------------------------------------
 # Model
@@ -158,31 +160,6 @@ def _opt(default, type=None, help=None, flag=None, hidden=False):
     return dataclasses.field(default=default, metadata=dict(type=type, help=help, flag=flag, hidden=hidden))
 
 
-class TopologyType(click.ParamType):
-    name = "NxG"
-
-    def convert(self, value, param, ctx):
-        try:
-            return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-class PositiveType(click.FloatRange):
-    def __init__(self):
-        super().__init__(min=0, min_open=True)
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):   # nan passes every range check
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
-
-
-TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
-COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """What a training job is told; every field but `placements` is a command-line option."""
@@ -288,12 +265,13 @@ class Corpus:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranks: one way to start them, for training and the benchmarks
+# Ranks (netmoe.run_ranks starts them) and their collectives
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Env:
+    """This rank's place in the job; its collectives are no-ops in one process."""
     rank: int
     world: int        # processes
     J: int            # expert-parallel devices (= world, or virtual_world in one process)
@@ -304,39 +282,21 @@ class Env:
     def virtual(self):
         return self.world == 1 and self.J > 1
 
+    def all_reduce(self, t, op=dist.ReduceOp.SUM):
+        if self.world > 1:
+            dist.all_reduce(t, op=op)
+        return t
 
-def _all_reduce(t, env, op=dist.ReduceOp.SUM):
-    if env.world > 1:
-        dist.all_reduce(t, op=op)
-    return t
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
-
-def _barrier(env):
-    if env.world > 1:
-        dist.barrier()
-
-
-def _same_on_all(value, env):
-    """Rank 0's value (any picklable object) on every rank."""
-    box = [value]
-    if env.world > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Errors reach the user as one line: a failing rank's, and what torch or numpy raise on bad
-    input in this process (NETMOE_TRACEBACK=1 shows the traceback)."""
-    try:
-        yield
-    except netmoe.RankError as e:
-        raise click.ClickException(str(e)) from None
-    except (ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("NETMOE_TRACEBACK") == "1":
-            raise
-        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
-                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
+    def gather(self, value):
+        """Every rank's value (any picklable object), in rank order."""
+        out = [value] * self.world
+        if self.world > 1:
+            dist.all_gather_object(out, value)
+        return out
 
 
 @contextlib.contextmanager
@@ -372,8 +332,7 @@ def sync_gradients(model, env):
             p.grad = torch.zeros_like(p)
     if env.world > 1:
         dense = [p.grad for p in model.parameters() if not _is_expert(p)]
-        flat = torch.cat([g.reshape(-1) for g in dense])
-        dist.all_reduce(flat)
+        flat = env.all_reduce(torch.cat([g.reshape(-1) for g in dense]))
         torch._foreach_copy_(dense, torch._utils._unflatten_dense_tensors(flat, dense))
         torch._foreach_div_([p.grad for p in model.parameters()], env.world)
 
@@ -383,24 +342,16 @@ def clip_gradients(model, env, max_norm):
     experts, without a host sync: the norm (a tensor) is read with the step's other numbers."""
     grads = {e: [p.grad for p in model.parameters() if _is_expert(p) == e] for e in (False, True)}
     square = lambda gs: torch.stack(torch._foreach_norm(gs)).double().square().sum()
-    norm = (square(grads[False]) + _all_reduce(square(grads[True]), env)).sqrt()
+    norm = (square(grads[False]) + env.all_reduce(square(grads[True]))).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads[False] + grads[True], scale.to(grads[False][0].dtype))
     return norm
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: DIR/stepNNNNNNN/{dense.pt, rankR.pt}, DIR/latest names the newest complete one.
+# Checkpoints: DIR/stepNNNNNNN/{dense.pt, rankR.pt}; DIR/latest names the newest complete one.
 # Every rank reads dense.pt on resume: several nodes need DIR on a shared filesystem.
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path, write, mode="wb"):
@@ -410,20 +361,19 @@ def _atomic_write(path, write, mode="wb"):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".part", path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(root, step, model, opt, env, identity, state):
-    final = os.path.join(root, f"step{step:07d}")
-    tmp = os.path.join(root, f".step{step:07d}.tmp")
+    final, tmp = os.path.join(root, f"step{step:07d}"), os.path.join(root, f".step{step:07d}.tmp")
     os.makedirs(tmp, exist_ok=True)   # on every rank: nodes without a shared filesystem too
-    experts = {n: p.detach().cpu() for n, p in model.named_parameters() if _is_expert(p)}
-    _atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(dict(experts=experts, opt=opt.state_dict()), f))
+    mine = dict(experts={n: p.detach().cpu() for n, p in model.named_parameters() if _is_expert(p)},
+                opt=opt.state_dict())
+    _atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(mine, f))
     if env.rank == 0:
         dense = {n: p.detach().cpu() for n, p in model.named_parameters() if not _is_expert(p)}
         _atomic_write(os.path.join(tmp, "dense.pt"),
                       lambda f: torch.save(dict(dense=dense, step=step, identity=identity, **state), f))
-    _barrier(env)
+    env.barrier()
     if env.rank == 0:   # the directory appears complete or not at all; then `latest` moves to it
         if os.path.exists(final):
             os.rename(final, tmp + ".old")
@@ -431,42 +381,29 @@ def save_checkpoint(root, step, model, opt, env, identity, state):
         _atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
         for old in sorted(glob.glob(os.path.join(root, "step*")))[:-2] + glob.glob(os.path.join(root, ".*.old")):
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(env)
-
-
-def read_checkpoint(root, identity, rank=None):
-    """dense.pt (and rankR.pt) of the newest checkpoint, or None where there is none yet; a click
-    error for anything unusable."""
-    if not os.path.exists(os.path.join(root, "latest")):
-        return None
-    try:
-        with open(os.path.join(root, "latest")) as f:
-            where = os.path.join(root, f.read().strip())
-        dense = torch.load(os.path.join(where, "dense.pt"), weights_only=True)
-        mine = None if rank is None else torch.load(os.path.join(where, f"rank{rank}.pt"), weights_only=True)
-    except FileNotFoundError as e:
-        raise click.ClickException(f"checkpoint in {root} is incomplete ({e.filename} missing)") from None
-    except Exception as e:
-        raise click.ClickException(f"checkpoint in {root} is unreadable (corrupt or truncated?): "
-                                   f"{str(e).strip().splitlines()[0]}") from None
-    diff = {k: (dense["identity"].get(k), v) for k, v in identity.items() if dense["identity"].get(k) != v}
-    if diff:
-        raise click.ClickException(f"checkpoint in {root} was written by another configuration: " +
-                                   ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    return dense, mine
+    env.barrier()
 
 
 def load_checkpoint(root, identity, env):
-    """read_checkpoint on every rank; if any rank fails, every rank raises that rank's error
-    (rather than the others waiting on the process group's timeout)."""
+    """(dense.pt, rankR.pt) of the newest checkpoint, or None where there is none yet. If any
+    rank cannot use its part, every rank raises that rank's error (rather than the others
+    waiting on the process group's timeout)."""
+    got, error = None, None
     try:
-        got, error = read_checkpoint(root, identity, env.rank), None
-    except click.ClickException as e:
-        got, error = None, e.message
-    errors = [error] * env.world
-    if env.world > 1:
-        dist.all_gather_object(errors, error)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+        if os.path.exists(os.path.join(root, "latest")):
+            with open(os.path.join(root, "latest")) as f:
+                where = os.path.join(root, f.read().strip())
+            got = [torch.load(os.path.join(where, name), weights_only=True) for name in ("dense.pt", f"rank{env.rank}.pt")]
+            saved = got[0]["identity"]
+            diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+            if diff:
+                error = f"checkpoint in {root} was written by another configuration: " + ", ".join(
+                    f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+    except FileNotFoundError as e:
+        error = f"checkpoint in {root} is incomplete ({e.filename} missing)"
+    except Exception as e:
+        error = f"checkpoint in {root} is unreadable (corrupt or truncated?): {str(e).strip().splitlines()[0]}"
+    failed = [(r, e) for r, e in enumerate(env.gather(error)) if e]
     if failed:
         raise click.ClickException(failed[0][1] + (f" (on rank {failed[0][0]})" if env.world > 1 else ""))
     return got
@@ -546,7 +483,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         # the step's one host read of device numbers; the all-reduce also shares Ctrl-C
         shared = torch.stack([ce.detach().double(), norm, *(torch.tensor(v, dtype=torch.float64, device=env.device) for v in (
             stats.a2a_ms, stats.solver_ms, stats.solver_exposed_ms, iter_ms, float(_STOP[0])))])
-        loss, norm, a2a_ms, solver_ms, exposed_ms, iter_ms, stop = (_all_reduce(shared, env) / env.world).tolist()
+        loss, norm, a2a_ms, solver_ms, exposed_ms, iter_ms, stop = (env.all_reduce(shared) / env.world).tolist()
         append_step(record, stats, loss=loss, grad_norm=norm, a2a_ms=a2a_ms, solver_ms=solver_ms,
                     solver_exposed_ms=exposed_ms, iter_ms=iter_ms, tokens_per_s=tokens.shape[0] * mcfg.seq_len / iter_ms * 1e3,
                     tflops=flops / iter_ms / 1e9)
@@ -583,14 +520,14 @@ def relayout(model, opt, env, cfg, step, planner, echo):
     if env.rank == 0:
         plan = netmoe.plan_relayout([list(m.recent) for m in model.moe], [m.expert_device for m in model.moe],
                                     env.topo, 4 * model.cfg.hidden, per_expert * rate, cfg.relayout_every)
-    plan = _same_on_all(plan, env)
+    plan = env.gather(plan)[0]   # rank 0's plan, on every rank
     t = time.perf_counter()
     if plan["apply"] or cfg.relayout_always:
         for m, new in zip(model.moe, plan["layouts"]):
             m.relayout(new, opt)
-        _barrier(env)
+        env.barrier()
         if plan["moving"] and env.world > 1:   # in one process a move is a local copy: keep the network model
-            took = _all_reduce(torch.tensor([time.perf_counter() - t], device=env.device), env, dist.ReduceOp.MAX)
+            took = env.all_reduce(torch.tensor([time.perf_counter() - t], device=env.device), dist.ReduceOp.MAX)
             planner["ms_per_byte"] = float(took) * 1e3 / (plan["moving"] * per_expert)
     applied = bool(plan["apply"] or cfg.relayout_always)
     echo(f"re-layout after step {step}: {'applied' if applied else 'skipped'}; {plan['moving']} experts "
@@ -610,7 +547,7 @@ def evaluate(model, corpus, env, mcfg, cfg):
     for m in model.moe:
         m.pop_stats()
         m.last_routes = None
-    return float(_all_reduce(torch.stack(losses).mean().double(), env)) / env.world
+    return float(env.all_reduce(torch.stack(losses).mean().double())) / env.world
 
 
 def new_record():
@@ -672,10 +609,7 @@ def worker(rank, world, init, cfg, out_path):
         env = Env(rank, world, J, topo, device)
         corpus = Corpus(cfg.data, mcfg.seq_len)
         mcfg.vocab = corpus.vocab
-        prints = [corpus.fingerprint] * world
-        if world > 1:
-            dist.all_gather_object(prints, corpus.fingerprint)
-        if len(set(prints)) > 1:
+        if len(set(env.gather(corpus.fingerprint))) > 1:
             raise click.ClickException("ranks read different text (different Python installs?); pass --data FILE")
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
         echo(f"{cfg.preset}: {mcfg.n_layer} layers, H={mcfg.hidden}, S={mcfg.seq_len}, I={mcfg.batch * J}, "
@@ -701,9 +635,6 @@ def worker(rank, world, init, cfg, out_path):
 
 def launch(cfg):
     mcfg, J, topo = resolve(cfg)
-    if cfg.resume:   # fail here, in one line, rather than in every rank
-        for p in cfg.placements:
-            read_checkpoint(os.path.join(cfg.ckpt, p), cfg.identity(p, J, Corpus.vocab_of(cfg.data)))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
         cfg = dataclasses.replace(cfg, cpu=netmoe.on_cpu(cfg.cpu, local), topology=topo)
@@ -714,64 +645,6 @@ def launch(cfg):
         _atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
     click.echo(summary_table(result, cfg.skip_steps))
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}   # dense, datasheets
-
-
-def summarize(run, skip, device_name=""):
-    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
-    n = len(run["loss"])
-    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
-    vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
-    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-    tflops = m(run.get("tflops", []))
-    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
-                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
-                tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
-                a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
-                solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
-                inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
-                intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
-                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]))
-
-
-def table(header, rows):
-    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
-                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
-    cells = [header] + [[fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def summary_table(result, skip):
-    c = result["config"]
-    runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
-    names = list(runs)
-    rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
-            ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
-            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
-            ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
-            ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
-            ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
-            ("solver exposed ms / step", "solver_exposed_ms")]
-    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
-    if names == ["static", "netmoe"]:
-        for r in body:
-            a, b = r[1], r[2]
-            losses = r[0] in ("final train loss", "validation loss")
-            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
-                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
-        names = names + ["change"]
-    measured = runs[names[0]]["measured"]
-    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
-    return head + "\n" + table(["", *names], body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,85 +689,9 @@ def compare(**kw):
     launch(TrainConfig(placements=("static", "netmoe"), **kw))
 
 
-@cli.command()
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
-@click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
-@click.option("--inter-bw", type=POSITIVE, default=100e9, show_default=True)
-@click.option("--bytes-per-token", type=COUNT, default=None, help="default: 4 * H from the trace (fp32)")
-@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
-@click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
-@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True,
-              help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
-@click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
-@click.option("--json", "json_path", default=None)
-def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
-    """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
-    try:
-        t = dict(np.load(trace))
-        steps, L, I, S, K = t["route"].shape
-        if t["route_next_pred"].shape != t["route"].shape:
-            raise ValueError("route and route_next_pred differ in shape")
-    except Exception as e:
-        raise click.ClickException(f"{trace} is not a routing trace (train --trace writes one): {e}") from None
-    topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
-    bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
-    try:
-        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    res = {name: netmoe.replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
-    base = res["static"]
-    change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
-    click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
-               f"on {topo}, {exchange} exchange, {bpt} bytes/token; volumes are rows per iteration (forward)")
-    click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
-                      "moved node", "moved dev", "A2A ms (Eq.1)"] + (["iter ms"] if compute_ms is not None else []),
-                     [[name, r["inter"], change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
-                       change(r["intra"], base["intra"]), r["mb_per_a2a"], r["moved_node"], r["moved_device"],
-                       r["a2a_ms"]] + ([r["iter_ms"]] if compute_ms is not None else []) for name, r in res.items()]))
-    n = steps - first
-    if n > 1:   # does locality change as training goes on? consecutive recorded steps in `stages` groups
-        recorded = [int(x) for x in t["steps"]] if "steps" in t else list(range(steps))
-        bounds = np.linspace(0, n, min(stages, n) + 1).round().astype(int)
-        res["by_stage"] = [dict(steps=[recorded[first + a], recorded[first + b - 1]],
-                                **{name: netmoe.replay_means(st[a:b], L, bpt) for name, st in per_step.items()})
-                           for a, b in zip(bounds[:-1], bounds[1:])]
-        click.echo("by stage of training (inter-node tokens per step; change vs static):")
-        click.echo(table(["training steps", "static"] + [n for n in per_step if n != "static"],
-                         [[f"{g['steps'][0]}-{g['steps'][1]}", g["static"]["inter"]] +
-                          [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
-                          for g in res["by_stage"]]))
-    if json_path:
-        out = dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange, bytes_per_token=bpt,
-                   results=res)
-        _atomic_write(json_path, lambda f: json.dump(out, f, indent=1), "w")
-
-
-@cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--skip-steps", type=NONNEG, default=None, help="default: what each run used")
-def summary(files, skip_steps):
-    """One table over `compare --json` files: static vs NetMoE per run."""
-    rows = []
-    for path in files:
-        try:
-            with open(path) as f:
-                res = json.load(f)
-            c, runs = res["config"], res["runs"]
-            skip = c.get("skip_steps", c.get("warmup", 0)) if skip_steps is None else skip_steps
-            s, n = (summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise click.ClickException(f"{path} is not a `compare --json` record ({type(e).__name__}: {e})") from None
-        rows.append([os.path.basename(path), f"H={c['hidden']} L={c['n_layer']}", c["topology"], s["measured"],
-                     s["iter_ms"], n["iter_ms"], f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"],
-                     f"{(n['inter'] / s['inter'] - 1) * 100:+.1f}%" if s["inter"] else "-",
-                     f"{(n['intra'] / s['intra'] - 1) * 100:+.1f}%" if s["intra"] else "-",
-                     n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"])
-    click.echo(table(["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup",
-                      "static A2A ms", "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms",
-                      "|loss diff|"], rows))
-
+# replaying traces and summing up runs are measurement: their code lives in bench.py
+cli.add_command(bench.simulate)
+cli.add_command(bench.summary)
 
 if __name__ == "__main__":
     cli()
