@@ -5,6 +5,7 @@
   python bench.py layer --virtual-world 32 --topology 4x8   # one MoE-GPT-S layer on one GPU
   python bench.py layer --nproc 2             # the same over 2 GPUs (or CPU processes), static vs NetMoE
   python bench.py a2a --nproc 4 --topology 2x2   # Eq. 1 against timed All-to-Alls
+  python bench.py layouts --trace s.npz --topology 4x8 --from-step 240   # how far expert layouts go
   python bench.py plot results/*.json         # a PNG beside each JSON (needs matplotlib)
 
 Every timing is a median over repeats after warm-up, with CUDA events on a GPU. Ratios are
@@ -770,6 +771,58 @@ def layer_cmd(json_path, virtual_world, **o):
     _write_json(json_path, dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
                                 per_rank=per_rank, median=med))
 
+
+
+@cli.command("layouts")
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
+@click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
+@click.option("--json", "json_path", default=None)
+def layouts_cmd(trace, topology, from_step, json_path):
+    """How far a shared expert layout can go on a trace, per exchange: NetMoE with lookahead under
+    layouts learned (a) on the 4 recorded steps before (as simulate --layout and live re-layout),
+    (b) on one half of the same batch, scored on the other half, (c) on the very batch it is
+    scored on (a bound for one layout per layer). Inter-node rows against static EP with the
+    flat (expert) exchange, and the Eq. 1 All-to-All time, hops in sequence and overlapped."""
+    t = dict(np.load(trace))
+    route, pred, E = t["route"].astype(np.int64), t["route_next_pred"].astype(np.int64), int(t["num_experts"])
+    steps, L, I = route.shape[:3]
+    bpt = 4 * int(t.get("hidden", 768))
+    recorded = t["steps"] if "steps" in t else np.arange(steps)
+    late = [s for s in range(steps) if recorded[s] >= from_step and s >= 1]
+    if not late:
+        raise click.UsageError(f"no recorded step from {from_step} on, after the first")
+    num = lambda r: netmoe.count_tokens(r, E).numpy()
+    learn = lambda rows: netmoe.expert_layout([np.concatenate([num(route[s, l][r]) for s, r in rows])
+                                               for l in range(L)], topology)
+
+    def score(s, layouts, exchange, placement="netmoe", rows=slice(None)):
+        rs, ps = [route[s, l][rows] for l in range(L)], [pred[s, l][rows] for l in range(L - 1)]
+        return netmoe.replay([num(r) for r in rs], topology, bpt, layouts, None, placement, exchange, rs, ps)
+
+    half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
+    acc = {}
+    for s in late:
+        before = learn([(q, full) for q in range(max(0, s - 4), s)])
+        for exchange in ("expert", "node"):
+            for name, st in [("static", score(s, None, exchange, "static")), ("netmoe + lookahead", score(s, None, exchange)),
+                             ("+ layout from the 4 steps before", score(s, before, exchange)),
+                             ("+ layout from the same batch", score(s, learn([(s, full)]), exchange)),
+                             ("half batch: static", score(s, None, exchange, "static", other)),
+                             ("half batch: + layout from the other half", score(s, learn([(s, half)]), exchange, "netmoe", other))]:
+                acc.setdefault((exchange, name), []).append(st)
+    res = {f"{ex}: {name}": netmoe.replay_means(st, L, bpt) for (ex, name), st in acc.items()}
+    click.echo(f"{trace}: recorded steps {recorded[late[0]]}-{recorded[late[-1]]} ({len(late)}), {topology}; rows per "
+               f"step; change against static EP with the expert exchange (on the same samples)")
+    rows = []
+    for key, r in res.items():
+        base = res["expert: half batch: static" if "half batch" in key else "expert: static"]
+        rows.append([key, r["inter"], f"{(r['inter'] / base['inter'] - 1) * 100:+.1f}%", r["intra"], r["a2a_ms"],
+                     r["a2a_pipelined_ms"]])
+    click.echo(table(["exchange: placement", "inter", "vs static expert", "intra", "A2A ms (Eq.1)",
+                      "A2A ms, hops overlapped"], rows))
+    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), from_step=from_step,
+                                results=res))
 
 if __name__ == "__main__":
     cli()

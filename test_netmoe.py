@@ -358,6 +358,20 @@ def _balanced_assignments(n, groups):
     yield from rec(0, [per] * groups)
 
 
+def _assert_each_stage_is_optimal(dest, c, ci, topo):
+    """Stage 1 (samples -> nodes, cost c) and stage 2 (each node's samples -> its devices, cost
+    ci) reach the brute-force optimum over all balanced assignments."""
+    I, N, G = len(dest), topo.nodes, topo.gpus_per_node
+    node = dest // G
+    best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
+    assert c[np.arange(I), node].sum() == best1
+    for n in range(N):
+        m = np.flatnonzero(node == n)
+        sub = ci[m][:, n * G:(n + 1) * G]
+        best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
+        assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+
+
 TOPOLOGIES = ["1x1", "1x4", "4x1", "2x2", "2x4", "4x2"]
 
 
@@ -438,7 +452,7 @@ def test_fig2_style_example_worked_by_hand():
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_placement_is_balanced_and_each_stage_is_exactly_optimal(spec, lookahead, rng):
     topo = netmoe.Topology.parse(spec)
-    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    J = topo.world
     I = J * (8 // J if J <= 8 else 1) if J > 1 else 6
     for _ in range(3):
         num = _random_num(rng, I, 2 * J)
@@ -449,14 +463,7 @@ def test_placement_is_balanced_and_each_stage_is_exactly_optimal(spec, lookahead
         if lookahead:
             cn, cin = netmoe.placement_costs(nxt, topo)
             c, ci = c + cn, ci + cin
-        node = dest // G
-        best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
-        assert c[np.arange(I), node].sum() == best1
-        for n in range(N):
-            m = np.flatnonzero(node == n)
-            sub = ci[m][:, n * G:(n + 1) * G]
-            best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
-            assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+        _assert_each_stage_is_optimal(dest, c, ci, topo)
 
 
 @pytest.mark.parametrize("spec", TOPOLOGIES + ["4x8"])
@@ -607,14 +614,7 @@ def test_node_exchange_placement_is_balanced_and_each_stage_is_exactly_optimal(s
             cn, cin = netmoe.placement_costs(kw["num_next"], topo, ed_next, exchange="node",
                                              node_count=kw["node_count_next"])
             c, ci = c + cn, ci + cin
-        node = dest // G
-        best1 = min(sum(c[i, a[i]] for i in range(I)) for a in _balanced_assignments(I, N))
-        assert c[np.arange(I), node].sum() == best1
-        for n in range(N):
-            m = np.flatnonzero(node == n)
-            sub = ci[m][:, n * G:(n + 1) * G]
-            best2 = min(sum(sub[i, a[i]] for i in range(len(m))) for a in _balanced_assignments(len(m), G))
-            assert sub[np.arange(len(m)), dest[m] - n * G].sum() == best2
+        _assert_each_stage_is_optimal(dest, c, ci, topo)
 
 
 def test_eq1_time_of_the_node_exchange_adds_its_two_hops():
