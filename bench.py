@@ -79,9 +79,7 @@ def one_line_errors():
 
 def _write_json(path, obj):
     if path:
-        with open(path + ".part", "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".part", path)
+        netmoe.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,17 +397,21 @@ def plot(files, smooth):
 
 
 
-def _run_bench(worker, o):
+def _run_bench(worker, o, virtual_world=None):
     """worker(rank, world, init, o, out_path) on o["nproc"] ranks (spawned, or torchrun's, whose
-    world and nodes x local ranks then give --nproc and the default topology); rank 0's JSON,
-    None on the other torchrun ranks."""
+    world and nodes x local ranks then give --nproc and the default topology), or on this one
+    process playing virtual_world devices; rank 0's JSON, None on the other torchrun ranks."""
+    if virtual_world and (o["nproc"] != 1 or "RANK" in os.environ):
+        raise click.UsageError("--virtual-world runs in one process; drop --nproc / torchrun")
     if "RANK" in os.environ:
         o["nproc"] = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"]))
         o["topology"] = o["topology"] or netmoe.Topology(o["nproc"] // local, local)
-    o["topology"] = o["topology"] or netmoe.Topology(1, o["nproc"])
-    if o["topology"].world != o["nproc"]:
-        raise click.UsageError(f"topology {o['topology']} does not have {o['nproc']} devices (--nproc)")
+    devices = virtual_world or o["nproc"]
+    o["topology"] = o["topology"] or netmoe.Topology(1, devices)
+    if o["topology"].world != devices:
+        raise click.UsageError(f"topology {o['topology']} does not have {devices} devices "
+                               f"({'--virtual-world' if virtual_world else '--nproc'})")
     with one_line_errors():
         o["cpu"] = netmoe.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
         return netmoe.run_ranks(worker, o["nproc"], (o,))
@@ -743,17 +745,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 def layer_cmd(json_path, virtual_world, **o):
     """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
     and the experts' matrix products alone; bf16 autocast on a GPU."""
-    if virtual_world:
-        if o["nproc"] != 1:
-            raise click.UsageError("--virtual-world runs in one process; drop --nproc")
-        o["topology"] = o["topology"] or netmoe.Topology(1, virtual_world)
-        if o["topology"].world != virtual_world:
-            raise click.UsageError(f"topology {o['topology']} does not have {virtual_world} devices")
-        with one_line_errors():
-            o["cpu"] = netmoe.on_cpu(o["cpu"], 1)
-            per_rank = netmoe.run_ranks(_layer_bench_worker, 1, (o,))
-    else:
-        per_rank = _run_bench(_layer_bench_worker, o)
+    per_rank = _run_bench(_layer_bench_worker, o, virtual_world)
     if per_rank is None:
         return
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}

@@ -1234,6 +1234,15 @@ def _grouped_mm_ok(h):
     return h.is_cuda and torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
 
 
+def atomic_write(path, write, mode="wb"):
+    """write(f) to path.part, flushed to disk, then renamed over path: never half a file."""
+    with open(path + ".part", mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
 def global_routes(layers):
     """Each layer's routes in its last call, for the whole global batch, rows by sample id:
     [(route [I, S, K], the lookahead's predicted next-layer route or -1), ...] as numpy. A
@@ -1275,11 +1284,7 @@ class Trace:
         arrays = dict(route=np.array([[r for r, _ in t] for t in self.routes], dtype=np.int16),
                       route_next_pred=np.array([[p for _, p in t] for t in self.routes], dtype=np.int16),
                       steps=np.array(self.steps, dtype=np.int64), **meta)
-        with open(self.path + ".part", "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.path + ".part", self.path)
+        atomic_write(self.path, lambda f: np.savez_compressed(f, **arrays))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -354,31 +354,22 @@ def clip_gradients(model, env, max_norm):
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path, write, mode="wb"):
-    """write(f) to path.part, flushed to disk, then renamed over path: never half a file."""
-    with open(path + ".part", mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
-
-
 def save_checkpoint(root, step, model, opt, env, identity, state):
     final, tmp = os.path.join(root, f"step{step:07d}"), os.path.join(root, f".step{step:07d}.tmp")
     os.makedirs(tmp, exist_ok=True)   # on every rank: nodes without a shared filesystem too
     mine = dict(experts={n: p.detach().cpu() for n, p in model.named_parameters() if _is_expert(p)},
                 opt=opt.state_dict())
-    _atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(mine, f))
+    netmoe.atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(mine, f))
     if env.rank == 0:
         dense = {n: p.detach().cpu() for n, p in model.named_parameters() if not _is_expert(p)}
-        _atomic_write(os.path.join(tmp, "dense.pt"),
+        netmoe.atomic_write(os.path.join(tmp, "dense.pt"),
                       lambda f: torch.save(dict(dense=dense, step=step, identity=identity, **state), f))
     env.barrier()
     if env.rank == 0:   # the directory appears complete or not at all; then `latest` moves to it
         if os.path.exists(final):
             os.rename(final, tmp + ".old")
         os.rename(tmp, final)
-        _atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
+        netmoe.atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
         for old in sorted(glob.glob(os.path.join(root, "step*")))[:-2] + glob.glob(os.path.join(root, ".*.old")):
             shutil.rmtree(old, ignore_errors=True)
     env.barrier()
@@ -642,7 +633,7 @@ def launch(cfg):
     if result is None:   # a torchrun rank other than 0
         return None
     if cfg.json:
-        _atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
+        netmoe.atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
     click.echo(summary_table(result, cfg.skip_steps))
     return result
 
