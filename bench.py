@@ -6,17 +6,16 @@
   python bench.py layer --nproc 2             # the same over 2 GPUs (or CPU processes), static vs NetMoE
   python bench.py a2a --nproc 4 --topology 2x2   # Eq. 1 against timed All-to-Alls
   python bench.py layouts --trace s.npz --topology 4x8 --from-step 240   # how far expert layouts go
+  python bench.py simulate --trace s.npz --topology 4x8 --layout   # replay Algorithm 1 on a trace
+  python bench.py summary a.json b.json       # one table over train / compare / bench records
   python bench.py plot results/*.json         # a PNG beside each JSON (needs matplotlib)
 
 Every timing is a median over repeats after warm-up, with CUDA events on a GPU. Ratios are
 measured side by side in one run. Under torchrun, layer and a2a run on torchrun's ranks.
-The reports of train_gpt.py live here too: the table it prints after training, and its
-`simulate` (replay a routing trace) and `summary` (one table over runs) commands.
+This file imports train_gpt.py (its option types, rank start and result table), never the reverse.
 """
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -26,122 +25,41 @@ import torch
 import torch.distributed as dist
 
 import netmoe
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line types and errors, shared with train_gpt.py
-# ---------------------------------------------------------------------------------------------
-
-
-class TopologyType(click.ParamType):
-    name = "NxG"
-
-    def convert(self, value, param, ctx):
-        try:
-            return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-class PositiveType(click.FloatRange):
-    def __init__(self):
-        super().__init__(min=0, min_open=True)
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):   # nan passes every range check
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
-
-
-TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
-COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
-
-
-COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Errors reach the user as one line: a failing rank's, and what torch or numpy raise on bad
-    input in this process (NETMOE_TRACEBACK=1 shows the traceback)."""
-    try:
-        yield
-    except netmoe.RankError as e:
-        raise click.ClickException(str(e)) from None
-    except (ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("NETMOE_TRACEBACK") == "1":
-            raise
-        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
-                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
-
+import train_gpt
+from train_gpt import COUNT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
 
 
 def _write_json(path, obj):
     if path:
-        netmoe.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
+        train_gpt.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
+
+
+@click.group()
+def cli():
+    """Benchmarks, replays and reports: solver (CPU; the window on GPU), kernels (CUDA), layer and
+    a2a (GPUs or CPU processes), layouts and simulate (replays of a routing trace), summary, plot."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Results: the table after training, run summaries, replays of traces (train_gpt.py's
-# summary and simulate commands)
+# Replays of routing traces (simulate) and summaries of runs (summary)
 # ---------------------------------------------------------------------------------------------
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}   # dense, datasheets
+
+def replay_means(stats, layers, bytes_per_token, compute_ms=None):
+    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given."""
+    acc, n = sum(stats, netmoe.MoEStats()), len(stats)
+    inter = acc.scatter["inter"] + acc.gather["inter"]
+    return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
+                scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
+                a2a_ms=acc.a2a_model_ms / n, a2a_pipelined_ms=acc.a2a_pipelined_ms / n,
+                moved_node=acc.moved_node / acc.samples,
+                moved_device=acc.moved_device / acc.samples,
+                iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
+                iter_pipelined_ms=compute_ms + acc.a2a_pipelined_ms / n if compute_ms is not None else None,
+                mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * layers))
 
 
-def summarize(run, skip, device_name=""):
-    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
-    n = len(run["loss"])
-    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
-    vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
-    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-    tflops = m(run.get("tflops", []))
-    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
-                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
-                tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
-                a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
-                solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
-                inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
-                intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
-                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]))
-
-
-def table(header, rows):
-    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
-                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
-    cells = [header] + [[fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def summary_table(result, skip):
-    c = result["config"]
-    runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
-    names = list(runs)
-    rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
-            ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
-            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
-            ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
-            ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
-            ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
-            ("solver exposed ms / step", "solver_exposed_ms")]
-    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
-    if names == ["static", "netmoe"]:
-        for r in body:
-            a, b = r[1], r[2]
-            losses = r[0] in ("final train loss", "validation loss")
-            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
-                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
-        names = names + ["change"]
-    measured = runs[names[0]]["measured"]
-    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
-    return head + "\n" + table(["", *names], body)
-
-
-@click.command()
+@cli.command()
 @click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
 @click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
@@ -149,7 +67,7 @@ def summary_table(result, skip):
 @click.option("--bytes-per-token", type=COUNT, default=None, help="default: 4 * H from the trace (fp32)")
 @click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
-@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True,
+@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", default=None)
@@ -168,7 +86,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
         per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    res = {name: netmoe.replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
+    res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
     change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
@@ -188,7 +106,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
         recorded = [int(x) for x in t["steps"]] if "steps" in t else list(range(steps))
         bounds = np.linspace(0, n, min(stages, n) + 1).round().astype(int)
         res["by_stage"] = [dict(steps=[recorded[first + a], recorded[first + b - 1]],
-                                **{name: netmoe.replay_means(st[a:b], L, bpt) for name, st in per_step.items()})
+                                **{name: replay_means(st[a:b], L, bpt) for name, st in per_step.items()})
                            for a, b in zip(bounds[:-1], bounds[1:])]
         click.echo("by stage of training (inter-node tokens per step; change vs static):")
         click.echo(table(["training steps", "static"] + [n for n in per_step if n != "static"],
@@ -199,7 +117,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
                                 bytes_per_token=bpt, results=res))
 
 
-@click.command()
+@cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--skip-steps", type=NONNEG, default=None, help="default: what each run used")
 def summary(files, skip_steps):
@@ -211,7 +129,7 @@ def summary(files, skip_steps):
                 res = json.load(f)
             c, runs = res["config"], res["runs"]
             skip = c.get("skip_steps", c.get("warmup", 0)) if skip_steps is None else skip_steps
-            s, n = (summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
+            s, n = (train_gpt.summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
         except (ValueError, KeyError, TypeError) as e:
             raise click.ClickException(f"{path} is not a `compare --json` record ({type(e).__name__}: {e})") from None
         rows.append([os.path.basename(path), f"H={c['hidden']} L={c['n_layer']}", c["topology"], s["measured"],
@@ -224,10 +142,6 @@ def summary(files, skip_steps):
                       "|loss diff|"], rows))
 
 
-
-@click.group()
-def cli():
-    """Benchmarks: solver (CPU; the window on GPU), kernels (CUDA), layer and a2a (GPUs or CPU processes), plot."""
 
 
 def routed_num(rng, I, E, S=1024, K=2, concentration=0.3):
@@ -296,14 +210,14 @@ def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
     dev = torch.device("cuda")
     layer = netmoe.MoELayer(hidden, 4 * hidden, 2, K).to(dev)
     n = b * S * K
-    x, g = torch.randn(n, hidden, device=dev), torch.rand(n, device=dev)
-    k0, local = (torch.arange(n, device=dev) % K == 0).float(), torch.arange(n, device=dev) % 2
+    x, local = torch.randn(n, hidden, device=dev), torch.arange(n, device=dev) % 2
+    counts = torch.bincount(local, minlength=2).tolist()
     ts = []
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         for i in range(reps + 5):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            layer._experts(x, g, k0, local, [n // 2, n - n // 2])
+            layer.experts(x, local, counts)
             end.record()
             torch.cuda.synchronize()
             if i >= 5:
@@ -413,8 +327,8 @@ def _run_bench(worker, o, virtual_world=None):
         raise click.UsageError(f"topology {o['topology']} does not have {devices} devices "
                                f"({'--virtual-world' if virtual_world else '--nproc'})")
     with one_line_errors():
-        o["cpu"] = netmoe.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
-        return netmoe.run_ranks(worker, o["nproc"], (o,))
+        o["cpu"] = train_gpt.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
+        return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
 @cli.command("solver")
@@ -561,7 +475,7 @@ def bench_kernels(echo=print, reps=50, sets=4):
 
 def _a2a_bench_worker(rank, world, init, o, out_path):
     """Eq. 1 against timed All-to-Alls: profile each tier, then time traffic matrices and predict."""
-    device = netmoe.start_rank(rank, world, init, o["cpu"])
+    device = train_gpt.start_rank(rank, world, init, o["cpu"])
     cuda = device.type == "cuda"
     topo = o["topology"]
     H, J = o["hidden"], world
@@ -666,7 +580,7 @@ def bench_a2a_cmd(json_path, **o):
 def _layer_bench_worker(rank, world, init, o, out_path):
     """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike; on
     one process with virtual_world=J, all J devices' work on one device."""
-    device = netmoe.start_rank(rank, world, init, o["cpu"])
+    device = train_gpt.start_rank(rank, world, init, o["cpu"])
     cuda = device.type == "cuda"
     topo, J, H, S, K = o["topology"], o["topology"].world, o["hidden"], o["seq_len"], o["top_k"]
     E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)
@@ -689,7 +603,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     expert = torch.arange(B * S * K, device=device) * n_local // (B * S * K)
     counts = torch.bincount(expert, minlength=n_local).tolist()
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
-            "experts only": lambda: (layers["static"]._experts(rows, expert, counts), None, 0.0)}
+            "experts only": lambda: (layers["static"].experts(rows, expert, counts), None, 0.0)}
     times = {n: [] for n in runs}
     for it in range(o["warmup"] + o["repeats"]):
         for name, run in runs.items():
@@ -737,7 +651,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J")
 @click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--exchange", type=click.Choice(["expert", "node"]), default="expert", show_default=True)
+@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
@@ -803,7 +717,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
                              ("half batch: static", score(s, None, exchange, "static", other)),
                              ("half batch: + layout from the other half", score(s, learn([(s, half)]), exchange, "netmoe", other))]:
                 acc.setdefault((exchange, name), []).append(st)
-    res = {f"{ex}: {name}": netmoe.replay_means(st, L, bpt) for (ex, name), st in acc.items()}
+    res = {f"{ex}: {name}": replay_means(st, L, bpt) for (ex, name), st in acc.items()}
     click.echo(f"{trace}: recorded steps {recorded[late[0]]}-{recorded[late[-1]]} ({len(late)}), {topology}; rows per "
                f"step; change against static EP with the expert exchange (on the same samples)")
     rows = []

@@ -8,9 +8,15 @@ training is unchanged. This file, in data-flow order:
 
   1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, placement_costs
                                 (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1)
-  2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers)
+  2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers),
+                                expert layouts, replays of recorded routing, re-layout plans
   3. All-to-All                 autograd functions over all_to_all_single with uneven splits
-  4. the layer                  MoELayer (gate, scatter, experts with inlined residual, gather)
+  4. exchanges                  Exchange (in one process), ExpertExchange, NodeExchange: what a
+                                scatter sends and how its gather returns it (EXCHANGES by name)
+  5. the layer                  MoELayer (gate, counts, solve, experts with inlined residual)
+
+It starts no processes and writes no files: the scripts (train_gpt.py, bench.py) make the
+process group and hand it to the layers.
 
 Notation follows the paper: I samples in the global batch, J devices = N nodes x G GPUs,
 E experts, K experts per token, S tokens per sample, H hidden size, B = I / J samples per device.
@@ -18,12 +24,7 @@ E experts, K experts per token, S tokens per sample, H hidden size, B = I / J sa
 import collections
 import dataclasses
 import hashlib
-import importlib
-import json
 import os
-import signal
-import sys
-import tempfile
 import time
 import types
 import warnings
@@ -32,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -224,16 +224,24 @@ def _check_num(num, topo, name="num"):
     return num
 
 
+def exchange_class(exchange):
+    """The exchange registered under this name in EXCHANGES (section 4): what it sends, and how
+    the cost model counts it (one place for every exchange's name, here and in the scripts)."""
+    try:
+        return EXCHANGES[exchange]
+    except (KeyError, TypeError):
+        raise ValueError(f"exchange must be {' or '.join(map(repr, EXCHANGES))}, got {exchange!r}") from None
+
+
 def _check_exchange(exchange, node_count, num, topo, ed, name="node_count"):
-    """The node counts the exchange needs (None for the expert exchange), checked against num."""
-    if exchange not in ("expert", "node"):
-        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
-    if exchange == "expert":
+    """(the exchange's class, the node counts it needs or None), node counts checked against num."""
+    cls = exchange_class(exchange)
+    if not cls.needs_node_counts:
         if node_count is not None:
             raise ValueError(f"{name} is only used by exchange='node'")
-        return None
+        return cls, None
     if node_count is None:
-        raise ValueError(f"exchange='node' needs {name} [I, N]: netmoe.node_counts(route, expert_device // G, N)")
+        raise ValueError(f"exchange={exchange!r} needs {name} [I, N]: netmoe.node_counts(route, expert_device // G, N)")
     nc = _check_num(node_count, topo, name)
     if nc.shape != (num.shape[0], topo.nodes):
         raise ValueError(f"{name} must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
@@ -241,22 +249,25 @@ def _check_exchange(exchange, node_count, num, topo, ed, name="node_count"):
     if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
         raise ValueError(f"{name} does not fit the counts: a token counts on node n only if one of its "
                          f"experts is there (compute it with the same expert layout)")
-    return nc
+    return cls, nc
 
 
-def _volumes(tokens, topo, nc=None):
+def _expert_rows(tokens, topo, nc=None):
     """Rows sample i sends, for every place it could sit: inter [I, N] across nodes if it sits on
     node n, intra [I, J] across devices inside a node if it sits on device j, local [I, J] that
     stay on j. Eq. 8's costs are the first two; Eq. 3-4's volumes are all three read where the
     sample sits (scatter and gather move the same rows, in opposite directions).
-    Expert exchange (nc None): one row per (token, expert) straight to the expert's device.
-    Node exchange (nc = node_counts [I, N]): one rail row per (token, other node it needs), then
-    from (m, g) on every node m one NVLink row per (token, k) to the expert's device; a sample on
-    rail g keeps on device only the rows of experts on (m, g), for every m."""
+    The expert exchange: one row per (token, expert) straight to the expert's device."""
+    per_dev, per_node, total = tokens
+    return total[:, None] - per_node, np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev, per_dev
+
+
+def _node_rows(tokens, topo, nc):
+    """_expert_rows for the node exchange (nc = node_counts [I, N]): one rail row per (token, other
+    node it needs), then from (m, g) on every node m one NVLink row per (token, k) to the expert's
+    device; a sample on rail g keeps on device only the rows of experts on (m, g), for every m."""
     per_dev, per_node, total = tokens
     G = topo.gpus_per_node
-    if nc is None:
-        return total[:, None] - per_node, np.repeat(per_node, G, axis=1) - per_dev, per_dev
     local = np.tile(sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes)), topo.nodes)
     return nc.sum(1)[:, None] - nc, total[:, None] - local, local
 
@@ -266,11 +277,11 @@ def placement_costs(num, topo, expert_device=None, exchange="expert", node_count
     that cross devices inside a node if it sits on device j. Expert exchange: tokens whose experts
     are NOT on node n, and on Node(j) but not on j. Node exchange (node_count: node_counts of the
     same routes and layout): one row per (token, node other than n) it needs, and the rows the
-    NVLink hops move on every node (see _volumes)."""
+    NVLink hops move on every node (see _node_rows)."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    nc = _check_exchange(exchange, node_count, num, topo, ed)
-    return _volumes(_device_tokens(num, topo, ed), topo, nc)[:2]
+    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return cls.rows(_device_tokens(num, topo, ed), topo, nc)[:2]
 
 
 def _check_sample_device(sd, I, topo, name="sample_device"):
@@ -287,8 +298,8 @@ def traffic(num, sample_device, topo, expert_device=None, exchange="expert", nod
     num = _check_num(num, topo)
     sd = _check_sample_device(sample_device, num.shape[0], topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    nc = _check_exchange(exchange, node_count, num, topo, ed)
-    return _traffic(_volumes(_device_tokens(num, topo, ed), topo, nc), sd, topo)
+    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
+    return _traffic(cls.rows(_device_tokens(num, topo, ed), topo, nc), sd, topo)
 
 
 def pair_traffic(num, sample_device, topo, expert_device=None):
@@ -316,12 +327,12 @@ def a2a_time(volume, topo, bytes_per_token, exchange="expert"):
     is one All-to-All: t = max(t_intra, t_inter). The node exchange runs its rail hop, then its
     NVLink hop: t = t_inter + t_intra (a pipelined implementation, as DeepEP's, forwards rows while
     others still arrive and would approach the max)."""
-    if exchange not in ("expert", "node"):
-        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    hops_in_sequence = exchange_class(exchange).hops_in_sequence
+
     def term(tokens, lat, bw):
         return lat + tokens * bytes_per_token / bw if tokens else 0.0
     t = (term(volume["intra"], topo.intra_lat, topo.intra_bw), term(volume["inter"], topo.inter_lat, topo.inter_bw))
-    return max(t) if exchange == "expert" else sum(t)
+    return sum(t) if hops_in_sequence else max(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,25 +378,25 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
     if method not in ("capacitated", "km", "scipy"):
         raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
     ed = _check_expert_device(expert_device, E, J)
-    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
     nc_next = None
     if num_next is not None:
         num_next = _check_num(num_next, topo, "num_next")
         if num_next.shape != num.shape:
             raise ValueError(f"num_next has shape {num_next.shape}, num has {num.shape}")
         expert_device_next = ed if expert_device_next is None else _check_expert_device(expert_device_next, E, J)
-        nc_next = _check_exchange(exchange, node_count_next, num_next, topo, expert_device_next, "node_count_next")
+        nc_next = _check_exchange(exchange, node_count_next, num_next, topo, expert_device_next, "node_count_next")[1]
     elif node_count_next is not None:
         raise ValueError("node_count_next prices the next layer's scatter: pass num_next with it")
-    return _solve(num, topo, num_next, ed, expert_device_next, method, nc, nc_next)
+    return _solve(num, topo, num_next, ed, expert_device_next, method, cls.rows, nc, nc_next)
 
 
-def _solve(num, topo, num_next, ed, ed_next, method="capacitated", nc=None, nc_next=None):
-    """solve_placement without the checks, for callers that built valid input themselves
-    (nc, nc_next: node counts for the node exchange, None for the expert exchange)."""
-    c, c_intra, _ = _volumes(_device_tokens(num, topo, ed), topo, nc)
+def _solve(num, topo, num_next, ed, ed_next, method="capacitated", rows=_expert_rows, nc=None, nc_next=None):
+    """solve_placement without the checks, for callers that built valid input themselves (rows:
+    what the exchange sends per tier, as _expert_rows; nc, nc_next: node counts where it needs them)."""
+    c, c_intra, _ = rows(_device_tokens(num, topo, ed), topo, nc)
     if num_next is not None:
-        cn, cn_intra, _ = _volumes(_device_tokens(num_next, topo, ed_next), topo, nc_next)
+        cn, cn_intra, _ = rows(_device_tokens(num_next, topo, ed_next), topo, nc_next)
         c, c_intra = c + cn, c_intra + cn_intra
     node = _assign(c, topo.nodes, method)
     dest = np.empty(len(num), dtype=np.int64)
@@ -506,15 +517,14 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
     of nexts. exchange="node" needs them: its rows depend on each layer's expert map."""
     I, L = len(nums[0]), len(nums)
     E, G = np.shape(nums[0])[1], topo.gpus_per_node
-    if exchange not in ("expert", "node"):
-        raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
+    by_node = exchange_class(exchange).needs_node_counts
     if placement not in ("netmoe", "static"):
         raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
     layouts = [_check_expert_device(ed, E, topo.world) for ed in (layouts or [None] * L)]
-    if exchange == "node" and routes is None:
-        raise ValueError("exchange='node' needs routes: per layer [I, S, K], rows by sample id")
-    if exchange == "node" and nexts is not None and next_routes is None:
-        raise ValueError("exchange='node' with lookahead needs next_routes (the routes nexts counts)")
+    if by_node and routes is None:
+        raise ValueError(f"exchange={exchange!r} needs routes: per layer [I, S, K], rows by sample id")
+    if by_node and nexts is not None and next_routes is None:
+        raise ValueError(f"exchange={exchange!r} with lookahead needs next_routes (the routes nexts counts)")
     for name, given, counts in (("routes", routes, nums), ("next_routes", next_routes, nexts)):
         if given is None:
             continue
@@ -526,7 +536,7 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         if name == "next_routes":
             nexts = derived + [None]
     ncs, nc_nexts = [None] * L, [None] * L
-    if exchange == "node":
+    if by_node:
         ncs = [node_counts(routes[l], layouts[l] // G, topo.nodes).numpy() for l in range(L)]
         if next_routes is not None:
             nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
@@ -670,7 +680,264 @@ class AllToAll(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The MoE layer
+# 4. Exchanges: how a layer's (token, expert) rows reach the experts and come back
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """What every rank knows of one layer's routing of the whole global batch (rows in slot order,
+    rank-major), under the expert map it was counted with: every split size of every All-to-All
+    follows from it and the placement, so only each row's token position travels."""
+    num: np.ndarray            # [I, E] (token, k) pairs of sample i routed to expert e (Eq. 2)
+    nc: np.ndarray             # [I, N] node counts where the exchange needs them (else None)
+    tokens: tuple              # _device_tokens(num): [I, J] per device, [I, N] per node, [I] in all
+    expert_device: np.ndarray  # [E] device of expert e
+    slot: np.ndarray           # [E] device-major position of expert e
+    local_experts: np.ndarray  # the experts this rank holds, in slot order (all E in one process)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """What a scatter returns and its gather takes back: the rows on the experts' side, and what
+    it takes to send each one back."""
+    rows: torch.Tensor         # [R, H] rows of x
+    gate: torch.Tensor         # [R] the gate weight of each row's (token, expert)
+    expert: torch.Tensor       # [R] the local expert of each row
+    counts: list               # rows per local expert
+    src: torch.Tensor          # [R] the sample slot each row's token came from
+    pos: torch.Tensor          # [R] s * K + k: the row's token position s and choice k
+    shape: tuple               # (B, S, H) of the scattered x
+    top_k: int
+    routing: Routing
+
+
+class Exchange:
+    """In one process, all E experts here (virtual_world, or a world of one): the scatter is a
+    reordering of the (token, k) rows by expert, the gather adds each token's K rows into its
+    sample's new slot, device-major, as J devices would. The base of the expert-parallel
+    exchanges, and their interface: scatter(x, g, route, routing) -> Dispatch; gather(y,
+    dispatch, dest) -> (out [B, S, H], keep), keep[q] the old slot of the sample now in slot q.
+    Plain objects, not modules: they hold no weights. `priced` is the exchange whose rows the cost
+    model counts: its own class, or in one process the exchange it stands for."""
+
+    def __init__(self, topo, rank=0, group=None, debug=False, priced=None):
+        self.topo, self.J, self.rank, self.group, self.debug = topo, topo.world, rank, group, debug
+        self.priced = priced or type(self)
+        self.timer = _Timer()
+        # debug: rows this rank's forward All-to-Alls sent per tier, read from their split sizes
+        self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
+
+    def scatter(self, x, g, route, routing):
+        (B, S, H), K = x.shape, route.shape[-1]
+        slot = torch.as_tensor(routing.slot, device=x.device)
+        order = hot_path(x.device).dispatch_order(route, slot)
+        return Dispatch(x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
+                        routing.num.sum(0)[routing.local_experts].tolist(), order // (S * K), order % (S * K),
+                        (B, S, H), K, routing)
+
+    def gather(self, y, d, dest):
+        I, (_, S, H) = len(dest), d.shape
+        keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
+        new = np.empty(I, dtype=np.int64)
+        new[keep] = np.arange(I)
+        row = torch.as_tensor(new, device=y.device)[d.src] * S + d.pos // d.top_k
+        return y.new_zeros(I * S, H).index_add(0, row, y).view(I, S, H), keep
+
+
+class ExpertExchange(Exchange):
+    """The paper's exchange, one rank per device: each (token, expert) row goes straight to the
+    expert's device and back. Rows leave ordered by (expert device, local expert, b, s, k), so the
+    receiver names every row's sample and expert from num alone (every rank holds it); only the
+    position s*K+k travels, as a column beside x and the gate weight."""
+    name = "expert"
+    needs_node_counts = False   # its rows follow from num alone
+    hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
+    rows = staticmethod(_expert_rows)
+
+    def scatter(self, x, g, route, routing):
+        (B, S, H), K = x.shape, route.shape[-1]
+        J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
+        I, dev = num.shape[0], x.device
+        order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
+        payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
+                             (order % (S * K)).to(x.dtype)[:, None]], 1)
+        recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
+        # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
+        cnt = num[:, routing.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
+        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        n_rows, n_local = int(cnt.sum()), len(routing.local_experts)   # output_size: no device sync
+        expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
+            reps, output_size=n_rows)
+        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
+            reps, output_size=n_rows)
+        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, recv[:, H + 1].long(),
+                        (B, S, H), K, routing)
+
+    def gather(self, y, d, dest):
+        """Rows to dest[sample], ordered by (dest, sample): the receiver knows each row's sample
+        from num and dest (every rank holds both); the payload again carries only s*K+k."""
+        (B, S, H), J, r, I = d.shape, self.J, self.rank, len(dest)
+        per_dev, dev = d.routing.tokens[0], y.device
+        gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(dest, device=dev), I)
+        keep = np.flatnonzero(dest == r)                                            # new slots
+        back = self._send("gather", torch.cat([y, d.pos[:, None].to(y.dtype)], 1)[gorder],
+                          np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
+        reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
+        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
+        row = new_slot * S + back[:, H].long() // d.top_k
+        return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
+
+    def _send(self, phase, rows, send, recv):
+        """AllToAll of rows: send[j] of them to rank j, recv[j] from rank j. In debug mode also
+        counts the rows this rank sends per tier, from the split sizes alone."""
+        send, recv = [int(v) for v in send], [int(v) for v in recv]
+        if self.debug:
+            node = self.topo.node_of(np.arange(self.J)) == self.topo.node_of(self.rank)
+            sent = np.asarray(send, dtype=np.int64)
+            tiers = self.sent[phase]
+            tiers["local"] += int(sent[self.rank])
+            tiers["intra"] += int(sent[node].sum() - sent[self.rank])
+            tiers["inter"] += int(sent[~node].sum())
+        return AllToAll.apply(rows, send, recv, self.group, self.timer)
+
+
+class NodeExchange(ExpertExchange):
+    """Node-deduplicated, in two hops each way (DeepEP's and tutel's hierarchical exchange): a
+    token goes once to each remote node holding any of its experts, to its rail peer there (the
+    device with the same local index), which forwards one row per (token, expert) over NVLink;
+    the gather sums a token's rows inside each node at the rail peer of its destination and sends
+    one partial sum per (token, node) across. Samples sit in slot order, so sample p is on rail
+    (p // B) % G. This rank is device gl of node n."""
+    name = "node"
+    needs_node_counts = True    # one rail row per (token, node): node_counts, not num, say how many
+    hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
+    rows = staticmethod(_node_rows)
+
+    def scatter(self, x, g, route, routing):
+        (B, S, H), K = x.shape, route.shape[-1]
+        J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.nc, self.topo.gpus_per_node, self.topo.nodes
+        I, (per_dev, per_node, _), ops = num.shape[0], routing.tokens, hot_path(x.device)
+        n, gl = divmod(r, G)
+        dev, ranks = x.device, np.arange(J)
+        # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
+        # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
+        # node m, so the receiver names each row's sample from nc (every rank holds it); the
+        # position s and the K (expert, gate) pairs travel in the row, the expert ids as floats
+        # (exact below 2^24). Tokens whose experts are all on node n skip this hop.
+        own = torch.cat([x.reshape(-1, H), torch.arange(S, device=dev).repeat(B).to(x.dtype)[:, None],
+                         route.reshape(-1, K).to(x.dtype), g.reshape(-1, K).to(x.dtype)], 1)
+        hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
+        hit.scatter_(2, torch.as_tensor(routing.expert_device // G, device=dev)[route], True)
+        hit[..., n] = False
+        rail = (ranks % G == gl) & (ranks // G != n)
+        per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
+        send = np.where(rail, per_rank[r, ranks // G], 0)
+        recv = np.where(rail, per_rank[:, n], 0)
+        mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
+        got = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv).split(recv.tolist())
+        # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
+        # holds now, in (sample slot, s) order
+        held = torch.cat(got[:r] + (own,) + got[r + 1:])
+        # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
+        # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
+        # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
+        # for local expert e and sample p are num[p, e] for every p on rail g' (wherever it sits:
+        # its tokens reach node n on rail g'), so the expert side names sample and expert from num;
+        # x, the gate weight and s*K+k travel.
+        per = len(routing.slot) // J
+        key = np.where(routing.expert_device // G == n, routing.slot - n * G * per, G * per)
+        on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
+        order = ops.dispatch_order(held[None, :, H + 1:H + 1 + K].long(), torch.as_tensor(key, device=dev))
+        order = order[:int(per_node[on_rail == gl, n].sum())]
+        t = order // K
+        payload = torch.cat([held[t, :H], held[:, H + 1 + K:].reshape(-1, 1)[order],
+                             (held[t, H] * K + (order % K).to(x.dtype))[:, None]], 1)
+        rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
+        np.add.at(rail_dev, on_rail, per_dev)
+        node = ranks // G == n
+        recv = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
+                          np.where(node, rail_dev[ranks % G, r], 0))
+        # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
+        members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
+        cnt = num[:, routing.local_experts][members].transpose(0, 2, 1)   # [g', local expert, sample]
+        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        n_rows, n_local = int(cnt.sum()), len(routing.local_experts)
+        expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
+            reps, output_size=n_rows)
+        src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
+            reps, output_size=n_rows)
+        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, recv[:, H + 1].long(),
+                        (B, S, H), K, routing)
+
+    def gather(self, y, d, dest):
+        (B, S, H), J, r, K, I, G = d.shape, self.J, self.rank, d.top_k, len(dest), self.topo.gpus_per_node
+        per_dev, nc = d.routing.tokens[0], d.routing.nc
+        m, gl = divmod(r, G)
+        dev, ranks = y.device, np.arange(J)
+        # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
+        # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
+        # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
+        via = m * G + dest % G
+        gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(via, device=dev), I)
+        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
+        node = ranks // G == m
+        got = self._send("gather", torch.cat([y, d.pos[:, None].to(y.dtype)], 1)[gorder],
+                         np.bincount(via, weights=per_dev[:, r], minlength=J),
+                         np.where(node, per_dev[mine].sum(0), 0))
+        reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
+        sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
+            torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
+        # Rows of samples that stay on node m land in the output; the others add up per token into
+        # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
+        # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
+        keep = np.flatnonzero(dest == r)                          # new slots
+        away = mine[dest[mine] != r]
+        away = away[np.argsort(dest[away], kind="stable")]
+        base = np.zeros(I, dtype=np.int64)
+        base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
+        key = torch.as_tensor(base, device=dev)[sample] + got[:, H].long() // K
+        is_away = key >= B * S
+        n_away, n_part = len(away) * S, int(nc[away, m].sum())
+        away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
+        present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
+        compact = present.cumsum(0) - 1
+        row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
+        summed = y.new_zeros(B * S + n_part, H).index_add(0, row, got[:, :H])
+        # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
+        # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
+        # names each row's sample from nc and dest; s travels.
+        s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
+        rail = (ranks % G == gl) & ~node
+        back = self._send("gather", torch.cat([summed[B * S:], s_part.to(y.dtype)[:, None]], 1),
+                          np.bincount(dest[away], weights=nc[away, m], minlength=J),
+                          np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
+        reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
+        new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
+            reps, output_size=int(reps.sum()))
+        out = summed[:B * S].index_add(0, new_slot * S + back[:, H].long(), back[:, :H])
+        return out.view(B, S, H), keep
+
+
+# every exchange by the name the layer, the cost model and the command lines know it by
+EXCHANGES = {cls.name: cls for cls in (ExpertExchange, NodeExchange)}
+
+
+def make_exchange(name, topo, virtual=False, rank=0, group=None, debug=False):
+    """The exchange a layer runs, chosen here and only here. In one process (virtual_world, or a
+    world of one) all experts are local: the exchange is a reordering, priced as the one named.
+    On one node the node exchange has no rail hop: it sends the expert exchange's rows, so that
+    one runs (and both give identical results)."""
+    cls = exchange_class(name)
+    if cls.needs_node_counts and topo.nodes == 1:
+        cls = ExpertExchange
+    if virtual or topo.world == 1:
+        return Exchange(topo, priced=cls)
+    return cls(topo, rank, group, debug)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The MoE layer
 # ---------------------------------------------------------------------------------------------
 
 _SOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-solver")
@@ -707,10 +974,10 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, excha
     exchange="node" needs node_count, as placement_costs does."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    nc = _check_exchange(exchange, node_count, num, topo, ed)
+    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
     cur = _check_sample_device(cur, num.shape[0], topo, "cur")
     dest = _check_sample_device(dest, num.shape[0], topo, "dest")
-    return _layer_stats(_volumes(_device_tokens(num, topo, ed), topo, nc), cur, dest, topo, bytes_per_token, exchange)
+    return _layer_stats(cls.rows(_device_tokens(num, topo, ed), topo, nc), cur, dest, topo, bytes_per_token, exchange)
 
 
 def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
@@ -775,9 +1042,10 @@ class MoELayer(nn.Module):
     load-balance loss. Each rank holds E/J experts. placement="static" is plain EP: the same code
     with every sample returned to where it came from. virtual_world=J runs in one process with all
     E experts, computing placements and volumes exactly as J devices would (the reference model).
-    exchange="expert" sends one row per (token, expert) straight to the expert's device and back;
-    exchange="node" one row per (token, remote node) to the rail peer there, which forwards it over
-    NVLink, and back the same way with the rows of a token summed inside each node first.
+    exchange names how rows travel (EXCHANGES): "expert", one row per (token, expert) straight to
+    the expert's device and back; "node", one row per (token, remote node) to the rail peer there,
+    which forwards it over NVLink, and back the same way with a token's rows summed inside each node.
+    The layer is handed its process group (default: the default group); it starts none.
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
@@ -786,8 +1054,6 @@ class MoELayer(nn.Module):
         super().__init__()
         if placement not in ("netmoe", "static"):
             raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
-        if exchange not in ("expert", "node"):
-            raise ValueError(f"exchange must be 'expert' or 'node', got {exchange!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -800,12 +1066,9 @@ class MoELayer(nn.Module):
         if self.topo.world != self.J:
             raise ValueError(f"topology {self.topo} has {self.topo.world} devices but the layer runs on "
                              f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
+        self.exchange = make_exchange(exchange, self.topo, self.virtual, self.rank, group, debug)
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
         self.placement, self.lookahead, self.group, self.debug = placement, lookahead, group, debug
-        # On one node the node exchange has no rail hop: it is the expert exchange (same rows, same
-        # costs), so that path runs and both give identical results.
-        self.exchange = exchange
-        self.node_exchange = exchange == "node" and self.topo.nodes > 1
         self.set_expert_device(_check_expert_device(expert_device, num_experts, self.J))
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
@@ -820,9 +1083,7 @@ class MoELayer(nn.Module):
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
         self.last_routes = None
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
-        self._stats, self._timer = MoEStats(), _Timer()
-        # debug, EP: rows this rank's forward exchanges sent per tier, read from their split sizes
-        self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
+        self._stats = MoEStats()
         self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
 
     def set_expert_device(self, expert_device):
@@ -894,7 +1155,7 @@ class MoELayer(nn.Module):
     def pop_stats(self):
         """Counters since the last call; reading the All-to-All time waits for the GPU."""
         stats, self._stats = self._stats, MoEStats()
-        stats.a2a_ms = self._timer.pop_ms()
+        stats.a2a_ms = self.exchange.timer.pop_ms()
         return stats
 
     def forward(self, x, sid, next_layer=None):
@@ -902,7 +1163,6 @@ class MoELayer(nn.Module):
         predicts its scatter, which the placement then prices with its expert map)."""
         B, S, H = self._check_input(x, sid)
         sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
-        K, ops = self.top_k, hot_path(x.device)
         # 1. Gate; and the lookahead (paper Sec. 3.3)
         probs, g, route = self.route(x)
         lookahead = self.placement == "netmoe" and self.lookahead and next_layer is not None
@@ -912,30 +1172,23 @@ class MoELayer(nn.Module):
                 pred = next_layer.gate(next_layer.ln(x)).topk(next_layer.top_k, dim=-1)[1]
         if self.record:
             self.last_routes = (sid, route, pred)
-        # 2. Counts of every sample of the global batch (Eq. 2; node counts for the node exchange):
-        #    all split sizes follow from them
-        num, num_next, nc, nc_next, sid_all = self._all_counts(ops, route, pred if lookahead else None, sid,
-                                                               next_layer)
-        I = len(num)
-        f = torch.as_tensor(num.sum(0) / (I * S * K), dtype=probs.dtype, device=x.device)
+        # 2. Counts of every sample of the global batch (Eq. 2; node counts where the exchange
+        #    needs them): all split sizes follow from them
+        routing, num_next, nc_next, sid_all = self._all_counts(route, pred if lookahead else None, sid, next_layer)
+        I = len(routing.num)
+        f = torch.as_tensor(routing.num.sum(0) / (I * S * self.top_k), dtype=probs.dtype, device=x.device)
         aux = self.num_experts * (f * probs.mean((0, 1))).sum()
         # 3. Solve starts, overlapping the scatter and the experts
         solve = None
         if self.placement == "netmoe":
             ed_next = next_layer.expert_device if lookahead else self.expert_device
-            solve = _Solve((num, self.topo, num_next, self.expert_device, ed_next, "capacitated", nc, nc_next),
+            solve = _Solve((routing.num, self.topo, num_next, self.expert_device, ed_next, "capacitated",
+                            self.exchange.priced.rows, routing.nc, nc_next),
                            np.argsort(sid_all, kind="stable"), inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices
-        tokens = _device_tokens(num, self.topo, self.expert_device)   # [I, J], [I, N], [I]
-        local = self.virtual or self.J == 1
-        if local:
-            rows, gate, src, pos, expert, counts = self._scatter_local(x, g, route, num, tokens[0], ops)
-        elif self.node_exchange:
-            rows, gate, src, pos, expert, counts = self._scatter_node(x, g, route, num, tokens, nc, ops)
-        else:
-            rows, gate, src, pos, expert, counts = self._scatter_ep(x, g, route, num, tokens[0], ops)
+        d = self.exchange.scatter(x, g, route, routing)
         # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1)
-        y = gate[:, None] * self._experts(rows, expert, counts) + (pos % K == 0).to(x.dtype)[:, None] * rows
+        y = d.gate[:, None] * self.experts(d.rows, d.expert, d.counts) + (d.pos % self.top_k == 0).to(x.dtype)[:, None] * d.rows
         # 6. Join the solver
         dest = static_placement(I, self.J)
         if solve is not None:
@@ -946,14 +1199,10 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
-        if local:
-            out, keep = self._gather_local(y, src, pos, dest, tokens[0], ops, (B, S, H))
-        elif self.node_exchange:
-            out, keep = self._gather_node(y, src, pos, dest, tokens, nc, ops, (B, S, H))
-        else:
-            out, keep = self._gather_ep(y, src, pos, dest, tokens[0], ops, (B, S, H))
-        self._stats += _layer_stats(_volumes(tokens, self.topo, nc), static_placement(I, self.J), dest, self.topo,
-                                    x.element_size() * H, "node" if self.node_exchange else "expert")
+        out, keep = self.exchange.gather(y, d, dest)
+        priced = self.exchange.priced
+        self._stats += _layer_stats(priced.rows(routing.tokens, self.topo, routing.nc), static_placement(I, self.J),
+                                    dest, self.topo, x.element_size() * H, priced.name)
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _check_input(self, x, sid):
@@ -975,16 +1224,17 @@ class MoELayer(nn.Module):
                 raise ValueError(f"every rank must hold the same number of samples; per rank: {sizes}")
         return x.shape
 
-    def _all_counts(self, ops, route, pred, sid, next_layer):
-        """num [I, E] (Eq. 2) for every sample of the global batch in slot order (rank-major),
-        the lookahead's predicted num_next (or None), for the node exchange the node counts of
-        both (nc with this layer's expert map, nc_next with the next layer's; else None), and the
+    def _all_counts(self, route, pred, sid, next_layer):
+        """The Routing of this layer (num [I, E], Eq. 2, for every sample of the global batch in
+        slot order, rank-major; node counts where the exchange needs them), the lookahead's
+        predicted num_next and its node counts under the next layer's map (or None), and the
         samples' ids: one all-gather, and the one host sync the layer needs (split sizes are host
         integers)."""
         E, N, G = self.num_experts, self.topo.nodes, self.topo.gpus_per_node
+        ops, by_node = hot_path(route.device), self.exchange.priced.needs_node_counts
         routes = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
         meta = [ops.count_tokens(r, E) for r, _ in routes]
-        if self.node_exchange:
+        if by_node:
             meta += [ops.node_counts(r, torch.as_tensor(layer.expert_device // G, device=r.device), N)
                      for r, layer in routes]
         meta = torch.cat(meta + [sid[:, None]], 1)
@@ -993,24 +1243,24 @@ class MoELayer(nn.Module):
             dist.all_gather(parts, meta, group=self.group)
             meta = torch.cat(parts)
         meta = meta.cpu().numpy()
-        widths = [E] * len(routes) + ([N] * len(routes) if self.node_exchange else [])
+        widths = [E] * len(routes) + ([N] * len(routes) if by_node else [])
         cols = np.split(meta, np.cumsum(widths), axis=1)
         num, sid_all = cols[0], meta[:, -1]
-        num_next = cols[1] if pred is not None else None
-        nc = cols[len(routes)] if self.node_exchange else None
-        nc_next = cols[len(routes) + 1] if self.node_exchange and pred is not None else None
         if len(num) % self.J:
             raise ValueError(f"I={len(num)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
         if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
             self.recent.append(num[np.argsort(sid_all, kind="stable")])
-        return num, num_next, nc, nc_next, sid_all
+        routing = Routing(num, cols[len(routes)] if by_node else None, _device_tokens(num, self.topo, self.expert_device),
+                          self.expert_device, self.slot, self.local_experts)
+        return (routing, cols[1] if pred is not None else None,
+                cols[len(routes) + 1] if by_node and pred is not None else None, sid_all)
 
-    def _experts(self, x, expert, counts):
+    def experts(self, x, expert, counts):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
         Rows are grouped by expert for one grouped matrix product per weight (torch._grouped_mm,
-        bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU). Either way expert weights are read, and their
-        gradients written, once per call."""
+        bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU).
+        Either way expert weights are read, and their gradients written, once per call."""
         order = torch.argsort(expert, stable=True)
         h = self.ln(x[order])
         if _grouped_mm_ok(h):
@@ -1039,182 +1289,6 @@ class MoELayer(nn.Module):
             mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + one_hot @ self.b1.to(dtype))
             return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + one_hot @ self.b2.to(dtype)
 
-    def _scatter_local(self, x, g, route, num, per_dev, ops):
-        """All experts in this process: the scatter is a reordering of the (token, k) rows by
-        expert. Returns rows, their gate weights, sample slot and position s*K+k of each row,
-        its local expert and the rows per local expert."""
-        B, S, H = x.shape
-        K = self.top_k
-        slot = torch.as_tensor(self.slot, device=x.device)
-        order = ops.dispatch_order(route, slot)
-        return (x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), order // (S * K),
-                order % (S * K), slot[route.reshape(-1)[order]], num.sum(0)[self.local_experts].tolist())
-
-    def _gather_local(self, y, src, pos, dest, per_dev, ops, shape):
-        """Sum each token's K rows into the sample's new slot (device-major, as J devices would)."""
-        I, (_, S, H), K = len(dest), shape, self.top_k
-        keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
-        new = np.empty(I, dtype=np.int64)
-        new[keep] = np.arange(I)
-        row = torch.as_tensor(new, device=y.device)[src] * S + pos // K
-        return y.new_zeros(I * S, H).index_add(0, row, y).view(I, S, H), keep
-
-    def _scatter_ep(self, x, g, route, num, per_dev, ops):
-        """Rows ordered by (expert device, local expert, b, s, k) go to their expert's device. The
-        receiver can name every row's sample and expert from num alone (every rank holds it), so
-        only the position s*K+k travels, as a float column beside x and the gate weight."""
-        B, S, H = x.shape
-        J, r, K, I = self.J, self.rank, self.top_k, num.shape[0]
-        dev = x.device
-        order = ops.dispatch_order(route, torch.as_tensor(self.slot, device=dev))
-        payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
-                             (order % (S * K)).to(x.dtype)[:, None]], 1)
-        recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
-        # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
-        cnt = num[:, self.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
-        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
-        n_rows, n_local = int(cnt.sum()), len(self.local_experts)   # output_size: no device sync
-        expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
-            reps, output_size=n_rows)
-        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
-            reps, output_size=n_rows)
-        return recv[:, :H], recv[:, H], src, recv[:, H + 1].long(), expert, cnt.sum((0, 2)).tolist()
-
-    def _gather_ep(self, y, src, pos, dest, per_dev, ops, shape):
-        """Rows to dest[sample], ordered by (dest, sample): the receiver knows each row's sample
-        from num and dest (every rank holds both); the payload again carries only s*K+k."""
-        B, S, H = shape
-        J, r, K, I = self.J, self.rank, self.top_k, len(dest)
-        dev = y.device
-        gorder = ops.gather_order(src, torch.as_tensor(dest, device=dev), I)
-        keep = np.flatnonzero(dest == r)                                            # new slots
-        back = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
-                          np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
-        reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
-        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
-        row = new_slot * S + back[:, H].long() // K
-        return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
-
-    def _send(self, phase, rows, send, recv):
-        """AllToAll of rows: send[j] of them to rank j, recv[j] from rank j. In debug mode also
-        counts the rows this rank sends per tier, from the split sizes alone."""
-        send, recv = [int(v) for v in send], [int(v) for v in recv]
-        if self.debug:
-            node = self.topo.node_of(np.arange(self.J)) == self.topo.node_of(self.rank)
-            sent = np.asarray(send, dtype=np.int64)
-            tiers = self.sent[phase]
-            tiers["local"] += int(sent[self.rank])
-            tiers["intra"] += int(sent[node].sum() - sent[self.rank])
-            tiers["inter"] += int(sent[~node].sum())
-        return AllToAll.apply(rows, send, recv, self.group, self._timer)
-
-    def _scatter_node(self, x, g, route, num, tokens, nc, ops):
-        """Node exchange, scatter; returns what _scatter_ep returns. This rank is (n, gl): device gl
-        of node n. Samples sit in slot order, so sample p is on rail (p // B) % G."""
-        B, S, H = x.shape
-        J, r, K, I, G, N = self.J, self.rank, self.top_k, num.shape[0], self.topo.gpus_per_node, self.topo.nodes
-        per_dev, per_node, _ = tokens
-        n, gl = divmod(r, G)
-        dev, ranks = x.device, np.arange(J)
-        # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
-        # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
-        # node m, so the receiver names each row's sample from nc (every rank holds it); the
-        # position s and the K (expert, gate) pairs travel in the row, the expert ids as floats
-        # (exact below 2^24). Tokens whose experts are all on node n skip this hop.
-        own = torch.cat([x.reshape(-1, H), torch.arange(S, device=dev).repeat(B).to(x.dtype)[:, None],
-                         route.reshape(-1, K).to(x.dtype), g.reshape(-1, K).to(x.dtype)], 1)
-        hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
-        hit.scatter_(2, torch.as_tensor(self.expert_device // G, device=dev)[route], True)
-        hit[..., n] = False
-        rail = (ranks % G == gl) & (ranks // G != n)
-        per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
-        send = np.where(rail, per_rank[r, ranks // G], 0)
-        recv = np.where(rail, per_rank[:, n], 0)
-        mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
-        got = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv).split(recv.tolist())
-        # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
-        # holds now, in (sample slot, s) order
-        held = torch.cat(got[:r] + (own,) + got[r + 1:])
-        # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
-        # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
-        # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
-        # for local expert e and sample p are num[p, e] for every p on rail g' (wherever it sits:
-        # its tokens reach node n on rail g'), so the expert side names sample and expert from num;
-        # x, the gate weight and s*K+k travel.
-        per = self.num_experts // J
-        key = np.where(self.expert_device // G == n, self.slot - n * G * per, G * per)
-        on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
-        order = ops.dispatch_order(held[None, :, H + 1:H + 1 + K].long(), torch.as_tensor(key, device=dev))
-        order = order[:int(per_node[on_rail == gl, n].sum())]
-        t = order // K
-        payload = torch.cat([held[t, :H], held[:, H + 1 + K:].reshape(-1, 1)[order],
-                             (held[t, H] * K + (order % K).to(x.dtype))[:, None]], 1)
-        rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
-        np.add.at(rail_dev, on_rail, per_dev)
-        node = ranks // G == n
-        recv = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
-                          np.where(node, rail_dev[ranks % G, r], 0))
-        # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
-        members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
-        cnt = num[:, self.local_experts][members].transpose(0, 2, 1)   # [g', local expert, sample]
-        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
-        n_rows, n_local = int(cnt.sum()), len(self.local_experts)
-        expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
-            reps, output_size=n_rows)
-        src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
-            reps, output_size=n_rows)
-        return recv[:, :H], recv[:, H], src, recv[:, H + 1].long(), expert, cnt.sum((0, 2)).tolist()
-
-    def _gather_node(self, y, src, pos, dest, tokens, nc, ops, shape):
-        """Node exchange, gather; returns what _gather_ep returns. This rank is (m, gl)."""
-        B, S, H = shape
-        J, r, K, I, G = self.J, self.rank, self.top_k, len(dest), self.topo.gpus_per_node
-        per_dev = tokens[0]
-        m, gl = divmod(r, G)
-        dev, ranks = y.device, np.arange(J)
-        # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
-        # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
-        # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
-        via = m * G + dest % G
-        gorder = ops.gather_order(src, torch.as_tensor(via, device=dev), I)
-        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
-        node = ranks // G == m
-        got = self._send("gather", torch.cat([y, pos[:, None].to(y.dtype)], 1)[gorder],
-                         np.bincount(via, weights=per_dev[:, r], minlength=J),
-                         np.where(node, per_dev[mine].sum(0), 0))
-        reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
-        sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
-            torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
-        # Rows of samples that stay on node m land in the output; the others add up per token into
-        # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
-        # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
-        keep = np.flatnonzero(dest == r)                          # new slots
-        away = mine[dest[mine] != r]
-        away = away[np.argsort(dest[away], kind="stable")]
-        base = np.zeros(I, dtype=np.int64)
-        base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
-        key = torch.as_tensor(base, device=dev)[sample] + got[:, H].long() // K
-        is_away = key >= B * S
-        n_away, n_part = len(away) * S, int(nc[away, m].sum())
-        away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
-        present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
-        compact = present.cumsum(0) - 1
-        row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
-        summed = y.new_zeros(B * S + n_part, H).index_add(0, row, got[:, :H])
-        # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
-        # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
-        # names each row's sample from nc and dest; s travels.
-        s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
-        rail = (ranks % G == gl) & ~node
-        back = self._send("gather", torch.cat([summed[B * S:], s_part.to(y.dtype)[:, None]], 1),
-                          np.bincount(dest[away], weights=nc[away, m], minlength=J),
-                          np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
-        reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
-        new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
-            reps, output_size=int(reps.sum()))
-        out = summed[:B * S].index_add(0, new_slot * S + back[:, H].long(), back[:, :H])
-        return out.view(B, S, H), keep
-
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
         if self.debug and not self.virtual and self.J > 1 and not _same_everywhere(dest, self.group):
@@ -1232,131 +1306,3 @@ def _grouped_mm_ok(h):
     if force == "1":
         return h.dtype in (torch.float32, torch.bfloat16) or h.is_cuda
     return h.is_cuda and torch.is_autocast_enabled("cuda") and torch.cuda.get_device_capability(h.device)[0] >= 9
-
-
-def atomic_write(path, write, mode="wb"):
-    """write(f) to path.part, flushed to disk, then renamed over path: never half a file."""
-    with open(path + ".part", mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
-
-
-def global_routes(layers):
-    """Each layer's routes in its last call, for the whole global batch, rows by sample id:
-    [(route [I, S, K], the lookahead's predicted next-layer route or -1), ...] as numpy. A
-    collective: every rank calls it (the layers must have had record = True)."""
-    out = []
-    for m in layers:
-        sid, route, pred = m.last_routes
-        pred = torch.full_like(route, -1) if pred is None else pred
-        both = torch.cat([sid[:, None, None].expand(-1, route.shape[1], 1), route, pred], 2)
-        if not m.virtual and m.J > 1:
-            parts = [torch.empty_like(both) for _ in range(m.J)]
-            dist.all_gather(parts, both, group=m.group)
-            both = torch.cat(parts)
-        both = both.cpu()
-        both = both[torch.argsort(both[:, 0, 0])]
-        out.append((both[..., 1:1 + m.top_k].numpy(), both[..., 1 + m.top_k:].numpy()))
-    return out
-
-
-class Trace:
-    """A routing trace, what replay_trace reads: an .npz with route and route_next_pred int16
-    [steps, layers, I, S, K], num_experts, and the recorded step numbers. save() rewrites the
-    whole file atomically; a trace reopened with keep_before=step keeps its steps before `step`
-    (a resumed run continues it)."""
-
-    def __init__(self, path, keep_before=0):
-        self.path, self.steps, self.routes = path, [], []
-        if keep_before and os.path.exists(path):
-            old = np.load(path)
-            keep = old["steps"] < keep_before
-            self.steps = old["steps"][keep].tolist()
-            self.routes = [list(zip(r, p)) for r, p in zip(old["route"][keep], old["route_next_pred"][keep])]
-
-    def add(self, step, routes):
-        self.steps.append(step)
-        self.routes.append(routes)
-
-    def save(self, **meta):
-        arrays = dict(route=np.array([[r for r, _ in t] for t in self.routes], dtype=np.int16),
-                      route_next_pred=np.array([[p for _, p in t] for t in self.routes], dtype=np.int16),
-                      steps=np.array(self.steps, dtype=np.int64), **meta)
-        atomic_write(self.path, lambda f: np.savez_compressed(f, **arrays))
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Ranks: one process per device, for training and the benchmarks
-# ---------------------------------------------------------------------------------------------
-
-
-class RankError(RuntimeError):
-    """Ranks could not start as asked, or one of them failed: one line for the user."""
-
-
-def on_cpu(cpu, local_ranks):
-    """Whether ranks run on the CPU: asked for, no GPU, or fewer GPUs than ranks on this host.
-    Spawned ranks then fall back to gloo with a notice; torchrun's ranks stop with a one-line
-    error instead (another node may have the GPUs, and all ranks must pick one backend)."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cpu or gpus == 0 or local_ranks <= gpus:
-        return cpu or gpus == 0
-    if "LOCAL_RANK" in os.environ:
-        raise RankError(f"{local_ranks} ranks per node but {gpus} GPU(s) here; pass --cpu to run on the CPU")
-    print(f"note: {gpus} GPU(s) for {local_ranks} processes: running them on the CPU with gloo (--cpu)",
-          file=sys.stderr)
-    return True
-
-
-def start_rank(rank, world, init, cpu):
-    """This process as rank `rank` of `world`: its device (one GPU per local rank) and, with more
-    than one rank, the process group (NCCL on GPUs, gloo on CPU). Returns the device."""
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device("cpu") if cpu else torch.device("cuda", local)
-    if not cpu:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    # torch._dynamo (torch.optim imports it) holds on to the default process group when first
-    # imported after init_process_group: the group then outlives destroy_process_group, its gloo
-    # threads live on into interpreter shutdown, and now and then a rank aborts at exit
-    # ("terminate called without an active exception"). Imported before, it holds nothing.
-    importlib.import_module("torch._dynamo")
-    if world > 1:
-        dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world,
-                                **({} if cpu else {"device_id": device}))
-    return device
-
-
-def run_ranks(worker, nproc, args, handle_sigint=False):
-    """worker(rank, world, init, *args, out_path) on every rank: this process as one torchrun
-    rank (RANK is set), nproc spawned processes, or this process alone (nproc == 1). Returns the
-    JSON rank 0 wrote to out_path; None on the other torchrun ranks. A failing spawned rank
-    becomes a RankError of one line. With handle_sigint, Ctrl-C goes to the spawned ranks only
-    (they save and stop)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        if "RANK" in os.environ:
-            worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", *args, out)
-            if int(os.environ["RANK"]) != 0:
-                return None
-        elif nproc == 1:
-            worker(0, 1, None, *args, out)
-        else:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if handle_sigint else None
-            try:
-                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), *args, out),
-                         nprocs=nproc, join=True)
-            except mp.ProcessRaisedException as e:
-                last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
-                if last.startswith("click.exceptions."):   # a message meant for the user as it is
-                    last = last.split(": ", 1)[-1]
-                raise RankError(f"a rank failed: {last}") from None
-            except mp.ProcessExitedException as e:
-                raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
-            finally:
-                if handle_sigint:
-                    signal.signal(signal.SIGINT, old)
-        with open(out) as f:
-            return json.load(f)

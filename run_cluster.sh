@@ -49,5 +49,5 @@ for p in "${presets[@]}"; do
     files+=("$json")
 done
 if [ "$NODE_RANK" = 0 ]; then
-    python train_gpt.py summary "${files[@]}"
+    python bench.py summary "${files[@]}"
 fi

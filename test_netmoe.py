@@ -841,7 +841,7 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
     the worst relative error against the single-process model, samples moved, the modelled
     volumes, how many layers left the planted device idle, the rows the exchanges' split sizes
     sent per tier, and (node exchange on one node) whether it equals the expert exchange bit for bit."""
-    dev = netmoe.start_rank(rank, world, "file://" + init_file, cpu=not gpu)
+    dev = train_gpt.start_rank(rank, world, "file://" + init_file, cpu=not gpu)
     dtype = torch.float32 if gpu else torch.float64
     B = I_ // world
     report = []
@@ -905,7 +905,7 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
         idle = sum(int(gather(L.w1.grad.abs().sum().reshape(1))[empty].item() == 0) for L in layers) \
             if empty is not None else None
         tiers = ("local", "intra", "inter")
-        sent = torch.tensor([sum(L.sent[ph][t] for L in layers) for ph in ("scatter", "gather") for t in tiers],
+        sent = torch.tensor([sum(L.exchange.sent[ph][t] for L in layers) for ph in ("scatter", "gather") for t in tiers],
                             device=dev)
         dist.all_reduce(sent)
         sent = dict(zip(("scatter", "gather"), (dict(zip(tiers, sent[i:i + 3].tolist())) for i in (0, 3))))
@@ -1144,7 +1144,7 @@ def _experts_both_ways(device, dtype, autocast, monkeypatch, seed):
         monkeypatch.setenv("NETMOE_GROUPED_MM", "0" if way == "loop" else "1")
         xi = x.clone().requires_grad_()
         with torch.autocast(device, torch.bfloat16, enabled=autocast):
-            y = layer._experts(xi, expert, counts)
+            y = layer.experts(xi, expert, counts)
         (y.double() * w).sum().backward()
         out[way] = [y.detach().double(), xi.grad.double()] + [p.grad.double() for p in layer.parameters()
                                                             if p.grad is not None]
@@ -1169,7 +1169,7 @@ def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkey
 
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
-    netmoe.start_rank(rank, world, "file://" + init_file, cpu=True)
+    train_gpt.start_rank(rank, world, "file://" + init_file, cpu=True)
     report = {}
     layer = netmoe.MoELayer(H_, F_, 4, 2, topology=netmoe.Topology(1, 2)).double()
     x = torch.randn(2 + rank, S_, H_, dtype=torch.float64)   # rank 1 holds one sample more
@@ -1318,7 +1318,7 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
 def _plan_worker(rank, world, init_file, out_file):
     """Rank-dependent recent batches stand in for ranks whose float arithmetic disagrees: the
     layouts every rank applies must still be the one rank 0 planned."""
-    netmoe.start_rank(rank, world, "file://" + init_file, cpu=True)
+    train_gpt.start_rank(rank, world, "file://" + init_file, cpu=True)
     mcfg = dataclasses.replace(train_gpt.PRESETS["tiny"], seq_len=8)
     topo = netmoe.Topology(2, 1)
     model = train_gpt.GPT(mcfg, world, topology=topo)
@@ -1404,12 +1404,12 @@ def test_the_sigint_handler_is_ours_only_while_training_runs(tmp_path):
 def test_fewer_gpus_than_ranks_run_on_the_cpu_with_a_notice_or_stop_under_torchrun(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert netmoe.on_cpu(False, 1) is False                 # one rank, one GPU
-    assert netmoe.on_cpu(False, 4) is True                  # four spawned ranks, one GPU: gloo on the CPU
+    assert train_gpt.on_cpu(False, 1) is False                 # one rank, one GPU
+    assert train_gpt.on_cpu(False, 4) is True                  # four spawned ranks, one GPU: gloo on the CPU
     assert "running them on the CPU" in capsys.readouterr().err
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(netmoe.RankError, match="pass --cpu"):
-        netmoe.on_cpu(False, 4)                             # torchrun placed them: refuse, in one line
+    with pytest.raises(train_gpt.RankError, match="pass --cpu"):
+        train_gpt.on_cpu(False, 4)                             # torchrun placed them: refuse, in one line
 
 
 def test_a_stale_kernel_build_lock_falls_back_to_the_references_instead_of_waiting(tmp_path, monkeypatch):
@@ -1460,7 +1460,7 @@ def test_trace_and_simulate_round_trip(tmp_path):
     t = np.load(trace)
     assert t["route"].shape == (2, 2, 32, 32, 2) and t["route_next_pred"].shape == t["route"].shape
     assert (t["route_next_pred"][:, -1] == -1).all() and (t["route_next_pred"][:, 0] >= 0).all()
-    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
                                              str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     sim = json.loads((tmp_path / "s.json").read_text())["results"]
@@ -1472,7 +1472,7 @@ def test_trace_and_simulate_round_trip(tmp_path):
     assert sim["static"]["inter"] == np.mean(direct)
     assert [g["steps"] for g in sim["by_stage"]] == [[0, 0], [3, 3]]
     assert [g["static"]["inter"] for g in sim["by_stage"]] == direct
-    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
                                              "--json", str(tmp_path / "l.json")])
     assert res.exit_code == 0, res.output
     sim = json.loads((tmp_path / "l.json").read_text())["results"]
@@ -1487,7 +1487,7 @@ def test_simulate_replays_exactly_what_the_live_layers_counted(tmp_path, exchang
     live = _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--exchange", exchange,
                  "--trace", trace, "--trace-every", "3"], tmp_path, "live")["runs"]["netmoe"]["volume"]
     out = tmp_path / "s.json"
-    res = CliRunner().invoke(train_gpt.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--exchange", exchange,
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--exchange", exchange,
                                              "--json", str(out)])
     assert res.exit_code == 0, res.output
     stages = json.loads(out.read_text())["results"]["by_stage"]
@@ -1535,7 +1535,7 @@ BAD_LINES = [
 
 @pytest.mark.parametrize("args, message", BAD_LINES, ids=[" ".join(a) for a, _ in BAD_LINES])
 def test_bad_command_lines_get_one_clear_error(args, message):
-    res = CliRunner().invoke(train_gpt.cli, args)
+    res = CliRunner().invoke(bench.cli if args[0] in bench.cli.commands else train_gpt.cli, args)
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
     assert len(res.output.strip().splitlines()) <= 4, res.output   # click's usage line, a hint, the error
 
@@ -1549,9 +1549,9 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
     not_record.write_text(json.dumps({"config": {}}))
     for cli, args, message in [
             (train_gpt.cli, ["train", *TINY, "--data", str(odd), "--json", str(tmp_path / "o.json")], "odd number of bytes"),
-            (train_gpt.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
+            (bench.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
                              "--json", str(tmp_path / "s.json")], "not a routing trace"),
-            (train_gpt.cli, ["summary", str(not_record)], "not a `compare --json` record"),
+            (bench.cli, ["summary", str(not_record)], "not a `compare --json` record"),
             (bench.cli, ["plot", str(not_record)],
              "nothing to plot" if importlib.util.find_spec("matplotlib") else "needs matplotlib")]:
         res = CliRunner().invoke(cli, args)
@@ -1603,6 +1603,61 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
         assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x4"])
     assert res.exit_code != 0 and "does not have 4 devices" in res.output
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
+    """Each bench.py subcommand as a user runs it, on tiny shapes, on the CPU and on a GPU where
+    there is one: a README command cannot break unnoticed. Each result is checked for what it
+    must say, not only for having been written."""
+    cpu = ["--cpu"] if device == "cpu" else []
+    bench_cli = lambda *args: CliRunner().invoke(bench.cli, [str(a) for a in args], catch_exceptions=False)
+    out = lambda name: str(tmp_path / name)
+
+    res = bench_cli("solver", "--repeats", 1, "--max-expanded", 128, "--json", out("solver.json"))
+    assert res.exit_code == 0, res.output
+    solver = json.loads((tmp_path / "solver.json").read_text())
+    assert {r["I"] for r in solver} >= {32, 384, 1024, 8192} and all(r["same_optimum"] == "yes" for r in solver)
+    assert all((r.get("compute_ms") or 0) > 0 for r in solver if r["topology"] == "2x8") == (device == "cuda")
+
+    res = bench_cli("kernels", "--repeats", 2, "--json", out("kernels.json"))
+    if device == "cpu":
+        assert res.exit_code != 0 and "needs a CUDA device" in res.output
+    else:
+        assert res.exit_code == 0, res.output
+        assert all(r["cuda_ms"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text()))
+
+    tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup", 1, "--repeats", 2]
+    for where in (["--virtual-world", 4, "--topology", "2x2"], ["--nproc", 2, "--topology", "2x1", *cpu]):
+        for exchange in netmoe.EXCHANGES:
+            res = bench_cli("layer", *where, *tiny, "--exchange", exchange, "--json", out("layer.json"))
+            assert res.exit_code == 0, res.output
+            med = json.loads((tmp_path / "layer.json").read_text())["median"]
+            assert med["static"]["moved_device"] == med["netmoe, samples kept in place"]["moved_device"] == 0
+            assert all(m["ms"] > 0 for m in med.values())
+
+    trace = out("t.npz")
+    train = ["--preset", "tiny", "--steps", 4, "--seq-len", 16, "--eval-batches", 0, "--log-every", 100,
+             "--virtual-world", 4, "--topology", "2x2", "--trace", trace, *cpu]
+    res = CliRunner().invoke(train_gpt.cli, ["compare", *map(str, train), "--json", out("run.json")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = bench_cli("layouts", "--trace", trace, "--topology", "2x2", "--json", out("layouts.json"))
+    assert res.exit_code == 0, res.output
+    lay = json.loads((tmp_path / "layouts.json").read_text())["results"]
+    assert {f"{ex}: static" for ex in netmoe.EXCHANGES} <= set(lay)
+    res = bench_cli("simulate", "--trace", trace, "--topology", "2x2", "--layout", "--json", out("sim.json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "sim.json").read_text())["results"]["static + layout"]["moved_device"] == 0
+    res = bench_cli("summary", out("run.json"))
+    assert res.exit_code == 0 and "run.json" in res.output, res.output
+    if importlib.util.find_spec("matplotlib"):
+        res = bench_cli("plot", out("solver.json"), out("run.json"), out("sim.json"))
+        assert res.exit_code == 0, res.output
+        assert all((tmp_path / f"{n}.png").exists() for n in ("solver", "run", "sim"))
 
 
 # ---- kernels: kernels.cu against its torch references (CUDA only)

@@ -4,18 +4,19 @@
                                           # processes as 2 virtual nodes x 2, static vs NetMoE
   python train_gpt.py train --preset tiny --nproc 4 --topology 2x2 --steps 100 --ckpt ck
   python train_gpt.py train --preset s --n-layer 6 --virtual-world 32 --topology 4x8 --trace s.npz  # 1 GPU
-  python train_gpt.py simulate --trace s.npz --topology 4x8 --layout
+  python bench.py simulate --trace s.npz --topology 4x8 --layout          # replay the trace
   torchrun --nproc_per_node 8 train_gpt.py compare --preset s --json s.json              # one node
   torchrun --nnodes 4 --nproc_per_node 8 --node_rank $R --master_addr $A --master_port 29500 \\
       train_gpt.py compare --preset s --steps 70 --skip-steps 20                         # 4 x 8
 
 Under torchrun the topology is WORLD_SIZE / LOCAL_WORLD_SIZE nodes of LOCAL_WORLD_SIZE devices;
 --topology NxG declares virtual nodes instead. run_cluster.sh wraps the paper's experiment;
-bench.py holds the benchmarks and plots.
+bench.py holds the benchmarks, plots and replays (it imports this file; this file never imports it).
 """
 import contextlib
 import dataclasses
 import glob
+import importlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import shutil
 import signal
 import sys
 import sysconfig
+import tempfile
 import time
 import zlib
 
@@ -30,12 +32,11 @@ import click
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bench
 import netmoe
-from bench import COUNT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, summary_table
 
 # ---------------------------------------------------------------------------------------------
 # Model
@@ -155,6 +156,31 @@ def make_optimizer(model, lr):
 # ---------------------------------------------------------------------------------------------
 
 
+class TopologyType(click.ParamType):
+    name = "NxG"
+
+    def convert(self, value, param, ctx):
+        try:
+            return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class PositiveType(click.FloatRange):
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):   # nan passes every range check
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
+
+
 def _opt(default, type=None, help=None, flag=None, hidden=False):
     """A TrainConfig field that is also a command-line option (job_options builds them)."""
     return dataclasses.field(default=default, metadata=dict(type=type, help=help, flag=flag, hidden=hidden))
@@ -175,7 +201,7 @@ class TrainConfig:
     n_layer: int = _opt(None, COUNT)
     experts_per_device: int = _opt(None, COUNT, "E/J")
     top_k: int = _opt(None, COUNT)
-    exchange: str = _opt("expert", click.Choice(["expert", "node"]),
+    exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(1e-3, POSITIVE)
@@ -265,8 +291,79 @@ class Corpus:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranks (netmoe.run_ranks starts them) and their collectives
+# Ranks: one process per device (torchrun's, spawned, or this one) and their collectives
 # ---------------------------------------------------------------------------------------------
+
+
+class RankError(RuntimeError):
+    """Ranks could not start as asked, or one of them failed: one line for the user."""
+
+
+def on_cpu(cpu, local_ranks):
+    """Whether ranks run on the CPU: asked for, no GPU, or fewer GPUs than ranks on this host.
+    Spawned ranks then fall back to gloo with a notice; torchrun's ranks stop with a one-line
+    error instead (another node may have the GPUs, and all ranks must pick one backend)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cpu or gpus == 0 or local_ranks <= gpus:
+        return cpu or gpus == 0
+    if "LOCAL_RANK" in os.environ:
+        raise RankError(f"{local_ranks} ranks per node but {gpus} GPU(s) here; pass --cpu to run on the CPU")
+    print(f"note: {gpus} GPU(s) for {local_ranks} processes: running them on the CPU with gloo (--cpu)",
+          file=sys.stderr)
+    return True
+
+
+def start_rank(rank, world, init, cpu):
+    """This process as rank `rank` of `world`: its device (one GPU per local rank) and, with more
+    than one rank, the process group (NCCL on GPUs, gloo on CPU). Returns the device."""
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cpu") if cpu else torch.device("cuda", local)
+    if not cpu:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    # torch._dynamo (torch.optim imports it) holds on to the default process group when first
+    # imported after init_process_group: the group then outlives destroy_process_group, its gloo
+    # threads live on into interpreter shutdown, and now and then a rank aborts at exit
+    # ("terminate called without an active exception"). Imported before, it holds nothing.
+    importlib.import_module("torch._dynamo")
+    if world > 1:
+        dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world,
+                                **({} if cpu else {"device_id": device}))
+    return device
+
+
+def run_ranks(worker, nproc, args, handle_sigint=False):
+    """worker(rank, world, init, *args, out_path) on every rank: this process as one torchrun
+    rank (RANK is set), nproc spawned processes, or this process alone (nproc == 1). Returns the
+    JSON rank 0 wrote to out_path; None on the other torchrun ranks. A failing spawned rank
+    becomes a RankError of one line. With handle_sigint, Ctrl-C goes to the spawned ranks only
+    (they save and stop)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        if "RANK" in os.environ:
+            worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", *args, out)
+            if int(os.environ["RANK"]) != 0:
+                return None
+        elif nproc == 1:
+            worker(0, 1, None, *args, out)
+        else:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if handle_sigint else None
+            try:
+                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), *args, out),
+                         nprocs=nproc, join=True)
+            except mp.ProcessRaisedException as e:
+                last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+                if last.startswith("click.exceptions."):   # a message meant for the user as it is
+                    last = last.split(": ", 1)[-1]
+                raise RankError(f"a rank failed: {last}") from None
+            except mp.ProcessExitedException as e:
+                raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
+            finally:
+                if handle_sigint:
+                    signal.signal(signal.SIGINT, old)
+        with open(out) as f:
+            return json.load(f)
+
 
 
 @dataclasses.dataclass
@@ -354,22 +451,32 @@ def clip_gradients(model, env, max_norm):
 # ---------------------------------------------------------------------------------------------
 
 
+def atomic_write(path, write, mode="wb"):
+    """write(f) to path.part, flushed to disk, then renamed over path: never half a file."""
+    with open(path + ".part", mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+
 def save_checkpoint(root, step, model, opt, env, identity, state):
     final, tmp = os.path.join(root, f"step{step:07d}"), os.path.join(root, f".step{step:07d}.tmp")
     os.makedirs(tmp, exist_ok=True)   # on every rank: nodes without a shared filesystem too
     mine = dict(experts={n: p.detach().cpu() for n, p in model.named_parameters() if _is_expert(p)},
                 opt=opt.state_dict())
-    netmoe.atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(mine, f))
+    atomic_write(os.path.join(tmp, f"rank{env.rank}.pt"), lambda f: torch.save(mine, f))
     if env.rank == 0:
         dense = {n: p.detach().cpu() for n, p in model.named_parameters() if not _is_expert(p)}
-        netmoe.atomic_write(os.path.join(tmp, "dense.pt"),
+        atomic_write(os.path.join(tmp, "dense.pt"),
                       lambda f: torch.save(dict(dense=dense, step=step, identity=identity, **state), f))
     env.barrier()
     if env.rank == 0:   # the directory appears complete or not at all; then `latest` moves to it
         if os.path.exists(final):
             os.rename(final, tmp + ".old")
         os.rename(tmp, final)
-        netmoe.atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
+        atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
         for old in sorted(glob.glob(os.path.join(root, "step*")))[:-2] + glob.glob(os.path.join(root, ".*.old")):
             shutil.rmtree(old, ignore_errors=True)
     env.barrier()
@@ -403,6 +510,51 @@ def load_checkpoint(root, identity, env):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+
+
+def global_routes(layers):
+    """Each layer's routes in its last call, for the whole global batch, rows by sample id:
+    [(route [I, S, K], the lookahead's predicted next-layer route or -1), ...] as numpy. A
+    collective: every rank calls it (the layers must have had record = True)."""
+    out = []
+    for m in layers:
+        sid, route, pred = m.last_routes
+        pred = torch.full_like(route, -1) if pred is None else pred
+        both = torch.cat([sid[:, None, None].expand(-1, route.shape[1], 1), route, pred], 2)
+        if not m.virtual and m.J > 1:
+            parts = [torch.empty_like(both) for _ in range(m.J)]
+            dist.all_gather(parts, both, group=m.group)
+            both = torch.cat(parts)
+        both = both.cpu()
+        both = both[torch.argsort(both[:, 0, 0])]
+        out.append((both[..., 1:1 + m.top_k].numpy(), both[..., 1 + m.top_k:].numpy()))
+    return out
+
+
+class Trace:
+    """A routing trace, what replay_trace reads: an .npz with route and route_next_pred int16
+    [steps, layers, I, S, K], num_experts, and the recorded step numbers. save() rewrites the
+    whole file atomically; a trace reopened with keep_before=step keeps its steps before `step`
+    (a resumed run continues it)."""
+
+    def __init__(self, path, keep_before=0):
+        self.path, self.steps, self.routes = path, [], []
+        if keep_before and os.path.exists(path):
+            old = np.load(path)
+            keep = old["steps"] < keep_before
+            self.steps = old["steps"][keep].tolist()
+            self.routes = [list(zip(r, p)) for r, p in zip(old["route"][keep], old["route_next_pred"][keep])]
+
+    def add(self, step, routes):
+        self.steps.append(step)
+        self.routes.append(routes)
+
+    def save(self, **meta):
+        arrays = dict(route=np.array([[r for r, _ in t] for t in self.routes], dtype=np.int16),
+                      route_next_pred=np.array([[p for _, p in t] for t in self.routes], dtype=np.int16),
+                      steps=np.array(self.steps, dtype=np.int64), **meta)
+        atomic_write(self.path, lambda f: np.savez_compressed(f, **arrays))
+
 
 
 def lr_at(step, cfg):
@@ -444,7 +596,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         record, start, planner = dense["record"], dense["step"], dense["planner"]
         echo(f"[{placement}] resumed from {ckpt} at step {start}")
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
-    trace = netmoe.Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
+    trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J)
     for m in model.moe:
         m.record = bool(tracing)
@@ -456,7 +608,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         tokens = corpus.batch("train", step, mcfg.batch * env.J, cfg.seed).to(env.device)
         ce, aux = forward_loss(model, tokens, env)
         if tracing and step % cfg.trace_every == 0:
-            routes = netmoe.global_routes(model.moe)
+            routes = global_routes(model.moe)
             if trace:
                 trace.add(step, routes)
         (ce + mcfg.aux_coef * aux).backward()
@@ -560,6 +712,79 @@ def append_step(record, stats, **values):
 
 
 # ---------------------------------------------------------------------------------------------
+# Results: the table after training (bench.py's summary reuses it)
+# ---------------------------------------------------------------------------------------------
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}   # dense, datasheets
+
+
+def summarize(run, skip, device_name=""):
+    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
+    n = len(run["loss"])
+    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
+    vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+    tflops = m(run.get("tflops", []))
+    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
+                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
+                tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
+                a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
+                solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
+                inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
+                intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
+                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]))
+
+
+def table(header, rows):
+    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
+                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
+    cells = [header] + [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def summary_table(result, skip):
+    c = result["config"]
+    runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
+    names = list(runs)
+    rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
+            ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
+            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
+            ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
+            ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
+            ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
+            ("solver exposed ms / step", "solver_exposed_ms")]
+    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+    if names == ["static", "netmoe"]:
+        for r in body:
+            a, b = r[1], r[2]
+            losses = r[0] in ("final train loss", "validation loss")
+            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
+                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
+        names = names + ["change"]
+    measured = runs[names[0]]["measured"]
+    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
+            f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
+    return head + "\n" + table(["", *names], body)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Errors reach the user as one line: a failing rank's, and what torch or numpy raise on bad
+    input in this process (NETMOE_TRACEBACK=1 shows the traceback)."""
+    try:
+        yield
+    except RankError as e:
+        raise click.ClickException(str(e)) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("NETMOE_TRACEBACK") == "1":
+            raise
+        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
+                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch: torchrun, --nproc spawned processes, or one process
 # ---------------------------------------------------------------------------------------------
 
@@ -595,7 +820,7 @@ def resolve(cfg):
 def worker(rank, world, init, cfg, out_path):
     """One rank: trains each requested placement in turn; rank 0 writes the records."""
     mcfg, J, topo = resolve(cfg)
-    device = netmoe.start_rank(rank, world, init, cfg.cpu)
+    device = start_rank(rank, world, init, cfg.cpu)
     try:
         env = Env(rank, world, J, topo, device)
         corpus = Corpus(cfg.data, mcfg.seq_len)
@@ -628,12 +853,12 @@ def launch(cfg):
     mcfg, J, topo = resolve(cfg)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
-        cfg = dataclasses.replace(cfg, cpu=netmoe.on_cpu(cfg.cpu, local), topology=topo)
-        result = netmoe.run_ranks(worker, cfg.nproc, (cfg,), handle_sigint=True)
+        cfg = dataclasses.replace(cfg, cpu=on_cpu(cfg.cpu, local), topology=topo)
+        result = run_ranks(worker, cfg.nproc, (cfg,), handle_sigint=True)
     if result is None:   # a torchrun rank other than 0
         return None
     if cfg.json:
-        netmoe.atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
+        atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
     click.echo(summary_table(result, cfg.skip_steps))
     return result
 
@@ -678,11 +903,6 @@ def compare(**kw):
     """Static EP, then NetMoE: same seed, same data, one table side by side."""
     kw = {**{p.name: p.default for p in compare.params}, **kw}
     launch(TrainConfig(placements=("static", "netmoe"), **kw))
-
-
-# replaying traces and summing up runs are measurement: their code lives in bench.py
-cli.add_command(bench.simulate)
-cli.add_command(bench.summary)
 
 if __name__ == "__main__":
     cli()
