@@ -1084,8 +1084,11 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
         if nxt is not None:
             kw = dict(num_next=netmoe.count_tokens(pred, 8).numpy(), expert_device_next=nxt.expert_device,
                       node_count_next=netmoe.node_counts(pred, nxt.expert_device // 2, 2).numpy())
-        dest = netmoe.solve_placement(num, topo, expert_device=layer.expert_device, exchange="node",
-                                      node_count=nc, **kw)
+        # the layer solves with rows in sample-id order, so ties break as in a replay: so does this
+        dest = np.empty(8, dtype=np.int64)
+        dest[by_id] = netmoe.solve_placement(num[by_id], topo, expert_device=layer.expert_device, exchange="node",
+                                             node_count=nc[by_id], **{k: v[by_id] if k.startswith(("num", "node"))
+                                                                      else v for k, v in kw.items()})
         assert np.array_equal(layer.last_dest, dest), f"layer {l}"
         want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, 8 * 16, layer.expert_device,
                                   exchange="node", node_count=nc)
