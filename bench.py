@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import netmoe
 import train_gpt
-from train_gpt import COUNT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
+from train_gpt import COUNT, DTYPE, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
 
 
 def _write_json(path, obj):
@@ -45,10 +45,22 @@ def cli():
 # ---------------------------------------------------------------------------------------------
 
 
+def _wire_bytes(trace, exchange, dtype):
+    """(scatter, gather) bytes of a row as the exchange sends it at this dtype, for a trace's model."""
+    return netmoe.exchange_class(exchange).wire_bytes(int(trace.get("hidden", 768)), getattr(torch, dtype),
+                                                      trace["route"].shape[-1])
+
+
+def _show_bytes(bpt):
+    return "/".join(map(str, np.atleast_1d(bpt))) + (" (scatter/gather)" if np.ndim(bpt) else "")
+
+
 def replay_means(stats, layers, bytes_per_token, compute_ms=None):
-    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given."""
+    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given.
+    bytes_per_token: of a row on the wire, or (scatter's, gather's)."""
     acc, n = sum(stats, netmoe.MoEStats()), len(stats)
     inter = acc.scatter["inter"] + acc.gather["inter"]
+    scatter_bytes, gather_bytes = bytes_per_token if np.ndim(bytes_per_token) else (bytes_per_token,) * 2
     return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
                 scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
                 a2a_ms=acc.a2a_model_ms / n, a2a_pipelined_ms=acc.a2a_pipelined_ms / n,
@@ -56,7 +68,8 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
                 moved_device=acc.moved_device / acc.samples,
                 iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
                 iter_pipelined_ms=compute_ms + acc.a2a_pipelined_ms / n if compute_ms is not None else None,
-                mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * layers))
+                mb_per_a2a=(acc.scatter["inter"] * scatter_bytes + acc.gather["inter"] * gather_bytes) / n / 1e6
+                / (2 * layers))
 
 
 @cli.command()
@@ -64,14 +77,16 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
 @click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
 @click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
 @click.option("--inter-bw", type=POSITIVE, default=100e9, show_default=True)
-@click.option("--bytes-per-token", type=COUNT, default=None, help="default: 4 * H from the trace (fp32)")
+@click.option("--dtype", type=DTYPE, default=None, help="rows on the wire  [default: the trace's, float32 if it does not say]")
+@click.option("--bytes-per-token", type=COUNT, default=None,
+              help="bytes of a row on the wire  [default: what the exchange sends at --dtype]")
 @click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", default=None)
-def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
+def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
         t = dict(np.load(trace))
@@ -81,7 +96,8 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
     except Exception as e:
         raise click.ClickException(f"{trace} is not a routing trace (train --trace writes one): {e}") from None
     topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
-    bpt = bytes_per_token or 4 * int(t.get("hidden", 768))
+    dtype = dtype or str(t.get("dtype", "float32"))
+    bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
     try:
         per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
     except ValueError as e:
@@ -90,7 +106,8 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
     base = res["static"]
     change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
-               f"on {topo}, {exchange} exchange, {bpt} bytes/token; volumes are rows per iteration (forward)")
+               f"on {topo}, {exchange} exchange, {dtype} rows of {_show_bytes(bpt)} bytes; volumes are rows per "
+               f"iteration (forward)")
     # the node exchange's hops one after the other (as here), and overlapped (as a pipelined one)
     times = ["A2A ms (Eq.1)"] + (["A2A ms, hops overlapped"] if exchange == "node" else [])
     times += (["iter ms"] + (["iter ms, hops overlapped"] if exchange == "node" else [])) if compute_ms is not None else []
@@ -114,7 +131,7 @@ def simulate(trace, topology, intra_bw, inter_bw, bytes_per_token, compute_ms, l
                           [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
                           for g in res["by_stage"]]))
     _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
-                                bytes_per_token=bpt, results=res))
+                                dtype=dtype, bytes_per_token=np.asarray(bpt).tolist(), results=res))
 
 
 @cli.command()
@@ -478,15 +495,15 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
     device = train_gpt.start_rank(rank, world, init, o["cpu"])
     cuda = device.type == "cuda"
     topo = o["topology"]
-    H, J = o["hidden"], world
+    H, J, dtype = o["hidden"], world, getattr(torch, o["dtype"])
     node = np.arange(J) // topo.gpus_per_node
     same, eye = node[:, None] == node[None], np.eye(J, dtype=bool)
     tiers = {"intra": same & ~eye, "inter": ~same}
 
     def timed(T):   # T[j, k]: tokens j sends k; median over repeats of the slowest rank
         send, recv = [int(v) for v in T[rank]], [int(v) for v in T[:, rank]]
-        x = torch.full((sum(send), H), float(rank), device=device)
-        y = torch.empty(sum(recv), H, device=device)
+        x = torch.full((sum(send), H), float(rank), device=device, dtype=dtype)
+        y = torch.empty(sum(recv), H, device=device, dtype=dtype)
         ts = []
         for it in range(o["warmup"] + o["repeats"]):
             dist.barrier()
@@ -498,13 +515,13 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
                 torch.cuda.synchronize()
             ts.append((time.perf_counter() - t) * 1e3)
         src = torch.repeat_interleave(torch.arange(J, device=device), torch.tensor(recv, device=device))
-        if not torch.equal(y[:, 0], src.float()):   # each row came from the rank the split sizes say
+        if not torch.equal(y[:, 0], src.to(dtype)):   # each row came from the rank the split sizes say
             raise RuntimeError("All-to-All delivered rows from the wrong ranks")
         ts = torch.tensor(ts[o["warmup"]:], dtype=torch.float64, device=device)
         dist.all_reduce(ts, op=dist.ReduceOp.MAX)
         return float(ts.median())
 
-    bpt = 4 * H
+    bpt = H * dtype.itemsize
     volume = lambda T: {t: int(T[m].sum()) for t, m in tiers.items()}
     fit = {}
     for tier, mask in tiers.items():   # Eq. 1 per tier: t = alpha + bytes / v, least squares over sizes
@@ -538,7 +555,8 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
 @cli.command("a2a", short_help="the cost model (Eq. 1) against timed All-to-Alls")
 @click.option("--nproc", type=click.IntRange(min=2), default=4, show_default=True, help="GPUs (or CPU processes) to spawn")
 @click.option("--topology", type=TOPOLOGY, default=None, help="NxG virtual nodes; default 1xNPROC")
-@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="row width: fp32 rows of MoE-GPT-S")
+@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="row width (MoE-GPT-S: 768)")
+@click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True, help="row dtype")
 @click.option("--tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="rows each device sends in a test case")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J for the NetMoE cases")
 @click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
@@ -595,11 +613,12 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     torch.manual_seed(1)
     nxt = netmoe.MoELayer(H, 4 * H, E, K, topology=topo, **virtual).to(device)   # for the lookahead
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(B, S, H, generator=g).to(device).requires_grad_()
+    dtype = getattr(torch, o["dtype"] or ("bfloat16" if cuda else "float32"))
+    x = torch.randn(B, S, H, generator=g).to(device, dtype).requires_grad_()
     sid = torch.arange(rank * B, (rank + 1) * B, device=device)
     # the experts' matrix products alone, on the same rows spread evenly over the local experts
     n_local = len(layers["static"].local_experts)
-    rows = torch.randn(B * S * K, H, generator=g).to(device).requires_grad_()
+    rows = torch.randn(B * S * K, H, generator=g).to(device, dtype).requires_grad_()
     expert = torch.arange(B * S * K, device=device) * n_local // (B * S * K)
     counts = torch.bincount(expert, minlength=n_local).tolist()
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
@@ -652,6 +671,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True)
+@click.option("--dtype", type=DTYPE, default=None,
+              help="the residual stream and the rows sent  [default: bfloat16 on GPUs, float32 on the CPU]")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
@@ -693,7 +714,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
     t = dict(np.load(trace))
     route, pred, E = t["route"].astype(np.int64), t["route_next_pred"].astype(np.int64), int(t["num_experts"])
     steps, L, I = route.shape[:3]
-    bpt = 4 * int(t.get("hidden", 768))
+    dtype = str(t.get("dtype", "float32"))
     recorded = t["steps"] if "steps" in t else np.arange(steps)
     late = [s for s in range(steps) if recorded[s] >= from_step and s >= 1]
     if not late:
@@ -704,7 +725,8 @@ def layouts_cmd(trace, topology, from_step, json_path):
 
     def score(s, layouts, exchange, placement="netmoe", rows=slice(None)):
         rs, ps = [route[s, l][rows] for l in range(L)], [pred[s, l][rows] for l in range(L - 1)]
-        return netmoe.replay([num(r) for r in rs], topology, bpt, layouts, None, placement, exchange, rs, ps)
+        return netmoe.replay([num(r) for r in rs], topology, _wire_bytes(t, exchange, dtype), layouts, None, placement,
+                             exchange, rs, ps)
 
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
@@ -717,7 +739,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
                              ("half batch: static", score(s, None, exchange, "static", other)),
                              ("half batch: + layout from the other half", score(s, learn([(s, half)]), exchange, "netmoe", other))]:
                 acc.setdefault((exchange, name), []).append(st)
-    res = {f"{ex}: {name}": replay_means(st, L, bpt) for (ex, name), st in acc.items()}
+    res = {f"{ex}: {name}": replay_means(st, L, _wire_bytes(t, ex, dtype)) for (ex, name), st in acc.items()}
     click.echo(f"{trace}: recorded steps {recorded[late[0]]}-{recorded[late[-1]]} ({len(late)}), {topology}; rows per "
                f"step; change against static EP with the expert exchange (on the same samples)")
     rows = []

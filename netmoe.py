@@ -586,20 +586,6 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
             for name, (lay, placement, kind) in variants.items()}, first
 
 
-def replay_means(stats, layers, bytes_per_token, compute_ms=None):
-    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given."""
-    acc, n = sum(stats, MoEStats()), len(stats)
-    inter = acc.scatter["inter"] + acc.gather["inter"]
-    return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
-                scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
-                a2a_ms=acc.a2a_model_ms / n, a2a_pipelined_ms=acc.a2a_pipelined_ms / n,
-                moved_node=acc.moved_node / acc.samples,
-                moved_device=acc.moved_device / acc.samples,
-                iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
-                iter_pipelined_ms=compute_ms + acc.a2a_pipelined_ms / n if compute_ms is not None else None,
-                mb_per_a2a=inter / n * bytes_per_token / 1e6 / (2 * layers))
-
-
 def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon):
     """New expert layouts from each layer's recent batches (recent[layer][batch]: [M, E] counts,
     rows by sample id) and whether they pay: the modelled All-to-All saving per step over
@@ -712,6 +698,27 @@ class Dispatch:
     routing: Routing
 
 
+def _with_ints(rows, *ints):
+    """rows [R, C] with int32 columns appended, their bits held in rows' dtype (one int32 in two
+    bfloat16 columns, or one float32; float64 rows hold them in pairs): token positions and
+    expert ids travel exactly in rows of any dtype, in the same All-to-All as the rows."""
+    ints = torch.stack([i.to(torch.int32) for i in ints], 1)
+    if rows.element_size() > 4 and ints.shape[1] % 2:
+        ints = F.pad(ints, (0, 1))
+    return torch.cat([rows, ints.view(rows.dtype)], 1)
+
+
+def _ints(cols, n):
+    """The n int32 columns _with_ints appended, from the columns after the rows: [R, n] int64."""
+    return cols.clone(memory_format=torch.contiguous_format).view(torch.int32)[:, :n].long()   # fresh strides
+
+
+def _meta_bytes(n, dtype):
+    """Bytes of n int32 columns appended by _with_ints to rows of dtype."""
+    per = max(dtype.itemsize, 4)
+    return -(-4 * n // per) * per
+
+
 class Exchange:
     """In one process, all E experts here (virtual_world, or a world of one): the scatter is a
     reordering of the (token, k) rows by expert, the gather adds each token's K rows into its
@@ -725,8 +732,10 @@ class Exchange:
         self.topo, self.J, self.rank, self.group, self.debug = topo, topo.world, rank, group, debug
         self.priced = priced or type(self)
         self.timer = _Timer()
-        # debug: rows this rank's forward All-to-Alls sent per tier, read from their split sizes
+        # debug: rows this rank's forward All-to-Alls sent per tier, read from their split sizes,
+        # and the bytes they sent to other devices
         self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
+        self.sent_bytes = dict(scatter=0, gather=0)
 
     def scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
@@ -749,19 +758,24 @@ class ExpertExchange(Exchange):
     """The paper's exchange, one rank per device: each (token, expert) row goes straight to the
     expert's device and back. Rows leave ordered by (expert device, local expert, b, s, k), so the
     receiver names every row's sample and expert from num alone (every rank holds it); only the
-    position s*K+k travels, as a column beside x and the gate weight."""
+    position s*K+k travels, as int32 bits beside x and the gate weight."""
     name = "expert"
     needs_node_counts = False   # its rows follow from num alone
     hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
     rows = staticmethod(_expert_rows)
+
+    @staticmethod
+    def wire_bytes(hidden, dtype, top_k):
+        """Bytes of one row on the wire: (scatter: x, its gate weight, s*K+k; gather: y, s*K+k)."""
+        return hidden * dtype.itemsize + dtype.itemsize + _meta_bytes(1, dtype), hidden * dtype.itemsize + _meta_bytes(1, dtype)
 
     def scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
         I, dev = num.shape[0], x.device
         order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
-        payload = torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype),
-                             (order % (S * K)).to(x.dtype)[:, None]], 1)
+        payload = _with_ints(torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype)], 1),
+                             order % (S * K))
         recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
         cnt = num[:, routing.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
@@ -771,7 +785,7 @@ class ExpertExchange(Exchange):
             reps, output_size=n_rows)
         src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
             reps, output_size=n_rows)
-        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, recv[:, H + 1].long(),
+        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
                         (B, S, H), K, routing)
 
     def gather(self, y, d, dest):
@@ -781,11 +795,11 @@ class ExpertExchange(Exchange):
         per_dev, dev = d.routing.tokens[0], y.device
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = self._send("gather", torch.cat([y, d.pos[:, None].to(y.dtype)], 1)[gorder],
+        back = self._send("gather", _with_ints(y, d.pos)[gorder],
                           np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
-        row = new_slot * S + back[:, H].long() // d.top_k
+        row = new_slot * S + _ints(back[:, H:], 1)[:, 0] // d.top_k
         return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
 
     def _send(self, phase, rows, send, recv):
@@ -799,6 +813,7 @@ class ExpertExchange(Exchange):
             tiers["local"] += int(sent[self.rank])
             tiers["intra"] += int(sent[node].sum() - sent[self.rank])
             tiers["inter"] += int(sent[~node].sum())
+            self.sent_bytes[phase] += (sum(send) - send[self.rank]) * rows.shape[1] * rows.element_size()
         return AllToAll.apply(rows, send, recv, self.group, self.timer)
 
 
@@ -814,6 +829,13 @@ class NodeExchange(ExpertExchange):
     hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
     rows = staticmethod(_node_rows)
 
+    @staticmethod
+    def wire_bytes(hidden, dtype, top_k):
+        """Bytes of one row on the wire, the heavier hop of each: (scatter: the rail row, x with
+        its K gate weights, s and its K expert ids; gather: y, s*K+k or s)."""
+        return (hidden * dtype.itemsize + top_k * dtype.itemsize + _meta_bytes(1 + top_k, dtype),
+                hidden * dtype.itemsize + _meta_bytes(1, dtype))
+
     def scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.nc, self.topo.gpus_per_node, self.topo.nodes
@@ -822,11 +844,11 @@ class NodeExchange(ExpertExchange):
         dev, ranks = x.device, np.arange(J)
         # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
         # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
-        # node m, so the receiver names each row's sample from nc (every rank holds it); the
-        # position s and the K (expert, gate) pairs travel in the row, the expert ids as floats
-        # (exact below 2^24). Tokens whose experts are all on node n skip this hop.
-        own = torch.cat([x.reshape(-1, H), torch.arange(S, device=dev).repeat(B).to(x.dtype)[:, None],
-                         route.reshape(-1, K).to(x.dtype), g.reshape(-1, K).to(x.dtype)], 1)
+        # node m, so the receiver names each row's sample from nc (every rank holds it); the K
+        # gate weights travel in the row, the position s and the K expert ids as int32 bits.
+        # Tokens whose experts are all on node n skip this hop.
+        own = _with_ints(torch.cat([x.reshape(-1, H), g.reshape(-1, K).to(x.dtype)], 1),
+                         torch.arange(S, device=dev).repeat(B), *route.reshape(-1, K).unbind(1))
         hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
         hit.scatter_(2, torch.as_tensor(routing.expert_device // G, device=dev)[route], True)
         hit[..., n] = False
@@ -839,6 +861,7 @@ class NodeExchange(ExpertExchange):
         # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
         # holds now, in (sample slot, s) order
         held = torch.cat(got[:r] + (own,) + got[r + 1:])
+        meta = _ints(held[:, H + K:], 1 + K)                     # s, then the K expert ids
         # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
         # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
         # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
@@ -848,11 +871,11 @@ class NodeExchange(ExpertExchange):
         per = len(routing.slot) // J
         key = np.where(routing.expert_device // G == n, routing.slot - n * G * per, G * per)
         on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
-        order = ops.dispatch_order(held[None, :, H + 1:H + 1 + K].long(), torch.as_tensor(key, device=dev))
+        order = ops.dispatch_order(meta[None, :, 1:], torch.as_tensor(key, device=dev))
         order = order[:int(per_node[on_rail == gl, n].sum())]
         t = order // K
-        payload = torch.cat([held[t, :H], held[:, H + 1 + K:].reshape(-1, 1)[order],
-                             (held[t, H] * K + (order % K).to(x.dtype))[:, None]], 1)
+        payload = _with_ints(torch.cat([held[t, :H], held[:, H:H + K].reshape(-1, 1)[order]], 1),
+                             meta[t, 0] * K + order % K)
         rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
         np.add.at(rail_dev, on_rail, per_dev)
         node = ranks // G == n
@@ -867,7 +890,7 @@ class NodeExchange(ExpertExchange):
             reps, output_size=n_rows)
         src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
             reps, output_size=n_rows)
-        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, recv[:, H + 1].long(),
+        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
                         (B, S, H), K, routing)
 
     def gather(self, y, d, dest):
@@ -882,7 +905,7 @@ class NodeExchange(ExpertExchange):
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(via, device=dev), I)
         mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
         node = ranks // G == m
-        got = self._send("gather", torch.cat([y, d.pos[:, None].to(y.dtype)], 1)[gorder],
+        got = self._send("gather", _with_ints(y, d.pos)[gorder],
                          np.bincount(via, weights=per_dev[:, r], minlength=J),
                          np.where(node, per_dev[mine].sum(0), 0))
         reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
@@ -896,7 +919,7 @@ class NodeExchange(ExpertExchange):
         away = away[np.argsort(dest[away], kind="stable")]
         base = np.zeros(I, dtype=np.int64)
         base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
-        key = torch.as_tensor(base, device=dev)[sample] + got[:, H].long() // K
+        key = torch.as_tensor(base, device=dev)[sample] + _ints(got[:, H:], 1)[:, 0] // K
         is_away = key >= B * S
         n_away, n_part = len(away) * S, int(nc[away, m].sum())
         away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
@@ -909,13 +932,13 @@ class NodeExchange(ExpertExchange):
         # names each row's sample from nc and dest; s travels.
         s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
         rail = (ranks % G == gl) & ~node
-        back = self._send("gather", torch.cat([summed[B * S:], s_part.to(y.dtype)[:, None]], 1),
+        back = self._send("gather", _with_ints(summed[B * S:], s_part),
                           np.bincount(dest[away], weights=nc[away, m], minlength=J),
                           np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
         reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
             reps, output_size=int(reps.sum()))
-        out = summed[:B * S].index_add(0, new_slot * S + back[:, H].long(), back[:, :H])
+        out = summed[:B * S].index_add(0, new_slot * S + _ints(back[:, H:], 1)[:, 0], back[:, :H])
         return out.view(B, S, H), keep
 
 
@@ -956,7 +979,7 @@ class MoEStats:
     solver_ms: float = 0.0    # time the solver worked
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
-    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (payload = the residual rows)
+    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (rows as sent: wire_bytes)
     a2a_pipelined_ms: float = 0.0  # the same with a node exchange's two hops overlapped (max of tiers)
 
     def __add__(self, other):
@@ -971,7 +994,8 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, excha
     """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
     gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four exchanges (forward
     and backward), and the samples moved. What the layer records, for replays and planning.
-    exchange="node" needs node_count, as placement_costs does."""
+    bytes_per_token: bytes of a row on the wire, or (scatter's, gather's) as the exchange's
+    wire_bytes gives them. exchange="node" needs node_count, as placement_costs does."""
     num = _check_num(num, topo)
     ed = _check_expert_device(expert_device, num.shape[1], topo.world)
     cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
@@ -982,11 +1006,12 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, excha
 
 def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
     scatter, gather = _traffic(volumes, cur, topo), _traffic(volumes, dest, topo)
+    phases = tuple(zip((scatter, gather), bytes_per_token if np.ndim(bytes_per_token) else (bytes_per_token,) * 2))
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token, exchange) for v in (scatter, gather)),
-                    a2a_pipelined_ms=sum(2e3 * a2a_time(v, topo, bytes_per_token) for v in (scatter, gather)))
+                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, b, exchange) for v, b in phases),
+                    a2a_pipelined_ms=sum(2e3 * a2a_time(v, topo, b) for v, b in phases))
 
 
 def _timed(fn, *args):
@@ -1143,11 +1168,16 @@ class MoELayer(nn.Module):
                 offset += n
         return changed
 
+    def logits(self, x):
+        """The gate's logits [B, S, E] on LN(x)."""
+        h = layer_norm(x, self.ln)
+        return F.linear(h, self.gate.weight.to(h.dtype))
+
     def route(self, x):
         """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route).
         K = 1 keeps the raw probability (Switch): renormalised it would be 1, and the gate would
         learn from the load-balance loss alone."""
-        logits = self.gate(self.ln(x))
+        logits = self.logits(x)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         top, route = probs.topk(self.top_k, dim=-1)
         return probs, top / top.sum(-1, keepdim=True) if self.top_k > 1 else top, route
@@ -1169,7 +1199,7 @@ class MoELayer(nn.Module):
         pred = None
         if next_layer is not None and (lookahead or self.record):
             with torch.no_grad():   # softmax keeps the order: top-K of the logits
-                pred = next_layer.gate(next_layer.ln(x)).topk(next_layer.top_k, dim=-1)[1]
+                pred = next_layer.logits(x).topk(next_layer.top_k, dim=-1)[1]
         if self.record:
             self.last_routes = (sid, route, pred)
         # 2. Counts of every sample of the global batch (Eq. 2; node counts where the exchange
@@ -1187,8 +1217,10 @@ class MoELayer(nn.Module):
                            np.argsort(sid_all, kind="stable"), inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices
         d = self.exchange.scatter(x, g, route, routing)
-        # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1)
-        y = d.gate[:, None] * self.experts(d.rows, d.expert, d.counts) + (d.pos % self.top_k == 0).to(x.dtype)[:, None] * d.rows
+        # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1):
+        #    y = x + g * FFN(LN(x)) there, g * FFN(LN(x)) in the others; one pass, in x's dtype
+        first = (d.pos % self.top_k == 0)[:, None]
+        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None], self.experts(d.rows, d.expert, d.counts))
         # 6. Join the solver
         dest = static_placement(I, self.J)
         if solve is not None:
@@ -1202,15 +1234,14 @@ class MoELayer(nn.Module):
         out, keep = self.exchange.gather(y, d, dest)
         priced = self.exchange.priced
         self._stats += _layer_stats(priced.rows(routing.tokens, self.topo, routing.nc), static_placement(I, self.J),
-                                    dest, self.topo, x.element_size() * H, priced.name)
+                                    dest, self.topo, priced.wire_bytes(H, x.dtype, self.top_k), priced.name)
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"x must be [B, S, {self.hidden}], got {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.float64):
-            # the token position rides in the payload as a float column; bf16 would round it
-            raise ValueError(f"the residual stream must be float32 or float64, got {x.dtype}")
+        if x.dtype not in (torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"the residual stream must be bfloat16, float32 or float64, got {x.dtype}")
         if torch.as_tensor(sid).numel() != x.shape[0]:
             raise ValueError(f"sid must give one id per sample: {torch.as_tensor(sid).numel()} ids for "
                              f"{x.shape[0]} samples")
@@ -1262,7 +1293,7 @@ class MoELayer(nn.Module):
         bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU).
         Either way expert weights are read, and their gradients written, once per call."""
         order = torch.argsort(expert, stable=True)
-        h = self.ln(x[order])
+        h = layer_norm(x[order], self.ln)
         if _grouped_mm_ok(h):
             y = self._ffn_grouped(h, counts)
         else:
@@ -1272,7 +1303,7 @@ class MoELayer(nn.Module):
     def _ffn_loop(self, h, counts):
         # unbind, not self.w1[e]: indexing a stacked parameter makes autograd add a zero gradient
         # of the whole stack for every expert, O(E x weights) per call
-        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         outs = [torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], chunk, w1[e])), w2[e])
                 for e, chunk in enumerate(h.split(counts))]
         return torch.cat(outs)
@@ -1294,6 +1325,13 @@ class MoELayer(nn.Module):
         if self.debug and not self.virtual and self.J > 1 and not _same_everywhere(dest, self.group):
             raise RuntimeError("ranks computed different placements; the solver must be deterministic "
                                "and every rank must see the same num")
+
+
+def layer_norm(x, ln):
+    """ln(x) in x's dtype. Under autocast torch computes LayerNorm into a float32 copy of its
+    input; here a bfloat16 stream stays bfloat16 (the kernel still accumulates in float32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
 
 
 def _grouped_mm_ok(h):

@@ -797,14 +797,19 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None):
     return out
 
 
-def _reference(x, params, K):
-    """Brute force: every expert on every token, masked by the routing; aux on the whole batch."""
+def _reference(x, params, K, routes=None):
+    """Brute force: every expert on every token, masked by the routing; aux on the whole batch.
+    routes: per layer [I, S, K] expert choices to use instead of the top-K (the ones a
+    lower-precision run made, so that values, not choices, are compared)."""
     auxes = []
-    for p in params:
+    for li, p in enumerate(params):
         E = p["wg"].shape[0]
         h = F.layer_norm(x, (H_,), p["ln_w"], p["ln_b"])
         probs = (h @ p["wg"].T).softmax(-1)
         top, route = probs.topk(K, -1)
+        if routes is not None:
+            route = routes[li]
+            top = probs.gather(-1, route)
         g = top / top.sum(-1, keepdim=True) if K > 1 else top   # Switch keeps p for K = 1
         y = x
         for e in range(E):
@@ -836,13 +841,16 @@ NODE_CASES_8 = [("netmoe", 2, None, "node", "random", 2), ("static", 1, 7, "node
                 ("netmoe", 4, 7, "node", "random", 2), ("netmoe", 2, None, "node", "contiguous", 4)]
 
 
-def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
-    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL). Per case:
-    the worst relative error against the single-process model, samples moved, the modelled
-    volumes, how many layers left the planted device idle, the rows the exchanges' split sizes
-    sent per tier, and (node exchange on one node) whether it equals the expert exchange bit for bit."""
+def _layer_worker(rank, world, init_file, cases, gpu, stream, errors_file):
+    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL), or the
+    residual stream in `stream` (bfloat16: float32 weights, bf16 rows; compared at the routes
+    the run chose). Per case: the worst relative error against the single-process model, samples
+    moved, the modelled volumes, how many layers left the planted device idle, the rows the
+    exchanges' split sizes sent per tier, and (node exchange on one node) whether it equals the
+    expert exchange bit for bit."""
     dev = train_gpt.start_rank(rank, world, "file://" + init_file, cpu=not gpu)
-    dtype = torch.float32 if gpu else torch.float64
+    dtype = getattr(torch, stream) if stream else torch.float32 if gpu else torch.float64
+    weights = torch.float32 if dtype == torch.bfloat16 else dtype
     B = I_ // world
     report = []
     for ci, case in enumerate(cases):
@@ -855,28 +863,25 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
             rng = np.random.default_rng(500 + ci)
             layouts = [rng.permutation(netmoe.default_expert_device(E, world)) for _ in range(2)]
         params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts)
-        if gpu:   # the reference sees exactly the float32 numbers the layer holds
-            params = [{k: v.float().double() for k, v in p.items()} for p in params]
+        if weights != torch.float64:   # the reference sees exactly the numbers the layer holds
+            params = [{k: v.to(weights).double() for k, v in p.items()} for p in params]
         g = torch.Generator().manual_seed(77 + ci)
         x = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
         wout = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
-        xr = x.clone().requires_grad_()
-        ref_params = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in params]
-        y_ref, aux_ref = _reference(xr, ref_params, K)
-        ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
 
         def run(exchange):
             layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange,
-                                      expert_device=None if layouts is None else layouts[li]).to(dev, dtype)
+                                      expert_device=None if layouts is None else layouts[li]).to(dev, weights)
                       for li in range(len(params))]
             for L, p in zip(layers, params):
                 _load(L, p)
+                L.record = dtype == torch.bfloat16   # its choices, for the reference
             xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
             h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
             for L, nxt in zip(layers, layers[1:] + [None]):
                 h, sid, a = L(h, sid, next_layer=nxt)
                 aux = aux + a
-            ((h * wout.to(dev, dtype)[sid]).sum() + 0.1 * aux / world).backward()
+            ((h.to(weights) * wout.to(dev, weights)[sid]).sum() + 0.1 * aux / world).backward()
             return layers, xl, h, sid
 
         layers, xl, h, sid = run(exchange)
@@ -886,6 +891,16 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
             parts = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(parts, t)
             return torch.cat(parts).cpu().double() if t.is_floating_point() else torch.cat(parts).cpu()
+        routes = None
+        if dtype == torch.bfloat16:   # the choices the run made, by sample id
+            routes = []
+            for L in layers:
+                ids, route = gather(L.last_routes[0]), gather(L.last_routes[1])
+                routes.append(route[torch.argsort(ids)])
+        xr = x.clone().requires_grad_()
+        ref_params = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in params]
+        y_ref, aux_ref = _reference(xr, ref_params, K, routes)
+        ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
         sids = gather(sid)
         y = torch.empty_like(y_ref)
         y[sids] = gather(h.detach())
@@ -909,6 +924,11 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
                             device=dev)
         dist.all_reduce(sent)
         sent = dict(zip(("scatter", "gather"), (dict(zip(tiers, sent[i:i + 3].tolist())) for i in (0, 3))))
+        moved_bytes = torch.tensor([sum(L.exchange.sent_bytes[ph] for L in layers) for ph in ("scatter", "gather")],
+                                   device=dev)
+        dist.all_reduce(moved_bytes)   # bytes per row sent to other devices, from the rows' own sizes
+        row_bytes = {ph: b / max(sent[ph]["intra"] + sent[ph]["inter"], 1)
+                     for ph, b in zip(("scatter", "gather"), moved_bytes.tolist())}
         same_as_flat = None
         if exchange == "node" and nodes == 1:
             flat = run("expert")
@@ -918,7 +938,7 @@ def _layer_worker(rank, world, init_file, cases, gpu, errors_file):
             dist.all_reduce(same, op=dist.ReduceOp.MIN)
             same_as_flat = bool(same.item())
         report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
-                       stats.scatter, stats.gather, idle, sent, same_as_flat))
+                       stats.scatter, stats.gather, idle, sent, same_as_flat, errs, row_bytes))
     if rank == 0:
         with open(errors_file, "w") as f:
             json.dump(report, f)
@@ -937,13 +957,44 @@ def _spawn(fn, world, *args):
 @pytest.fixture(scope="module")
 def layer_report():
     """Both exchanges on 4 gloo ranks (2x2; 4x1 and 1x4 where a case says): LAYER_CASES, then NODE_CASES."""
-    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False)
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False, None)
 
 
 @pytest.fixture(scope="module")
 def layer_report_8():
     """The node exchange on 8 gloo ranks as 2x4 (rails of 4 devices) and 4x2 (three remote nodes)."""
-    return _spawn(_layer_worker, 8, NODE_CASES_8, False)
+    return _spawn(_layer_worker, 8, NODE_CASES_8, False, None)
+
+
+@pytest.fixture(scope="module")
+def layer_report_bf16():
+    """Every case of layer_report with a bfloat16 residual stream and bf16 rows on the wire."""
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False, "bfloat16")
+
+
+def test_bf16_layer_equals_the_float64_model_to_bf16_rounding(layer_report_bf16):
+    """bf16 keeps 8 significant bits: a rounding is off by at most u = 2^-8 = 0.4% relative. A
+    value meets about six in each direction (the stream, LN, the two products, GELU, the gate
+    multiply-add, the gather's sum): so outputs and gradients within 6u = 2.5e-2 in norm (measured
+    0.8-1.8e-2). The gate's weight gradient sums terms of both signs through the softmax's Jacobian
+    p(1 - p), so its relative error is u times the cancellation (sum of |terms| / |sum|): within 16u
+    = 6e-2 (measured up to 4.6e-2, with an expert group pushed 30 logits down). Compared at the
+    expert choices the run made (bf16 logits can tip near ties), with the float32 weights the layer
+    holds. Positions travel as int32 bits in the bf16 rows: a misplaced row would be an O(1)
+    error; and the rows the split sizes sent per tier are the modelled ones."""
+    for case, report in zip(LAYER_CASES + NODE_CASES, layer_report_bf16):
+        placement, K, empty, _, moved, scatter, gather, idle, sent, same, errs, row_bytes = report
+        for name, err in errs.items():
+            assert err <= (6e-2 if name.endswith(".wg") else 2.5e-2), f"bf16 {case}: {name} differs by {err:.2e}"
+        assert sent == {"scatter": scatter, "gather": gather}, case
+        assert (moved > 0) == (placement == "netmoe") and (empty is None or idle == 2), case
+        # half of float32's bytes: 2H + 6 a scatter row (x, gate, int32 position), 2H + 4 a gather
+        # row; a node exchange's rail rows carry K gates and K expert ids more (2H + 6K + 4)
+        node = len(case) > 3 and case[-1] > 1   # on one node the node exchange runs as the expert one
+        wire = netmoe.exchange_class("node" if node else "expert").wire_bytes(H_, torch.bfloat16, K)
+        assert row_bytes["gather"] == wire[1] == 2 * H_ + 4, case
+        assert (2 * H_ + 6 <= row_bytes["scatter"] <= wire[0] == 2 * H_ + 6 * K + 4) if node else \
+            (row_bytes["scatter"] == wire[0] == 2 * H_ + 6), case
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -982,8 +1033,8 @@ def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    report = _spawn(_layer_worker, world, LAYER_CASES + NODE_CASES, True)
-    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same
+    report = _spawn(_layer_worker, world, LAYER_CASES + NODE_CASES, True, None)
+    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same, *_
            in report if worst > 1e-5 or (e is not None and idle != 2) or same is False
            or sent != {"scatter": scatter, "gather": gather}]
     assert not bad, f"float32 on {world} GPUs, worst relative error per failing case: {bad}"
@@ -1042,7 +1093,7 @@ def test_node_exchange_on_eight_ranks_equals_single_process_model(layer_report_8
 def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_report_8):
     """The rows every All-to-All's split sizes sent, per tier (one exchange for the expert exchange,
     rail and NVLink hops for the node exchange), add up to the volumes the cost model counts."""
-    for case, (*_, scatter, gather, idle, sent, same) in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8,
+    for case, (*_, scatter, gather, idle, sent, same, errs, row_bytes) in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8,
                                                              layer_report + layer_report_8):
         assert sent == {"scatter": scatter, "gather": gather}, case
         assert scatter["local"] + scatter["intra"] > 0 and gather["local"] + gather["intra"] > 0
@@ -1050,7 +1101,7 @@ def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_r
 
 def test_node_exchange_on_one_node_is_the_expert_exchange_bit_for_bit(layer_report):
     one_node = [r for c, r in zip(NODE_CASES, layer_report[len(LAYER_CASES):]) if c[-1] == 1]
-    assert one_node and all(r[-1] is True for r in one_node)
+    assert one_node and all(r[9] is True for r in one_node)
 
 
 def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
@@ -1070,6 +1121,7 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
     h, sid = torch.randn(8, 24, 16, dtype=torch.float64, generator=gen), torch.arange(8)
     live = netmoe.MoEStats()
     routes, preds = [], []
+    wire = netmoe.NodeExchange.wire_bytes(16, torch.float64, 2)   # Eq. 1 prices the rows as sent
     for l, (layer, nxt) in enumerate(zip(layers, layers[1:] + [None])):
         h, new_sid, _ = layer(h, sid, next_layer=nxt)
         stats = layer.pop_stats()
@@ -1090,13 +1142,13 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
                                              node_count=nc[by_id], **{k: v[by_id] if k.startswith(("num", "node"))
                                                                       else v for k, v in kw.items()})
         assert np.array_equal(layer.last_dest, dest), f"layer {l}"
-        want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, 8 * 16, layer.expert_device,
+        want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, wire, layer.expert_device,
                                   exchange="node", node_count=nc)
         assert (stats.scatter, stats.gather, stats.moved_device) == (want.scatter, want.gather, want.moved_device)
         assert stats.a2a_model_ms == pytest.approx(want.a2a_model_ms)
         sid = new_sid
     nums = [netmoe.count_tokens(torch.as_tensor(r), 8).numpy() for r in routes]
-    replayed = netmoe.replay(nums, topo, 8 * 16, [L.expert_device for L in layers], placement="netmoe",
+    replayed = netmoe.replay(nums, topo, wire, [L.expert_device for L in layers], placement="netmoe",
                              exchange="node", routes=routes, next_routes=preds)
     assert (replayed.scatter, replayed.gather, replayed.moved_node, replayed.moved_device) == \
         (live.scatter, live.gather, live.moved_node, live.moved_device)
@@ -1259,6 +1311,25 @@ def test_json_record_follows_the_documented_schema(compare_4proc):
     assert set(run["volume"]) == {"scatter", "gather"}
     assert all(set(run["volume"][p]) == {"local", "intra", "inter"} for p in run["volume"])
     assert set(run["moved_frac"]) == {"node", "device"}
+    H = compare_4proc["config"]["hidden"]   # the CPU's default stream: float32 rows, the int32 position beside
+    assert compare_4proc["config"]["dtype"] == "float32"
+    assert compare_4proc["config"]["wire_bytes_per_row"] == {"scatter": 4 * H + 8, "gather": 4 * H + 4}
+
+
+def test_a_bf16_stream_trains_and_prices_the_bytes_it_sends(compare_4proc, tmp_path):
+    """--dtype bfloat16 on the CPU: the stream and the rows are bf16 (weights float32), the loss
+    follows the float32 run's to bf16 rounding, and Eq. 1 prices half the bytes."""
+    r = _run(["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--dtype", "bfloat16"], tmp_path, "bf16")
+    H = r["config"]["hidden"]
+    assert r["config"]["dtype"] == "bfloat16" and r["config"]["wire_bytes_per_row"] == {"scatter": 2 * H + 6,
+                                                                                          "gather": 2 * H + 4}
+    for p in ("static", "netmoe"):
+        ours, f32 = r["runs"][p], compare_4proc["runs"][p]
+        np.testing.assert_allclose(ours["loss"], f32["loss"], rtol=2e-2)
+        # Eq. 1 per row crossing nodes (the slower tier here): bf16 rows weigh (2H + 6) / (4H + 8)
+        per_row = lambda run: np.array(run["a2a_model_ms"]) / np.add(run["volume"]["scatter"]["inter"],
+                                                                      run["volume"]["gather"]["inter"])
+        np.testing.assert_allclose(per_row(ours) / per_row(f32), (2 * H + 5) / (4 * H + 6), rtol=1e-3)
 
 
 def test_distributed_training_equals_the_single_process_model(compare_4proc, tmp_path):

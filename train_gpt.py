@@ -87,8 +87,9 @@ class GPT(nn.Module):
     the residual on the expert side). Samples may change rank inside every MoE layer: the model
     returns the ids of the samples whose logits it returns."""
 
-    def __init__(self, cfg, J, **moe):
+    def __init__(self, cfg, J, dtype=torch.float32, **moe):
         super().__init__()
+        self.dtype = dtype   # of the residual stream (and the rows the MoE layers send); weights stay float32
         E = cfg.experts_per_device * J
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab, cfg.hidden)
@@ -100,14 +101,14 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden)
 
     def forward(self, idx, sid):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = (self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))).to(self.dtype)
         aux = 0.0
         for i, (ln, attn, moe) in enumerate(zip(self.ln1, self.attn, self.moe)):
-            x = x + attn(ln(x))
+            x = x + attn(netmoe.layer_norm(x, ln))
             nxt = self.moe[i + 1] if i + 1 < len(self.moe) else None   # for the lookahead
-            x, sid, a = moe(x.float(), sid, next_layer=nxt)
+            x, sid, a = moe(x, sid, next_layer=nxt)
             aux = aux + a
-        return self.ln_f(x) @ self.wte.weight.T, sid, aux
+        return netmoe.layer_norm(x, self.ln_f) @ self.wte.weight.T.to(x.dtype), sid, aux
 
     def init_weights(self, seed):
         """Independent of how experts are spread: every parameter (each expert separately) is drawn
@@ -178,6 +179,7 @@ class PositiveType(click.FloatRange):
 
 
 TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+DTYPE = click.Choice(["float32", "bfloat16"])
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
 
@@ -221,6 +223,8 @@ class TrainConfig:
     relayout_always: bool = _opt(False, None, "tests: apply every re-layout plan", "--relayout-always", hidden=True)
     intra_bw: float = _opt(400e9, POSITIVE, "bytes/s inside a node, for Eq. 1 (paper Table 2)")
     inter_bw: float = _opt(100e9, POSITIVE, "bytes/s between nodes, for Eq. 1")
+    dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All "
+                      "sends; weights and AdamW state stay float32 (default: bfloat16 on GPUs, float32 on the CPU)")
     cpu: bool = _opt(False, None, "stay on the CPU even where CUDA is present", "--cpu")
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
@@ -229,6 +233,15 @@ class TrainConfig:
         """The GPTConfig: the preset with the overrides given."""
         over = {k: getattr(self, k) for k in ("batch", "seq_len", "n_layer", "experts_per_device", "top_k")}
         return dataclasses.replace(PRESETS[self.preset], **{k: v for k, v in over.items() if v is not None})
+
+    def stream_dtype(self):
+        """The residual stream's torch dtype: --dtype, else bfloat16 on GPUs and float32 on the CPU."""
+        return getattr(torch, self.dtype or ("float32" if self.cpu else "bfloat16"))
+
+    def wire_bytes(self):
+        """Bytes of a row on the wire, (scatter, gather), for this job's exchange and dtype."""
+        m = self.model()
+        return netmoe.exchange_class(self.exchange).wire_bytes(m.hidden, self.stream_dtype(), m.top_k)
 
     def identity(self, placement, J, vocab):
         """What a checkpoint must match to be resumed."""
@@ -570,7 +583,8 @@ def forward_loss(model, tokens, env):
     the samples it holds after the last MoE layer: labels never travel."""
     B = tokens.shape[0] // env.world
     sid = torch.arange(env.rank * B, (env.rank + 1) * B, device=env.device)
-    with torch.autocast("cuda", torch.bfloat16, enabled=env.device.type == "cuda"):
+    # bf16 products on a GPU whatever the stream's dtype; on the CPU only with a bf16 stream
+    with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda" or model.dtype == torch.bfloat16):
         logits, sid, aux = model(tokens[sid, :-1], sid)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[sid, 1:].reshape(-1))
     return ce, aux
@@ -578,7 +592,8 @@ def forward_loss(model, tokens, env):
 
 def train(env, mcfg, cfg, placement, corpus, echo):
     torch.manual_seed(cfg.seed)
-    model = GPT(mcfg, env.J, placement=placement, lookahead=cfg.lookahead, topology=env.topo, exchange=cfg.exchange,
+    model = GPT(mcfg, env.J, cfg.stream_dtype(), placement=placement, lookahead=cfg.lookahead, topology=env.topo,
+                exchange=cfg.exchange,
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
     opt = make_optimizer(model, cfg.lr)
@@ -597,7 +612,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         echo(f"[{placement}] resumed from {ckpt} at step {start}")
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
     trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
-    meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J)
+    meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
+                dtype=str(cfg.stream_dtype()).removeprefix("torch."))
     for m in model.moe:
         m.record = bool(tracing)
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
@@ -662,7 +678,7 @@ def relayout(model, opt, env, cfg, step, planner, echo):
     plan = None
     if env.rank == 0:
         plan = netmoe.plan_relayout([list(m.recent) for m in model.moe], [m.expert_device for m in model.moe],
-                                    env.topo, 4 * model.cfg.hidden, per_expert * rate, cfg.relayout_every)
+                                    env.topo, cfg.wire_bytes(), per_expert * rate, cfg.relayout_every)
     plan = env.gather(plan)[0]   # rank 0's plan, on every rank
     t = time.perf_counter()
     if plan["apply"] or cfg.relayout_always:
@@ -841,7 +857,9 @@ def worker(rank, world, init, cfg, out_path):
             config = dict(dataclasses.asdict(mcfg), J=J, topology=str(topo), world=world, device=device.type,
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
-                          exchange=cfg.exchange)
+                          exchange=cfg.exchange, dtype=str(cfg.stream_dtype()).removeprefix("torch."),
+                          wire_bytes_per_row=dict(zip(
+                              ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
                 json.dump(dict(config=config, runs=runs), f)
     finally:
