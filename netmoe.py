@@ -715,6 +715,7 @@ class Dispatch:
     shape: tuple               # (B, S, H) of the scattered x
     top_k: int
     routing: Routing
+    grouped: bool = False      # rows in ascending expert order already (in one process)
 
 
 def _with_ints(rows, *ints):
@@ -762,7 +763,7 @@ class Exchange:
         order = hot_path(x.device).dispatch_order(route, slot)
         return Dispatch(_Rows.apply(x.reshape(-1, H), order, K), g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
                         routing.num.sum(0)[routing.local_experts].tolist(), order // (S * K), order % (S * K),
-                        (B, S, H), K, routing)
+                        (B, S, H), K, routing, grouped=True)
 
     def gather(self, y, d, dest):
         I, (_, S, H) = len(dest), d.shape
@@ -1239,7 +1240,8 @@ class MoELayer(nn.Module):
         # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1):
         #    y = x + g * FFN(LN(x)) there, g * FFN(LN(x)) in the others; one pass, in x's dtype
         first = (d.pos % self.top_k == 0)[:, None]
-        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None], self.experts(d.rows, d.expert, d.counts))
+        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None],
+                          self.experts(d.rows, d.expert, d.counts, d.grouped))
         # 6. Join the solver
         dest = static_placement(I, self.J)
         if solve is not None:
@@ -1306,18 +1308,16 @@ class MoELayer(nn.Module):
         return (routing, cols[1] if pred is not None else None,
                 cols[len(routes) + 1] if by_node and pred is not None else None, sid_all)
 
-    def experts(self, x, expert, counts):
+    def experts(self, x, expert, counts, grouped=False):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
         Rows are grouped by expert for one grouped matrix product per weight (torch._grouped_mm,
         bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU).
-        Either way expert weights are read, and their gradients written, once per call."""
-        order = torch.argsort(expert, stable=True)
-        h = layer_norm(_Rows.apply(x, order, 1), self.ln)
-        if _grouped_mm_ok(h):
-            y = self._ffn_grouped(h, counts)
-        else:
-            y = self._ffn_loop(h, counts)
-        return y.new_empty(y.shape).index_copy(0, order, y)
+        Either way expert weights are read, and their gradients written, once per call.
+        grouped: the rows come grouped by expert already (in one process), so none move."""
+        order = None if grouped else torch.argsort(expert, stable=True)
+        h = layer_norm(x if grouped else _Rows.apply(x, order, 1), self.ln)
+        y = self._ffn_grouped(h, counts) if _grouped_mm_ok(h) else self._ffn_loop(h, counts)
+        return y if grouped else y.new_empty(y.shape).index_copy(0, order, y)
 
     def _ffn_loop(self, h, counts):
         # unbind, not self.w1[e]: indexing a stacked parameter makes autograd add a zero gradient
