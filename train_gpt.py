@@ -600,6 +600,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     ckpt = cfg.ckpt and os.path.join(cfg.ckpt, placement)
     identity = cfg.identity(placement, env.J, corpus.vocab)
     record, start, planner = new_record(), 0, dict(ms_per_byte=None)
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     saved = load_checkpoint(ckpt, identity, env) if ckpt and cfg.resume else None
     if saved:   # a placement with no checkpoint yet (compare stopped before it) starts fresh
         dense, mine = saved
@@ -661,6 +663,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                  (f"; checkpoint in {ckpt}, continue with --resume" if ckpt else ""))
             record["interrupted"] = True
             break
+    if env.device.type == "cuda":   # training's peak, the largest over ranks
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated(env.device)), device=env.device)
+        record["peak_mem_gb"] = float(env.all_reduce(peak, dist.ReduceOp.MAX)) / 1e9
     record["val_loss"] = evaluate(model, corpus, env, mcfg, cfg) if cfg.eval_batches else None
     record["layouts"] = [m.expert_device.tolist() for m in model.moe]
     if trace:
@@ -748,7 +753,8 @@ def summarize(run, skip, device_name=""):
                 solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
                 inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
                 intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
-                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]))
+                moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]),
+                peak_mem_gb=run.get("peak_mem_gb"))
 
 
 def table(header, rows):
@@ -770,7 +776,7 @@ def summary_table(result, skip):
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
-            ("solver exposed ms / step", "solver_exposed_ms")]
+            ("solver exposed ms / step", "solver_exposed_ms"), ("peak GPU memory GB", "peak_mem_gb")]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
     if names == ["static", "netmoe"]:
         for r in body:
@@ -781,7 +787,8 @@ def summary_table(result, skip):
         names = names + ["change"]
     measured = runs[names[0]]["measured"]
     head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}; means over {measured} steps after {runs[names[0]]['steps'] - measured}")
+            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} steps after "
+            f"{runs[names[0]]['steps'] - measured}")
     return head + "\n" + table(["", *names], body)
 
 
