@@ -1330,19 +1330,13 @@ class MoELayer(nn.Module):
     def _ffn_grouped(self, h, counts):
         dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
         ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
-        # b2 as a product with the one-hot rows x experts matrix: its backward is a matrix product
-        # too, where indexing the biases would add 10^5 rows into E atomically
+        # each row's expert bias as a product with the one-hot rows x experts matrix: its backward
+        # is a matrix product too, where indexing the biases would add 10^5 rows into E atomically
         which = torch.repeat_interleave(torch.as_tensor(counts).to(h.device, non_blocking=True),
                                         output_size=h.shape[0])
         one_hot = F.one_hot(which, len(counts)).to(dtype)
-        (E, H, F4), pad = self.w1.shape, 8
         with torch.autocast(h.device.type, enabled=False):
-            # b1 rides in the first product: columns of ones beside h, the bias as a row below w1
-            # (then zero rows: K stays a multiple of 8, as the grouped product's alignment asks);
-            # added on its own it cost two more passes over the [rows, 4H] activations each way
-            h1 = F.pad(h.to(dtype), (0, pad), value=1.0)
-            w1 = torch.cat([self.w1.to(dtype), self.b1.to(dtype)[:, None], self.w1.new_zeros(E, pad - 1, F4, dtype=dtype)], 1)
-            mid = F.gelu(torch._grouped_mm(h1, w1, offs=ends))
+            mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + one_hot @ self.b1.to(dtype))
             return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + one_hot @ self.b2.to(dtype)
 
     def _check_same_dest(self, dest):
