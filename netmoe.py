@@ -665,25 +665,6 @@ class AllToAll(torch.autograd.Function):
         return timer.run(_all_to_all, grad, recv, send, group), None, None, None, None
 
 
-class _Rows(torch.autograd.Function):
-    """x[index // repeat], index a permutation of x's rows each taken `repeat` times (a scatter's
-    (token, k) rows, a gather's reordering). The backward puts each gradient row back in its place
-    and sums each row's copies; torch's own indexing backward sorts the indices and accumulates,
-    which cost the layer more than its forward gathers (measured on an H200)."""
-
-    @staticmethod
-    def forward(ctx, x, index, repeat):
-        ctx.save_for_backward(index)
-        ctx.repeat = repeat
-        return x.index_select(0, index // repeat if repeat > 1 else index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        index, = ctx.saved_tensors
-        out = grad.new_empty(grad.shape).index_copy_(0, index, grad)
-        return (out.view(-1, ctx.repeat, *grad.shape[1:]).sum(1) if ctx.repeat > 1 else out), None, None
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. Exchanges: how a layer's (token, expert) rows reach the experts and come back
 # ---------------------------------------------------------------------------------------------
@@ -761,7 +742,7 @@ class Exchange:
         (B, S, H), K = x.shape, route.shape[-1]
         slot = torch.as_tensor(routing.slot, device=x.device)
         order = hot_path(x.device).dispatch_order(route, slot)
-        return Dispatch(_Rows.apply(x.reshape(-1, H), order, K), g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
+        return Dispatch(x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
                         routing.num.sum(0)[routing.local_experts].tolist(), order // (S * K), order % (S * K),
                         (B, S, H), K, routing, grouped=True)
 
@@ -794,7 +775,7 @@ class ExpertExchange(Exchange):
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
         I, dev = num.shape[0], x.device
         order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
-        payload = _with_ints(torch.cat([_Rows.apply(x.reshape(-1, H), order, K), g.reshape(-1, 1)[order].to(x.dtype)], 1),
+        payload = _with_ints(torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype)], 1),
                              order % (S * K))
         recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
@@ -815,7 +796,7 @@ class ExpertExchange(Exchange):
         per_dev, dev = d.routing.tokens[0], y.device
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = self._send("gather", _Rows.apply(_with_ints(y, d.pos), gorder, 1),
+        back = self._send("gather", _with_ints(y, d.pos)[gorder],
                           np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
@@ -925,7 +906,7 @@ class NodeExchange(ExpertExchange):
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(via, device=dev), I)
         mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
         node = ranks // G == m
-        got = self._send("gather", _Rows.apply(_with_ints(y, d.pos), gorder, 1),
+        got = self._send("gather", _with_ints(y, d.pos)[gorder],
                          np.bincount(via, weights=per_dev[:, r], minlength=J),
                          np.where(node, per_dev[mine].sum(0), 0))
         reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
@@ -1315,7 +1296,7 @@ class MoELayer(nn.Module):
         Either way expert weights are read, and their gradients written, once per call.
         grouped: the rows come grouped by expert already (in one process), so none move."""
         order = None if grouped else torch.argsort(expert, stable=True)
-        h = layer_norm(x if grouped else _Rows.apply(x, order, 1), self.ln)
+        h = layer_norm(x if grouped else x[order], self.ln)
         y = self._ffn_grouped(h, counts) if _grouped_mm_ok(h) else self._ffn_loop(h, counts)
         return y if grouped else y.new_empty(y.shape).index_copy(0, order, y)
 
