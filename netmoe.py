@@ -586,13 +586,21 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
             for name, (lay, placement, kind) in variants.items()}, first
 
 
-def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon):
+def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon, exchange="expert", routes=None):
     """New expert layouts from each layer's recent batches (recent[layer][batch]: [M, E] counts,
-    rows by sample id) and whether they pay: the modelled All-to-All saving per step over
-    `horizon` steps against moving the experts that change device at ms_per_expert each. The
-    saving is scored on batches a trial layout was not learned from (leave one out): a layout
-    always fits the batches it was learned on better than the next ones; each batch's true
-    next-layer routing stands in for the lookahead's prediction."""
+    rows by sample id) and whether they pay: the modelled All-to-All saving per step times the
+    `horizon` steps the new layouts will serve (a layout stays until a later plan replaces it, so
+    to the end of the run), against moving the experts that change device at ms_per_expert each.
+    The saving is priced for the exchange that runs. The node exchange's rows depend on the layout
+    through each token's set of nodes, which counts cannot tell: it needs routes[layer][batch],
+    [M, S, K] expert choices of the same batches. The saving is scored on batches a trial layout
+    was not learned from (leave one out): a layout always fits the batches it was learned on
+    better than the next ones; each batch's true next-layer routing stands in for the lookahead's
+    prediction."""
+    by_node = exchange_class(exchange).needs_node_counts
+    if by_node and (routes is None or [len(r) for r in routes] != [len(r) for r in recent]):
+        raise ValueError(f"exchange={exchange!r} prices layouts from routes: pass routes[layer][batch] for the "
+                         f"batches recent counts")
     n = len(recent[0])
     stack = lambda ks: [np.concatenate([batches[k] for k in ks]) for batches in recent]
     layouts = expert_layout(stack(range(n)), topo, current=current)
@@ -600,11 +608,13 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
     for k in range(n):
         trial = expert_layout(stack([j for j in range(n) if j != k] or [k]), topo, current=current)
         batch = [batches[k] for batches in recent]
-        saving_ms += (replay(batch, topo, bytes_per_token, current, batch[1:]).a2a_model_ms -
-                      replay(batch, topo, bytes_per_token, trial, batch[1:]).a2a_model_ms) / n
+        route = [r[k] for r in routes] if by_node else None
+        cost = lambda layouts: replay(batch, topo, bytes_per_token, layouts, None if by_node else batch[1:], "netmoe",
+                                      exchange, route, route[1:] if by_node else None).a2a_model_ms
+        saving_ms += (cost(current) - cost(trial)) / n
     moving = sum(int((new != cur).sum()) for cur, new in zip(current, layouts))
     cost_ms = moving * ms_per_expert
-    return dict(layouts=layouts, moving=moving, saving_ms=saving_ms, cost_ms=cost_ms,
+    return dict(layouts=layouts, moving=moving, saving_ms=saving_ms, cost_ms=cost_ms, horizon=horizon,
                 apply=saving_ms * horizon > cost_ms)
 
 

@@ -1366,14 +1366,16 @@ def test_a_checkpoint_remembers_the_learning_rate_schedule(tmp_path):
     _run(args + ["--steps", "8", "--decay-steps", "6", "--resume"], tmp_path, "longer")   # the same schedule: fine
 
 
-def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_4proc, tmp_path):
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_4proc, tmp_path, exchange):
     """Experts (weights and optimizer state) move between the 4 ranks every 2 steps; the losses
     stay those of static EP. A run cut short after a move and resumed makes the same plans from
-    the same recent batches (they are in the checkpoint): the same experts move, to the same
-    layouts, with the same losses."""
+    the same recent batches (they are in the checkpoint, with the routes the node exchange's
+    planner prices with): the same experts move, to the same layouts, with the same losses and
+    the same modelled savings."""
     ck = str(tmp_path / "ck")
     args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--relayout-every", "2", "--relayout-always",
-            "--ckpt", ck, "--ckpt-every", "3"]
+            "--ckpt", ck, "--ckpt-every", "3", "--exchange", exchange]
     moved = _run(args, tmp_path, "moved")["runs"]["netmoe"]
     assert [r["step"] for r in moved["relayouts"]] == [2, 4, 6]
     assert all(r["experts_moved"] > 0 for r in moved["relayouts"])
@@ -1516,16 +1518,49 @@ def test_training_ranks_leave_no_process_group_threads_behind():
     threads = _spawn(_threads_worker, 2, cfg)
     assert not [t for t in threads if "gloo" in t], threads
 
-def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path):
-    """Re-planning every step, a move of whole experts (about 0.4 MB each here) can never be paid
-    back by one step's saving (a few thousand 256-byte tokens): every plan is skipped and the
-    layout stays contiguous; the record says why (cost above saving)."""
-    r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1"],
-             tmp_path, "gate")["runs"]["netmoe"]
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path, exchange):
+    """A plan moves experts only when its modelled saving per step, over the steps left in the run
+    (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
+    cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
+    back by a few thousand 264-byte rows a step: every plan is skipped, the last one with no step
+    left to serve, and the record says why."""
+    r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
+              "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
     assert len(r["relayouts"]) == 6 and any(plan["bytes"] > 0 for plan in r["relayouts"])
+    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1, 0]
     for plan in r["relayouts"]:
+        assert plan["applied"] == (plan["saving_ms_per_step"] * plan["horizon_steps"] > plan["cost_ms"])
         assert not plan["applied"] and plan["experts_moved"] == 0
-        assert plan["cost_ms"] > plan["saving_ms_per_step"]
+
+
+def test_the_node_exchange_planner_prices_layouts_in_the_rows_the_node_exchange_sends(rng):
+    """Under the node exchange a layout's worth is its (token, node) rows, which per-sample expert
+    counts cannot give: plan_relayout prices it from routes, as the node exchange's replay does,
+    and the planted structure makes that saving differ from the expert exchange's."""
+    topo, E, L = netmoe.Topology(2, 2), 8, 2
+    # samples use experts {0, 5} or {2, 7} (the contiguous layout splits each pair over the nodes)
+    pairs = np.array([[0, 5], [2, 7]])
+    routes = [[pairs[rng.integers(0, 2, size=8)][:, None, :].repeat(6, 1) for _ in range(3)] for _ in range(L)]
+    recent = [[netmoe.count_tokens(r, E).numpy() for r in layer] for layer in routes]
+    current = [netmoe.default_expert_device(E, 4)] * L
+    wire = netmoe.NodeExchange.wire_bytes(16, torch.float32, 2)
+    node = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node", routes)
+    expert = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10)
+    assert node["saving_ms"] > 0 and node["saving_ms"] != pytest.approx(expert["saving_ms"])
+    assert node["horizon"] == 10 and node["apply"] == (node["saving_ms"] * 10 > node["cost_ms"])
+    # by hand: leave-one-out, each batch priced under the layout learned on the other two
+    want = 0.0
+    for k in range(3):
+        trial = netmoe.expert_layout([np.concatenate([recent[l][j] for j in range(3) if j != k]) for l in range(L)],
+                                     topo, current=current)
+        price = lambda lay: netmoe.replay([recent[l][k] for l in range(L)], topo, wire, lay, exchange="node",
+                                          routes=[routes[l][k] for l in range(L)],
+                                          next_routes=[routes[l][k] for l in range(1, L)]).a2a_model_ms
+        want += (price(current) - price(trial)) / 3
+    assert node["saving_ms"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="prices layouts from routes"):
+        netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node")
 
 
 def test_trace_and_simulate_round_trip(tmp_path):

@@ -599,7 +599,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     opt = make_optimizer(model, cfg.lr)
     ckpt = cfg.ckpt and os.path.join(cfg.ckpt, placement)
     identity = cfg.identity(placement, env.J, corpus.vocab)
-    record, start, planner = new_record(), 0, dict(ms_per_byte=None)
+    # the re-layout planner's state (rank 0's counts): the measured move rate and, for an exchange
+    # whose rows depend on the layout through each token's nodes, the routes of the last batches
+    record, start, planner = new_record(), 0, dict(ms_per_byte=None, routes=[[] for _ in model.moe])
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     saved = load_checkpoint(ckpt, identity, env) if ckpt and cfg.resume else None
@@ -610,25 +612,34 @@ def train(env, mcfg, cfg, placement, corpus, echo):
             m.recent.extend(r.numpy() for r in recent)
         model.load_state_dict({**dense["dense"], **mine["experts"]})
         opt.load_state_dict(mine["opt"])
-        record, start, planner = dense["record"], dense["step"], dense["planner"]
+        record, start, planner = dense["record"], dense["step"], {**planner, **dense["planner"]}
         echo(f"[{placement}] resumed from {ckpt} at step {start}")
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
     trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
                 dtype=str(cfg.stream_dtype()).removeprefix("torch."))
-    for m in model.moe:
-        m.record = bool(tracing)
+    window = model.moe[0].recent.maxlen   # batches a re-layout plan learns from
+    by_node = netmoe.exchange_class(cfg.exchange).needs_node_counts
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         tokens = corpus.batch("train", step, mcfg.batch * env.J, cfg.seed).to(env.device)
+        traced = tracing and step % cfg.trace_every == 0
+        # the planner's routes: the batches its next plan learns from, gathered on those steps only
+        planned = (by_node and placement == "netmoe" and cfg.relayout_every
+                   and cfg.relayout_every - 1 - step % cfg.relayout_every < window)
+        for m in model.moe:
+            m.record = bool(traced or planned)
         ce, aux = forward_loss(model, tokens, env)
-        if tracing and step % cfg.trace_every == 0:
+        if traced or planned:
             routes = global_routes(model.moe)
-            if trace:
+            if trace and traced:
                 trace.add(step, routes)
+            if planned and env.rank == 0:
+                for kept, (route, _) in zip(planner["routes"], routes):
+                    kept[:] = kept[-(window - 1):] + [torch.from_numpy(route.astype(np.int16))]
         (ce + mcfg.aux_coef * aux).backward()
         sync_gradients(model, env)
         norm = clip_gradients(model, env, 1.0)
@@ -675,15 +686,23 @@ def train(env, mcfg, cfg, placement, corpus, echo):
 
 def relayout(model, opt, env, cfg, step, planner, echo):
     """Regroup each layer's experts by co-activation in its recent batches (netmoe.expert_layout)
-    if the modelled All-to-All saving over the next T steps beats the cost of moving the weights
-    and optimizer state (at the inter-node bandwidth until a move between ranks has been timed).
-    Rank 0 plans and every rank applies its plan: ranks never decide apart."""
+    if the modelled All-to-All saving, priced for the exchange that runs, over the steps left in
+    the run (the new layout serves until a later plan replaces it) beats the cost of moving the
+    weights and optimizer state (at the inter-node bandwidth until a move between ranks has been
+    timed). Rank 0 plans and every rank applies its plan: ranks never decide apart."""
     per_expert = 3 * 4 * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2, model.moe[0].b2))
     rate = planner["ms_per_byte"] or 1e3 / env.topo.inter_bw
     plan = None
     if env.rank == 0:
-        plan = netmoe.plan_relayout([list(m.recent) for m in model.moe], [m.expert_device for m in model.moe],
-                                    env.topo, cfg.wire_bytes(), per_expert * rate, cfg.relayout_every)
+        routes, exchange = None, cfg.exchange
+        if netmoe.exchange_class(exchange).needs_node_counts:
+            routes = [[r.numpy().astype(np.int64) for r in kept] for kept in planner["routes"]]
+            if not routes[0]:   # resumed from a checkpoint that kept no routes: price as the expert exchange once
+                routes, exchange = None, "expert"
+        # the counts of the batches whose routes were kept (all of them, but after resuming an older checkpoint)
+        recent = [list(m.recent)[len(m.recent) - len(routes[0]):] if routes else list(m.recent) for m in model.moe]
+        plan = netmoe.plan_relayout(recent, [m.expert_device for m in model.moe], env.topo, cfg.wire_bytes(),
+                                    per_expert * rate, cfg.steps - step - 1, exchange, routes)
     plan = env.gather(plan)[0]   # rank 0's plan, on every rank
     t = time.perf_counter()
     if plan["apply"] or cfg.relayout_always:
@@ -695,10 +714,12 @@ def relayout(model, opt, env, cfg, step, planner, echo):
             planner["ms_per_byte"] = float(took) * 1e3 / (plan["moving"] * per_expert)
     applied = bool(plan["apply"] or cfg.relayout_always)
     echo(f"re-layout after step {step}: {'applied' if applied else 'skipped'}; {plan['moving']} experts "
-         f"({plan['moving'] * per_expert / 1e6:.1f} MB) would move, modelled saving "
-         f"{plan['saving_ms']:.3g} ms/step vs cost {plan['cost_ms']:.3g} ms")
+         f"({plan['moving'] * per_expert / 1e6:.1f} MB) would move; modelled saving {plan['saving_ms']:.3g} ms/step "
+         f"x {plan['horizon']} steps left = {plan['saving_ms'] * plan['horizon']:.4g} ms against a "
+         f"{plan['cost_ms']:.4g} ms move")
     return dict(step=step + 1, applied=applied, experts_moved=plan["moving"] if applied else 0,
-                bytes=plan["moving"] * per_expert, saving_ms_per_step=plan["saving_ms"], cost_ms=plan["cost_ms"],
+                bytes=plan["moving"] * per_expert, saving_ms_per_step=plan["saving_ms"], horizon_steps=plan["horizon"],
+                cost_ms=plan["cost_ms"],
                 measured_ms=(time.perf_counter() - t) * 1e3,
                 payback_steps=plan["cost_ms"] / plan["saving_ms"] if plan["saving_ms"] > 0 else None)
 
@@ -746,6 +767,7 @@ def summarize(run, skip, device_name=""):
     vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
     tflops = m(run.get("tflops", []))
+    moves = run.get("relayouts", [])
     return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
                 val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
                 tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
@@ -754,7 +776,9 @@ def summarize(run, skip, device_name=""):
                 inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
                 intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
                 moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]),
-                peak_mem_gb=run.get("peak_mem_gb"))
+                peak_mem_gb=run.get("peak_mem_gb"), relayouts_applied=sum(r["applied"] for r in moves),
+                # the moves' modelled time (the measured move rate once one was timed) against the run's steps
+                move_share=sum(r["cost_ms"] for r in moves if r["applied"]) / max(sum(run["iter_ms"]), 1e-9))
 
 
 def table(header, rows):
@@ -776,7 +800,8 @@ def summary_table(result, skip):
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
-            ("solver exposed ms / step", "solver_exposed_ms"), ("peak GPU memory GB", "peak_mem_gb")]
+            ("solver exposed ms / step", "solver_exposed_ms"), ("re-layouts applied", "relayouts_applied"),
+            ("expert moves, share of run time", "move_share"), ("peak GPU memory GB", "peak_mem_gb")]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
     if names == ["static", "netmoe"]:
         for r in body:
