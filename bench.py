@@ -344,7 +344,7 @@ def _run_bench(worker, o, virtual_world=None):
         raise click.UsageError(f"topology {o['topology']} does not have {devices} devices "
                                f"({'--virtual-world' if virtual_world else '--nproc'})")
     with one_line_errors():
-        o["cpu"] = train_gpt.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
+        o["ranks_on"] = train_gpt.rank_devices(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
@@ -492,7 +492,7 @@ def bench_kernels(echo=print, reps=50, sets=4):
 
 def _a2a_bench_worker(rank, world, init, o, out_path):
     """Eq. 1 against timed All-to-Alls: profile each tier, then time traffic matrices and predict."""
-    device = train_gpt.start_rank(rank, world, init, o["cpu"])
+    device = train_gpt.start_rank(rank, world, init, o["ranks_on"])
     cuda = device.type == "cuda"
     topo = o["topology"]
     H, J, dtype = o["hidden"], world, getattr(torch, o["dtype"])
@@ -598,7 +598,7 @@ def bench_a2a_cmd(json_path, **o):
 def _layer_bench_worker(rank, world, init, o, out_path):
     """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike; on
     one process with virtual_world=J, all J devices' work on one device."""
-    device = train_gpt.start_rank(rank, world, init, o["cpu"])
+    device = train_gpt.start_rank(rank, world, init, o["ranks_on"])
     cuda = device.type == "cuda"
     topo, J, H, S, K = o["topology"], o["topology"].world, o["hidden"], o["seq_len"], o["top_k"]
     E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)

@@ -841,15 +841,17 @@ NODE_CASES_8 = [("netmoe", 2, None, "node", "random", 2), ("static", 1, 7, "node
                 ("netmoe", 4, 7, "node", "random", 2), ("netmoe", 2, None, "node", "contiguous", 4)]
 
 
-def _layer_worker(rank, world, init_file, cases, gpu, stream, errors_file):
-    """One rank of the equality test: float64 on CPU (gloo), float32 on GPU (NCCL), or the
-    residual stream in `stream` (bfloat16: float32 weights, bf16 rows; compared at the routes
-    the run chose). Per case: the worst relative error against the single-process model, samples
-    moved, the modelled volumes, how many layers left the planted device idle, the rows the
-    exchanges' split sizes sent per tier, and (node exchange on one node) whether it equals the
-    expert exchange bit for bit."""
-    dev = train_gpt.start_rank(rank, world, "file://" + init_file, cpu=not gpu)
-    dtype = getattr(torch, stream) if stream else torch.float32 if gpu else torch.float64
+def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
+    """One rank of the equality test, on the devices `where` names (start_rank's "cpu": gloo,
+    "gpu": a GPU each over NCCL, "shared": ranks sharing the GPUs over gloo): float64 on the CPU,
+    float32 on GPUs, or the residual stream in `stream` (bfloat16: float32 weights, bf16 rows;
+    compared at the routes the run chose). Per case: the worst relative error against the
+    single-process model, samples moved, the modelled volumes, how many layers left the planted
+    device idle, the rows the exchanges' split sizes sent per tier, and (node exchange on one
+    node) whether it equals the expert exchange bit for bit. On GPUs also whether every rank's
+    CUDA kernels equal their references on that rank's own routes."""
+    dev = train_gpt.start_rank(rank, world, "file://" + init_file, where)
+    dtype = getattr(torch, stream) if stream else torch.float32 if dev.type == "cuda" else torch.float64
     weights = torch.float32 if dtype == torch.bfloat16 else dtype
     B = I_ // world
     report = []
@@ -875,7 +877,7 @@ def _layer_worker(rank, world, init_file, cases, gpu, stream, errors_file):
                       for li in range(len(params))]
             for L, p in zip(layers, params):
                 _load(L, p)
-                L.record = dtype == torch.bfloat16   # its choices, for the reference
+                L.record = dtype == torch.bfloat16 or dev.type == "cuda"   # its choices: the reference's, the kernels' input
             xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
             h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
             for L, nxt in zip(layers, layers[1:] + [None]):
@@ -939,9 +941,24 @@ def _layer_worker(rank, world, init_file, cases, gpu, stream, errors_file):
             same_as_flat = bool(same.item())
         report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
                        stats.scatter, stats.gather, idle, sent, same_as_flat, errs, row_bytes))
+    kernels = None
+    if dev.type == "cuda":   # the CUDA kernels on this rank's own routes, against their references
+        ops, ref = netmoe.hot_path(dev), netmoe.REFERENCE_OPS
+        ok = ops is not ref
+        for L in layers:
+            route, G = L.last_routes[1], L.topo.gpus_per_node
+            src, dest = torch.randint(I_, (97,), device=dev), torch.randint(world, (I_,), device=dev)
+            for op, args in (("count_tokens", (route, L.num_experts)),
+                             ("node_counts", (route, torch.as_tensor(L.expert_device // G, device=dev), L.topo.nodes)),
+                             ("dispatch_order", (route, torch.as_tensor(L.slot, device=dev))),
+                             ("gather_order", (src, dest, I_))):
+                ok = ok and torch.equal(getattr(ops, op)(*args), getattr(ref, op)(*args))
+        flag = torch.tensor([int(ok)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        kernels = bool(flag.item())
     if rank == 0:
         with open(errors_file, "w") as f:
-            json.dump(report, f)
+            json.dump(dict(cases=report, kernels=kernels), f)
     dist.destroy_process_group()
 
 
@@ -957,19 +974,19 @@ def _spawn(fn, world, *args):
 @pytest.fixture(scope="module")
 def layer_report():
     """Both exchanges on 4 gloo ranks (2x2; 4x1 and 1x4 where a case says): LAYER_CASES, then NODE_CASES."""
-    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False, None)
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, "cpu", None)["cases"]
 
 
 @pytest.fixture(scope="module")
 def layer_report_8():
     """The node exchange on 8 gloo ranks as 2x4 (rails of 4 devices) and 4x2 (three remote nodes)."""
-    return _spawn(_layer_worker, 8, NODE_CASES_8, False, None)
+    return _spawn(_layer_worker, 8, NODE_CASES_8, "cpu", None)["cases"]
 
 
 @pytest.fixture(scope="module")
 def layer_report_bf16():
     """Every case of layer_report with a bfloat16 residual stream and bf16 rows on the wire."""
-    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, False, "bfloat16")
+    return _spawn(_layer_worker, 4, LAYER_CASES + NODE_CASES, "cpu", "bfloat16")["cases"]
 
 
 def test_bf16_layer_equals_the_float64_model_to_bf16_rounding(layer_report_bf16):
@@ -1030,15 +1047,33 @@ def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, 
     assert worst[1] <= 1e-5, f"{worst[0]} differs by {worst[1]:.2e}"
 
 
+def _assert_float32_ep_equals_the_model(world, where, cases):
+    """The equality worker in float32 on GPUs: every case within 1e-5 of the float64 model, the
+    planted device idle, the rows sent the modelled ones, and every rank's kernels exact."""
+    cases = [c for c in cases if world % (c[5] if len(c) > 5 else 2) == 0]   # N must divide J
+    out = _spawn(_layer_worker, world, cases, where, None)
+    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same, *_
+           in out["cases"] if worst > 1e-5 or (e is not None and idle != 2) or same is False
+           or sent != {"scatter": scatter, "gather": gather}]
+    assert not bad, f"float32 on {world} ranks ({where}), worst relative error per failing case: {bad}"
+    assert out["kernels"] is True, "a rank's CUDA kernels differ from their references on its own routes"
+    moved = {(c[0], c[3] if len(c) > 3 else "expert"): r[4] for c, r in zip(cases, out["cases"])}
+    assert all((m > 0) == (p == "netmoe") for (p, _), m in moved.items())
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    cases = [c for c in LAYER_CASES + NODE_CASES if world % (c[5] if len(c) > 5 else 2) == 0]   # N must divide J
-    report = _spawn(_layer_worker, world, cases, True, None)
-    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same, *_
-           in report if worst > 1e-5 or (e is not None and idle != 2) or same is False
-           or sent != {"scatter": scatter, "gather": gather}]
-    assert not bad, f"float32 on {world} GPUs, worst relative error per failing case: {bad}"
+    _assert_float32_ep_equals_the_model(world, "gpu", LAYER_CASES + NODE_CASES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the ranks share it)")
+@pytest.mark.parametrize("world", [4, 8])
+def test_ep_layer_on_ranks_sharing_one_gpu_equals_single_process_model(world):
+    """Every expert-parallel path on CUDA tensors with real ranks, on any machine with a GPU: the
+    ranks share it and talk through gloo. Both exchanges, both placements, K = 1, 2, 4, planted
+    idle devices, random expert layouts; 2 and 4 nodes on 8 ranks."""
+    _assert_float32_ep_equals_the_model(world, "shared", LAYER_CASES + (NODE_CASES if world == 4 else NODE_CASES_8))
 
 
 @pytest.mark.parametrize("case", range(len(LAYER_CASES)))
@@ -1225,7 +1260,7 @@ def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkey
 
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
-    train_gpt.start_rank(rank, world, "file://" + init_file, cpu=True)
+    train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
     report = {}
     layer = netmoe.MoELayer(H_, F_, 4, 2, topology=netmoe.Topology(1, 2)).double()
     x = torch.randn(2 + rank, S_, H_, dtype=torch.float64)   # rank 1 holds one sample more
@@ -1392,10 +1427,33 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
     assert resumed["layouts"] == moved["layouts"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the ranks share it)")
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_four_ranks_train_on_cuda_tensors_relay_out_and_resume(tmp_path, exchange):
+    """The training loop with world 4 on CUDA tensors (ranks sharing one GPU over gloo, or a GPU
+    each): experts and their optimizer state move between ranks every 2 steps, and a run cut
+    short after a move resumes to the uninterrupted run's losses, plans and layouts."""
+    args = ["train", *[a for a in TINY if a != "--cpu"], "--nproc", "4", "--topology", "2x2", "--dtype", "float32",
+            "--exchange", exchange, "--relayout-every", "2", "--relayout-always", "--ckpt-every", "3"]
+    whole = _run(args + ["--ckpt", str(tmp_path / "whole")], tmp_path, "whole")
+    assert whole["config"]["device"] == "cuda" and whole["config"]["world"] == 4
+    assert whole["config"]["ranks_on"] == ("gpu" if torch.cuda.device_count() >= 4 else "shared")
+    args += ["--ckpt", str(tmp_path / "ck")]
+    first = _run(_first_half(args), tmp_path, "first")["runs"]["netmoe"]
+    assert first["relayouts"][0]["experts_moved"] > 0
+    resumed = _run(args + ["--resume"], tmp_path, "resumed")["runs"]["netmoe"]
+    whole = whole["runs"]["netmoe"]
+    # CUDA's index_add adds in any order: float32 rounding apart, not more
+    np.testing.assert_allclose(resumed["loss"], whole["loss"], rtol=1e-4)
+    plans = lambda run: [(r["step"], r["experts_moved"], r["bytes"]) for r in run["relayouts"]]
+    assert plans(resumed) == plans(whole) and all(r["experts_moved"] > 0 for r in whole["relayouts"])
+    assert resumed["layouts"] == whole["layouts"]
+
+
 def _plan_worker(rank, world, init_file, out_file):
     """Rank-dependent recent batches stand in for ranks whose float arithmetic disagrees: the
     layouts every rank applies must still be the one rank 0 planned."""
-    train_gpt.start_rank(rank, world, "file://" + init_file, cpu=True)
+    train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
     mcfg = dataclasses.replace(train_gpt.PRESETS["tiny"], seq_len=8)
     topo = netmoe.Topology(2, 1)
     model = train_gpt.GPT(mcfg, world, topology=topo)
@@ -1478,15 +1536,21 @@ def test_the_sigint_handler_is_ours_only_while_training_runs(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_fewer_gpus_than_ranks_run_on_the_cpu_with_a_notice_or_stop_under_torchrun(monkeypatch, capsys):
+def test_fewer_gpus_than_ranks_share_them_with_a_notice_or_stop_under_torchrun(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert train_gpt.on_cpu(False, 1) is False                 # one rank, one GPU
-    assert train_gpt.on_cpu(False, 4) is True                  # four spawned ranks, one GPU: gloo on the CPU
-    assert "running them on the CPU" in capsys.readouterr().err
+    assert train_gpt.rank_devices(False, 1) == "gpu"           # one rank, one GPU
+    assert train_gpt.rank_devices(True, 4) == "cpu"            # asked for
+    assert capsys.readouterr().err == ""
+    assert train_gpt.rank_devices(False, 4) == "shared"        # four spawned ranks, one GPU: they share it over gloo
+    notice = capsys.readouterr().err
+    assert "share the GPU" in notice and "not for timing" in notice
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(train_gpt.RankError, match="pass --cpu"):
-        train_gpt.on_cpu(False, 4)                             # torchrun placed them: refuse, in one line
+        train_gpt.rank_devices(False, 4)                       # torchrun placed them: refuse, in one line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert train_gpt.rank_devices(False, 4) == "cpu"           # no GPU at all
 
 
 def test_a_stale_kernel_build_lock_falls_back_to_the_references_instead_of_waiting(tmp_path, monkeypatch):

@@ -228,6 +228,7 @@ class TrainConfig:
     cpu: bool = _opt(False, None, "stay on the CPU even where CUDA is present", "--cpu")
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
+    ranks_on: str = None   # "cpu", "gpu" or "shared" (rank_devices), decided at launch
 
     def model(self):
         """The GPTConfig: the preset with the overrides given."""
@@ -236,7 +237,7 @@ class TrainConfig:
 
     def stream_dtype(self):
         """The residual stream's torch dtype: --dtype, else bfloat16 on GPUs and float32 on the CPU."""
-        return getattr(torch, self.dtype or ("float32" if self.cpu else "bfloat16"))
+        return getattr(torch, self.dtype or ("float32" if self.cpu or self.ranks_on == "cpu" else "bfloat16"))
 
     def wire_bytes(self):
         """Bytes of a row on the wire, (scatter, gather), for this job's exchange and dtype."""
@@ -312,26 +313,32 @@ class RankError(RuntimeError):
     """Ranks could not start as asked, or one of them failed: one line for the user."""
 
 
-def on_cpu(cpu, local_ranks):
-    """Whether ranks run on the CPU: asked for, no GPU, or fewer GPUs than ranks on this host.
-    Spawned ranks then fall back to gloo with a notice; torchrun's ranks stop with a one-line
-    error instead (another node may have the GPUs, and all ranks must pick one backend)."""
+def rank_devices(cpu, local_ranks):
+    """Where this host's ranks run: "cpu" (asked for, or no GPU: gloo), "gpu" (a GPU each: NCCL)
+    or "shared" (fewer GPUs than spawned ranks: they share the GPUs and talk through gloo, which
+    stages CUDA tensors through the host; right for seeing every exchange run on CUDA tensors,
+    wrong for timing). torchrun's ranks stop with a one-line error instead (another node may have
+    the GPUs, and all ranks must pick one backend)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cpu or gpus == 0 or local_ranks <= gpus:
-        return cpu or gpus == 0
+    if cpu or gpus == 0:
+        return "cpu"
+    if local_ranks <= gpus:
+        return "gpu"
     if "LOCAL_RANK" in os.environ:
         raise RankError(f"{local_ranks} ranks per node but {gpus} GPU(s) here; pass --cpu to run on the CPU")
-    print(f"note: {gpus} GPU(s) for {local_ranks} processes: running them on the CPU with gloo (--cpu)",
+    print(f"note: {gpus} GPU(s) for {local_ranks} processes: they share the GPU(s) and talk through gloo, which "
+          f"copies through the host (for seeing the exchanges run, not for timing; --cpu runs on the CPU)",
           file=sys.stderr)
-    return True
+    return "shared"
 
 
-def start_rank(rank, world, init, cpu):
-    """This process as rank `rank` of `world`: its device (one GPU per local rank) and, with more
-    than one rank, the process group (NCCL on GPUs, gloo on CPU). Returns the device."""
+def start_rank(rank, world, init, where):
+    """This process as rank `rank` of `world` on the devices rank_devices chose ("cpu", "gpu" or
+    "shared"): its device (local rank r on GPU r, or r modulo the GPUs when shared) and, with more
+    than one rank, the process group (NCCL with a GPU each, else gloo). Returns the device."""
     local = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device("cpu") if cpu else torch.device("cuda", local)
-    if not cpu:
+    device = torch.device("cpu") if where == "cpu" else torch.device("cuda", local % torch.cuda.device_count())
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # torch._dynamo (torch.optim imports it) holds on to the default process group when first
@@ -340,8 +347,9 @@ def start_rank(rank, world, init, cpu):
     # ("terminate called without an active exception"). Imported before, it holds nothing.
     importlib.import_module("torch._dynamo")
     if world > 1:
-        dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world,
-                                **({} if cpu else {"device_id": device}))
+        nccl = where == "gpu"
+        dist.init_process_group("nccl" if nccl else "gloo", init_method=init, rank=rank, world_size=world,
+                                **({"device_id": device} if nccl else {}))
     return device
 
 
@@ -868,7 +876,7 @@ def resolve(cfg):
 def worker(rank, world, init, cfg, out_path):
     """One rank: trains each requested placement in turn; rank 0 writes the records."""
     mcfg, J, topo = resolve(cfg)
-    device = start_rank(rank, world, init, cfg.cpu)
+    device = start_rank(rank, world, init, cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"))
     try:
         env = Env(rank, world, J, topo, device)
         corpus = Corpus(cfg.data, mcfg.seq_len)
@@ -887,6 +895,7 @@ def worker(rank, world, init, cfg, out_path):
                     break
         if rank == 0:
             config = dict(dataclasses.asdict(mcfg), J=J, topology=str(topo), world=world, device=device.type,
+                          ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
                           exchange=cfg.exchange, dtype=str(cfg.stream_dtype()).removeprefix("torch."),
@@ -903,7 +912,7 @@ def launch(cfg):
     mcfg, J, topo = resolve(cfg)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
-        cfg = dataclasses.replace(cfg, cpu=on_cpu(cfg.cpu, local), topology=topo)
+        cfg = dataclasses.replace(cfg, ranks_on=rank_devices(cfg.cpu, local), topology=topo)
         result = run_ranks(worker, cfg.nproc, (cfg,), handle_sigint=True)
     if result is None:   # a torchrun rank other than 0
         return None
