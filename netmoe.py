@@ -130,6 +130,11 @@ def node_counts(route, expert_node, nodes):
     return hit.scatter_(2, expert_node.long()[route.long()], True).sum(1)
 
 
+def _node_counts(route, expert_node, nodes):
+    """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the host)."""
+    return (expert_node[route][..., None] == np.arange(nodes)).any(2).sum(1)
+
+
 def dispatch_order(route, slot):
     """Scatter layout: the stable permutation of the B*S*K (token, k) pairs of route [B, S, K] that
     groups them by slot[expert] (device-major expert position). Stability keeps (b, s, k) order
@@ -515,7 +520,7 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
     routes: per layer [I, S, K], rows by sample id (nums must be their counts); next_routes: per
     layer the routes of the next layer that nexts counts (the last layer's are not read), in place
     of nexts. exchange="node" needs them: its rows depend on each layer's expert map."""
-    I, L = len(nums[0]), len(nums)
+    L = len(nums)
     E, G = np.shape(nums[0])[1], topo.gpus_per_node
     by_node = exchange_class(exchange).needs_node_counts
     if placement not in ("netmoe", "static"):
@@ -540,16 +545,24 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         ncs = [node_counts(routes[l], layouts[l] // G, topo.nodes).numpy() for l in range(L)]
         if next_routes is not None:
             nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
+    nums = [_check_num(n, topo) for n in nums]
+    return _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, ncs, nc_nexts)
+
+
+def _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, ncs, nc_nexts):
+    """replay without its checks, on node counts the caller computed (ncs[l] under layouts[l];
+    nc_nexts[l], of the routes nexts[l] counts, under layouts[l + 1])."""
+    I, L, rows = len(nums[0]), len(nums), exchange_class(exchange).rows
     cur, acc = static_placement(I, topo.world), MoEStats()
     for l, num in enumerate(nums):
         if placement == "static":
             dest = static_placement(I, topo.world)
         else:
             nxt = nexts[l] if nexts is not None and l + 1 < L else None
-            dest = solve_placement(num, topo, num_next=nxt, expert_device=layouts[l],
-                                   expert_device_next=layouts[min(l + 1, L - 1)], exchange=exchange,
-                                   node_count=ncs[l], node_count_next=nc_nexts[l] if nxt is not None else None)
-        acc += layer_stats(num, cur, dest, topo, bytes_per_token, layouts[l], exchange, ncs[l])
+            dest = _solve(num, topo, nxt, layouts[l], layouts[min(l + 1, L - 1)], "capacitated", rows, ncs[l],
+                          nc_nexts[l] if nxt is not None else None)
+        acc += _layer_stats(rows(_device_tokens(num, topo, layouts[l]), topo, ncs[l]), cur, dest, topo,
+                            bytes_per_token, exchange)
         cur = dest
     return acc
 
@@ -601,16 +614,18 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
     if by_node and (routes is None or [len(r) for r in routes] != [len(r) for r in recent]):
         raise ValueError(f"exchange={exchange!r} prices layouts from routes: pass routes[layer][batch] for the "
                          f"batches recent counts")
-    n = len(recent[0])
+    n, L, G = len(recent[0]), len(recent), topo.gpus_per_node
     stack = lambda ks: [np.concatenate([batches[k] for k in ks]) for batches in recent]
     layouts = expert_layout(stack(range(n)), topo, current=current)
+    current = [_check_expert_device(ed, recent[0][0].shape[1], topo.world) for ed in current]
     saving_ms = 0.0
     for k in range(n):
         trial = expert_layout(stack([j for j in range(n) if j != k] or [k]), topo, current=current)
         batch = [batches[k] for batches in recent]
-        route = [r[k] for r in routes] if by_node else None
-        cost = lambda layouts: replay(batch, topo, bytes_per_token, layouts, None if by_node else batch[1:], "netmoe",
-                                      exchange, route, route[1:] if by_node else None).a2a_model_ms
+
+        def cost(lay):   # the next layer's true counts, and routes, stand in for the lookahead's
+            ncs = [_node_counts(r[k], lay[l] // G, topo.nodes) for l, r in enumerate(routes)] if by_node else [None] * L
+            return _replay(batch, topo, bytes_per_token, lay, batch[1:], "netmoe", exchange, ncs, ncs[1:]).a2a_model_ms
         saving_ms += (cost(current) - cost(trial)) / n
     moving = sum(int((new != cur).sum()) for cur, new in zip(current, layouts))
     cost_ms = moving * ms_per_expert
