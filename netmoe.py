@@ -131,8 +131,16 @@ def node_counts(route, expert_node, nodes):
 
 
 def _node_counts(route, expert_node, nodes):
-    """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the host)."""
-    return (expert_node[route][..., None] == np.arange(nodes)).any(2).sum(1)
+    """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the
+    host). A token's k-th choice counts where no earlier choice of it sits on the same node."""
+    at = expert_node[route]
+    I, S, K = at.shape
+    slot = (np.arange(I)[:, None] * nodes + at[..., 0]).ravel()
+    out = np.bincount(slot, minlength=I * nodes)
+    for k in range(1, K):
+        first = np.all(at[..., k:k + 1] != at[..., :k], axis=2).ravel()
+        out += np.bincount((np.arange(I)[:, None] * nodes + at[..., k]).ravel()[first], minlength=I * nodes)
+    return out.reshape(I, nodes)
 
 
 def dispatch_order(route, slot):

@@ -550,6 +550,7 @@ def test_node_counts_match_a_plain_loop():
             for n in set(expert_node[route[i, s]]):
                 ref[i, n] += 1
         assert nc.dtype == torch.int64 and np.array_equal(nc.numpy(), ref), (I, S, K, E, N)
+        assert np.array_equal(netmoe._node_counts(route, expert_node, N), ref), (I, S, K, E, N)   # the planner's
     z = lambda *shape: torch.zeros(*shape, dtype=torch.long)
     for bad in (lambda: netmoe.node_counts(z(2, 3, 2) + 1, z(1), 1),        # expert id past E
                 lambda: netmoe.node_counts(z(2, 3, 2), z(4) + 2, 2),        # node id past N
