@@ -1358,12 +1358,71 @@ def test_resume_reproduces_the_uninterrupted_run(compare_4proc, tmp_path):
 
 
 def test_a_checkpoint_remembers_the_learning_rate_schedule(tmp_path):
+    """A run saved on a 6-step schedule and resumed with --steps 8 continues on that schedule,
+    as the uninterrupted 8-step run on it does; a --decay-steps that differs is refused."""
     ck = str(tmp_path / "ck")
     args = ["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--ckpt", ck]
     _run(_first_half(args), tmp_path, "first")
-    res = CliRunner().invoke(train_gpt.cli, args + ["--steps", "8", "--resume"])
+    res = CliRunner().invoke(train_gpt.cli, args + ["--steps", "8", "--decay-steps", "8", "--resume"])
     assert res.exit_code != 0 and "decay_steps: saved 6, now 8" in res.output, res.output
-    _run(args + ["--steps", "8", "--decay-steps", "6", "--resume"], tmp_path, "longer")   # the same schedule: fine
+    assert "without --decay-steps" in res.output.strip().splitlines()[-1], res.output
+    longer = _run(args + ["--steps", "8", "--resume"], tmp_path, "longer")["runs"]["netmoe"]["loss"]
+    whole = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps", "8", "--decay-steps", "6"],
+                 tmp_path, "whole")["runs"]["netmoe"]["loss"]
+    np.testing.assert_allclose(longer, whole, rtol=1e-6)
+    _run(args + ["--steps", "10", "--decay-steps", "6", "--resume"], tmp_path, "again")   # the same schedule, named
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_into_a_checkpoint_directory_is_refused_and_leaves_it_resumable(tmp_path):
+    """A fresh run would prune the saved run's steps and point `latest` at its own: refused
+    before anything starts, in one line naming --resume and another --ckpt. Pruning keeps the
+    two newest steps, and the directory still resumes."""
+    ck = tmp_path / "ck"
+    args = ["train", *TINY, "--virtual-world", "4", "--ckpt", str(ck), "--ckpt-every", "1"]
+    _run(args + ["--steps", "4"], tmp_path, "first")
+    assert sorted(p.name for p in (ck / "netmoe").iterdir()) == ["latest", "step0000003", "step0000004"]
+    before = _files(ck)
+    for cmd in (["train", "--steps", "2"], ["compare", "--steps", "2"]):   # any of the job's placements
+        res = CliRunner().invoke(train_gpt.cli, cmd + args[1:] + ["--json", str(tmp_path / "x.json")])
+        assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "netmoe at step 4" in res.output and "--resume" in res.output and "another --ckpt" in res.output
+        assert "loss" not in res.output and not (tmp_path / "x.json").exists()
+        assert _files(ck) == before
+    resumed = _run(args + ["--steps", "6", "--resume"], tmp_path, "resumed")["runs"]["netmoe"]
+    assert len(resumed["loss"]) == 6
+
+
+def test_pruning_keeps_the_newest_checkpoints_by_step_number(tmp_path):
+    for step in (5, 9_999_999, 10_000_000, 10_000_001):
+        (tmp_path / f"step{step:07d}").mkdir()
+    train_gpt.prune_checkpoints(str(tmp_path), str(tmp_path / "step10000001"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10000000", "step10000001"]
+    train_gpt.prune_checkpoints(str(tmp_path), str(tmp_path / "step10000000"), keep=1)   # never the one `latest` names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10000000", "step10000001"]
+
+
+def test_resume_with_nothing_to_resume_is_refused_and_a_missing_placement_starts_fresh(tmp_path):
+    """--resume where none of the job's placements has a checkpoint: one line, nothing trained.
+    Where one has and another has not (compare stopped during its static run), the other starts
+    from step 0 and says so."""
+    ck = tmp_path / "ck"
+    base = [*TINY, "--virtual-world", "4", "--steps", "2", "--eval-batches", "0"]
+    for args in (["train", *base, "--ckpt", str(tmp_path / "missing"), "--resume"],
+                 ["train", "--placement", "static", *base, "--ckpt", str(ck), "--resume"]):
+        if not ck.exists():
+            _run(["train", *base, "--ckpt", str(ck)], tmp_path, "netmoe")
+        res = CliRunner().invoke(train_gpt.cli, args)
+        assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "nothing to resume in" in res.output and "drop --resume" in res.output and "loss" not in res.output
+    assert not (tmp_path / "missing").exists() and not (ck / "static").exists()
+    res = CliRunner().invoke(train_gpt.cli, ["compare", *base, "--ckpt", str(ck), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert f"[static] no checkpoint in {ck / 'static'}: this placement starts from step 0" in res.output
+    assert f"[netmoe] resumed from {ck / 'netmoe'} at step 2" in res.output
 
 
 def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_4proc, tmp_path):

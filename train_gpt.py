@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -490,15 +491,37 @@ def save_checkpoint(root, step, model, opt, env, identity, state):
             os.rename(final, tmp + ".old")
         os.rename(tmp, final)
         atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
-        for old in sorted(glob.glob(os.path.join(root, "step*")))[:-2] + glob.glob(os.path.join(root, ".*.old")):
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, final)
     env.barrier()
 
 
-def load_checkpoint(root, identity, env):
+def prune_checkpoints(root, latest, keep=2):
+    """Delete all but the newest `keep` step directories, newest by step number (by name,
+    step10000000 would sort before step9999999), never `latest`, and leftovers of replaced ones."""
+    steps = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(root, "step*"))
+                   if (m := re.fullmatch(r"step(\d+)", os.path.basename(path))))
+    for old in [path for _, path in steps[:-keep] if path != latest] + glob.glob(os.path.join(root, ".*.old")):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_steps(ckpt, placements):
+    """{placement: step of its newest checkpoint in ckpt (None if `latest` is unreadable)} for
+    each placement that has one."""
+    found = {}
+    for placement in placements:
+        latest = os.path.join(ckpt, placement, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                m = re.fullmatch(r"step(\d+)", f.read().strip())
+            found[placement] = int(m.group(1)) if m else None
+    return found
+
+
+def load_checkpoint(root, identity, env, saved_schedule=False):
     """(dense.pt, rankR.pt) of the newest checkpoint, or None where there is none yet. If any
     rank cannot use its part, every rank raises that rank's error (rather than the others
-    waiting on the process group's timeout)."""
+    waiting on the process group's timeout). saved_schedule: any decay_steps will do (a resume
+    without --decay-steps continues on the saved schedule)."""
     got, error = None, None
     try:
         if os.path.exists(os.path.join(root, "latest")):
@@ -506,10 +529,14 @@ def load_checkpoint(root, identity, env):
                 where = os.path.join(root, f.read().strip())
             got = [torch.load(os.path.join(where, name), weights_only=True) for name in ("dense.pt", f"rank{env.rank}.pt")]
             saved = got[0]["identity"]
-            diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+            diff = {k: (saved.get(k), v) for k, v in identity.items()
+                    if saved.get(k) != v and not (k == "decay_steps" and saved_schedule)}
             if diff:
-                error = f"checkpoint in {root} was written by another configuration: " + ", ".join(
-                    f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                error = (f"checkpoint in {root} was written by another configuration: " + ", ".join(
+                    f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()) +
+                    "; resume with the saved values" + (" (without --decay-steps, the saved schedule is taken)"
+                                                        if "decay_steps" in diff else "") +
+                    ", or start over with another --ckpt")
     except FileNotFoundError as e:
         error = f"checkpoint in {root} is incomplete ({e.filename} missing)"
     except Exception as e:
@@ -602,9 +629,11 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     record, start, planner = new_record(), 0, dict(ms_per_byte=None)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    saved = load_checkpoint(ckpt, identity, env) if ckpt and cfg.resume else None
+    saved = load_checkpoint(ckpt, identity, env, cfg.decay_steps is None) if ckpt and cfg.resume else None
     if saved:   # a placement with no checkpoint yet (compare stopped before it) starts fresh
         dense, mine = saved
+        cfg = dataclasses.replace(cfg, decay_steps=dense["identity"]["decay_steps"])   # the saved schedule
+        identity = cfg.identity(placement, env.J, corpus.vocab)
         for m, layout, recent in zip(model.moe, dense["layouts"], dense["recent"]):
             m.set_expert_device(np.asarray(layout))   # the experts were saved in this order
             m.recent.extend(r.numpy() for r in recent)
@@ -612,6 +641,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         opt.load_state_dict(mine["opt"])
         record, start, planner = dense["record"], dense["step"], dense["planner"]
         echo(f"[{placement}] resumed from {ckpt} at step {start}")
+    elif ckpt and cfg.resume:
+        echo(f"[{placement}] no checkpoint in {ckpt}: this placement starts from step 0")
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
     trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
@@ -827,14 +858,28 @@ def resolve(cfg):
     J = cfg.virtual_world or world
     topo = cfg.topology or default
     if topo.world != J:
+        fix = (f"pass --virtual-world {topo.world}" if cfg.virtual_world else
+               f"start {topo.world} processes with torchrun" if "WORLD_SIZE" in os.environ else
+               f"pass --nproc {topo.world} or --virtual-world {topo.world}")
         raise click.UsageError(f"topology {topo} has {topo.world} devices but the job has J={J} "
-                               f"({'--virtual-world' if cfg.virtual_world else 'processes'})")
+                               f"({'--virtual-world' if cfg.virtual_world else 'processes'}): {fix}, "
+                               f"or give a topology of {J} devices")
     if mcfg.top_k > mcfg.experts_per_device * J:
-        raise click.UsageError(f"top-k {mcfg.top_k} exceeds the E={mcfg.experts_per_device * J} experts")
+        raise click.UsageError(f"top-k {mcfg.top_k} exceeds the E={mcfg.experts_per_device * J} experts: "
+                               f"lower --top-k or raise --experts-per-device")
     if cfg.data and not os.path.exists(cfg.data):
-        raise click.UsageError(f"data file {cfg.data} does not exist")
+        raise click.UsageError(f"data file {cfg.data} does not exist: give a text file or a nanoGPT .bin, "
+                               f"or leave --data out for the bundled corpus")
     if cfg.resume and not cfg.ckpt:
         raise click.UsageError("--resume needs --ckpt DIR")
+    saved = saved_steps(cfg.ckpt, cfg.placements) if cfg.ckpt else {}
+    if saved and not cfg.resume:   # a fresh run would prune and re-point the saved run's checkpoints
+        held = ", ".join(f"{p} at step {s}" if s is not None else p for p, s in saved.items())
+        raise click.ClickException(f"{cfg.ckpt} holds a checkpoint ({held}): continue it with --resume, "
+                                   f"or start over with another --ckpt (or after deleting {cfg.ckpt})")
+    if cfg.resume and not saved:
+        raise click.ClickException(f"nothing to resume in {cfg.ckpt}: no checkpoint of "
+                                   f"{' or '.join(cfg.placements)} there; drop --resume to start fresh")
     if (cfg.decay_steps or cfg.steps) < cfg.warmup_steps and cfg.decay_steps:
         raise click.UsageError("--decay-steps must not be shorter than --warmup-steps")
     return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw)
