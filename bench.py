@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import netmoe
 import train_gpt
-from train_gpt import COUNT, DTYPE, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
+from train_gpt import COUNT, DTYPE, JSON_OUT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
 
 
 def _write_json(path, obj):
@@ -85,7 +85,7 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
@@ -249,7 +249,8 @@ def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
 
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False),
+                callback=lambda ctx, param, files: _pngs_writable(files))
 @click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
 def plot(files, smooth):
     """PNG beside each result JSON: solver time vs I (bench solver), measured vs modelled
@@ -328,6 +329,15 @@ def plot(files, smooth):
 
 
 
+def _pngs_writable(files):
+    """plot writes a PNG beside each JSON: each is checked before any is drawn."""
+    for path in files:
+        problem = train_gpt.output_problem(os.path.splitext(path)[0] + ".png", suffix=".png")
+        if problem:
+            raise click.BadParameter(problem, param_hint="FILES")
+    return files
+
+
 def _run_bench(worker, o, virtual_world=None):
     """worker(rank, world, init, o, out_path) on o["nproc"] ranks (spawned, or torchrun's, whose
     world and nodes x local ranks then give --nproc and the default topology), or on this one
@@ -352,7 +362,7 @@ def _run_bench(worker, o, virtual_world=None):
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--max-expanded", type=click.IntRange(min=0), default=1024, show_default=True,
               help="largest I for the I x I baselines")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def solver_cmd(repeats, max_expanded, json_path):
     """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4)."""
     click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
@@ -361,7 +371,7 @@ def solver_cmd(repeats, max_expanded, json_path):
 
 @cli.command("kernels")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def kernels_cmd(repeats, json_path):
     """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
     if not torch.cuda.is_available():
@@ -565,7 +575,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def bench_a2a_cmd(json_path, **o):
     """Does Eq. 1 predict real All-to-Alls? Profiles alpha and bandwidth per tier (as the paper
     does), then times skewed and NetMoE-produced traffic matrices against the fitted model."""
@@ -676,7 +686,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layer_cmd(json_path, virtual_world, **o):
     """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
     and the experts' matrix products alone; bf16 autocast on a GPU."""
@@ -704,7 +714,7 @@ def layer_cmd(json_path, virtual_world, **o):
 @click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
 @click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layouts_cmd(trace, topology, from_step, json_path):
     """How far a shared expert layout can go on a trace, per exchange: NetMoE with lookahead under
     layouts learned (a) on the 4 recorded steps before (as simulate --layout and live re-layout),

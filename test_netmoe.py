@@ -1693,6 +1693,43 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
 
 
+def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp_path):
+    """A path that cannot be written (a folder given for a file, a file for a folder, a file in
+    the way of the folder, a place nobody may write) is refused in one line when the command
+    line is read, by every command that writes; nothing is left behind. A missing folder is made."""
+    afile, trace, record = tmp_path / "afile", tmp_path / "t.npz", tmp_path / "run.json"
+    for f in (afile, trace, record):
+        f.write_text("x")
+    (tmp_path / "run.png").mkdir()   # plot's output for run.json
+    job = [*TINY, "--virtual-world", "4"]
+    cases = [
+        (train_gpt.cli, ["train", *job, "--json", "."], "is a folder"),
+        (train_gpt.cli, ["compare", *job, "--json", str(afile / "x.json")], "is a file"),
+        (train_gpt.cli, ["train", *job, "--ckpt", str(afile)], "is a file"),
+        (train_gpt.cli, ["train", *job, "--trace", str(afile / "d" / "t.npz")], "is a file"),
+        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot write in"),
+        (bench.cli, ["solver", "--json", str(tmp_path)], "is a folder"),
+        (bench.cli, ["kernels", "--json", str(afile / "k.json")], "is a file"),
+        (bench.cli, ["layer", "--virtual-world", "4", "--json", "."], "is a folder"),
+        (bench.cli, ["a2a", "--nproc", "2", "--json", str(afile / "a.json")], "is a file"),
+        (bench.cli, ["layouts", "--trace", str(trace), "--topology", "2x2", "--json", "."], "is a folder"),
+        (bench.cli, ["simulate", "--trace", str(trace), "--topology", "2x2", "--json", str(afile / "s.json")],
+         "is a file"),
+        (bench.cli, ["plot", str(record)], "run.png is a folder"),
+    ]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for cli, args, message in cases:
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+        assert res.output.strip().splitlines()[-1].startswith("Error: Invalid value"), (args, res.output)
+        assert "loss" not in res.output and "ms" not in res.output, (args, res.output)   # no work started
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and not list(tmp_path.glob("*.part"))
+    out = tmp_path / "new"
+    _run(["train", *job, "--steps", "2", "--trace", str(out / "traces" / "t.npz"), "--ckpt", str(out / "ck" / "ck")],
+         out / "records", "run")   # _run's --json: new/records/run.json, its folder made too
+    assert (out / "traces" / "t.npz").is_file() and (out / "ck" / "ck" / "netmoe" / "latest").is_file()
+
+
 def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
     r = _run(["train", *TINY, "--virtual-world", "4", "--eval-batches", "0"], tmp_path, "noval")
     assert r["runs"]["netmoe"]["val_loss"] is None and len(r["runs"]["netmoe"]["loss"]) == 6

@@ -179,7 +179,44 @@ class PositiveType(click.FloatRange):
         return value
 
 
+def output_problem(path, directory=False, suffix=".json"):
+    """Why `path` cannot be written, or None; its folder (a directory's parent) is made first.
+    A run must not train for hours and then fail to save, so outputs are checked up front."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file; give a folder (it is made if missing)"
+    if not directory and (os.path.isdir(path) or path.endswith(("/", os.sep))):
+        return f"{path} is a folder; give a file in it, e.g. {os.path.join(path, 'out' + suffix)}"
+    folder = path if directory and os.path.isdir(path) else os.path.dirname(path) or "."
+    above = folder
+    while above and not os.path.exists(above):
+        above = os.path.dirname(above)
+    if above and not os.path.isdir(above):
+        return f"{above} is a file, so {path} cannot be written; give another path"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or e}); give another path"
+    return None
+
+
+class OutputPath(click.ParamType):
+    """A file (or folder) the command writes, checked when the command line is read: its folder
+    is made if missing, and a path that cannot be written is refused in one line."""
+
+    def __init__(self, directory=False, suffix=".json"):
+        self.directory, self.suffix = directory, suffix
+        self.name = "dir" if directory else "file"
+
+    def convert(self, value, param, ctx):
+        problem = output_problem(value, self.directory, self.suffix)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
 TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
@@ -214,10 +251,10 @@ class TrainConfig:
     seed: int = _opt(0, NONNEG)
     eval_batches: int = _opt(2, NONNEG, "validation batches (0: none)")
     log_every: int = _opt(10, COUNT)
-    json: str = _opt(None, None, "write the per-step record here")
-    trace: str = _opt(None, None, "record routing to this .npz (for simulate)")
+    json: str = _opt(None, JSON_OUT, "write the per-step record here")
+    trace: str = _opt(None, TRACE_OUT, "record routing to this .npz (for simulate)")
     trace_every: int = _opt(1, COUNT)
-    ckpt: str = _opt(None, None, "checkpoint directory")
+    ckpt: str = _opt(None, CKPT_DIR, "checkpoint directory")
     ckpt_every: int = _opt(100, COUNT)
     resume: bool = _opt(False, None, "continue from the newest checkpoint in --ckpt", "--resume")
     relayout_every: int = _opt(0, NONNEG, "every T steps regroup experts by co-activation where it pays (0: never)")
