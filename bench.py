@@ -34,7 +34,7 @@ def _write_json(path, obj):
         train_gpt.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
-@click.group()
+@click.group(cls=train_gpt.Cli)
 def cli():
     """Benchmarks, replays and reports: solver (CPU; the window on GPU), kernels (CUDA), layer and
     a2a (GPUs or CPU processes), layouts and simulate (replays of a routing trace), summary, plot."""

@@ -6,12 +6,14 @@ import importlib.util
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import click
 from click.testing import CliRunner
 
 import bench
@@ -1526,7 +1529,103 @@ def test_a_rank_that_cannot_load_its_checkpoint_stops_every_rank(tmp_path):
     (ck / "netmoe" / "step0000002" / "rank2.pt").write_bytes(b"garbage")
     res = CliRunner().invoke(train_gpt.cli, args + ["--resume"])
     assert res.exit_code != 0 and "unreadable" in res.output and "on rank 2" in res.output, res.output
-    assert "Traceback" not in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def _one_rank_fails_worker(rank, world, init, out_path):
+    if rank == 1:
+        raise click.ClickException("rank 1 cannot go on")
+    time.sleep(300)   # still running when rank 1 fails, so it has to be stopped
+
+
+def test_a_failing_rank_reaches_the_user_as_exactly_one_line(capfd):
+    """The ranks still running when one fails are stopped, without torch's "Terminating process
+    N via signal SIGTERM" lines before the error (its logger writes to the stderr it found at
+    import, so the test listens to the logger itself)."""
+    spawn_log, records = logging.getLogger("torch.multiprocessing.spawn"), []
+    level, listener = spawn_log.level, logging.Handler()
+    listener.emit = records.append
+    spawn_log.addHandler(listener)
+    try:
+        with pytest.raises(click.ClickException) as e:
+            with train_gpt.one_line_errors():
+                train_gpt.run_ranks(_one_rank_fails_worker, 2, ())
+    finally:
+        spawn_log.removeHandler(listener)
+    assert e.value.message == "a rank failed: rank 1 cannot go on"
+    assert records == [] and capfd.readouterr().err == "" and spawn_log.level == level
+
+
+def _ranks_of(pid):
+    """The spawned ranks of process pid (its children running multiprocessing's spawn_main)."""
+    ranks = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+            ranks += [int(c) for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        except FileNotFoundError:   # a task or a child that just ended
+            pass
+    return ranks
+
+
+def _ctrl_c(args, after=None, to="group"):
+    """`python train_gpt.py *args` as a user runs it, and Ctrl-C once `after` appears in its
+    output, or (after=None) as soon as its 2 ranks exist: SIGINT to its process group as a
+    terminal sends it, or (to="launcher") to the launching process alone as `kill -INT` does.
+    Returns (exit status, output, the ranks there were)."""
+    p = subprocess.Popen([sys.executable, "train_gpt.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    try:
+        out = ""
+        while after is None and len(_ranks_of(p.pid)) < 2:
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.01)
+        while after is not None and after not in out:
+            line = p.stdout.readline()
+            assert line, out   # the run ended first
+            out += line
+        ranks = _ranks_of(p.pid)
+        (os.killpg if to == "group" else os.kill)(p.pid, signal.SIGINT)
+        out += p.communicate(timeout=300)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return p.returncode, out, ranks
+
+
+CTRL_C_JOB = ["train", "--preset", "tiny", "--seq-len", "16", "--steps", "100000", "--nproc", "2", "--cpu",
+              "--log-every", "1", "--eval-batches", "0"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("to", ["group", "launcher"])
+def test_ctrl_c_while_ranks_start_stops_every_rank_and_exits_130(tmp_path, to):
+    """Ctrl-C as soon as the ranks exist (they are still importing): every rank stops before
+    training, nothing is saved, no process prints click's "Aborted!" or a traceback, and the
+    exit status says interrupted."""
+    ck = tmp_path / "ck"
+    code, out, ranks = _ctrl_c([*CTRL_C_JOB, "--ckpt", str(ck)], to=to)
+    assert code == 130 and "interrupted" in out, out
+    assert "Aborted" not in out and "Traceback" not in out and "loss" not in out, out
+    assert len(ranks) == 2 and not any(os.path.exists(f"/proc/{r}") for r in ranks)
+    assert not (ck / "netmoe" / "latest").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")
+def test_ctrl_c_while_training_saves_says_where_and_exits_130(tmp_path):
+    """Ctrl-C during training: the ranks stop after the step, save, say where and how to go on,
+    and the run exits 130 although it saved; --resume continues from the saved step."""
+    ck, first = tmp_path / "ck", tmp_path / "first.json"
+    code, out, _ = _ctrl_c([*CTRL_C_JOB, "--ckpt", str(ck), "--json", str(first)], after="step     1")
+    assert code == 130 and "Aborted" not in out and "Traceback" not in out, out
+    step = int(out.split("interrupted after step")[1].split(";")[0])
+    assert f"interrupted after step {step}; checkpoint in {ck / 'netmoe'}, continue with --resume" in out
+    assert (ck / "netmoe" / "latest").read_text() == f"step{step + 1:07d}"
+    saved = json.loads(first.read_text())["runs"]["netmoe"]
+    assert saved["interrupted"] and len(saved["loss"]) == step + 1
+    job = [a if a != "100000" else str(step + 3) for a in CTRL_C_JOB]
+    resumed = _run([*job, "--ckpt", str(ck), "--resume"], tmp_path, "resumed")["runs"]["netmoe"]
+    assert resumed["loss"][:step + 1] == saved["loss"] and len(resumed["loss"]) == step + 3
 
 
 def test_the_sigint_handler_is_ours_only_while_training_runs(tmp_path):

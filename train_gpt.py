@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import sysconfig
 import tempfile
 import time
 import zlib
+from multiprocessing import resource_tracker
 
 import click
 import numpy as np
@@ -383,12 +385,12 @@ def start_rank(rank, world, init, cpu):
     return device
 
 
-def run_ranks(worker, nproc, args, handle_sigint=False):
+def run_ranks(worker, nproc, args):
     """worker(rank, world, init, *args, out_path) on every rank: this process as one torchrun
     rank (RANK is set), nproc spawned processes, or this process alone (nproc == 1). Returns the
     JSON rank 0 wrote to out_path; None on the other torchrun ranks. A failing spawned rank
-    becomes a RankError of one line. With handle_sigint, Ctrl-C goes to the spawned ranks only
-    (they save and stop)."""
+    becomes a RankError of one line. Ctrl-C that stopped the ranks before rank 0 wrote its
+    result raises KeyboardInterrupt here; during training it stops and saves (stop_on_sigint)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         if "RANK" in os.environ:
@@ -398,23 +400,63 @@ def run_ranks(worker, nproc, args, handle_sigint=False):
         elif nproc == 1:
             worker(0, 1, None, *args, out)
         else:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if handle_sigint else None
-            try:
-                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), *args, out),
-                         nprocs=nproc, join=True)
-            except mp.ProcessRaisedException as e:
-                last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
-                if last.startswith("click.exceptions."):   # a message meant for the user as it is
-                    last = last.split(": ", 1)[-1]
-                raise RankError(f"a rank failed: {last}") from None
-            except mp.ProcessExitedException as e:
-                raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
-            finally:
-                if handle_sigint:
-                    signal.signal(signal.SIGINT, old)
+            spawn_ranks(worker, nproc, (nproc, "file://" + os.path.join(tmp, "init"), *args, out))
+            if not os.path.exists(out):
+                raise KeyboardInterrupt   # every rank exited cleanly, so Ctrl-C stopped rank 0 first
         with open(out) as f:
             return json.load(f)
 
+
+def spawn_ranks(worker, nproc, args):
+    """worker(rank, *args) in nproc new processes, joined. Ctrl-C must work at any moment: this
+    process passes it on to every rank (`kill -INT` reaches this one alone); a rank ends on it at
+    once, wherever it waits, until training turns it into stop-and-save (stop_on_sigint). While a
+    rank imports, SIGINT is blocked there (the mask survives exec), so it neither dies inside an
+    import with a traceback nor loses the signal: it takes it when it unblocks (_rank_main)."""
+    ranks, interrupted = [], []
+
+    def interrupt(*_):
+        interrupted.append(True)
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
+
+    # its "Terminating process N via signal SIGTERM" warnings would come before our one-line error
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    old_level, old_handler = spawn_log.level, signal.signal(signal.SIGINT, interrupt)
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        resource_tracker.ensure_running()   # started later, it would unblock SIGINT here in passing
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+        try:
+            context = mp.start_processes(_rank_main, (worker, *args), nprocs=nproc, join=False)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        ranks.extend(context.processes)
+        if interrupted:
+            interrupt()
+        while not context.join(timeout=1.0):   # wakes up for a Ctrl-C another thread took
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if interrupted:   # a rank that Ctrl-C ended, or one whose peer it ended
+            raise KeyboardInterrupt from None
+        if isinstance(e, mp.ProcessExitedException):
+            raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
+        last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+        if last.startswith("click.exceptions."):   # a message meant for the user as it is
+            last = last.split(": ", 1)[-1]
+        raise RankError(f"a rank failed: {last}") from None
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        spawn_log.setLevel(old_level)
+
+
+def _rank_main(rank, worker, *args):
+    """A spawned rank: from here until training, Ctrl-C (held while it started) ends it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    worker(rank, *args)
 
 
 @dataclasses.dataclass
@@ -961,12 +1003,14 @@ def launch(cfg):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
         cfg = dataclasses.replace(cfg, cpu=on_cpu(cfg.cpu, local), topology=topo)
-        result = run_ranks(worker, cfg.nproc, (cfg,), handle_sigint=True)
+        result = run_ranks(worker, cfg.nproc, (cfg,))
     if result is None:   # a torchrun rank other than 0
         return None
     if cfg.json:
         atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
     click.echo(summary_table(result, cfg.skip_steps))
+    if any(run.get("interrupted") for run in result["runs"].values()):
+        raise click.exceptions.Exit(INTERRUPTED)   # saved or not, a script must not take it for a finished run
     return result
 
 
@@ -987,7 +1031,22 @@ def job_options(f):
     return f
 
 
-@click.group(invoke_without_command=True)
+INTERRUPTED = 130   # the shell's exit status for Ctrl-C
+
+
+class Cli(click.Group):
+    """Commands that exit 130 on Ctrl-C with one line, where click would print "Aborted!" and
+    exit 1: a script can tell an interrupted run from a failed or a finished one."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C): every rank stopped", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+@click.group(cls=Cli, invoke_without_command=True)
 @click.pass_context
 def cli(ctx):
     """NetMoE: MoE-GPT training with dynamic sample placement. No subcommand runs the main job."""
