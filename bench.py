@@ -515,7 +515,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
         x = torch.full((sum(send), H), float(rank), device=device, dtype=dtype)
         y = torch.empty(sum(recv), H, device=device, dtype=dtype)
         ts = []
-        for it in range(o["warmup"] + o["repeats"]):
+        for it in range(o["warmup_repeats"] + o["repeats"]):
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -527,7 +527,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
         src = torch.repeat_interleave(torch.arange(J, device=device), torch.tensor(recv, device=device))
         if not torch.equal(y[:, 0], src.to(dtype)):   # each row came from the rank the split sizes say
             raise RuntimeError("All-to-All delivered rows from the wrong ranks")
-        ts = torch.tensor(ts[o["warmup"]:], dtype=torch.float64, device=device)
+        ts = torch.tensor(ts[o["warmup_repeats"]:], dtype=torch.float64, device=device)
         dist.all_reduce(ts, op=dist.ReduceOp.MAX)
         return float(ts.median())
 
@@ -571,7 +571,8 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J for the NetMoE cases")
 @click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
 @click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--warmup-repeats", type=click.IntRange(min=0), default=3, show_default=True,
+              help="untimed repeats first (allocator, caches, clocks)")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
@@ -634,7 +635,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
             "experts only": lambda: (layers["static"].experts(rows, expert, counts), None, 0.0)}
     times = {n: [] for n in runs}
-    for it in range(o["warmup"] + o["repeats"]):
+    for it in range(o["warmup_repeats"] + o["repeats"]):
         for name, run in runs.items():
             if world > 1:
                 dist.barrier()
@@ -646,10 +647,10 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             (y.float().square().mean() + aux).backward()
             if cuda:
                 torch.cuda.synchronize()
-            if it >= o["warmup"]:
+            if it >= o["warmup_repeats"]:
                 times[name].append((time.perf_counter() - t) * 1e3)
         for layer in layers.values():
-            if it < o["warmup"]:
+            if it < o["warmup_repeats"]:
                 layer.pop_stats()
     # expert FLOPs of forward + backward: 6 per weight per row, two H x 4H matrices, K rows a token
     flops = 6 * B * S * K * 8 * H * H
@@ -683,7 +684,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True)
 @click.option("--dtype", type=DTYPE, default=None,
               help="the residual stream and the rows sent  [default: bfloat16 on GPUs, float32 on the CPU]")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--warmup-repeats", type=click.IntRange(min=0), default=5, show_default=True,
+              help="untimed repeats first (allocator, caches, clocks)")
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")

@@ -1861,7 +1861,7 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     out = tmp_path / "a2a.json"
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x2", "--hidden", "8",
                                              "--tokens", "64", "--batch", "2", "--sizes", "8,32", "--cases", "4",
-                                             "--warmup", "1", "--repeats", "2", "--json", str(out)])
+                                             "--warmup-repeats", "1", "--repeats", "2", "--json", str(out)])
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert set(r["fit"]) == {"intra", "inter"} and all(f["bw"] > 0 for f in r["fit"].values())
@@ -1900,7 +1900,7 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
         assert res.exit_code == 0, res.output
         assert all(r["cuda_ms"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text()))
 
-    tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup", 1, "--repeats", 2]
+    tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup-repeats", 1, "--repeats", 2]
     for where in (["--virtual-world", 4, "--topology", "2x2"], ["--nproc", 2, "--topology", "2x1", *cpu]):
         for exchange in netmoe.EXCHANGES:
             res = bench_cli("layer", *where, *tiny, "--exchange", exchange, "--json", out("layer.json"))
