@@ -134,31 +134,103 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                                 dtype=dtype, bytes_per_token=np.asarray(bpt).tolist(), results=res))
 
 
-@cli.command()
+def _change(new, base):
+    return f"{(new / base - 1) * 100:+.1f}%" if base else "-"
+
+
+def _run_rows(name, res, skip):
+    """train / compare: static vs NetMoE side by side, or a single placement's own numbers."""
+    c = res["config"]
+    skip = c.get("skip_steps", c.get("warmup", 0)) if skip is None else skip
+    runs = {p: train_gpt.summarize(r, skip, c.get("device_name", "")) for p, r in res["runs"].items()}
+    model = f"H={c['hidden']} L={c['n_layer']}"
+    if set(runs) == {"static", "netmoe"}:
+        s, n = runs["static"], runs["netmoe"]
+        return "compare", [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
+                            f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
+                            _change(n["intra"], s["intra"]), n["solver_exposed_ms"],
+                            f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
+    return "train", [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
+                      r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
+                     for p, r in runs.items()]
+
+
+def _bench_rows(name, res, skip):
+    """The benchmarks' records: a few numbers that say what each measured."""
+    if isinstance(res, list) and "capacitated_ms" in res[0]:
+        return "solver", [[name, r["topology"], r["I"], r["capacitated_ms"], r.get("km_ms"), r.get("scipy_ms"),
+                           r["same_optimum"]] for r in res]
+    if isinstance(res, list) and "cuda_ms" in res[0]:
+        return "kernels", [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]] for r in res]
+    if {"median", "per_rank"} <= set(res):
+        o, base = res["options"], res["median"]["static"]["ms"]
+        return "layer", [[name, f"H={o['hidden']} S={o['seq_len']} on {o['topology']}", o["exchange"], v, m["ms"],
+                          _change(m["ms"], base), m["a2a_ms"], m["exposed_ms"]] for v, m in res["median"].items()]
+    if {"fit", "cases"} <= set(res):
+        err = [abs(c["model_ms"] / c["measured_ms"] - 1) * 100 for c in res["cases"]]
+        fit = lambda tier, k: res["fit"].get(tier, {}).get(k)
+        gbs = lambda tier: fit(tier, "bw") / 1e9 if fit(tier, "bw") not in (None, float("inf")) else None
+        return "a2a", [[name, res["options"]["topology"], fit("intra", "alpha_ms"), gbs("intra"), fit("inter", "alpha_ms"),
+                        gbs("inter"), len(err), f"{np.median(err):.1f}%", f"{np.percentile(err, 90):.1f}%"]]
+    if "from_step" in res:
+        base = lambda key: res["results"]["expert: half batch: static" if "half batch" in key else "expert: static"]
+        return "layouts", [[name, res["topology"], key, r["inter"], _change(r["inter"], base(key)["inter"]), r["a2a_ms"]]
+                           for key, r in res["results"].items()]
+    if "exchange" in res:
+        placements = {k: r for k, r in res["results"].items() if k != "by_stage"}
+        return "simulate", [[name, res["topology"], res["exchange"], p, r["inter"],
+                             _change(r["inter"], placements["static"]["inter"]), r["intra"], r["a2a_ms"]]
+                            for p, r in placements.items()]
+    return None, None
+
+
+SUMMARIES = {   # kind: (what the table shows, its columns)
+    "compare": ("train_gpt.py compare: static vs NetMoE, means after the start-up steps",
+                ["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup", "static A2A ms",
+                 "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms", "|loss diff|"]),
+    "train": ("train_gpt.py train: one placement, means after the start-up steps",
+              ["run", "model", "topology", "placement", "steps", "iter ms", "tokens / s", "A2A ms", "A2A ms (Eq. 1)",
+               "inter tokens", "intra tokens", "solver exposed ms", "final loss", "val loss"]),
+    "solver": ("bench.py solver: median ms of the two-stage Solve",
+               ["run", "topology", "I", "capacitated ms", "KM ms", "scipy ms", "same optimum"]),
+    "kernels": ("bench.py kernels: kernels.cu against the torch code it replaces",
+                ["run", "kernel", "shape", "torch ms", "CUDA ms", "speedup"]),
+    "layer": ("bench.py layer: one MoE layer, forward + backward, median ms",
+              ["run", "layer", "exchange", "variant", "fwd+bwd ms", "vs static", "A2A ms", "solver exposed ms"]),
+    "a2a": ("bench.py a2a: Eq. 1 fitted per tier, and its error on the timed All-to-Alls",
+            ["run", "topology", "intra alpha ms", "intra GB/s", "inter alpha ms", "inter GB/s", "matrices",
+             "median |error|", "p90 |error|"]),
+    "layouts": ("bench.py layouts: inter-node rows per step against static EP with the expert exchange",
+                ["run", "topology", "exchange: placement", "inter", "vs static expert", "A2A ms (Eq. 1)"]),
+    "simulate": ("bench.py simulate: replayed rows per iteration",
+                 ["run", "topology", "exchange", "placement", "inter", "vs static", "intra", "A2A ms (Eq. 1)"]),
+}
+
+
+@cli.command(short_help="one table per kind of record over train, compare and bench JSON files")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--skip-steps", type=NONNEG, default=None, help="default: what each run used")
+@click.option("--skip-steps", type=NONNEG, default=None, show_default="what each run used",
+              help="start-up steps left out of a run's means")
 def summary(files, skip_steps):
-    """One table over `compare --json` files: static vs NetMoE per run."""
-    rows = []
+    """One table per kind of record: train and compare --json (static vs NetMoE side by side, or
+    one placement's own numbers), and the --json of bench.py solver, kernels, layer, a2a, layouts
+    and simulate (a short summary of each)."""
+    tables = {}
     for path in files:
         try:
             with open(path) as f:
                 res = json.load(f)
-            c, runs = res["config"], res["runs"]
-            skip = c.get("skip_steps", c.get("warmup", 0)) if skip_steps is None else skip_steps
-            s, n = (train_gpt.summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise click.ClickException(f"{path} is not a `compare --json` record ({type(e).__name__}: {e})") from None
-        rows.append([os.path.basename(path), f"H={c['hidden']} L={c['n_layer']}", c["topology"], s["measured"],
-                     s["iter_ms"], n["iter_ms"], f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"],
-                     f"{(n['inter'] / s['inter'] - 1) * 100:+.1f}%" if s["inter"] else "-",
-                     f"{(n['intra'] / s['intra'] - 1) * 100:+.1f}%" if s["intra"] else "-",
-                     n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"])
-    click.echo(table(["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup",
-                      "static A2A ms", "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms",
-                      "|loss diff|"], rows))
-
-
+            read = _run_rows if isinstance(res, dict) and "runs" in res else _bench_rows
+            kind, rows = read(os.path.basename(path), res, skip_steps)
+            why = "" if kind else "its fields match none of them"
+        except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            raise click.ClickException(f"{path} is not a record summary reads ({why}); it reads train / compare "
+                                       f"--json and the --json of bench.py solver, kernels, layer, a2a, layouts "
+                                       f"and simulate")
+        tables.setdefault(kind, []).extend(rows)
+    click.echo("\n\n".join(f"{SUMMARIES[k][0]}\n{table(SUMMARIES[k][1], rows)}" for k, rows in tables.items()))
 
 
 def routed_num(rng, I, E, S=1024, K=2, concentration=0.3):

@@ -1762,7 +1762,7 @@ BAD_LINES = [
     (["train", "--top-k", "9", "--virtual-world", "4"], "exceeds the E=8 experts"),
     (["simulate", "--trace", __file__, "--topology", "2x2"], "not a routing trace"),
     (["simulate", "--trace", __file__, "--topology", "2x"], "not of the form"),
-    (["summary", __file__], "not a `compare --json` record"),
+    (["summary", __file__], "is not a record summary reads"),
 ]
 
 
@@ -1784,7 +1784,7 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
             (train_gpt.cli, ["train", *TINY, "--data", str(odd), "--json", str(tmp_path / "o.json")], "odd number of bytes"),
             (bench.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
                              "--json", str(tmp_path / "s.json")], "not a routing trace"),
-            (bench.cli, ["summary", str(not_record)], "not a `compare --json` record"),
+            (bench.cli, ["summary", str(not_record)], "is not a record summary reads"),
             (bench.cli, ["plot", str(not_record)],
              "nothing to plot" if importlib.util.find_spec("matplotlib") else "needs matplotlib")]:
         res = CliRunner().invoke(cli, args)
@@ -1829,6 +1829,49 @@ def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp
     assert (out / "traces" / "t.npz").is_file() and (out / "ck" / "ck" / "netmoe" / "latest").is_file()
 
 
+def test_summary_reads_every_record_that_train_compare_and_the_benches_write(compare_4proc, tmp_path):
+    """One table per kind of record: compare side by side, a single placement with its own
+    numbers and no static-vs-NetMoE columns, and each benchmark's record; anything else is
+    refused in one line naming what summary reads."""
+    out, trace = lambda name: str(tmp_path / name), str(tmp_path / "t.npz")
+    (tmp_path / "cmp.json").write_text(json.dumps(compare_4proc))
+    one = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--trace", trace], tmp_path, "one")
+    (tmp_path / "kernels.json").write_text(json.dumps([dict(kernel="count_tokens", shape="paper", n=8, torch_ms=0.137,
+                                                            cuda_ms=0.0073, speedup=18.8)]))   # needs CUDA to make
+    for args in (["solver", "--repeats", "1", "--max-expanded", "64", "--json", out("solver.json")],
+                 ["layer", "--virtual-world", "4", "--topology", "2x2", "--hidden", "16", "--seq-len", "8", "--batch",
+                  "2", "--warmup-repeats", "1", "--repeats", "2", "--json", out("layer.json")],
+                 ["layouts", "--trace", trace, "--topology", "2x2", "--json", out("layouts.json")],
+                 ["simulate", "--trace", trace, "--topology", "2x2", "--json", out("sim.json")]):
+        res = CliRunner().invoke(bench.cli, args)
+        assert res.exit_code == 0, res.output
+    files = [out(f) for f in ("cmp.json", "one.json", "kernels.json", "solver.json", "layer.json", "layouts.json",
+                              "sim.json")]
+    res = CliRunner().invoke(bench.cli, ["summary", *files])
+    assert res.exit_code == 0, res.output
+    sections = {part.splitlines()[0].split(":")[0]: part for part in res.stdout.strip().split("\n\n")}
+    assert set(sections) == {f"train_gpt.py {k}" for k in ("compare", "train")} | {
+        f"bench.py {k}" for k in ("kernels", "solver", "layer", "layouts", "simulate")}, res.output
+    assert "speedup" in sections["train_gpt.py compare"] and "cmp.json" in sections["train_gpt.py compare"]
+    single = sections["train_gpt.py train"]
+    assert "speedup" not in single and "static" not in single and "one.json" in single
+    own = train_gpt.summarize(one["runs"]["netmoe"], 1)
+    row = single.splitlines()[-1].split()
+    assert row[:4] == ["one.json", "H=64", "L=2", "2x2"] and row[4] == "netmoe" and row[5] == str(own["measured"])
+    assert row[6] == f"{own['iter_ms']:,.4g}" and row[-2] == f"{own['final_loss']:,.4g}"
+    solver = json.loads((tmp_path / "solver.json").read_text())
+    assert len(sections["bench.py solver"].splitlines()) == 3 + len(solver)
+    assert "18.8" in sections["bench.py kernels"] and "netmoe + lookahead" in sections["bench.py simulate"]
+    assert "netmoe, samples kept in place" in sections["bench.py layer"]
+    assert "node: + layout from the same batch" in sections["bench.py layouts"]
+    (tmp_path / "other.json").write_text(json.dumps({"config": {}, "results": []}))
+    for bad in ("other.json", "t.npz"):
+        res = CliRunner().invoke(bench.cli, ["summary", out("cmp.json"), out(bad)])
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert f"{bad} is not a record summary reads" in res.output and "train / compare --json" in res.output
+        assert "bench.py solver, kernels, layer, a2a, layouts and simulate" in res.output
+
+
 def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
     r = _run(["train", *TINY, "--virtual-world", "4", "--eval-batches", "0"], tmp_path, "noval")
     assert r["runs"]["netmoe"]["val_loss"] is None and len(r["runs"]["netmoe"]["loss"]) == 6
@@ -1869,6 +1912,8 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
         assert CliRunner().invoke(bench.cli, ["plot", str(out)]).exit_code == 0
         assert (tmp_path / "a2a.png").read_bytes()[:4] == b"\x89PNG"
     assert [c["kind"] for c in r["cases"]] == ["skewed", "netmoe gather"] * 2
+    res = CliRunner().invoke(bench.cli, ["summary", str(out)])   # summary reads it too
+    assert res.exit_code == 0 and res.output.startswith("bench.py a2a") and "a2a.json" in res.output, res.output
     for c in r["cases"]:
         assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x4"])
