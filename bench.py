@@ -34,6 +34,20 @@ def _write_json(path, obj):
         train_gpt.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
+def progress(items, label, show=True, every_s=2.0):
+    """items, one by one, saying on stderr how far it got: at the first, then at most once every
+    `every_s` seconds, and at the end; a long benchmark is never silent for long and a short
+    one not noisy. show: on rank 0 only, so the ranks do not repeat each other."""
+    items, last = list(items), None
+    for i, item in enumerate(items):
+        if show and (last is None or time.perf_counter() - last >= every_s):
+            click.echo(f"{label} {i + 1}/{len(items)}", err=True)
+            last = time.perf_counter()
+        yield item
+    if show:
+        click.echo(f"{label} {len(items)}/{len(items)} done", err=True)
+
+
 @click.group(cls=train_gpt.Cli)
 def cli():
     """Benchmarks, replays and reports: solver (CPU; the window on GPU), kernels (CUDA), layer and
@@ -99,7 +113,8 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
     try:
-        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
+        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange,
+                                              each=lambda steps: progress(steps, "replaying step"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
@@ -250,7 +265,7 @@ def bench_solver(repeats, max_expanded, echo):
     rows, results = [], []
     paper = {32: 0.08, 64: 0.48, 128: 1.48, 256: 10.82, 384: 31.09}   # Table 4, KM ms (J = 16)
     paper_window = {32: 3.69, 64: 7.13, 128: 13.50, 256: 27.31, 384: 41.65}   # Table 4, scatter + compute
-    for spec, I in cases:
+    for spec, I in progress(cases, "solving case"):
         topo = netmoe.Topology.parse(spec)
         E = 2 * topo.world
         num, nxt = routed_num(rng, I, E), routed_num(rng, I, E)
@@ -609,7 +624,8 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
     for tier, mask in tiers.items():   # Eq. 1 per tier: t = alpha + bytes / v, least squares over sizes
         if not mask.any():
             continue
-        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in o["sizes"]]
+        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in progress(o["sizes"], f"profiling {tier} size",
+                                                                               rank == 0)]
         slope, alpha = np.polyfit(*zip(*pts), 1)
         fit[tier] = dict(alpha_ms=max(float(alpha), 0.0), bw=1e3 / slope if slope > 0 else float("inf"), points=pts)
     model = netmoe.Topology(topo.nodes, topo.gpus_per_node,
@@ -617,7 +633,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
                                for k, v in (("bw", fit[t]["bw"]), ("lat", fit[t]["alpha_ms"] / 1e3))})
     rng = np.random.default_rng(o["seed"])   # the same matrices on every rank
     cases = []
-    for c in range(o["cases"]):
+    for c in progress(range(o["cases"]), "timing traffic matrix", rank == 0):
         if c % 2 == 0:   # skewed: each device's rows spread by a Dirichlet draw
             T = np.stack([rng.multinomial(o["tokens"], rng.dirichlet(np.full(J, 0.3))) for _ in range(J)])
             kind = "skewed"
@@ -707,7 +723,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
             "experts only": lambda: (layers["static"].experts(rows, expert, counts), None, 0.0)}
     times = {n: [] for n in runs}
-    for it in range(o["warmup_repeats"] + o["repeats"]):
+    for it in progress(range(o["warmup_repeats"] + o["repeats"]),
+                       f"timing round ({o['warmup_repeats']} untimed, then {o['repeats']})", rank == 0):
         for name, run in runs.items():
             if world > 1:
                 dist.barrier()
@@ -814,7 +831,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
 
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
-    for s in late:
+    for s in progress(late, "scoring step"):
         before = learn([(q, full) for q in range(max(0, s - 4), s)])
         for exchange in ("expert", "node"):
             for name, st in [("static", score(s, None, exchange, "static")), ("netmoe + lookahead", score(s, None, exchange)),

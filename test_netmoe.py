@@ -1872,6 +1872,32 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
         assert "bench.py solver, kernels, layer, a2a, layouts and simulate" in res.output
 
 
+def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_path):
+    """layer, solver, layouts and simulate report progress on stderr (the table stays alone on
+    stdout): a first line at once and a last one at the end; with spawned ranks, rank 0 alone."""
+    layer = ["layer", "--hidden", "16", "--seq-len", "8", "--batch", "2", "--warmup-repeats", "1", "--repeats", "2"]
+    res = CliRunner().invoke(bench.cli, [*layer, "--virtual-world", "4", "--topology", "2x2"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0] == "timing round (1 untimed, then 2) 1/3", res.stderr
+    assert res.stderr.splitlines()[-1] == "timing round (1 untimed, then 2) 3/3 done", res.stderr
+    assert "timing round" not in res.stdout and "fwd+bwd ms" in res.stdout
+    ranks = subprocess.run([sys.executable, "bench.py", *layer, "--nproc", "2", "--topology", "2x1", "--cpu"],
+                           capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.abspath(bench.__file__)))
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stderr.count("timing round (1 untimed, then 2) 1/3\n") == 1, ranks.stderr
+    assert ranks.stderr.count("3/3 done") == 1, ranks.stderr
+    trace = str(tmp_path / "t.npz")
+    _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--trace", trace], tmp_path, "run")
+    for args, label, n in ((["solver", "--repeats", "1", "--max-expanded", "0"], "solving case", 7),
+                           (["layouts", "--trace", trace, "--topology", "2x2"], "scoring step", 5),
+                           (["simulate", "--trace", trace, "--topology", "2x2"], "replaying step", 6)):
+        res = CliRunner().invoke(bench.cli, args)
+        assert res.exit_code == 0, res.output
+        lines = res.stderr.splitlines()
+        assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
+
+
 def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
     r = _run(["train", *TINY, "--virtual-world", "4", "--eval-batches", "0"], tmp_path, "noval")
     assert r["runs"]["netmoe"]["val_loss"] is None and len(r["runs"]["netmoe"]["loss"]) == 6
