@@ -86,15 +86,20 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
                 / (2 * layers))
 
 
-@cli.command()
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
-@click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
-@click.option("--inter-bw", type=POSITIVE, default=100e9, show_default=True)
-@click.option("--dtype", type=DTYPE, default=None, help="rows on the wire  [default: the trace's, float32 if it does not say]")
-@click.option("--bytes-per-token", type=COUNT, default=None,
-              help="bytes of a row on the wire  [default: what the exchange sends at --dtype]")
-@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
+@cli.command(short_help="Replay Algorithm 1 on a routing trace: volumes and Eq. 1 times per placement.")
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a routing trace (train --trace writes one)")
+@click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
+@click.option("--intra-bw", type=POSITIVE, default=train_gpt.shown_value(400e9), show_default=True,
+              help="bytes/s inside a node, for Eq. 1 (paper Table 2)")
+@click.option("--inter-bw", type=POSITIVE, default=train_gpt.shown_value(100e9), show_default=True,
+              help="bytes/s between nodes, for Eq. 1")
+@click.option("--dtype", type=DTYPE, default=None, show_default="the trace's; float32 if it does not say",
+              help="rows on the wire")
+@click.option("--bytes-per-token", type=COUNT, default=None, show_default="what the exchange sends at --dtype",
+              help="bytes of a row on the wire")
+@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, show_default="none: no iteration time",
+              help="per-iteration compute, for an estimate of the iteration time")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
@@ -222,7 +227,7 @@ SUMMARIES = {   # kind: (what the table shows, its columns)
 }
 
 
-@cli.command(short_help="one table per kind of record over train, compare and bench JSON files")
+@cli.command(short_help="One table per kind of record over train, compare and bench JSON files.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--skip-steps", type=NONNEG, default=None, show_default="what each run used",
               help="start-up steps left out of a run's means")
@@ -335,20 +340,20 @@ def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
 
 
 
-@cli.command()
+@cli.command(short_help="A PNG beside each result JSON (needs matplotlib).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False),
                 callback=lambda ctx, param, files: _pngs_writable(files))
 @click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
 def plot(files, smooth):
     """PNG beside each result JSON: solver time vs I (bench solver), measured vs modelled
     All-to-All (bench a2a), inter-node tokens per step over training (train / compare), or per
-    placement and stage of training (simulate). Needs matplotlib (pip install matplotlib)."""
+    placement and stage of training (simulate). Needs matplotlib (pip install -e ".[plot]")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
+        raise click.ClickException('plot needs matplotlib: pip install -e ".[plot]"') from None
     skipped = []
     for path in files:
         try:
@@ -402,7 +407,8 @@ def plot(files, smooth):
             plt.close(fig)
             skipped.append(path)
             continue
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:   # a run shorter than --smooth draws no line
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = os.path.splitext(path)[0] + ".png"
@@ -438,15 +444,19 @@ def _run_bench(worker, o, virtual_world=None):
     devices = virtual_world or o["nproc"]
     o["topology"] = o["topology"] or netmoe.Topology(1, devices)
     if o["topology"].world != devices:
-        raise click.UsageError(f"topology {o['topology']} does not have {devices} devices "
-                               f"({'--virtual-world' if virtual_world else '--nproc'})")
+        flag = "--virtual-world" if virtual_world else "--nproc"
+        fix = (f"start {o['topology'].world} processes with torchrun" if "RANK" in os.environ else
+               f"pass {flag} {o['topology'].world}")
+        raise click.UsageError(f"topology {o['topology']} does not have {devices} devices ({flag}): {fix}, "
+                               f"or give a topology of {devices} device{'s' * (devices > 1)}")
     with one_line_errors():
         o["cpu"] = train_gpt.on_cpu(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
-@cli.command("solver")
-@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@cli.command("solver", short_help="Algorithm 1's Solve against KM and scipy (paper Table 4).")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
+              help="solves timed per case (a tenth for the large I x I baselines)")
 @click.option("--max-expanded", type=click.IntRange(min=0), default=1024, show_default=True,
               help="largest I for the I x I baselines")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
@@ -456,8 +466,8 @@ def solver_cmd(repeats, max_expanded, json_path):
     _write_json(json_path, bench_solver(repeats, max_expanded, click.echo))
 
 
-@cli.command("kernels")
-@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@cli.command("kernels", short_help="kernels.cu against the torch code it replaces (CUDA).")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="timed runs per kernel")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def kernels_cmd(repeats, json_path):
     """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
@@ -650,19 +660,22 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
     dist.destroy_process_group()
 
 
-@cli.command("a2a", short_help="the cost model (Eq. 1) against timed All-to-Alls")
+@cli.command("a2a", short_help="The cost model (Eq. 1) against timed All-to-Alls.")
 @click.option("--nproc", type=click.IntRange(min=2), default=4, show_default=True, help="GPUs (or CPU processes) to spawn")
-@click.option("--topology", type=TOPOLOGY, default=None, help="NxG virtual nodes; default 1xNPROC")
+@click.option("--topology", type=TOPOLOGY, default=None, help="N virtual nodes of G devices",
+              show_default="1xNPROC; under torchrun, its nodes x local ranks")
 @click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="row width (MoE-GPT-S: 768)")
 @click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True, help="row dtype")
 @click.option("--tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="rows each device sends in a test case")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J for the NetMoE cases")
 @click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
-@click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True,
+              help="traffic matrices to time, skewed and NetMoE's in turn")
 @click.option("--warmup-repeats", type=click.IntRange(min=0), default=3, show_default=True,
               help="untimed repeats first (allocator, caches, clocks)")
-@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="timed All-to-Alls per matrix (the median counts)")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="of the traffic matrices")
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def bench_a2a_cmd(json_path, **o):
@@ -760,22 +773,26 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             json.dump(per_rank, f)
 
 
-@cli.command("layer")
+@cli.command("layer", short_help="One MoE layer forward + backward: static vs NetMoE.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs (or CPU processes) to spawn")
 @click.option("--virtual-world", type=click.IntRange(min=1), default=None,
               help="one process doing all J devices' work (needs --nproc 1)")
-@click.option("--topology", type=TOPOLOGY, default=None, help="NxG; default 1xJ")
-@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="MoE-GPT-S: 768")
-@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J")
-@click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
-@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True)
-@click.option("--dtype", type=DTYPE, default=None,
-              help="the residual stream and the rows sent  [default: bfloat16 on GPUs, float32 on the CPU]")
+@click.option("--topology", type=TOPOLOGY, default=None, help="N virtual nodes of G devices",
+              show_default="1xJ; under torchrun, its nodes x local ranks")
+@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="H (MoE-GPT-S: 768)")
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="tokens per sample, S")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="samples per device, I/J")
+@click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True,
+              help="experts per device, E/J")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="experts per token, K")
+@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
+              help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
+@click.option("--dtype", type=DTYPE, default=None, show_default="bfloat16 on GPUs, float32 on the CPU",
+              help="the residual stream and the rows sent")
 @click.option("--warmup-repeats", type=click.IntRange(min=0), default=5, show_default=True,
               help="untimed repeats first (allocator, caches, clocks)")
-@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
+              help="timed rounds of every variant (the median counts)")
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layer_cmd(json_path, virtual_world, **o):
@@ -801,9 +818,10 @@ def layer_cmd(json_path, virtual_world, **o):
 
 
 
-@cli.command("layouts")
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
+@cli.command("layouts", short_help="How far a shared expert layout goes on a trace, per exchange.")
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a routing trace (train --trace writes one)")
+@click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
 @click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layouts_cmd(trace, topology, from_step, json_path):

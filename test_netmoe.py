@@ -1749,6 +1749,9 @@ def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
 BAD_LINES = [
     (["train", "--preset", "huge"], "'huge' is not one of"),
     (["train", "--nproc", "4", "--topology", "2x4"], "topology 2x4 has 8 devices"),
+    (["train", "--topology", "2x2"], "pass --nproc 4 or --virtual-world 4"),
+    (["train", "--virtual-world", "4", "--topology", "2x4"], "pass --virtual-world 8"),
+    (["layer", "--nproc", "2", "--topology", "2x2"], "pass --nproc 4"),
     (["train", "--data", "/nonexistent/file.txt"], "does not exist"),
     (["train", "--virtual-world", "4", "--topology", "4x2"], "topology 4x2 has 8 devices"),
     (["train", "--resume"], "--resume needs --ckpt"),
@@ -1896,6 +1899,57 @@ def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_pat
         assert res.exit_code == 0, res.output
         lines = res.stderr.splitlines()
         assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
+
+
+def _help_lines(cli, args):
+    """What --help says of each option of command args[0], one line each: "--opt METAVAR help"."""
+    cmd = cli.commands[args[0]]
+    ctx = click.Context(cmd, info_name=args[0])
+    return {p.opts[0]: " ".join(p.get_help_record(ctx)) for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden}
+
+
+def test_help_says_what_every_command_and_option_does_and_its_default():
+    """The command list gives each command's whole one-line help; every option has help and
+    shows its default; the same thing reads the same in every command."""
+    for cli in (train_gpt.cli, bench.cli):
+        listing = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+        for name, cmd in cli.commands.items():
+            short = cmd.get_short_help_str()
+            assert f"{name} {short}" in listing and not short.endswith("...") and short.endswith("."), (name, short)
+            ctx = click.Context(cmd, info_name=name)
+            for p in cmd.params:
+                if not isinstance(p, click.Option) or p.hidden:
+                    continue
+                assert p.help, (name, p.opts)
+                plain_flag = p.is_flag and not p.secondary_opts   # off unless given
+                if p.default is not None and not plain_flag and not p.required:
+                    assert "default:" in p.get_help_record(ctx)[1], (name, p.opts)
+    train, simulate = _help_lines(train_gpt.cli, ["train"]), _help_lines(bench.cli, ["simulate"])
+    for opt in ("--batch", "--seq-len", "--n-layer", "--top-k", "--experts-per-device"):
+        assert "[default: (the preset's)" in train[opt], train[opt]
+    assert "1xJ; under torchrun, its nodes x local ranks" in train["--topology"]
+    for lines in (train, simulate, _help_lines(bench.cli, ["layer"]), _help_lines(bench.cli, ["a2a"])):
+        assert lines["--topology"].split()[1] == "NxG"
+    for lines in (train, simulate):
+        assert "[default: 400e9" in lines["--intra-bw"] and "[default: 100e9" in lines["--inter-bw"]
+    assert train["--trace"].split()[1] == simulate["--trace"].split()[1] == "FILE"
+    for name in ("layer", "a2a"):   # untimed benchmark repeats are not train's learning-rate warm-up
+        opts = _help_lines(bench.cli, [name])
+        assert "--warmup-repeats" in opts and not [o for o in opts if o in ("--warmup", "--warmup-steps")]
+
+
+def test_plot_names_the_install_the_readme_gives_and_the_test_extra_brings_matplotlib(tmp_path, monkeypatch):
+    record = tmp_path / "r.json"
+    record.write_text("{}")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    res = CliRunner().invoke(bench.cli, ["plot", str(record)])
+    assert res.exit_code == 1 and 'pip install -e ".[plot]"' in res.output, res.output
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "README.md")).read()
+    assert 'pip install -e ".[plot]"' in readme
+    setup = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "setup.py")).read()
+    extras = eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
+    assert "matplotlib" in extras["test"]
 
 
 def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):

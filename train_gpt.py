@@ -163,6 +163,9 @@ def make_optimizer(model, lr):
 class TopologyType(click.ParamType):
     name = "NxG"
 
+    def get_metavar(self, param, ctx=None):   # click would print the name upper-cased: NXG
+        return self.name
+
     def convert(self, value, param, ctx):
         try:
             return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
@@ -223,48 +226,55 @@ DTYPE = click.Choice(["float32", "bfloat16"])
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
 
-def _opt(default, type=None, help=None, flag=None, hidden=False):
-    """A TrainConfig field that is also a command-line option (job_options builds them)."""
-    return dataclasses.field(default=default, metadata=dict(type=type, help=help, flag=flag, hidden=hidden))
+def _opt(default, type=None, help=None, flag=None, hidden=False, shown=None):
+    """A TrainConfig field that is also a command-line option (job_options builds them); shown:
+    what --help gives as the default where it is not a plain value (None means "the preset's")."""
+    return dataclasses.field(default=default,
+                             metadata=dict(type=type, help=help, flag=flag, hidden=hidden, shown=shown))
+
+
+PRESET_S = "the preset's"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """What a training job is told; every field but `placements` is a command-line option."""
     preset: str = _opt("tiny", click.Choice(list(PRESETS)), "model size")
-    steps: int = _opt(30, NONNEG)
+    steps: int = _opt(30, NONNEG, "optimizer steps in all (a resumed run counts the saved ones)")
     skip_steps: int = _opt(5, NONNEG, "start-up steps left out of the means")
     nproc: int = _opt(1, COUNT, "local processes to spawn (under torchrun, its world)")
-    topology: netmoe.Topology = _opt(None, TOPOLOGY, "NxG virtual nodes, e.g. 2x2 (default: from torchrun)")
+    topology: netmoe.Topology = _opt(None, TOPOLOGY, "N virtual nodes of G devices, e.g. 2x2",
+                                     shown="1xJ; under torchrun, its nodes x local ranks")
     virtual_world: int = _opt(None, COUNT, "one process playing J devices (the reference model)")
-    data: str = _opt(None, None, "text file or nanoGPT uint16 .bin (default: bundled corpus)")
-    batch: int = _opt(None, COUNT, "samples per device, I/J (default: the preset's)")
-    seq_len: int = _opt(None, COUNT)
-    n_layer: int = _opt(None, COUNT)
-    experts_per_device: int = _opt(None, COUNT, "E/J")
-    top_k: int = _opt(None, COUNT)
+    data: str = _opt(None, click.Path(dir_okay=False), "text file or nanoGPT uint16 .bin", shown="the bundled corpus")
+    batch: int = _opt(None, COUNT, "samples per device, I/J", shown=PRESET_S)
+    seq_len: int = _opt(None, COUNT, "tokens per sample, S", shown=PRESET_S)
+    n_layer: int = _opt(None, COUNT, "transformer blocks, each with an MoE layer", shown=PRESET_S)
+    experts_per_device: int = _opt(None, COUNT, "experts per device, E/J", shown=PRESET_S)
+    top_k: int = _opt(None, COUNT, "experts per token, K", shown=PRESET_S)
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
-    lr: float = _opt(1e-3, POSITIVE)
+    lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
     # the cosine's length is part of a checkpoint's identity: a run cut short resumes on its schedule
-    decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule (default: --steps)")
-    seed: int = _opt(0, NONNEG)
+    decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule",
+                            shown="--steps; with --resume, the saved schedule's")
+    seed: int = _opt(0, NONNEG, "of the weights and the batches")
     eval_batches: int = _opt(2, NONNEG, "validation batches (0: none)")
-    log_every: int = _opt(10, COUNT)
+    log_every: int = _opt(10, COUNT, "a line every N steps")
     json: str = _opt(None, JSON_OUT, "write the per-step record here")
     trace: str = _opt(None, TRACE_OUT, "record routing to this .npz (for simulate)")
-    trace_every: int = _opt(1, COUNT)
-    ckpt: str = _opt(None, CKPT_DIR, "checkpoint directory")
-    ckpt_every: int = _opt(100, COUNT)
+    trace_every: int = _opt(1, COUNT, "record the routing of every N-th step")
+    ckpt: str = _opt(None, CKPT_DIR, "checkpoint directory (a folder per placement inside)")
+    ckpt_every: int = _opt(100, COUNT, "save every N steps (and after the last, and on Ctrl-C)")
     resume: bool = _opt(False, None, "continue from the newest checkpoint in --ckpt", "--resume")
     relayout_every: int = _opt(0, NONNEG, "every T steps regroup experts by co-activation where it pays (0: never)")
     relayout_always: bool = _opt(False, None, "tests: apply every re-layout plan", "--relayout-always", hidden=True)
     intra_bw: float = _opt(400e9, POSITIVE, "bytes/s inside a node, for Eq. 1 (paper Table 2)")
     inter_bw: float = _opt(100e9, POSITIVE, "bytes/s between nodes, for Eq. 1")
-    dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All "
-                      "sends; weights and AdamW state stay float32 (default: bfloat16 on GPUs, float32 on the CPU)")
+    dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All sends; weights and AdamW "
+                      "state stay float32", shown="bfloat16 on GPUs, float32 on the CPU")
     cpu: bool = _opt(False, None, "stay on the CPU even where CUDA is present", "--cpu")
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
@@ -942,7 +952,7 @@ def resolve(cfg):
                f"pass --nproc {topo.world} or --virtual-world {topo.world}")
         raise click.UsageError(f"topology {topo} has {topo.world} devices but the job has J={J} "
                                f"({'--virtual-world' if cfg.virtual_world else 'processes'}): {fix}, "
-                               f"or give a topology of {J} devices")
+                               f"or give a topology of {J} device{'s' * (J > 1)}")
     if mcfg.top_k > mcfg.experts_per_device * J:
         raise click.UsageError(f"top-k {mcfg.top_k} exceeds the E={mcfg.experts_per_device * J} experts: "
                                f"lower --top-k or raise --experts-per-device")
@@ -1026,9 +1036,19 @@ def job_options(f):
             m = fld.metadata
             decl = [m["flag"]] if m["flag"] else ["--" + fld.name.replace("_", "-")]
             kind = dict(is_flag=True) if m["flag"] and "/" not in m["flag"] else dict(type=m["type"])
-            f = click.option(*decl, fld.name, default=fld.default, show_default=fld.default is not None,
-                             help=m["help"], hidden=m["hidden"], **kind)(f)
+            f = click.option(*decl, fld.name, default=shown_value(fld.default),
+                             show_default=m["shown"] or fld.default is not None, help=m["help"], hidden=m["hidden"],
+                             **kind)(f)
     return f
+
+
+def shown_value(value):
+    """A default as --help should show it: bandwidths as 400e9, not 400000000000.0 (the option
+    type reads either back to the same float)."""
+    if isinstance(value, float) and value >= 1e4:
+        e = 3 * int(math.log10(value) // 3)
+        return f"{value / 10 ** e:g}e{e}"
+    return value
 
 
 INTERRUPTED = 130   # the shell's exit status for Ctrl-C
@@ -1055,15 +1075,16 @@ def cli(ctx):
         ctx.invoke(compare, nproc=4, topology=netmoe.Topology(2, 2), cpu=True, steps=100, log_every=25)
 
 
-@cli.command("train")
-@click.option("--placement", type=click.Choice(["netmoe", "static"]), default="netmoe", show_default=True)
+@cli.command("train", short_help="Train one placement (NetMoE or static EP).")
+@click.option("--placement", type=click.Choice(["netmoe", "static"]), default="netmoe", show_default=True,
+              help="NetMoE's sample placement, or static expert parallelism")
 @job_options
 def train_cmd(placement, **kw):
     """Train one placement."""
     launch(TrainConfig(placements=(placement,), **kw))
 
 
-@cli.command()
+@cli.command(short_help="Static EP, then NetMoE: same seed, same data, one table side by side.")
 @job_options
 def compare(**kw):
     """Static EP, then NetMoE: same seed, same data, one table side by side."""
