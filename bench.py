@@ -837,7 +837,8 @@ def layouts_cmd(trace, topology, from_step, json_path):
     recorded = t["steps"] if "steps" in t else np.arange(steps)
     late = [s for s in range(steps) if recorded[s] >= from_step and s >= 1]
     if not late:
-        raise click.UsageError(f"no recorded step from {from_step} on, after the first")
+        raise click.UsageError(f"no recorded step from {from_step} on, after the first: the trace holds steps "
+                               f"{recorded[0]}-{recorded[-1]}; lower --from-step")
     num = lambda r: netmoe.count_tokens(r, E).numpy()
     learn = lambda rows: netmoe.expert_layout([np.concatenate([num(route[s, l][r]) for s, r in rows])
                                                for l in range(L)], topology)

@@ -324,7 +324,8 @@ class Corpus:
         else:
             self.vocab = self.vocab_of(path)
             if path.endswith(".bin") and os.path.getsize(path) % 2:
-                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file")
+                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file "
+                                           f"(a text file must not end in .bin)")
             data = np.memmap(path, dtype=np.uint16, mode="r") if path.endswith(".bin") else np.fromfile(path, np.uint8)
             cut = int(len(data) * 0.9)
             split = {"train": [data[:cut]], "val": [data[cut:]]}
@@ -333,7 +334,8 @@ class Corpus:
         for name, docs in split.items():
             docs = [d for d in docs if len(d) > seq_len + 1]
             if not docs:
-                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens")
+                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens: "
+                                           f"lower --seq-len or give more text")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
         self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
@@ -628,8 +630,12 @@ def load_checkpoint(root, identity, env, saved_schedule=False):
                     ", or start over with another --ckpt")
     except FileNotFoundError as e:
         error = f"checkpoint in {root} is incomplete ({e.filename} missing)"
-    except Exception as e:
-        error = f"checkpoint in {root} is unreadable (corrupt or truncated?): {str(e).strip().splitlines()[0]}"
+    except Exception as e:   # torch's first sentence; the rest of it advises unsafe loading
+        error = (f"checkpoint in {root} is unreadable (corrupt or truncated?): "
+                 f"{re.split(r'(?<=[.:]) ', str(e).strip().splitlines()[0])[0].rstrip('.:')}")
+    if error and not error.startswith(f"checkpoint in {root} was written"):
+        error += (f"; to resume from an older step kept there, write its folder's name into {root}/latest, "
+                  f"or start over with another --ckpt")
     failed = [(r, e) for r, e in enumerate(env.gather(error)) if e]
     if failed:
         raise click.ClickException(failed[0][1] + (f" (on rank {failed[0][0]})" if env.world > 1 else ""))
