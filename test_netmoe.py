@@ -1598,17 +1598,20 @@ CTRL_C_JOB = ["train", "--preset", "tiny", "--seq-len", "16", "--steps", "100000
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")
-@pytest.mark.parametrize("to", ["group", "launcher"])
-def test_ctrl_c_while_ranks_start_stops_every_rank_and_exits_130(tmp_path, to):
-    """Ctrl-C as soon as the ranks exist (they are still importing): every rank stops before
-    training, nothing is saved, no process prints click's "Aborted!" or a traceback, and the
-    exit status says interrupted."""
+@pytest.mark.parametrize("job, after, to", [
+    (CTRL_C_JOB, None, "group"), (CTRL_C_JOB, None, "launcher"),   # 2 ranks, still importing
+    (["train", "--preset", "s", "--n-layer", "1", "--seq-len", "32", "--virtual-world", "4", "--cpu"],
+     "(virtual, one process)", "group")],   # one process, building its model (about a second)
+    ids=["ranks starting, terminal", "ranks starting, kill the launcher", "model being built"])
+def test_ctrl_c_during_start_up_stops_every_rank_and_exits_130(tmp_path, job, after, to):
+    """Ctrl-C before training: every rank stops without training a step, nothing is saved, no
+    process prints click's "Aborted!" or a traceback, and the exit status says interrupted."""
     ck = tmp_path / "ck"
-    code, out, ranks = _ctrl_c([*CTRL_C_JOB, "--ckpt", str(ck)], to=to)
-    assert code == 130 and "interrupted" in out, out
+    code, out, ranks = _ctrl_c([*job, "--ckpt", str(ck)], after, to)
+    assert code == 130 and "interrupted (Ctrl-C)" in out, out
     assert "Aborted" not in out and "Traceback" not in out and "loss" not in out, out
-    assert len(ranks) == 2 and not any(os.path.exists(f"/proc/{r}") for r in ranks)
-    assert not (ck / "netmoe" / "latest").exists()
+    assert len(ranks) == (0 if after else 2) and not any(os.path.exists(f"/proc/{r}") for r in ranks)
+    assert not ck.exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")

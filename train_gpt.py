@@ -745,6 +745,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     for m in model.moe:
         m.record = bool(tracing)
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
+    # Ctrl-C while the model was built is still start-up: every rank stops before a step is trained
+    if env.all_reduce(torch.tensor(float(_STOP[0]), dtype=torch.float64, device=env.device)).item():
+        raise KeyboardInterrupt
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
