@@ -2,6 +2,7 @@
 
 Distributed tests spawn gloo processes on the CPU; GPU tests (NCCL, kernels) skip without CUDA.
 """
+import ast
 import importlib.util
 import dataclasses
 import itertools
@@ -1951,7 +1952,7 @@ def test_plot_names_the_install_the_readme_gives_and_the_test_extra_brings_matpl
     readme = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "README.md")).read()
     assert 'pip install -e ".[plot]"' in readme
     setup = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "setup.py")).read()
-    extras = eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
+    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
     assert "matplotlib" in extras["test"]
 
 
