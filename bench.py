@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import netmoe
 import train_gpt
-from train_gpt import COUNT, DTYPE, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
+from train_gpt import COUNT, DTYPE, JSON_OUT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
 
 
 def _write_json(path, obj):
@@ -34,7 +34,21 @@ def _write_json(path, obj):
         train_gpt.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
 
 
-@click.group()
+def progress(items, label, show=True, every_s=2.0):
+    """items, one by one, saying on stderr how far it got: at the first, then at most once every
+    `every_s` seconds, and at the end; a long benchmark is never silent for long and a short
+    one not noisy. show: on rank 0 only, so the ranks do not repeat each other."""
+    items, last = list(items), None
+    for i, item in enumerate(items):
+        if show and (last is None or time.perf_counter() - last >= every_s):
+            click.echo(f"{label} {i + 1}/{len(items)}", err=True)
+            last = time.perf_counter()
+        yield item
+    if show:
+        click.echo(f"{label} {len(items)}/{len(items)} done", err=True)
+
+
+@click.group(cls=train_gpt.Cli)
 def cli():
     """Benchmarks, replays and reports: solver (CPU; the window on GPU), kernels (CUDA), layer and
     a2a (GPUs or CPU processes), layouts and simulate (replays of a routing trace), summary, plot."""
@@ -72,20 +86,25 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
                 / (2 * layers))
 
 
-@cli.command()
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
-@click.option("--intra-bw", type=POSITIVE, default=400e9, show_default=True)
-@click.option("--inter-bw", type=POSITIVE, default=100e9, show_default=True)
-@click.option("--dtype", type=DTYPE, default=None, help="rows on the wire  [default: the trace's, float32 if it does not say]")
-@click.option("--bytes-per-token", type=COUNT, default=None,
-              help="bytes of a row on the wire  [default: what the exchange sends at --dtype]")
-@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, help="per-iteration compute, for an estimate")
+@cli.command(short_help="Replay Algorithm 1 on a routing trace: volumes and Eq. 1 times per placement.")
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a routing trace (train --trace writes one)")
+@click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
+@click.option("--intra-bw", type=POSITIVE, default=train_gpt.shown_value(400e9), show_default=True,
+              help="bytes/s inside a node, for Eq. 1 (paper Table 2)")
+@click.option("--inter-bw", type=POSITIVE, default=train_gpt.shown_value(100e9), show_default=True,
+              help="bytes/s between nodes, for Eq. 1")
+@click.option("--dtype", type=DTYPE, default=None, show_default="the trace's; float32 if it does not say",
+              help="rows on the wire")
+@click.option("--bytes-per-token", type=COUNT, default=None, show_default="what the exchange sends at --dtype",
+              help="bytes of a row on the wire")
+@click.option("--compute-ms", type=click.FloatRange(min=0), default=None, show_default="none: no iteration time",
+              help="per-iteration compute, for an estimate of the iteration time")
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
@@ -99,7 +118,8 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
     try:
-        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange)
+        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange,
+                                              each=lambda steps: progress(steps, "replaying step"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
@@ -134,31 +154,103 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                                 dtype=dtype, bytes_per_token=np.asarray(bpt).tolist(), results=res))
 
 
-@cli.command()
+def _change(new, base):
+    return f"{(new / base - 1) * 100:+.1f}%" if base else "-"
+
+
+def _run_rows(name, res, skip):
+    """train / compare: static vs NetMoE side by side, or a single placement's own numbers."""
+    c = res["config"]
+    skip = c.get("skip_steps", c.get("warmup", 0)) if skip is None else skip
+    runs = {p: train_gpt.summarize(r, skip, c.get("device_name", "")) for p, r in res["runs"].items()}
+    model = f"H={c['hidden']} L={c['n_layer']}"
+    if set(runs) == {"static", "netmoe"}:
+        s, n = runs["static"], runs["netmoe"]
+        return "compare", [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
+                            f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
+                            _change(n["intra"], s["intra"]), n["solver_exposed_ms"],
+                            f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
+    return "train", [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
+                      r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
+                     for p, r in runs.items()]
+
+
+def _bench_rows(name, res, skip):
+    """The benchmarks' records: a few numbers that say what each measured."""
+    if isinstance(res, list) and "capacitated_ms" in res[0]:
+        return "solver", [[name, r["topology"], r["I"], r["capacitated_ms"], r.get("km_ms"), r.get("scipy_ms"),
+                           r["same_optimum"]] for r in res]
+    if isinstance(res, list) and "cuda_ms" in res[0]:
+        return "kernels", [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]] for r in res]
+    if {"median", "per_rank"} <= set(res):
+        o, base = res["options"], res["median"]["static"]["ms"]
+        return "layer", [[name, f"H={o['hidden']} S={o['seq_len']} on {o['topology']}", o["exchange"], v, m["ms"],
+                          _change(m["ms"], base), m["a2a_ms"], m["exposed_ms"]] for v, m in res["median"].items()]
+    if {"fit", "cases"} <= set(res):
+        err = [abs(c["model_ms"] / c["measured_ms"] - 1) * 100 for c in res["cases"]]
+        fit = lambda tier, k: res["fit"].get(tier, {}).get(k)
+        gbs = lambda tier: fit(tier, "bw") / 1e9 if fit(tier, "bw") not in (None, float("inf")) else None
+        return "a2a", [[name, res["options"]["topology"], fit("intra", "alpha_ms"), gbs("intra"), fit("inter", "alpha_ms"),
+                        gbs("inter"), len(err), f"{np.median(err):.1f}%", f"{np.percentile(err, 90):.1f}%"]]
+    if "from_step" in res:
+        base = lambda key: res["results"]["expert: half batch: static" if "half batch" in key else "expert: static"]
+        return "layouts", [[name, res["topology"], key, r["inter"], _change(r["inter"], base(key)["inter"]), r["a2a_ms"]]
+                           for key, r in res["results"].items()]
+    if "exchange" in res:
+        placements = {k: r for k, r in res["results"].items() if k != "by_stage"}
+        return "simulate", [[name, res["topology"], res["exchange"], p, r["inter"],
+                             _change(r["inter"], placements["static"]["inter"]), r["intra"], r["a2a_ms"]]
+                            for p, r in placements.items()]
+    return None, None
+
+
+SUMMARIES = {   # kind: (what the table shows, its columns)
+    "compare": ("train_gpt.py compare: static vs NetMoE, means after the start-up steps",
+                ["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup", "static A2A ms",
+                 "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms", "|loss diff|"]),
+    "train": ("train_gpt.py train: one placement, means after the start-up steps",
+              ["run", "model", "topology", "placement", "steps", "iter ms", "tokens / s", "A2A ms", "A2A ms (Eq. 1)",
+               "inter tokens", "intra tokens", "solver exposed ms", "final loss", "val loss"]),
+    "solver": ("bench.py solver: median ms of the two-stage Solve",
+               ["run", "topology", "I", "capacitated ms", "KM ms", "scipy ms", "same optimum"]),
+    "kernels": ("bench.py kernels: kernels.cu against the torch code it replaces",
+                ["run", "kernel", "shape", "torch ms", "CUDA ms", "speedup"]),
+    "layer": ("bench.py layer: one MoE layer, forward + backward, median ms",
+              ["run", "layer", "exchange", "variant", "fwd+bwd ms", "vs static", "A2A ms", "solver exposed ms"]),
+    "a2a": ("bench.py a2a: Eq. 1 fitted per tier, and its error on the timed All-to-Alls",
+            ["run", "topology", "intra alpha ms", "intra GB/s", "inter alpha ms", "inter GB/s", "matrices",
+             "median |error|", "p90 |error|"]),
+    "layouts": ("bench.py layouts: inter-node rows per step against static EP with the expert exchange",
+                ["run", "topology", "exchange: placement", "inter", "vs static expert", "A2A ms (Eq. 1)"]),
+    "simulate": ("bench.py simulate: replayed rows per iteration",
+                 ["run", "topology", "exchange", "placement", "inter", "vs static", "intra", "A2A ms (Eq. 1)"]),
+}
+
+
+@cli.command(short_help="One table per kind of record over train, compare and bench JSON files.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--skip-steps", type=NONNEG, default=None, help="default: what each run used")
+@click.option("--skip-steps", type=NONNEG, default=None, show_default="what each run used",
+              help="start-up steps left out of a run's means")
 def summary(files, skip_steps):
-    """One table over `compare --json` files: static vs NetMoE per run."""
-    rows = []
+    """One table per kind of record: train and compare --json (static vs NetMoE side by side, or
+    one placement's own numbers), and the --json of bench.py solver, kernels, layer, a2a, layouts
+    and simulate (a short summary of each)."""
+    tables = {}
     for path in files:
         try:
             with open(path) as f:
                 res = json.load(f)
-            c, runs = res["config"], res["runs"]
-            skip = c.get("skip_steps", c.get("warmup", 0)) if skip_steps is None else skip_steps
-            s, n = (train_gpt.summarize(runs[p], skip, c.get("device_name", "")) for p in ("static", "netmoe"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise click.ClickException(f"{path} is not a `compare --json` record ({type(e).__name__}: {e})") from None
-        rows.append([os.path.basename(path), f"H={c['hidden']} L={c['n_layer']}", c["topology"], s["measured"],
-                     s["iter_ms"], n["iter_ms"], f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"],
-                     f"{(n['inter'] / s['inter'] - 1) * 100:+.1f}%" if s["inter"] else "-",
-                     f"{(n['intra'] / s['intra'] - 1) * 100:+.1f}%" if s["intra"] else "-",
-                     n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"])
-    click.echo(table(["run", "model", "topology", "steps", "static iter ms", "netmoe iter ms", "speedup",
-                      "static A2A ms", "netmoe A2A ms", "inter tokens", "intra tokens", "solver exposed ms",
-                      "|loss diff|"], rows))
-
-
+            read = _run_rows if isinstance(res, dict) and "runs" in res else _bench_rows
+            kind, rows = read(os.path.basename(path), res, skip_steps)
+            why = "" if kind else "its fields match none of them"
+        except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            raise click.ClickException(f"{path} is not a record summary reads ({why}); it reads train / compare "
+                                       f"--json and the --json of bench.py solver, kernels, layer, a2a, layouts "
+                                       f"and simulate")
+        tables.setdefault(kind, []).extend(rows)
+    click.echo("\n\n".join(f"{SUMMARIES[k][0]}\n{table(SUMMARIES[k][1], rows)}" for k, rows in tables.items()))
 
 
 def routed_num(rng, I, E, S=1024, K=2, concentration=0.3):
@@ -178,7 +270,7 @@ def bench_solver(repeats, max_expanded, echo):
     rows, results = [], []
     paper = {32: 0.08, 64: 0.48, 128: 1.48, 256: 10.82, 384: 31.09}   # Table 4, KM ms (J = 16)
     paper_window = {32: 3.69, 64: 7.13, 128: 13.50, 256: 27.31, 384: 41.65}   # Table 4, scatter + compute
-    for spec, I in cases:
+    for spec, I in progress(cases, "solving case"):
         topo = netmoe.Topology.parse(spec)
         E = 2 * topo.world
         num, nxt = routed_num(rng, I, E), routed_num(rng, I, E)
@@ -248,19 +340,20 @@ def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
 
 
 
-@cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@cli.command(short_help="A PNG beside each result JSON (needs matplotlib).")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False),
+                callback=lambda ctx, param, files: _pngs_writable(files))
 @click.option("--smooth", default=10, show_default=True, help="moving average over this many steps")
 def plot(files, smooth):
     """PNG beside each result JSON: solver time vs I (bench solver), measured vs modelled
     All-to-All (bench a2a), inter-node tokens per step over training (train / compare), or per
-    placement and stage of training (simulate). Needs matplotlib (pip install matplotlib)."""
+    placement and stage of training (simulate). Needs matplotlib (pip install -e ".[plot]")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise click.ClickException("plot needs matplotlib: pip install matplotlib") from None
+        raise click.ClickException('plot needs matplotlib: pip install -e ".[plot]"') from None
     skipped = []
     for path in files:
         try:
@@ -314,7 +407,8 @@ def plot(files, smooth):
             plt.close(fig)
             skipped.append(path)
             continue
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:   # a run shorter than --smooth draws no line
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = os.path.splitext(path)[0] + ".png"
@@ -326,6 +420,15 @@ def plot(files, smooth):
         if len(skipped) == len(files):
             raise click.ClickException("nothing to plot")
 
+
+
+def _pngs_writable(files):
+    """plot writes a PNG beside each JSON: each is checked before any is drawn."""
+    for path in files:
+        problem = train_gpt.output_problem(os.path.splitext(path)[0] + ".png", suffix=".png")
+        if problem:
+            raise click.BadParameter(problem, param_hint="FILES")
+    return files
 
 
 def _run_bench(worker, o, virtual_world=None):
@@ -341,27 +444,31 @@ def _run_bench(worker, o, virtual_world=None):
     devices = virtual_world or o["nproc"]
     o["topology"] = o["topology"] or netmoe.Topology(1, devices)
     if o["topology"].world != devices:
-        raise click.UsageError(f"topology {o['topology']} does not have {devices} devices "
-                               f"({'--virtual-world' if virtual_world else '--nproc'})")
+        flag = "--virtual-world" if virtual_world else "--nproc"
+        fix = (f"start {o['topology'].world} processes with torchrun" if "RANK" in os.environ else
+               f"pass {flag} {o['topology'].world}")
+        raise click.UsageError(f"topology {o['topology']} does not have {devices} devices ({flag}): {fix}, "
+                               f"or give a topology of {devices} device{'s' * (devices > 1)}")
     with one_line_errors():
         o["ranks_on"] = train_gpt.rank_devices(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
-@cli.command("solver")
-@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
+@cli.command("solver", short_help="Algorithm 1's Solve against KM and scipy (paper Table 4).")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
+              help="solves timed per case (a tenth for the large I x I baselines)")
 @click.option("--max-expanded", type=click.IntRange(min=0), default=1024, show_default=True,
               help="largest I for the I x I baselines")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def solver_cmd(repeats, max_expanded, json_path):
     """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4)."""
     click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
     _write_json(json_path, bench_solver(repeats, max_expanded, click.echo))
 
 
-@cli.command("kernels")
-@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "json_path", default=None)
+@cli.command("kernels", short_help="kernels.cu against the torch code it replaces (CUDA).")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="timed runs per kernel")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def kernels_cmd(repeats, json_path):
     """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
     if not torch.cuda.is_available():
@@ -505,7 +612,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
         x = torch.full((sum(send), H), float(rank), device=device, dtype=dtype)
         y = torch.empty(sum(recv), H, device=device, dtype=dtype)
         ts = []
-        for it in range(o["warmup"] + o["repeats"]):
+        for it in range(o["warmup_repeats"] + o["repeats"]):
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -517,7 +624,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
         src = torch.repeat_interleave(torch.arange(J, device=device), torch.tensor(recv, device=device))
         if not torch.equal(y[:, 0], src.to(dtype)):   # each row came from the rank the split sizes say
             raise RuntimeError("All-to-All delivered rows from the wrong ranks")
-        ts = torch.tensor(ts[o["warmup"]:], dtype=torch.float64, device=device)
+        ts = torch.tensor(ts[o["warmup_repeats"]:], dtype=torch.float64, device=device)
         dist.all_reduce(ts, op=dist.ReduceOp.MAX)
         return float(ts.median())
 
@@ -527,7 +634,8 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
     for tier, mask in tiers.items():   # Eq. 1 per tier: t = alpha + bytes / v, least squares over sizes
         if not mask.any():
             continue
-        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in o["sizes"]]
+        pts = [(int(mask.sum()) * n * bpt, timed(mask * n)) for n in progress(o["sizes"], f"profiling {tier} size",
+                                                                               rank == 0)]
         slope, alpha = np.polyfit(*zip(*pts), 1)
         fit[tier] = dict(alpha_ms=max(float(alpha), 0.0), bw=1e3 / slope if slope > 0 else float("inf"), points=pts)
     model = netmoe.Topology(topo.nodes, topo.gpus_per_node,
@@ -535,7 +643,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
                                for k, v in (("bw", fit[t]["bw"]), ("lat", fit[t]["alpha_ms"] / 1e3))})
     rng = np.random.default_rng(o["seed"])   # the same matrices on every rank
     cases = []
-    for c in range(o["cases"]):
+    for c in progress(range(o["cases"]), "timing traffic matrix", rank == 0):
         if c % 2 == 0:   # skewed: each device's rows spread by a Dirichlet draw
             T = np.stack([rng.multinomial(o["tokens"], rng.dirichlet(np.full(J, 0.3))) for _ in range(J)])
             kind = "skewed"
@@ -552,20 +660,24 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
     dist.destroy_process_group()
 
 
-@cli.command("a2a", short_help="the cost model (Eq. 1) against timed All-to-Alls")
+@cli.command("a2a", short_help="The cost model (Eq. 1) against timed All-to-Alls.")
 @click.option("--nproc", type=click.IntRange(min=2), default=4, show_default=True, help="GPUs (or CPU processes) to spawn")
-@click.option("--topology", type=TOPOLOGY, default=None, help="NxG virtual nodes; default 1xNPROC")
+@click.option("--topology", type=TOPOLOGY, default=None, help="N virtual nodes of G devices",
+              show_default="1xNPROC; under torchrun, its nodes x local ranks")
 @click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="row width (MoE-GPT-S: 768)")
 @click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True, help="row dtype")
 @click.option("--tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="rows each device sends in a test case")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J for the NetMoE cases")
 @click.option("--sizes", default="64,256,1024,4096,16384", show_default=True, help="rows per pair when profiling")
-@click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--cases", type=click.IntRange(min=1), default=40, show_default=True,
+              help="traffic matrices to time, skewed and NetMoE's in turn")
+@click.option("--warmup-repeats", type=click.IntRange(min=0), default=3, show_default=True,
+              help="untimed repeats first (allocator, caches, clocks)")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
+              help="timed All-to-Alls per matrix (the median counts)")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="of the traffic matrices")
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def bench_a2a_cmd(json_path, **o):
     """Does Eq. 1 predict real All-to-Alls? Profiles alpha and bandwidth per tier (as the paper
     does), then times skewed and NetMoE-produced traffic matrices against the fitted model."""
@@ -624,7 +736,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
             "experts only": lambda: (layers["static"].experts(rows, expert, counts), None, 0.0)}
     times = {n: [] for n in runs}
-    for it in range(o["warmup"] + o["repeats"]):
+    for it in progress(range(o["warmup_repeats"] + o["repeats"]),
+                       f"timing round ({o['warmup_repeats']} untimed, then {o['repeats']})", rank == 0):
         for name, run in runs.items():
             if world > 1:
                 dist.barrier()
@@ -636,10 +749,10 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             (y.float().square().mean() + aux).backward()
             if cuda:
                 torch.cuda.synchronize()
-            if it >= o["warmup"]:
+            if it >= o["warmup_repeats"]:
                 times[name].append((time.perf_counter() - t) * 1e3)
         for layer in layers.values():
-            if it < o["warmup"]:
+            if it < o["warmup_repeats"]:
                 layer.pop_stats()
     # expert FLOPs of forward + backward: 6 per weight per row, two H x 4H matrices, K rows a token
     flops = 6 * B * S * K * 8 * H * H
@@ -660,23 +773,28 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             json.dump(per_rank, f)
 
 
-@cli.command("layer")
+@cli.command("layer", short_help="One MoE layer forward + backward: static vs NetMoE.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs (or CPU processes) to spawn")
 @click.option("--virtual-world", type=click.IntRange(min=1), default=None,
               help="one process doing all J devices' work (needs --nproc 1)")
-@click.option("--topology", type=TOPOLOGY, default=None, help="NxG; default 1xJ")
-@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="MoE-GPT-S: 768")
-@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="I/J")
-@click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True, help="E/J")
-@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True)
-@click.option("--dtype", type=DTYPE, default=None,
-              help="the residual stream and the rows sent  [default: bfloat16 on GPUs, float32 on the CPU]")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--topology", type=TOPOLOGY, default=None, help="N virtual nodes of G devices",
+              show_default="1xJ; under torchrun, its nodes x local ranks")
+@click.option("--hidden", type=click.IntRange(min=1), default=768, show_default=True, help="H (MoE-GPT-S: 768)")
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="tokens per sample, S")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="samples per device, I/J")
+@click.option("--experts-per-device", type=click.IntRange(min=1), default=2, show_default=True,
+              help="experts per device, E/J")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="experts per token, K")
+@click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
+              help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
+@click.option("--dtype", type=DTYPE, default=None, show_default="bfloat16 on GPUs, float32 on the CPU",
+              help="the residual stream and the rows sent")
+@click.option("--warmup-repeats", type=click.IntRange(min=0), default=5, show_default=True,
+              help="untimed repeats first (allocator, caches, clocks)")
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
+              help="timed rounds of every variant (the median counts)")
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layer_cmd(json_path, virtual_world, **o):
     """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
     and the experts' matrix products alone; bf16 autocast on a GPU."""
@@ -700,11 +818,12 @@ def layer_cmd(json_path, virtual_world, **o):
 
 
 
-@cli.command("layouts")
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", required=True, type=TOPOLOGY, help="NxG, e.g. 4x8")
+@cli.command("layouts", short_help="How far a shared expert layout goes on a trace, per exchange.")
+@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a routing trace (train --trace writes one)")
+@click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
 @click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
-@click.option("--json", "json_path", default=None)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layouts_cmd(trace, topology, from_step, json_path):
     """How far a shared expert layout can go on a trace, per exchange: NetMoE with lookahead under
     layouts learned (a) on the 4 recorded steps before (as simulate --layout and live re-layout),
@@ -718,7 +837,8 @@ def layouts_cmd(trace, topology, from_step, json_path):
     recorded = t["steps"] if "steps" in t else np.arange(steps)
     late = [s for s in range(steps) if recorded[s] >= from_step and s >= 1]
     if not late:
-        raise click.UsageError(f"no recorded step from {from_step} on, after the first")
+        raise click.UsageError(f"no recorded step from {from_step} on, after the first: the trace holds steps "
+                               f"{recorded[0]}-{recorded[-1]}; lower --from-step")
     num = lambda r: netmoe.count_tokens(r, E).numpy()
     learn = lambda rows: netmoe.expert_layout([np.concatenate([num(route[s, l][r]) for s, r in rows])
                                                for l in range(L)], topology)
@@ -730,7 +850,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
 
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
-    for s in late:
+    for s in progress(late, "scoring step"):
         before = learn([(q, full) for q in range(max(0, s - 4), s)])
         for exchange in ("expert", "node"):
             for name, st in [("static", score(s, None, exchange, "static")), ("netmoe + lookahead", score(s, None, exchange)),

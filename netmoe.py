@@ -575,13 +575,14 @@ def _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, nc
     return acc
 
 
-def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
+def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", each=iter):
     """MoEStats of every recorded step of a routing trace (train --trace) under each placement:
     ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
     put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
     layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
     (other batches), beside the contiguous layout on the same steps: what re-layout does live
-    from its last 4 batches. exchange: what the All-to-Alls send (and the solver prices)."""
+    from its last 4 batches. exchange: what the All-to-Alls send (and the solver prices).
+    each(steps) iterates over the replayed steps (a caller's progress report)."""
     route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
     E = int(trace["num_experts"])
     steps, L, I = route.shape[:3]
@@ -592,8 +593,8 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
         raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
     nums = [[count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
     first = 1 if layout else 0
-    learned = [None] + [expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
-                                       for l in range(L)], topo) if layout else None for s in range(1, steps)]
+    learned = lambda s: expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
+                                       for l in range(L)], topo)
     variants = {"static": (False, "static", None), "netmoe, no lookahead": (False, "netmoe", None),
                 "netmoe + lookahead": (False, "netmoe", "pred"), "netmoe + oracle next": (False, "netmoe", "oracle")}
     if layout:
@@ -601,10 +602,13 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert"):
                          "netmoe + lookahead + layout": (True, "netmoe", "pred")})
     # the lookahead's routes of layer l + 1: predicted from layer l's input, or the true ones
     nexts = lambda s, kind: list(route[s, 1:]) if kind == "oracle" else list(pred[s, :-1]) if kind == "pred" else None
-    return {name: [replay(nums[s], topo, bytes_per_token, learned[s] if lay else None, None, placement, exchange,
-                          list(route[s]), nexts(s, kind))
-                   for s in range(first, steps)]
-            for name, (lay, placement, kind) in variants.items()}, first
+    out = {name: [] for name in variants}
+    for s in each(range(first, steps)):
+        layouts = learned(s) if layout else None
+        for name, (lay, placement, kind) in variants.items():
+            out[name].append(replay(nums[s], topo, bytes_per_token, layouts if lay else None, None, placement,
+                                    exchange, list(route[s]), nexts(s, kind)))
+    return out, first
 
 
 def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon, exchange="expert", routes=None):

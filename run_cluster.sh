@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's end-to-end experiment (Fig. 6): first the cost-model check (bench.py a2a), then
-# MoE-GPT presets, static EP then NetMoE in one job, 20 start-up + 50 measured iterations, one JSON
-# per preset, then one summary table.
+# MoE-GPT presets, static EP then NetMoE in one job, 20 start-up + 50 measured iterations
+# (SKIP_STEPS=20, STEPS=70), one JSON per preset, then one summary table.
 #
 # The paper's cluster, 4 nodes x 8 GPUs -- run on every node, NODE_RANK = 0, 1, 2, 3:
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 NPROC_PER_NODE=8 ./run_cluster.sh s m l xl
@@ -21,7 +21,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 STEPS=${STEPS:-70}
-WARMUP=${WARMUP:-20}
+SKIP_STEPS=${SKIP_STEPS:-20}
 OUT=${OUT:-results}
 TOPOLOGY=${TOPOLOGY:-${NNODES}x${NPROC_PER_NODE}}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
@@ -44,7 +44,7 @@ fi
 files=()
 for p in "${presets[@]}"; do
     json="$OUT/cluster_${p}_${TOPOLOGY}.json"
-    run train_gpt.py compare --preset "$p" --topology "$TOPOLOGY" --steps "$STEPS" --skip-steps "$WARMUP" \
+    run train_gpt.py compare --preset "$p" --topology "$TOPOLOGY" --steps "$STEPS" --skip-steps "$SKIP_STEPS" \
         --log-every 10 --json "$json" "$@"
     files+=("$json")
 done

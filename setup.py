@@ -13,6 +13,6 @@ setup(
                           compiler_directives={"language_level": 3}),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "click"],
-    # scipy: a test oracle and benchmark baseline only; matplotlib: `bench.py plot` only
-    extras_require={"test": ["pytest", "scipy"], "plot": ["matplotlib"]},
+    # scipy: a test oracle and benchmark baseline only; matplotlib: `bench.py plot` only (its tests too)
+    extras_require={"test": ["pytest", "scipy", "matplotlib"], "plot": ["matplotlib"]},
 )

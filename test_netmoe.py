@@ -2,16 +2,19 @@
 
 Distributed tests spawn gloo processes on the CPU; GPU tests (NCCL, kernels) skip without CUDA.
 """
+import ast
 import importlib.util
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import click
 from click.testing import CliRunner
 
 import bench
@@ -1394,12 +1398,71 @@ def test_resume_reproduces_the_uninterrupted_run(compare_4proc, tmp_path):
 
 
 def test_a_checkpoint_remembers_the_learning_rate_schedule(tmp_path):
+    """A run saved on a 6-step schedule and resumed with --steps 8 continues on that schedule,
+    as the uninterrupted 8-step run on it does; a --decay-steps that differs is refused."""
     ck = str(tmp_path / "ck")
     args = ["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--ckpt", ck]
     _run(_first_half(args), tmp_path, "first")
-    res = CliRunner().invoke(train_gpt.cli, args + ["--steps", "8", "--resume"])
+    res = CliRunner().invoke(train_gpt.cli, args + ["--steps", "8", "--decay-steps", "8", "--resume"])
     assert res.exit_code != 0 and "decay_steps: saved 6, now 8" in res.output, res.output
-    _run(args + ["--steps", "8", "--decay-steps", "6", "--resume"], tmp_path, "longer")   # the same schedule: fine
+    assert "without --decay-steps" in res.output.strip().splitlines()[-1], res.output
+    longer = _run(args + ["--steps", "8", "--resume"], tmp_path, "longer")["runs"]["netmoe"]["loss"]
+    whole = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps", "8", "--decay-steps", "6"],
+                 tmp_path, "whole")["runs"]["netmoe"]["loss"]
+    np.testing.assert_allclose(longer, whole, rtol=1e-6)
+    _run(args + ["--steps", "10", "--decay-steps", "6", "--resume"], tmp_path, "again")   # the same schedule, named
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_into_a_checkpoint_directory_is_refused_and_leaves_it_resumable(tmp_path):
+    """A fresh run would prune the saved run's steps and point `latest` at its own: refused
+    before anything starts, in one line naming --resume and another --ckpt. Pruning keeps the
+    two newest steps, and the directory still resumes."""
+    ck = tmp_path / "ck"
+    args = ["train", *TINY, "--virtual-world", "4", "--ckpt", str(ck), "--ckpt-every", "1"]
+    _run(args + ["--steps", "4"], tmp_path, "first")
+    assert sorted(p.name for p in (ck / "netmoe").iterdir()) == ["latest", "step0000003", "step0000004"]
+    before = _files(ck)
+    for cmd in (["train", "--steps", "2"], ["compare", "--steps", "2"]):   # any of the job's placements
+        res = CliRunner().invoke(train_gpt.cli, cmd + args[1:] + ["--json", str(tmp_path / "x.json")])
+        assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "netmoe at step 4" in res.output and "--resume" in res.output and "another --ckpt" in res.output
+        assert "loss" not in res.output and not (tmp_path / "x.json").exists()
+        assert _files(ck) == before
+    resumed = _run(args + ["--steps", "6", "--resume"], tmp_path, "resumed")["runs"]["netmoe"]
+    assert len(resumed["loss"]) == 6
+
+
+def test_pruning_keeps_the_newest_checkpoints_by_step_number(tmp_path):
+    for step in (5, 9_999_999, 10_000_000, 10_000_001):
+        (tmp_path / f"step{step:07d}").mkdir()
+    train_gpt.prune_checkpoints(str(tmp_path), str(tmp_path / "step10000001"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10000000", "step10000001"]
+    train_gpt.prune_checkpoints(str(tmp_path), str(tmp_path / "step10000000"), keep=1)   # never the one `latest` names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10000000", "step10000001"]
+
+
+def test_resume_with_nothing_to_resume_is_refused_and_a_missing_placement_starts_fresh(tmp_path):
+    """--resume where none of the job's placements has a checkpoint: one line, nothing trained.
+    Where one has and another has not (compare stopped during its static run), the other starts
+    from step 0 and says so."""
+    ck = tmp_path / "ck"
+    base = [*TINY, "--virtual-world", "4", "--steps", "2", "--eval-batches", "0"]
+    for args in (["train", *base, "--ckpt", str(tmp_path / "missing"), "--resume"],
+                 ["train", "--placement", "static", *base, "--ckpt", str(ck), "--resume"]):
+        if not ck.exists():
+            _run(["train", *base, "--ckpt", str(ck)], tmp_path, "netmoe")
+        res = CliRunner().invoke(train_gpt.cli, args)
+        assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "nothing to resume in" in res.output and "drop --resume" in res.output and "loss" not in res.output
+    assert not (tmp_path / "missing").exists() and not (ck / "static").exists()
+    res = CliRunner().invoke(train_gpt.cli, ["compare", *base, "--ckpt", str(ck), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert f"[static] no checkpoint in {ck / 'static'}: this placement starts from step 0" in res.output
+    assert f"[netmoe] resumed from {ck / 'netmoe'} at step 2" in res.output
 
 
 @pytest.mark.parametrize("exchange", ["expert", "node"])
@@ -1528,7 +1591,106 @@ def test_a_rank_that_cannot_load_its_checkpoint_stops_every_rank(tmp_path):
     (ck / "netmoe" / "step0000002" / "rank2.pt").write_bytes(b"garbage")
     res = CliRunner().invoke(train_gpt.cli, args + ["--resume"])
     assert res.exit_code != 0 and "unreadable" in res.output and "on rank 2" in res.output, res.output
-    assert "Traceback" not in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def _one_rank_fails_worker(rank, world, init, out_path):
+    if rank == 1:
+        raise click.ClickException("rank 1 cannot go on")
+    time.sleep(300)   # still running when rank 1 fails, so it has to be stopped
+
+
+def test_a_failing_rank_reaches_the_user_as_exactly_one_line(capfd):
+    """The ranks still running when one fails are stopped, without torch's "Terminating process
+    N via signal SIGTERM" lines before the error (its logger writes to the stderr it found at
+    import, so the test listens to the logger itself)."""
+    spawn_log, records = logging.getLogger("torch.multiprocessing.spawn"), []
+    level, listener = spawn_log.level, logging.Handler()
+    listener.emit = records.append
+    spawn_log.addHandler(listener)
+    try:
+        with pytest.raises(click.ClickException) as e:
+            with train_gpt.one_line_errors():
+                train_gpt.run_ranks(_one_rank_fails_worker, 2, ())
+    finally:
+        spawn_log.removeHandler(listener)
+    assert e.value.message == "a rank failed: rank 1 cannot go on"
+    assert records == [] and capfd.readouterr().err == "" and spawn_log.level == level
+
+
+def _ranks_of(pid):
+    """The spawned ranks of process pid (its children running multiprocessing's spawn_main)."""
+    ranks = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+            ranks += [int(c) for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        except FileNotFoundError:   # a task or a child that just ended
+            pass
+    return ranks
+
+
+def _ctrl_c(args, after=None, to="group"):
+    """`python train_gpt.py *args` as a user runs it, and Ctrl-C once `after` appears in its
+    output, or (after=None) as soon as its 2 ranks exist: SIGINT to its process group as a
+    terminal sends it, or (to="launcher") to the launching process alone as `kill -INT` does.
+    Returns (exit status, output, the ranks there were)."""
+    p = subprocess.Popen([sys.executable, "train_gpt.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    try:
+        out = ""
+        while after is None and len(_ranks_of(p.pid)) < 2:
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.01)
+        while after is not None and after not in out:
+            line = p.stdout.readline()
+            assert line, out   # the run ended first
+            out += line
+        ranks = _ranks_of(p.pid)
+        (os.killpg if to == "group" else os.kill)(p.pid, signal.SIGINT)
+        out += p.communicate(timeout=300)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return p.returncode, out, ranks
+
+
+CTRL_C_JOB = ["train", "--preset", "tiny", "--seq-len", "16", "--steps", "100000", "--nproc", "2", "--cpu",
+              "--log-every", "1", "--eval-batches", "0"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")
+@pytest.mark.parametrize("job, after, to", [
+    (CTRL_C_JOB, None, "group"), (CTRL_C_JOB, None, "launcher"),   # 2 ranks, still importing
+    (["train", "--preset", "s", "--n-layer", "1", "--seq-len", "32", "--virtual-world", "4", "--cpu"],
+     "(virtual, one process)", "group")],   # one process, building its model (about a second)
+    ids=["ranks starting, terminal", "ranks starting, kill the launcher", "model being built"])
+def test_ctrl_c_during_start_up_stops_every_rank_and_exits_130(tmp_path, job, after, to):
+    """Ctrl-C before training: every rank stops without training a step, nothing is saved, no
+    process prints click's "Aborted!" or a traceback, and the exit status says interrupted."""
+    ck = tmp_path / "ck"
+    code, out, ranks = _ctrl_c([*job, "--ckpt", str(ck)], after, to)
+    assert code == 130 and "interrupted (Ctrl-C)" in out, out
+    assert "Aborted" not in out and "Traceback" not in out and "loss" not in out, out
+    assert len(ranks) == (0 if after else 2) and not any(os.path.exists(f"/proc/{r}") for r in ranks)
+    assert not ck.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the ranks through /proc")
+def test_ctrl_c_while_training_saves_says_where_and_exits_130(tmp_path):
+    """Ctrl-C during training: the ranks stop after the step, save, say where and how to go on,
+    and the run exits 130 although it saved; --resume continues from the saved step."""
+    ck, first = tmp_path / "ck", tmp_path / "first.json"
+    code, out, _ = _ctrl_c([*CTRL_C_JOB, "--ckpt", str(ck), "--json", str(first)], after="step     1")
+    assert code == 130 and "Aborted" not in out and "Traceback" not in out, out
+    step = int(out.split("interrupted after step")[1].split(";")[0])
+    assert f"interrupted after step {step}; checkpoint in {ck / 'netmoe'}, continue with --resume" in out
+    assert (ck / "netmoe" / "latest").read_text() == f"step{step + 1:07d}"
+    saved = json.loads(first.read_text())["runs"]["netmoe"]
+    assert saved["interrupted"] and len(saved["loss"]) == step + 1
+    job = [a if a != "100000" else str(step + 3) for a in CTRL_C_JOB]
+    resumed = _run([*job, "--ckpt", str(ck), "--resume"], tmp_path, "resumed")["runs"]["netmoe"]
+    assert resumed["loss"][:step + 1] == saved["loss"] and len(resumed["loss"]) == step + 3
 
 
 def test_the_sigint_handler_is_ours_only_while_training_runs(tmp_path):
@@ -1691,6 +1853,9 @@ def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
 BAD_LINES = [
     (["train", "--preset", "huge"], "'huge' is not one of"),
     (["train", "--nproc", "4", "--topology", "2x4"], "topology 2x4 has 8 devices"),
+    (["train", "--topology", "2x2"], "pass --nproc 4 or --virtual-world 4"),
+    (["train", "--virtual-world", "4", "--topology", "2x4"], "pass --virtual-world 8"),
+    (["layer", "--nproc", "2", "--topology", "2x2"], "pass --nproc 4"),
     (["train", "--data", "/nonexistent/file.txt"], "does not exist"),
     (["train", "--virtual-world", "4", "--topology", "4x2"], "topology 4x2 has 8 devices"),
     (["train", "--resume"], "--resume needs --ckpt"),
@@ -1704,7 +1869,7 @@ BAD_LINES = [
     (["train", "--top-k", "9", "--virtual-world", "4"], "exceeds the E=8 experts"),
     (["simulate", "--trace", __file__, "--topology", "2x2"], "not a routing trace"),
     (["simulate", "--trace", __file__, "--topology", "2x"], "not of the form"),
-    (["summary", __file__], "not a `compare --json` record"),
+    (["summary", __file__], "is not a record summary reads"),
 ]
 
 
@@ -1726,12 +1891,169 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
             (train_gpt.cli, ["train", *TINY, "--data", str(odd), "--json", str(tmp_path / "o.json")], "odd number of bytes"),
             (bench.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
                              "--json", str(tmp_path / "s.json")], "not a routing trace"),
-            (bench.cli, ["summary", str(not_record)], "not a `compare --json` record"),
+            (bench.cli, ["summary", str(not_record)], "is not a record summary reads"),
             (bench.cli, ["plot", str(not_record)],
              "nothing to plot" if importlib.util.find_spec("matplotlib") else "needs matplotlib")]:
         res = CliRunner().invoke(cli, args)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
+
+
+def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp_path):
+    """A path that cannot be written (a folder given for a file, a file for a folder, a file in
+    the way of the folder, a place nobody may write) is refused in one line when the command
+    line is read, by every command that writes; nothing is left behind. A missing folder is made."""
+    afile, trace, record = tmp_path / "afile", tmp_path / "t.npz", tmp_path / "run.json"
+    for f in (afile, trace, record):
+        f.write_text("x")
+    (tmp_path / "run.png").mkdir()   # plot's output for run.json
+    job = [*TINY, "--virtual-world", "4"]
+    cases = [
+        (train_gpt.cli, ["train", *job, "--json", "."], "is a folder"),
+        (train_gpt.cli, ["compare", *job, "--json", str(afile / "x.json")], "is a file"),
+        (train_gpt.cli, ["train", *job, "--ckpt", str(afile)], "is a file"),
+        (train_gpt.cli, ["train", *job, "--trace", str(afile / "d" / "t.npz")], "is a file"),
+        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot write in"),
+        (bench.cli, ["solver", "--json", str(tmp_path)], "is a folder"),
+        (bench.cli, ["kernels", "--json", str(afile / "k.json")], "is a file"),
+        (bench.cli, ["layer", "--virtual-world", "4", "--json", "."], "is a folder"),
+        (bench.cli, ["a2a", "--nproc", "2", "--json", str(afile / "a.json")], "is a file"),
+        (bench.cli, ["layouts", "--trace", str(trace), "--topology", "2x2", "--json", "."], "is a folder"),
+        (bench.cli, ["simulate", "--trace", str(trace), "--topology", "2x2", "--json", str(afile / "s.json")],
+         "is a file"),
+        (bench.cli, ["plot", str(record)], "run.png is a folder"),
+    ]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for cli, args, message in cases:
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+        assert res.output.strip().splitlines()[-1].startswith("Error: Invalid value"), (args, res.output)
+        assert "loss" not in res.output and "ms" not in res.output, (args, res.output)   # no work started
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and not list(tmp_path.glob("*.part"))
+    out = tmp_path / "new"
+    _run(["train", *job, "--steps", "2", "--trace", str(out / "traces" / "t.npz"), "--ckpt", str(out / "ck" / "ck")],
+         out / "records", "run")   # _run's --json: new/records/run.json, its folder made too
+    assert (out / "traces" / "t.npz").is_file() and (out / "ck" / "ck" / "netmoe" / "latest").is_file()
+
+
+def test_summary_reads_every_record_that_train_compare_and_the_benches_write(compare_4proc, tmp_path):
+    """One table per kind of record: compare side by side, a single placement with its own
+    numbers and no static-vs-NetMoE columns, and each benchmark's record; anything else is
+    refused in one line naming what summary reads."""
+    out, trace = lambda name: str(tmp_path / name), str(tmp_path / "t.npz")
+    (tmp_path / "cmp.json").write_text(json.dumps(compare_4proc))
+    one = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--trace", trace], tmp_path, "one")
+    (tmp_path / "kernels.json").write_text(json.dumps([dict(kernel="count_tokens", shape="paper", n=8, torch_ms=0.137,
+                                                            cuda_ms=0.0073, speedup=18.8)]))   # needs CUDA to make
+    for args in (["solver", "--repeats", "1", "--max-expanded", "64", "--json", out("solver.json")],
+                 ["layer", "--virtual-world", "4", "--topology", "2x2", "--hidden", "16", "--seq-len", "8", "--batch",
+                  "2", "--warmup-repeats", "1", "--repeats", "2", "--json", out("layer.json")],
+                 ["layouts", "--trace", trace, "--topology", "2x2", "--json", out("layouts.json")],
+                 ["simulate", "--trace", trace, "--topology", "2x2", "--json", out("sim.json")]):
+        res = CliRunner().invoke(bench.cli, args)
+        assert res.exit_code == 0, res.output
+    files = [out(f) for f in ("cmp.json", "one.json", "kernels.json", "solver.json", "layer.json", "layouts.json",
+                              "sim.json")]
+    res = CliRunner().invoke(bench.cli, ["summary", *files])
+    assert res.exit_code == 0, res.output
+    sections = {part.splitlines()[0].split(":")[0]: part for part in res.stdout.strip().split("\n\n")}
+    assert set(sections) == {f"train_gpt.py {k}" for k in ("compare", "train")} | {
+        f"bench.py {k}" for k in ("kernels", "solver", "layer", "layouts", "simulate")}, res.output
+    assert "speedup" in sections["train_gpt.py compare"] and "cmp.json" in sections["train_gpt.py compare"]
+    single = sections["train_gpt.py train"]
+    assert "speedup" not in single and "static" not in single and "one.json" in single
+    own = train_gpt.summarize(one["runs"]["netmoe"], 1)
+    row = single.splitlines()[-1].split()
+    assert row[:4] == ["one.json", "H=64", "L=2", "2x2"] and row[4] == "netmoe" and row[5] == str(own["measured"])
+    assert row[6] == f"{own['iter_ms']:,.4g}" and row[-2] == f"{own['final_loss']:,.4g}"
+    solver = json.loads((tmp_path / "solver.json").read_text())
+    assert len(sections["bench.py solver"].splitlines()) == 3 + len(solver)
+    assert "18.8" in sections["bench.py kernels"] and "netmoe + lookahead" in sections["bench.py simulate"]
+    assert "netmoe, samples kept in place" in sections["bench.py layer"]
+    assert "node: + layout from the same batch" in sections["bench.py layouts"]
+    (tmp_path / "other.json").write_text(json.dumps({"config": {}, "results": []}))
+    for bad in ("other.json", "t.npz"):
+        res = CliRunner().invoke(bench.cli, ["summary", out("cmp.json"), out(bad)])
+        assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+        assert f"{bad} is not a record summary reads" in res.output and "train / compare --json" in res.output
+        assert "bench.py solver, kernels, layer, a2a, layouts and simulate" in res.output
+
+
+def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_path):
+    """layer, solver, layouts and simulate report progress on stderr (the table stays alone on
+    stdout): a first line at once and a last one at the end; with spawned ranks, rank 0 alone."""
+    layer = ["layer", "--hidden", "16", "--seq-len", "8", "--batch", "2", "--warmup-repeats", "1", "--repeats", "2"]
+    res = CliRunner().invoke(bench.cli, [*layer, "--virtual-world", "4", "--topology", "2x2"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0] == "timing round (1 untimed, then 2) 1/3", res.stderr
+    assert res.stderr.splitlines()[-1] == "timing round (1 untimed, then 2) 3/3 done", res.stderr
+    assert "timing round" not in res.stdout and "fwd+bwd ms" in res.stdout
+    ranks = subprocess.run([sys.executable, "bench.py", *layer, "--nproc", "2", "--topology", "2x1", "--cpu"],
+                           capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.abspath(bench.__file__)))
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stderr.count("timing round (1 untimed, then 2) 1/3\n") == 1, ranks.stderr
+    assert ranks.stderr.count("3/3 done") == 1, ranks.stderr
+    trace = str(tmp_path / "t.npz")
+    _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--trace", trace], tmp_path, "run")
+    for args, label, n in ((["solver", "--repeats", "1", "--max-expanded", "0"], "solving case", 7),
+                           (["layouts", "--trace", trace, "--topology", "2x2"], "scoring step", 5),
+                           (["simulate", "--trace", trace, "--topology", "2x2"], "replaying step", 6)):
+        res = CliRunner().invoke(bench.cli, args)
+        assert res.exit_code == 0, res.output
+        lines = res.stderr.splitlines()
+        assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
+
+
+def _help_lines(cli, args):
+    """What --help says of each option of command args[0], one line each: "--opt METAVAR help"."""
+    cmd = cli.commands[args[0]]
+    ctx = click.Context(cmd, info_name=args[0])
+    return {p.opts[0]: " ".join(p.get_help_record(ctx)) for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden}
+
+
+def test_help_says_what_every_command_and_option_does_and_its_default():
+    """The command list gives each command's whole one-line help; every option has help and
+    shows its default; the same thing reads the same in every command."""
+    for cli in (train_gpt.cli, bench.cli):
+        listing = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+        for name, cmd in cli.commands.items():
+            short = cmd.get_short_help_str()
+            assert f"{name} {short}" in listing and not short.endswith("...") and short.endswith("."), (name, short)
+            ctx = click.Context(cmd, info_name=name)
+            for p in cmd.params:
+                if not isinstance(p, click.Option) or p.hidden:
+                    continue
+                assert p.help, (name, p.opts)
+                plain_flag = p.is_flag and not p.secondary_opts   # off unless given
+                if p.default is not None and not plain_flag and not p.required:
+                    assert "default:" in p.get_help_record(ctx)[1], (name, p.opts)
+    train, simulate = _help_lines(train_gpt.cli, ["train"]), _help_lines(bench.cli, ["simulate"])
+    for opt in ("--batch", "--seq-len", "--n-layer", "--top-k", "--experts-per-device"):
+        assert "[default: (the preset's)" in train[opt], train[opt]
+    assert "1xJ; under torchrun, its nodes x local ranks" in train["--topology"]
+    for lines in (train, simulate, _help_lines(bench.cli, ["layer"]), _help_lines(bench.cli, ["a2a"])):
+        assert lines["--topology"].split()[1] == "NxG"
+    for lines in (train, simulate):
+        assert "[default: 400e9" in lines["--intra-bw"] and "[default: 100e9" in lines["--inter-bw"]
+    assert train["--trace"].split()[1] == simulate["--trace"].split()[1] == "FILE"
+    for name in ("layer", "a2a"):   # untimed benchmark repeats are not train's learning-rate warm-up
+        opts = _help_lines(bench.cli, [name])
+        assert "--warmup-repeats" in opts and not [o for o in opts if o in ("--warmup", "--warmup-steps")]
+
+
+def test_plot_names_the_install_the_readme_gives_and_the_test_extra_brings_matplotlib(tmp_path, monkeypatch):
+    record = tmp_path / "r.json"
+    record.write_text("{}")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    res = CliRunner().invoke(bench.cli, ["plot", str(record)])
+    assert res.exit_code == 1 and 'pip install -e ".[plot]"' in res.output, res.output
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "README.md")).read()
+    assert 'pip install -e ".[plot]"' in readme
+    setup = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "setup.py")).read()
+    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
+    assert "matplotlib" in extras["test"]
 
 
 def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
@@ -1766,7 +2088,7 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     out = tmp_path / "a2a.json"
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x2", "--hidden", "8",
                                              "--tokens", "64", "--batch", "2", "--sizes", "8,32", "--cases", "4",
-                                             "--warmup", "1", "--repeats", "2", "--json", str(out)])
+                                             "--warmup-repeats", "1", "--repeats", "2", "--json", str(out)])
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert set(r["fit"]) == {"intra", "inter"} and all(f["bw"] > 0 for f in r["fit"].values())
@@ -1774,6 +2096,8 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
         assert CliRunner().invoke(bench.cli, ["plot", str(out)]).exit_code == 0
         assert (tmp_path / "a2a.png").read_bytes()[:4] == b"\x89PNG"
     assert [c["kind"] for c in r["cases"]] == ["skewed", "netmoe gather"] * 2
+    res = CliRunner().invoke(bench.cli, ["summary", str(out)])   # summary reads it too
+    assert res.exit_code == 0 and res.output.startswith("bench.py a2a") and "a2a.json" in res.output, res.output
     for c in r["cases"]:
         assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x4"])
@@ -1805,7 +2129,7 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
         assert res.exit_code == 0, res.output
         assert all(r["cuda_ms"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text()))
 
-    tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup", 1, "--repeats", 2]
+    tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup-repeats", 1, "--repeats", 2]
     for where in (["--virtual-world", 4, "--topology", "2x2"], ["--nproc", 2, "--topology", "2x1", *cpu]):
         for exchange in netmoe.EXCHANGES:
             res = bench_cli("layer", *where, *tiny, "--exchange", exchange, "--json", out("layer.json"))

@@ -18,8 +18,10 @@ import dataclasses
 import glob
 import importlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -27,6 +29,7 @@ import sysconfig
 import tempfile
 import time
 import zlib
+from multiprocessing import resource_tracker
 
 import click
 import numpy as np
@@ -160,6 +163,9 @@ def make_optimizer(model, lr):
 class TopologyType(click.ParamType):
     name = "NxG"
 
+    def get_metavar(self, param, ctx=None):   # click would print the name upper-cased: NXG
+        return self.name
+
     def convert(self, value, param, ctx):
         try:
             return value if isinstance(value, netmoe.Topology) else netmoe.Topology.parse(value)
@@ -178,53 +184,97 @@ class PositiveType(click.FloatRange):
         return value
 
 
+def output_problem(path, directory=False, suffix=".json"):
+    """Why `path` cannot be written, or None; its folder (a directory's parent) is made first.
+    A run must not train for hours and then fail to save, so outputs are checked up front."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file; give a folder (it is made if missing)"
+    if not directory and (os.path.isdir(path) or path.endswith(("/", os.sep))):
+        return f"{path} is a folder; give a file in it, e.g. {os.path.join(path, 'out' + suffix)}"
+    folder = path if directory and os.path.isdir(path) else os.path.dirname(path) or "."
+    above = folder
+    while above and not os.path.exists(above):
+        above = os.path.dirname(above)
+    if above and not os.path.isdir(above):
+        return f"{above} is a file, so {path} cannot be written; give another path"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror or e}); give another path"
+    return None
+
+
+class OutputPath(click.ParamType):
+    """A file (or folder) the command writes, checked when the command line is read: its folder
+    is made if missing, and a path that cannot be written is refused in one line."""
+
+    def __init__(self, directory=False, suffix=".json"):
+        self.directory, self.suffix = directory, suffix
+        self.name = "dir" if directory else "file"
+
+    def convert(self, value, param, ctx):
+        problem = output_problem(value, self.directory, self.suffix)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
 TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
 
-def _opt(default, type=None, help=None, flag=None, hidden=False):
-    """A TrainConfig field that is also a command-line option (job_options builds them)."""
-    return dataclasses.field(default=default, metadata=dict(type=type, help=help, flag=flag, hidden=hidden))
+def _opt(default, type=None, help=None, flag=None, hidden=False, shown=None):
+    """A TrainConfig field that is also a command-line option (job_options builds them); shown:
+    what --help gives as the default where it is not a plain value (None means "the preset's")."""
+    return dataclasses.field(default=default,
+                             metadata=dict(type=type, help=help, flag=flag, hidden=hidden, shown=shown))
+
+
+PRESET_S = "the preset's"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """What a training job is told; every field but `placements` is a command-line option."""
     preset: str = _opt("tiny", click.Choice(list(PRESETS)), "model size")
-    steps: int = _opt(30, NONNEG)
+    steps: int = _opt(30, NONNEG, "optimizer steps in all (a resumed run counts the saved ones)")
     skip_steps: int = _opt(5, NONNEG, "start-up steps left out of the means")
     nproc: int = _opt(1, COUNT, "local processes to spawn (under torchrun, its world)")
-    topology: netmoe.Topology = _opt(None, TOPOLOGY, "NxG virtual nodes, e.g. 2x2 (default: from torchrun)")
+    topology: netmoe.Topology = _opt(None, TOPOLOGY, "N virtual nodes of G devices, e.g. 2x2",
+                                     shown="1xJ; under torchrun, its nodes x local ranks")
     virtual_world: int = _opt(None, COUNT, "one process playing J devices (the reference model)")
-    data: str = _opt(None, None, "text file or nanoGPT uint16 .bin (default: bundled corpus)")
-    batch: int = _opt(None, COUNT, "samples per device, I/J (default: the preset's)")
-    seq_len: int = _opt(None, COUNT)
-    n_layer: int = _opt(None, COUNT)
-    experts_per_device: int = _opt(None, COUNT, "E/J")
-    top_k: int = _opt(None, COUNT)
+    data: str = _opt(None, click.Path(dir_okay=False), "text file or nanoGPT uint16 .bin", shown="the bundled corpus")
+    batch: int = _opt(None, COUNT, "samples per device, I/J", shown=PRESET_S)
+    seq_len: int = _opt(None, COUNT, "tokens per sample, S", shown=PRESET_S)
+    n_layer: int = _opt(None, COUNT, "transformer blocks, each with an MoE layer", shown=PRESET_S)
+    experts_per_device: int = _opt(None, COUNT, "experts per device, E/J", shown=PRESET_S)
+    top_k: int = _opt(None, COUNT, "experts per token, K", shown=PRESET_S)
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
-    lr: float = _opt(1e-3, POSITIVE)
+    lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
     # the cosine's length is part of a checkpoint's identity: a run cut short resumes on its schedule
-    decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule (default: --steps)")
-    seed: int = _opt(0, NONNEG)
+    decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule",
+                            shown="--steps; with --resume, the saved schedule's")
+    seed: int = _opt(0, NONNEG, "of the weights and the batches")
     eval_batches: int = _opt(2, NONNEG, "validation batches (0: none)")
-    log_every: int = _opt(10, COUNT)
-    json: str = _opt(None, None, "write the per-step record here")
-    trace: str = _opt(None, None, "record routing to this .npz (for simulate)")
-    trace_every: int = _opt(1, COUNT)
-    ckpt: str = _opt(None, None, "checkpoint directory")
-    ckpt_every: int = _opt(100, COUNT)
+    log_every: int = _opt(10, COUNT, "a line every N steps")
+    json: str = _opt(None, JSON_OUT, "write the per-step record here")
+    trace: str = _opt(None, TRACE_OUT, "record routing to this .npz (for simulate)")
+    trace_every: int = _opt(1, COUNT, "record the routing of every N-th step")
+    ckpt: str = _opt(None, CKPT_DIR, "checkpoint directory (a folder per placement inside)")
+    ckpt_every: int = _opt(100, COUNT, "save every N steps (and after the last, and on Ctrl-C)")
     resume: bool = _opt(False, None, "continue from the newest checkpoint in --ckpt", "--resume")
     relayout_every: int = _opt(0, NONNEG, "every T steps regroup experts by co-activation where it pays (0: never)")
     relayout_always: bool = _opt(False, None, "tests: apply every re-layout plan", "--relayout-always", hidden=True)
     intra_bw: float = _opt(400e9, POSITIVE, "bytes/s inside a node, for Eq. 1 (paper Table 2)")
     inter_bw: float = _opt(100e9, POSITIVE, "bytes/s between nodes, for Eq. 1")
-    dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All "
-                      "sends; weights and AdamW state stay float32 (default: bfloat16 on GPUs, float32 on the CPU)")
+    dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All sends; weights and AdamW "
+                      "state stay float32", shown="bfloat16 on GPUs, float32 on the CPU")
     cpu: bool = _opt(False, None, "stay on the CPU even where CUDA is present", "--cpu")
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
@@ -275,7 +325,8 @@ class Corpus:
         else:
             self.vocab = self.vocab_of(path)
             if path.endswith(".bin") and os.path.getsize(path) % 2:
-                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file")
+                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file "
+                                           f"(a text file must not end in .bin)")
             data = np.memmap(path, dtype=np.uint16, mode="r") if path.endswith(".bin") else np.fromfile(path, np.uint8)
             cut = int(len(data) * 0.9)
             split = {"train": [data[:cut]], "val": [data[cut:]]}
@@ -284,7 +335,8 @@ class Corpus:
         for name, docs in split.items():
             docs = [d for d in docs if len(d) > seq_len + 1]
             if not docs:
-                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens")
+                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens: "
+                                           f"lower --seq-len or give more text")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
         self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
@@ -353,12 +405,12 @@ def start_rank(rank, world, init, where):
     return device
 
 
-def run_ranks(worker, nproc, args, handle_sigint=False):
+def run_ranks(worker, nproc, args):
     """worker(rank, world, init, *args, out_path) on every rank: this process as one torchrun
     rank (RANK is set), nproc spawned processes, or this process alone (nproc == 1). Returns the
     JSON rank 0 wrote to out_path; None on the other torchrun ranks. A failing spawned rank
-    becomes a RankError of one line. With handle_sigint, Ctrl-C goes to the spawned ranks only
-    (they save and stop)."""
+    becomes a RankError of one line. Ctrl-C that stopped the ranks before rank 0 wrote its
+    result raises KeyboardInterrupt here; during training it stops and saves (stop_on_sigint)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         if "RANK" in os.environ:
@@ -368,23 +420,63 @@ def run_ranks(worker, nproc, args, handle_sigint=False):
         elif nproc == 1:
             worker(0, 1, None, *args, out)
         else:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if handle_sigint else None
-            try:
-                mp.spawn(worker, args=(nproc, "file://" + os.path.join(tmp, "init"), *args, out),
-                         nprocs=nproc, join=True)
-            except mp.ProcessRaisedException as e:
-                last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
-                if last.startswith("click.exceptions."):   # a message meant for the user as it is
-                    last = last.split(": ", 1)[-1]
-                raise RankError(f"a rank failed: {last}") from None
-            except mp.ProcessExitedException as e:
-                raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
-            finally:
-                if handle_sigint:
-                    signal.signal(signal.SIGINT, old)
+            spawn_ranks(worker, nproc, (nproc, "file://" + os.path.join(tmp, "init"), *args, out))
+            if not os.path.exists(out):
+                raise KeyboardInterrupt   # every rank exited cleanly, so Ctrl-C stopped rank 0 first
         with open(out) as f:
             return json.load(f)
 
+
+def spawn_ranks(worker, nproc, args):
+    """worker(rank, *args) in nproc new processes, joined. Ctrl-C must work at any moment: this
+    process passes it on to every rank (`kill -INT` reaches this one alone); a rank ends on it at
+    once, wherever it waits, until training turns it into stop-and-save (stop_on_sigint). While a
+    rank imports, SIGINT is blocked there (the mask survives exec), so it neither dies inside an
+    import with a traceback nor loses the signal: it takes it when it unblocks (_rank_main)."""
+    ranks, interrupted = [], []
+
+    def interrupt(*_):
+        interrupted.append(True)
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
+
+    # its "Terminating process N via signal SIGTERM" warnings would come before our one-line error
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    old_level, old_handler = spawn_log.level, signal.signal(signal.SIGINT, interrupt)
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        resource_tracker.ensure_running()   # started later, it would unblock SIGINT here in passing
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+        try:
+            context = mp.start_processes(_rank_main, (worker, *args), nprocs=nproc, join=False)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        ranks.extend(context.processes)
+        if interrupted:
+            interrupt()
+        while not context.join(timeout=1.0):   # wakes up for a Ctrl-C another thread took
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if interrupted:   # a rank that Ctrl-C ended, or one whose peer it ended
+            raise KeyboardInterrupt from None
+        if isinstance(e, mp.ProcessExitedException):
+            raise RankError(f"rank {e.error_index} died ({e}); no result was written") from None
+        last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+        if last.startswith("click.exceptions."):   # a message meant for the user as it is
+            last = last.split(": ", 1)[-1]
+        raise RankError(f"a rank failed: {last}") from None
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        spawn_log.setLevel(old_level)
+
+
+def _rank_main(rank, worker, *args):
+    """A spawned rank: from here until training, Ctrl-C (held while it started) ends it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    worker(rank, *args)
 
 
 @dataclasses.dataclass
@@ -498,15 +590,37 @@ def save_checkpoint(root, step, model, opt, env, identity, state):
             os.rename(final, tmp + ".old")
         os.rename(tmp, final)
         atomic_write(os.path.join(root, "latest"), lambda f: f.write(os.path.basename(final)), "w")
-        for old in sorted(glob.glob(os.path.join(root, "step*")))[:-2] + glob.glob(os.path.join(root, ".*.old")):
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, final)
     env.barrier()
 
 
-def load_checkpoint(root, identity, env):
+def prune_checkpoints(root, latest, keep=2):
+    """Delete all but the newest `keep` step directories, newest by step number (by name,
+    step10000000 would sort before step9999999), never `latest`, and leftovers of replaced ones."""
+    steps = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(root, "step*"))
+                   if (m := re.fullmatch(r"step(\d+)", os.path.basename(path))))
+    for old in [path for _, path in steps[:-keep] if path != latest] + glob.glob(os.path.join(root, ".*.old")):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_steps(ckpt, placements):
+    """{placement: step of its newest checkpoint in ckpt (None if `latest` is unreadable)} for
+    each placement that has one."""
+    found = {}
+    for placement in placements:
+        latest = os.path.join(ckpt, placement, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                m = re.fullmatch(r"step(\d+)", f.read().strip())
+            found[placement] = int(m.group(1)) if m else None
+    return found
+
+
+def load_checkpoint(root, identity, env, saved_schedule=False):
     """(dense.pt, rankR.pt) of the newest checkpoint, or None where there is none yet. If any
     rank cannot use its part, every rank raises that rank's error (rather than the others
-    waiting on the process group's timeout)."""
+    waiting on the process group's timeout). saved_schedule: any decay_steps will do (a resume
+    without --decay-steps continues on the saved schedule)."""
     got, error = None, None
     try:
         if os.path.exists(os.path.join(root, "latest")):
@@ -514,14 +628,22 @@ def load_checkpoint(root, identity, env):
                 where = os.path.join(root, f.read().strip())
             got = [torch.load(os.path.join(where, name), weights_only=True) for name in ("dense.pt", f"rank{env.rank}.pt")]
             saved = got[0]["identity"]
-            diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+            diff = {k: (saved.get(k), v) for k, v in identity.items()
+                    if saved.get(k) != v and not (k == "decay_steps" and saved_schedule)}
             if diff:
-                error = f"checkpoint in {root} was written by another configuration: " + ", ".join(
-                    f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                error = (f"checkpoint in {root} was written by another configuration: " + ", ".join(
+                    f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()) +
+                    "; resume with the saved values" + (" (without --decay-steps, the saved schedule is taken)"
+                                                        if "decay_steps" in diff else "") +
+                    ", or start over with another --ckpt")
     except FileNotFoundError as e:
         error = f"checkpoint in {root} is incomplete ({e.filename} missing)"
-    except Exception as e:
-        error = f"checkpoint in {root} is unreadable (corrupt or truncated?): {str(e).strip().splitlines()[0]}"
+    except Exception as e:   # torch's first sentence; the rest of it advises unsafe loading
+        error = (f"checkpoint in {root} is unreadable (corrupt or truncated?): "
+                 f"{re.split(r'(?<=[.:]) ', str(e).strip().splitlines()[0])[0].rstrip('.:')}")
+    if error and not error.startswith(f"checkpoint in {root} was written"):
+        error += (f"; to resume from an older step kept there, write its folder's name into {root}/latest, "
+                  f"or start over with another --ckpt")
     failed = [(r, e) for r, e in enumerate(env.gather(error)) if e]
     if failed:
         raise click.ClickException(failed[0][1] + (f" (on rank {failed[0][0]})" if env.world > 1 else ""))
@@ -612,9 +734,11 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     record, start, planner = new_record(), 0, dict(ms_per_byte=None, routes=[[] for _ in model.moe])
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    saved = load_checkpoint(ckpt, identity, env) if ckpt and cfg.resume else None
+    saved = load_checkpoint(ckpt, identity, env, cfg.decay_steps is None) if ckpt and cfg.resume else None
     if saved:   # a placement with no checkpoint yet (compare stopped before it) starts fresh
         dense, mine = saved
+        cfg = dataclasses.replace(cfg, decay_steps=dense["identity"]["decay_steps"])   # the saved schedule
+        identity = cfg.identity(placement, env.J, corpus.vocab)
         for m, layout, recent in zip(model.moe, dense["layouts"], dense["recent"]):
             m.set_expert_device(np.asarray(layout))   # the experts were saved in this order
             m.recent.extend(r.numpy() for r in recent)
@@ -622,6 +746,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         opt.load_state_dict(mine["opt"])
         record, start, planner = dense["record"], dense["step"], {**planner, **dense["planner"]}
         echo(f"[{placement}] resumed from {ckpt} at step {start}")
+    elif ckpt and cfg.resume:
+        echo(f"[{placement}] no checkpoint in {ckpt}: this placement starts from step 0")
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
     trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
@@ -629,6 +755,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     window = model.moe[0].recent.maxlen   # batches a re-layout plan learns from
     by_node = netmoe.exchange_class(cfg.exchange).needs_node_counts
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
+    # Ctrl-C while the model was built is still start-up: every rank stops before a step is trained
+    if env.all_reduce(torch.tensor(float(_STOP[0]), dtype=torch.float64, device=env.device)).item():
+        raise KeyboardInterrupt
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -860,14 +989,28 @@ def resolve(cfg):
     J = cfg.virtual_world or world
     topo = cfg.topology or default
     if topo.world != J:
+        fix = (f"pass --virtual-world {topo.world}" if cfg.virtual_world else
+               f"start {topo.world} processes with torchrun" if "WORLD_SIZE" in os.environ else
+               f"pass --nproc {topo.world} or --virtual-world {topo.world}")
         raise click.UsageError(f"topology {topo} has {topo.world} devices but the job has J={J} "
-                               f"({'--virtual-world' if cfg.virtual_world else 'processes'})")
+                               f"({'--virtual-world' if cfg.virtual_world else 'processes'}): {fix}, "
+                               f"or give a topology of {J} device{'s' * (J > 1)}")
     if mcfg.top_k > mcfg.experts_per_device * J:
-        raise click.UsageError(f"top-k {mcfg.top_k} exceeds the E={mcfg.experts_per_device * J} experts")
+        raise click.UsageError(f"top-k {mcfg.top_k} exceeds the E={mcfg.experts_per_device * J} experts: "
+                               f"lower --top-k or raise --experts-per-device")
     if cfg.data and not os.path.exists(cfg.data):
-        raise click.UsageError(f"data file {cfg.data} does not exist")
+        raise click.UsageError(f"data file {cfg.data} does not exist: give a text file or a nanoGPT .bin, "
+                               f"or leave --data out for the bundled corpus")
     if cfg.resume and not cfg.ckpt:
         raise click.UsageError("--resume needs --ckpt DIR")
+    saved = saved_steps(cfg.ckpt, cfg.placements) if cfg.ckpt else {}
+    if saved and not cfg.resume:   # a fresh run would prune and re-point the saved run's checkpoints
+        held = ", ".join(f"{p} at step {s}" if s is not None else p for p, s in saved.items())
+        raise click.ClickException(f"{cfg.ckpt} holds a checkpoint ({held}): continue it with --resume, "
+                                   f"or start over with another --ckpt (or after deleting {cfg.ckpt})")
+    if cfg.resume and not saved:
+        raise click.ClickException(f"nothing to resume in {cfg.ckpt}: no checkpoint of "
+                                   f"{' or '.join(cfg.placements)} there; drop --resume to start fresh")
     if (cfg.decay_steps or cfg.steps) < cfg.warmup_steps and cfg.decay_steps:
         raise click.UsageError("--decay-steps must not be shorter than --warmup-steps")
     return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw)
@@ -913,12 +1056,14 @@ def launch(cfg):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
         cfg = dataclasses.replace(cfg, ranks_on=rank_devices(cfg.cpu, local), topology=topo)
-        result = run_ranks(worker, cfg.nproc, (cfg,), handle_sigint=True)
+        result = run_ranks(worker, cfg.nproc, (cfg,))
     if result is None:   # a torchrun rank other than 0
         return None
     if cfg.json:
         atomic_write(cfg.json, lambda f: json.dump(result, f, indent=1), "w")
     click.echo(summary_table(result, cfg.skip_steps))
+    if any(run.get("interrupted") for run in result["runs"].values()):
+        raise click.exceptions.Exit(INTERRUPTED)   # saved or not, a script must not take it for a finished run
     return result
 
 
@@ -934,12 +1079,37 @@ def job_options(f):
             m = fld.metadata
             decl = [m["flag"]] if m["flag"] else ["--" + fld.name.replace("_", "-")]
             kind = dict(is_flag=True) if m["flag"] and "/" not in m["flag"] else dict(type=m["type"])
-            f = click.option(*decl, fld.name, default=fld.default, show_default=fld.default is not None,
-                             help=m["help"], hidden=m["hidden"], **kind)(f)
+            f = click.option(*decl, fld.name, default=shown_value(fld.default),
+                             show_default=m["shown"] or fld.default is not None, help=m["help"], hidden=m["hidden"],
+                             **kind)(f)
     return f
 
 
-@click.group(invoke_without_command=True)
+def shown_value(value):
+    """A default as --help should show it: bandwidths as 400e9, not 400000000000.0 (the option
+    type reads either back to the same float)."""
+    if isinstance(value, float) and value >= 1e4:
+        e = 3 * int(math.log10(value) // 3)
+        return f"{value / 10 ** e:g}e{e}"
+    return value
+
+
+INTERRUPTED = 130   # the shell's exit status for Ctrl-C
+
+
+class Cli(click.Group):
+    """Commands that exit 130 on Ctrl-C with one line, where click would print "Aborted!" and
+    exit 1: a script can tell an interrupted run from a failed or a finished one."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C): every rank stopped", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+@click.group(cls=Cli, invoke_without_command=True)
 @click.pass_context
 def cli(ctx):
     """NetMoE: MoE-GPT training with dynamic sample placement. No subcommand runs the main job."""
@@ -948,15 +1118,16 @@ def cli(ctx):
         ctx.invoke(compare, nproc=4, topology=netmoe.Topology(2, 2), cpu=True, steps=100, log_every=25)
 
 
-@cli.command("train")
-@click.option("--placement", type=click.Choice(["netmoe", "static"]), default="netmoe", show_default=True)
+@cli.command("train", short_help="Train one placement (NetMoE or static EP).")
+@click.option("--placement", type=click.Choice(["netmoe", "static"]), default="netmoe", show_default=True,
+              help="NetMoE's sample placement, or static expert parallelism")
 @job_options
 def train_cmd(placement, **kw):
     """Train one placement."""
     launch(TrainConfig(placements=(placement,), **kw))
 
 
-@cli.command()
+@cli.command(short_help="Static EP, then NetMoE: same seed, same data, one table side by side.")
 @job_options
 def compare(**kw):
     """Static EP, then NetMoE: same seed, same data, one table side by side."""
