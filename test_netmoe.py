@@ -2116,7 +2116,7 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
     bench_cli = lambda *args: CliRunner().invoke(bench.cli, [str(a) for a in args], catch_exceptions=False)
     out = lambda name: str(tmp_path / name)
 
-    res = bench_cli("solver", "--repeats", 1, "--max-expanded", 128, "--json", out("solver.json"))
+    res = bench_cli("solver", "--repeats", 1, "--max-expanded", 128, *cpu, "--json", out("solver.json"))
     assert res.exit_code == 0, res.output
     solver = json.loads((tmp_path / "solver.json").read_text())
     assert {r["I"] for r in solver} >= {32, 384, 1024, 8192} and all(r["same_optimum"] == "yes" for r in solver)
