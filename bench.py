@@ -151,7 +151,9 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                           [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
                           for g in res["by_stage"]]))
     _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
-                                dtype=dtype, bytes_per_token=np.asarray(bpt).tolist(), results=res))
+                                dtype=dtype, bytes_per_token=int(np.max(bpt)),   # the heavier row, a number
+                                wire_bytes_per_row=dict(zip(("scatter", "gather"), np.broadcast_to(bpt, 2).tolist())),
+                                results=res))
 
 
 def _change(new, base):

@@ -1800,7 +1800,11 @@ def test_trace_and_simulate_round_trip(tmp_path):
     res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
                                              str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
-    sim = json.loads((tmp_path / "s.json").read_text())["results"]
+    whole = json.loads((tmp_path / "s.json").read_text())
+    sim = whole["results"]
+    # Eq. 1 prices the rows as the trace's run sent them: float32 rows of H = 64 and an int32 position
+    assert whole["dtype"] == "float32" and whole["wire_bytes_per_row"] == {"scatter": 4 * 64 + 8, "gather": 4 * 64 + 4}
+    assert whole["bytes_per_token"] == 4 * 64 + 8
     assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
     assert sim["static"]["moved_device"] == 0
     topo = netmoe.Topology(2, 4)   # static EP: scatter and gather both cross what traffic() says
