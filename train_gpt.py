@@ -939,6 +939,10 @@ def summary_table(result, skip):
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
             ("solver exposed ms / step", "solver_exposed_ms"), ("re-layouts applied", "relayouts_applied"),
             ("expert moves, share of run time", "move_share"), ("peak GPU memory GB", "peak_mem_gb")]
+    # rows no run has anything for (memory on the CPU, re-layouts where none was planned) are left out
+    planned = any(r.get("relayouts") for r in result["runs"].values())
+    rows = [(label, key) for label, key in rows if any(runs[n][key] is not None for n in names)
+            and (planned or key not in ("relayouts_applied", "move_share"))]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
     if names == ["static", "netmoe"]:
         for r in body:
