@@ -554,6 +554,10 @@ def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="net
         if next_routes is not None:
             nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
     nums = [_check_num(n, topo) for n in nums]
+    if nexts is not None:   # what solve_placement checks of num_next, for each layer that reads one
+        nexts = [None if n is None else _check_num(n, topo, "nexts") for n in nexts]
+        if any(n is not None and n.shape != nums[0].shape for n in nexts[:L - 1]):
+            raise ValueError(f"nexts must be [I, E] counts like nums, {nums[0].shape}")
     return _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, ncs, nc_nexts)
 
 

@@ -764,8 +764,10 @@ def test_expert_layout_numbers_groups_to_move_as_few_experts_as_possible(rng):
     lambda: netmoe.traffic(np.ones((8, 8), dtype=np.int64), np.full(8, 4), netmoe.Topology(2, 2)),
     lambda: netmoe.Topology.parse("4by8"),
     lambda: netmoe.Topology(0, 8),
+    lambda: netmoe.replay([np.ones((8, 8), dtype=np.int64)] * 2, netmoe.Topology(2, 2), 10,
+                          nexts=[np.ones((8, 4), dtype=np.int64)]),
 ], ids=["1-D", "negative", "float", "I%J", "E%J", "empty", "topo-str", "next-shape", "layout",
-        "method", "device-range", "parse", "zero-nodes"])
+        "method", "device-range", "parse", "zero-nodes", "replay-next-shape"])
 def test_bad_placement_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
