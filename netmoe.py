@@ -135,12 +135,9 @@ def _node_counts(route, expert_node, nodes):
     host). A token's k-th choice counts where no earlier choice of it sits on the same node."""
     at = expert_node[route]
     I, S, K = at.shape
-    slot = (np.arange(I)[:, None] * nodes + at[..., 0]).ravel()
-    out = np.bincount(slot, minlength=I * nodes)
-    for k in range(1, K):
-        first = np.all(at[..., k:k + 1] != at[..., :k], axis=2).ravel()
-        out += np.bincount((np.arange(I)[:, None] * nodes + at[..., k]).ravel()[first], minlength=I * nodes)
-    return out.reshape(I, nodes)
+    slot = np.arange(I)[:, None, None] * nodes + at              # [I, S, K]: (sample, node) of each choice
+    first = [np.all(at[..., k:k + 1] != at[..., :k], axis=2) for k in range(K)]   # k = 0: always
+    return sum(np.bincount(slot[..., k][first[k]], minlength=I * nodes) for k in range(K)).reshape(I, nodes)
 
 
 def dispatch_order(route, slot):
