@@ -285,9 +285,12 @@ class TrainConfig:
         over = {k: getattr(self, k) for k in ("batch", "seq_len", "n_layer", "experts_per_device", "top_k")}
         return dataclasses.replace(PRESETS[self.preset], **{k: v for k, v in over.items() if v is not None})
 
+    def stream_dtype_name(self):
+        """The residual stream's dtype: --dtype, else bfloat16 on GPUs and float32 on the CPU."""
+        return self.dtype or ("float32" if self.cpu or self.ranks_on == "cpu" else "bfloat16")
+
     def stream_dtype(self):
-        """The residual stream's torch dtype: --dtype, else bfloat16 on GPUs and float32 on the CPU."""
-        return getattr(torch, self.dtype or ("float32" if self.cpu or self.ranks_on == "cpu" else "bfloat16"))
+        return getattr(torch, self.stream_dtype_name())
 
     def wire_bytes(self):
         """Bytes of a row on the wire, (scatter, gather), for this job's exchange and dtype."""
@@ -751,7 +754,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     tracing = cfg.trace and placement == cfg.placements[-1]   # routing is the same in every placement
     trace = Trace(cfg.trace, keep_before=start) if tracing and env.rank == 0 else None
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
-                dtype=str(cfg.stream_dtype()).removeprefix("torch."))
+                dtype=cfg.stream_dtype_name())
     window = model.moe[0].recent.maxlen   # batches a re-layout plan learns from
     by_node = netmoe.exchange_class(cfg.exchange).needs_node_counts
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
@@ -1045,7 +1048,7 @@ def worker(rank, world, init, cfg, out_path):
                           ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
-                          exchange=cfg.exchange, dtype=str(cfg.stream_dtype()).removeprefix("torch."),
+                          exchange=cfg.exchange, dtype=cfg.stream_dtype_name(),
                           wire_bytes_per_row=dict(zip(
                               ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
