@@ -65,6 +65,10 @@ def _wire_bytes(trace, exchange, dtype):
                                                       trace["route"].shape[-1])
 
 
+def _change(new, base):
+    return f"{(new / base - 1) * 100:+.1f}%" if base else "-"
+
+
 def _show_bytes(bpt):
     return "/".join(map(str, np.atleast_1d(bpt))) + (" (scatter/gather)" if np.ndim(bpt) else "")
 
@@ -124,7 +128,6 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
         raise click.UsageError(str(e)) from None
     res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
-    change = lambda a, b: f"{(a / b - 1) * 100:+.1f}%" if b else "-"
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
                f"on {topo}, {exchange} exchange, {dtype} rows of {_show_bytes(bpt)} bytes; volumes are rows per "
                f"iteration (forward)")
@@ -135,8 +138,8 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
             if (exchange == "node" or "pipelined" not in k) and (compute_ms is not None or "iter" not in k)]
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev"] + times,
-                     [[name, r["inter"], change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
-                       change(r["intra"], base["intra"]), r["mb_per_a2a"], r["moved_node"], r["moved_device"]] +
+                     [[name, r["inter"], _change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
+                       _change(r["intra"], base["intra"]), r["mb_per_a2a"], r["moved_node"], r["moved_device"]] +
                       [r[k] for k in keys] for name, r in res.items()]))
     n = steps - first
     if n > 1:   # does locality change as training goes on? consecutive recorded steps in `stages` groups
@@ -148,16 +151,12 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
         click.echo("by stage of training (inter-node tokens per step; change vs static):")
         click.echo(table(["training steps", "static"] + [n for n in per_step if n != "static"],
                          [[f"{g['steps'][0]}-{g['steps'][1]}", g["static"]["inter"]] +
-                          [change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
+                          [_change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
                           for g in res["by_stage"]]))
     _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
                                 dtype=dtype, bytes_per_token=int(np.max(bpt)),   # the heavier row, a number
                                 wire_bytes_per_row=dict(zip(("scatter", "gather"), np.broadcast_to(bpt, 2).tolist())),
                                 results=res))
-
-
-def _change(new, base):
-    return f"{(new / base - 1) * 100:+.1f}%" if base else "-"
 
 
 def _run_rows(name, res, skip):
@@ -813,7 +812,7 @@ def layer_cmd(json_path, virtual_world, **o):
                f"TFLOP/s counts the experts' matrix products only")
     click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",
                       "solver exposed ms", "gather inter", "gather intra", "moved dev"],
-                     [[n, m["ms"], f"{(m['ms'] / base - 1) * 100:+.1f}%", m["tflops"], m["a2a_ms"], m["solver_ms"],
+                     [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["solver_ms"],
                        m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
                       for n, m in med.items()]))
     _write_json(json_path, dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
@@ -868,7 +867,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
     rows = []
     for key, r in res.items():
         base = res["expert: half batch: static" if "half batch" in key else "expert: static"]
-        rows.append([key, r["inter"], f"{(r['inter'] / base['inter'] - 1) * 100:+.1f}%", r["intra"], r["a2a_ms"],
+        rows.append([key, r["inter"], _change(r["inter"], base["inter"]), r["intra"], r["a2a_ms"],
                      r["a2a_pipelined_ms"]])
     click.echo(table(["exchange: placement", "inter", "vs static expert", "intra", "A2A ms (Eq.1)",
                       "A2A ms, hops overlapped"], rows))
