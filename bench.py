@@ -73,6 +73,59 @@ def _show_bytes(bpt):
     return "/".join(map(str, np.atleast_1d(bpt))) + (" (scatter/gather)" if np.ndim(bpt) else "")
 
 
+def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", each=iter):
+    """MoEStats of every recorded step of a routing trace (train --trace) under each variant:
+    ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
+    put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
+    layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
+    (other batches), beside the contiguous layout on the same steps: what re-layout does live
+    from its last 4 batches; step 0 has no step before it to learn from, so it is not replayed.
+    exchange: what the All-to-Alls send (and the solver prices). each(steps) iterates over the
+    replayed steps (a caller's progress report)."""
+    route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
+    E = int(trace["num_experts"])
+    steps, L, I = route.shape[:3]
+    if I % topo.world or E % topo.world:
+        raise ValueError(f"the trace has I={I} samples and E={E} experts: both must split evenly over "
+                         f"topology {topo} ({topo.world} devices)")
+    if layout and steps < 2:
+        raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
+    first = 1 if layout else 0
+    nums = [[netmoe.count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
+    learned = lambda s: netmoe.expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
+                                              for l in range(L)], topo)
+    # name: (learned layout?, placement, the lookahead's routes of layer l + 1: none, predicted
+    # from layer l's input, or the true ones)
+    variants = {"static": (False, "static", None), "netmoe, no lookahead": (False, "netmoe", None),
+                "netmoe + lookahead": (False, "netmoe", "pred"), "netmoe + oracle next": (False, "netmoe", "oracle")}
+    if layout:
+        variants.update({"static + layout": (True, "static", None),
+                         "netmoe + lookahead + layout": (True, "netmoe", "pred")})
+    out = {name: [] for name in variants}
+    for s in each(range(first, steps)):
+        for lay in sorted({lay for lay, _, _ in variants.values()}):
+            layouts = learned(s) if lay else None
+            layers = netmoe.routings(route[s], topo, E, layouts, exchange)
+            nexts = dict(oracle=layers[1:], pred=netmoe.routings(pred[s, :-1], topo, E, layouts and layouts[1:], exchange))
+            for name, (l, placement, kind) in variants.items():
+                if l == lay:
+                    out[name].append(netmoe.replay(layers, topo, bytes_per_token, nexts.get(kind), placement))
+    return out, first
+
+
+def pair_traffic(num, sample_device, topo, expert_device=None):
+    """[J, J] tokens device j sends device k in the scatter when sample i sits on sample_device[i]
+    (the gather sends the transpose): the split sizes of one All-to-All of the expert exchange.
+    Its same-node, other-device entries sum to traffic()'s intra, its other-node entries to its inter."""
+    per_dev = netmoe.Routing.of(num, topo, expert_device).tokens[0]   # [I, J]
+    sd = np.asarray(sample_device)
+    if sd.shape != (len(per_dev),) or not np.issubdtype(sd.dtype, np.integer) or sd.min() < 0 or sd.max() >= topo.world:
+        raise ValueError(f"sample_device must give each of I={len(per_dev)} samples a device in [0, {topo.world})")
+    out = np.zeros((topo.world, topo.world), dtype=np.int64)
+    np.add.at(out, sd, per_dev)
+    return out
+
+
 def replay_means(stats, layers, bytes_per_token, compute_ms=None):
     """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given.
     bytes_per_token: of a row on the wire, or (scatter's, gather's)."""
@@ -122,7 +175,7 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
     try:
-        per_step, first = netmoe.replay_trace(t, topo, bpt, layout, exchange,
+        per_step, first = replay_trace(t, topo, bpt, layout, exchange,
                                               each=lambda steps: progress(steps, "replaying step"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -132,10 +185,11 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                f"on {topo}, {exchange} exchange, {dtype} rows of {_show_bytes(bpt)} bytes; volumes are rows per "
                f"iteration (forward)")
     # the node exchange's hops one after the other (as here), and overlapped (as a pipelined one)
-    times = ["A2A ms (Eq.1)"] + (["A2A ms, hops overlapped"] if exchange == "node" else [])
-    times += (["iter ms"] + (["iter ms, hops overlapped"] if exchange == "node" else [])) if compute_ms is not None else []
+    hops = netmoe.exchange_class(exchange).hops_in_sequence
+    times = ["A2A ms (Eq.1)"] + (["A2A ms, hops overlapped"] if hops else [])
+    times += (["iter ms"] + (["iter ms, hops overlapped"] if hops else [])) if compute_ms is not None else []
     keys = [k for k in ("a2a_ms", "a2a_pipelined_ms", "iter_ms", "iter_pipelined_ms")
-            if (exchange == "node" or "pipelined" not in k) and (compute_ms is not None or "iter" not in k)]
+            if (hops or "pipelined" not in k) and (compute_ms is not None or "iter" not in k)]
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev"] + times,
                      [[name, r["inter"], _change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
@@ -149,9 +203,10 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                                 **{name: replay_means(st[a:b], L, bpt) for name, st in per_step.items()})
                            for a, b in zip(bounds[:-1], bounds[1:])]
         click.echo("by stage of training (inter-node tokens per step; change vs static):")
-        click.echo(table(["training steps", "static"] + [n for n in per_step if n != "static"],
-                         [[f"{g['steps'][0]}-{g['steps'][1]}", g["static"]["inter"]] +
-                          [_change(g[n]["inter"], g["static"]["inter"]) for n in per_step if n != "static"]
+        base_name, *others = per_step   # the first variant, static EP, is the baseline
+        click.echo(table(["training steps", base_name] + others,
+                         [[f"{g['steps'][0]}-{g['steps'][1]}", g[base_name]["inter"]] +
+                          [_change(g[n]["inter"], g[base_name]["inter"]) for n in others]
                           for g in res["by_stage"]]))
     _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
                                 dtype=dtype, bytes_per_token=int(np.max(bpt)),   # the heavier row, a number
@@ -165,8 +220,8 @@ def _run_rows(name, res, skip):
     skip = c.get("skip_steps", c.get("warmup", 0)) if skip is None else skip
     runs = {p: train_gpt.summarize(r, skip, c.get("device_name", "")) for p, r in res["runs"].items()}
     model = f"H={c['hidden']} L={c['n_layer']}"
-    if set(runs) == {"static", "netmoe"}:
-        s, n = runs["static"], runs["netmoe"]
+    if tuple(runs) == train_gpt.COMPARED:
+        s, n = (runs[p] for p in train_gpt.COMPARED)
         return "compare", [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
                             f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
                             _change(n["intra"], s["intra"]), n["solver_exposed_ms"],
@@ -651,7 +706,7 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
             kind = "skewed"
         else:   # what NetMoE's gather sends, on counts with locality
             num = routed_num(rng, o["batch"] * J, 2 * J, S=o["tokens"] // (2 * o["batch"]))
-            T = netmoe.pair_traffic(num, netmoe.solve_placement(num, topo), topo).T
+            T = pair_traffic(num, netmoe.solve_placement(num, topo), topo).T
             kind = "netmoe gather"
         v = volume(T)
         cases.append(dict(kind=kind, intra_bytes=v["intra"] * bpt, inter_bytes=v["inter"] * bpt,
@@ -718,12 +773,9 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)
     virtual = dict(virtual_world=J) if world == 1 else {}
     layers = {}
-    for name in ("static", "netmoe, samples kept in place", "netmoe"):
+    for name in netmoe.PLACEMENTS:   # static, netmoe, and kept: all of NetMoE's work, then no move
         torch.manual_seed(0)
-        layer = netmoe.MoELayer(H, 4 * H, E, K, "static" if name == "static" else "netmoe", topology=topo,
-                                exchange=o["exchange"], **virtual)
-        layer.keep_in_place = "kept" in name   # all of NetMoE's work, then no move
-        layers[name] = layer.to(device)
+        layers[name] = netmoe.MoELayer(H, 4 * H, E, K, name, topology=topo, exchange=o["exchange"], **virtual).to(device)
     torch.manual_seed(1)
     nxt = netmoe.MoELayer(H, 4 * H, E, K, topology=topo, **virtual).to(device)   # for the lookahead
     g = torch.Generator().manual_seed(rank)
@@ -809,7 +861,7 @@ def layer_cmd(json_path, virtual_world, **o):
     click.echo(f"MoE layer fwd+bwd, H={o['hidden']}, S={o['seq_len']}, I={o['batch'] * J}, "
                f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}, {o['exchange']} exchange"
                f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
-               f"TFLOP/s counts the experts' matrix products only")
+               f"TFLOP/s counts the experts' matrix products only; kept: all of NetMoE's work, then every sample kept in place")
     click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",
                       "solver exposed ms", "gather inter", "gather intra", "moved dev"],
                      [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["solver_ms"],
@@ -846,15 +898,15 @@ def layouts_cmd(trace, topology, from_step, json_path):
                                                for l in range(L)], topology)
 
     def score(s, layouts, exchange, placement="netmoe", rows=slice(None)):
-        rs, ps = [route[s, l][rows] for l in range(L)], [pred[s, l][rows] for l in range(L - 1)]
-        return netmoe.replay([num(r) for r in rs], topology, _wire_bytes(t, exchange, dtype), layouts, None, placement,
-                             exchange, rs, ps)
+        layers = netmoe.routings([route[s, l][rows] for l in range(L)], topology, E, layouts, exchange)
+        nexts = netmoe.routings([pred[s, l][rows] for l in range(L - 1)], topology, E, layouts and layouts[1:], exchange)
+        return netmoe.replay(layers, topology, _wire_bytes(t, exchange, dtype), nexts, placement)
 
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
     for s in progress(late, "scoring step"):
         before = learn([(q, full) for q in range(max(0, s - 4), s)])
-        for exchange in ("expert", "node"):
+        for exchange in netmoe.EXCHANGES:
             for name, st in [("static", score(s, None, exchange, "static")), ("netmoe + lookahead", score(s, None, exchange)),
                              ("+ layout from the 4 steps before", score(s, before, exchange)),
                              ("+ layout from the same batch", score(s, learn([(s, full)]), exchange)),

@@ -23,6 +23,7 @@ E experts, K experts per token, S tokens per sample, H hidden size, B = I / J sa
 """
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -130,6 +131,13 @@ def node_counts(route, expert_node, nodes):
     return hit.scatter_(2, expert_node.long()[route.long()], True).sum(1)
 
 
+def _count_tokens(route, num_experts):
+    """count_tokens of numpy routes, without its checks: [I, S, K] -> [I, E] (replays, the planner)."""
+    I = route.shape[0]
+    flat = (np.arange(I)[:, None] * num_experts + route.reshape(I, -1)).ravel()
+    return np.bincount(flat, minlength=I * num_experts).reshape(I, num_experts)
+
+
 def _node_counts(route, expert_node, nodes):
     """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the
     host). A token's k-th choice counts where no earlier choice of it sits on the same node."""
@@ -138,6 +146,10 @@ def _node_counts(route, expert_node, nodes):
     slot = np.arange(I)[:, None, None] * nodes + at              # [I, S, K]: (sample, node) of each choice
     first = [np.all(at[..., k:k + 1] != at[..., :k], axis=2) for k in range(K)]   # k = 0: always
     return sum(np.bincount(slot[..., k][first[k]], minlength=I * nodes) for k in range(K)).reshape(I, nodes)
+
+
+# the same counts of routes on the host, in numpy (Routing.from_routes)
+HOST_OPS = types.SimpleNamespace(count_tokens=_count_tokens, node_counts=_node_counts)
 
 
 def dispatch_order(route, slot):
@@ -243,23 +255,93 @@ def exchange_class(exchange):
         raise ValueError(f"exchange must be {' or '.join(map(repr, EXCHANGES))}, got {exchange!r}") from None
 
 
-def _check_exchange(exchange, node_count, num, topo, ed, name="node_count"):
-    """(the exchange's class, the node counts it needs or None), node counts checked against num."""
-    cls = exchange_class(exchange)
-    if not cls.needs_node_counts:
-        if node_count is not None:
-            raise ValueError(f"{name} is only used by exchange='node'")
-        return cls, None
-    if node_count is None:
-        raise ValueError(f"exchange={exchange!r} needs {name} [I, N]: netmoe.node_counts(route, expert_device // G, N)")
-    nc = _check_num(node_count, topo, name)
-    if nc.shape != (num.shape[0], topo.nodes):
-        raise ValueError(f"{name} must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
-    per_node = _device_tokens(num, topo, ed)[1]
-    if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
-        raise ValueError(f"{name} does not fit the counts: a token counts on node n only if one of its "
-                         f"experts is there (compute it with the same expert layout)")
-    return cls, nc
+@dataclasses.dataclass(frozen=True, eq=False)
+class Routing:
+    """One layer's routing of the whole global batch as its exchange counts it (DeepEP's dispatch
+    layout): rows in slot order (rank-major, or by sample id in replays), under the expert map
+    expert_device on topo. Every split size of every All-to-All, and every cost Algorithm 1
+    prices, follows from it and a placement. A layer holds one for itself and one for the
+    lookahead's predicted next layer (under that layer's map) alike. Build one with
+    Routing.of(counts) or Routing.from_routes(routes); the exchange says what it needs (layout)."""
+    num: np.ndarray            # [I, E] (token, k) pairs of sample i routed to expert e (Eq. 2)
+    topo: Topology
+    expert_device: np.ndarray  # [E] device of expert e
+    exchange: type             # the exchange class whose rows these are (EXCHANGES)
+    nc: np.ndarray = None      # [I, N] node counts, where the exchange sends a row per (token, node)
+
+    @classmethod
+    def of(cls, num, topo, expert_device=None, exchange="expert", node_count=None, name="num"):
+        """A checked Routing from counts; node_count: node_counts of the same routes and layout,
+        for an exchange whose rows depend on each token's set of nodes (needs_routes)."""
+        num = _check_num(num, topo, name)
+        ed = _check_expert_device(expert_device, num.shape[1], topo.world)
+        ex = exchange_class(exchange)
+        if not ex.needs_routes:
+            if node_count is not None:
+                raise ValueError(f"node_count is only used by exchange={NodeExchange.name!r}")
+            return cls(num, topo, ed, ex)
+        if node_count is None:
+            raise ValueError(f"exchange={exchange!r} needs node_count [I, N]: netmoe.node_counts(route, "
+                             f"expert_device // G, N), or build the Routing with Routing.from_routes")
+        nc = _check_num(node_count, topo, "node_count")
+        if nc.shape != (num.shape[0], topo.nodes):
+            raise ValueError(f"node_count must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
+        per_node = _device_tokens(num, topo, ed)[1]
+        if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
+            raise ValueError("node_count does not fit the counts: a token counts on node n only if one of its "
+                             "experts is there (compute it with the same expert layout)")
+        return cls(num, topo, ed, ex, nc)
+
+    @classmethod
+    def from_routes(cls, route, topo, num_experts, expert_device=None, exchange="expert"):
+        """The Routing of routes [I, S, K] (numpy or torch; counted on the host), with whatever
+        counts the exchange needs (its `layout`)."""
+        route = _as_int_array(route, "route", 3)
+        if route.size and (route.min() < 0 or route.max() >= num_experts):
+            raise ValueError(f"route holds expert ids outside [0, {num_experts})")
+        ed = _check_expert_device(expert_device, num_experts, topo.world)
+        ex = exchange_class(exchange)
+        return cls(topo=topo, expert_device=ed, exchange=ex, **ex.layout(route, ed, topo, num_experts, HOST_OPS))
+
+    @functools.cached_property
+    def tokens(self):
+        """_device_tokens: [I, J] per device, [I, N] per node, [I] in all."""
+        return _device_tokens(self.num, self.topo, self.expert_device)
+
+    @functools.cached_property
+    def rows(self):
+        """What the exchange sends per tier for every place a sample could sit: inter [I, N],
+        intra [I, J], local [I, J] (the exchange's rows; Eq. 8's costs are the first two)."""
+        return self.exchange.rows(self.tokens, self.topo, self.nc)
+
+    @functools.cached_property
+    def slot(self):
+        """[E] device-major position of expert e: the order rows travel in."""
+        slot = np.empty(len(self.expert_device), dtype=np.int64)
+        slot[np.lexsort((np.arange(len(self.expert_device)), self.expert_device))] = np.arange(len(self.expert_device))
+        return slot
+
+    def by(self, order):
+        """The same routing with its samples in `order` (rows permuted)."""
+        return dataclasses.replace(self, num=self.num[order], nc=None if self.nc is None else self.nc[order])
+
+
+def routings(routes, topo, num_experts, layouts=None, exchange="expert"):
+    """Routing.from_routes of every layer: routes[l] [I, S, K] under layouts[l] (default contiguous)."""
+    layouts = [None] * len(routes) if layouts is None else layouts
+    return [Routing.from_routes(r, topo, num_experts, lay, exchange) for r, lay in zip(routes, layouts)]
+
+
+def _routing(num, topo, expert_device=None, name="num"):
+    """num as a Routing: a Routing as it is (on the same topology), or [I, E] counts for the
+    expert exchange (the cost model's public functions take either)."""
+    if not isinstance(num, Routing):
+        return Routing.of(num, topo, expert_device, name=name)
+    if not isinstance(topo, Topology) or (num.topo.nodes, num.topo.gpus_per_node) != (topo.nodes, topo.gpus_per_node):
+        raise ValueError(f"{name} is a Routing on {num.topo}, not on {topo}")
+    if expert_device is not None and not np.array_equal(np.asarray(expert_device), num.expert_device):
+        raise ValueError(f"{name} is a Routing under its own expert map: build it with that expert_device")
+    return num
 
 
 def _expert_rows(tokens, topo, nc=None):
@@ -282,16 +364,13 @@ def _node_rows(tokens, topo, nc):
     return nc.sum(1)[:, None] - nc, total[:, None] - local, local
 
 
-def placement_costs(num, topo, expert_device=None, exchange="expert", node_count=None):
+def placement_costs(num, topo, expert_device=None):
     """Eq. 8. c[i, n]: rows of sample i that cross nodes if it sits on node n; c_intra[i, j]: rows
-    that cross devices inside a node if it sits on device j. Expert exchange: tokens whose experts
-    are NOT on node n, and on Node(j) but not on j. Node exchange (node_count: node_counts of the
-    same routes and layout): one row per (token, node other than n) it needs, and the rows the
-    NVLink hops move on every node (see _node_rows)."""
-    num = _check_num(num, topo)
-    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
-    return cls.rows(_device_tokens(num, topo, ed), topo, nc)[:2]
+    that cross devices inside a node if it sits on device j. num: [I, E] counts (the expert
+    exchange: tokens whose experts are NOT on node n, and on Node(j) but not on j), or a Routing
+    of any exchange (the node exchange: one row per (token, node other than n) it needs, and the
+    rows the NVLink hops move on every node, see _node_rows)."""
+    return _routing(num, topo, expert_device).rows[:2]
 
 
 def _check_sample_device(sd, I, topo, name="sample_device"):
@@ -301,28 +380,13 @@ def _check_sample_device(sd, I, topo, name="sample_device"):
     return sd
 
 
-def traffic(num, sample_device, topo, expert_device=None, exchange="expert", node_count=None):
+def traffic(num, sample_device, topo, expert_device=None):
     """Eq. 3-4: rows that stay on their device / cross devices inside a node / cross nodes, when
-    sample i sits on sample_device[i]. Scatter and gather move the same rows. For the node
-    exchange inter counts its rail rows, intra and local its NVLink rows (forwarding included)."""
-    num = _check_num(num, topo)
-    sd = _check_sample_device(sample_device, num.shape[0], topo)
-    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
-    return _traffic(cls.rows(_device_tokens(num, topo, ed), topo, nc), sd, topo)
-
-
-def pair_traffic(num, sample_device, topo, expert_device=None):
-    """[J, J] tokens device j sends device k in the scatter when sample i sits on sample_device[i]
-    (the gather sends the transpose): the split sizes of one All-to-All of the expert exchange.
-    Its same-node, other-device entries sum to traffic()'s intra, its other-node entries to its inter."""
-    num = _check_num(num, topo)
-    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    sd = _check_sample_device(sample_device, num.shape[0], topo)
-    per_dev = _device_tokens(num, topo, ed)[0]   # [I, J]
-    out = np.zeros((topo.world, topo.world), dtype=np.int64)
-    np.add.at(out, sd, per_dev)
-    return out
+    sample i sits on sample_device[i]. Scatter and gather move the same rows. num: counts or a
+    Routing; for the node exchange inter counts its rail rows, intra and local its NVLink rows
+    (forwarding included)."""
+    r = _routing(num, topo, expert_device)
+    return _traffic(r.rows, _check_sample_device(sample_device, r.num.shape[0], topo), topo)
 
 
 def _traffic(volumes, sample_device, topo):
@@ -367,54 +431,104 @@ def _assign(cost, groups, method):
     return col // (n // groups)
 
 
-def solve_placement(num, topo, num_next=None, expert_device=None, method="capacitated",
-                    expert_device_next=None, exchange="expert", node_count=None, node_count_next=None):
+def solve_placement(num, topo, num_next=None, expert_device=None, method="capacitated", expert_device_next=None):
     """Algorithm 1's Solve: the device each sample goes to in this layer's gather.
 
     Stage 1 puts I/N samples on every node, minimising the summed inter-node cost c (Eq. 8) of this
     gather plus, with lookahead, the next layer's predicted scatter. Stage 2 spreads each node's
     samples over its G devices, I/J each, minimising the summed intra-node cost c_intra. Both are
     exact (capacitated assignment; `method="km"` solves the paper's expanded I x I matrices,
-    `method="scipy"` the same with scipy, for benchmarks). exchange="node" prices the rows of the
-    node exchange; it needs node_count (node_counts of this layer's routes under expert_device)
-    and, with num_next, node_count_next (of the predicted routes under expert_device_next).
+    `method="scipy"` the same with scipy, for benchmarks). num and num_next: [I, E] counts (the
+    expert exchange, under expert_device and expert_device_next), or Routings of one exchange,
+    each under its own layer's expert map (the node exchange's needs routes: Routing.from_routes).
     Integer input and fixed tie-breaking make every rank compute the same dest."""
-    num = _check_num(num, topo)
-    I, E = num.shape
-    J = topo.world
+    r = _routing(num, topo, expert_device)
+    I, J = r.num.shape[0], topo.world
     if I == 0 or I % J:
         raise ValueError(f"I={I} samples cannot be split over J={J} devices; "
                          f"use a global batch divisible by {J}")
     if method not in ("capacitated", "km", "scipy"):
         raise ValueError(f"method must be 'capacitated', 'km' or 'scipy', got {method!r}")
-    ed = _check_expert_device(expert_device, E, J)
-    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
-    nc_next = None
+    nxt = None
     if num_next is not None:
-        num_next = _check_num(num_next, topo, "num_next")
-        if num_next.shape != num.shape:
-            raise ValueError(f"num_next has shape {num_next.shape}, num has {num.shape}")
-        expert_device_next = ed if expert_device_next is None else _check_expert_device(expert_device_next, E, J)
-        nc_next = _check_exchange(exchange, node_count_next, num_next, topo, expert_device_next, "node_count_next")[1]
-    elif node_count_next is not None:
-        raise ValueError("node_count_next prices the next layer's scatter: pass num_next with it")
-    return _solve(num, topo, num_next, ed, expert_device_next, method, cls.rows, nc, nc_next)
+        nxt = _routing(num_next, topo, r.expert_device if expert_device_next is None and not isinstance(num_next, Routing)
+                       else expert_device_next, "num_next")
+        if nxt.num.shape != r.num.shape:
+            raise ValueError(f"num_next has shape {nxt.num.shape}, num has {r.num.shape}")
+        if nxt.exchange is not r.exchange:
+            raise ValueError(f"num_next must be counted for the {r.exchange.name} exchange as num is "
+                             f"(a Routing of the next layer's routes, Routing.from_routes)")
+    return _solve(r, nxt, method)
 
 
-def _solve(num, topo, num_next, ed, ed_next, method="capacitated", rows=_expert_rows, nc=None, nc_next=None):
-    """solve_placement without the checks, for callers that built valid input themselves (rows:
-    what the exchange sends per tier, as _expert_rows; nc, nc_next: node counts where it needs them)."""
-    c, c_intra, _ = rows(_device_tokens(num, topo, ed), topo, nc)
-    if num_next is not None:
-        cn, cn_intra, _ = rows(_device_tokens(num_next, topo, ed_next), topo, nc_next)
+def _solve(routing, routing_next=None, method="capacitated"):
+    """solve_placement without the checks, for callers that built valid Routings themselves."""
+    c, c_intra, _ = routing.rows
+    if routing_next is not None:
+        cn, cn_intra, _ = routing_next.rows
         c, c_intra = c + cn, c_intra + cn_intra
+    topo, G = routing.topo, routing.topo.gpus_per_node
     node = _assign(c, topo.nodes, method)
-    dest = np.empty(len(num), dtype=np.int64)
-    G = topo.gpus_per_node
+    dest = np.empty(len(c), dtype=np.int64)
     for n in range(topo.nodes):
         members = np.flatnonzero(node == n)
         dest[members] = n * G + _assign(c_intra[members, n * G:(n + 1) * G], G, method)
     return dest
+
+
+def static_placement(I, J):
+    """The baseline (FastMoE-style EP): sample slot p stays on device p // (I/J)."""
+    return np.arange(I) // (I // J)
+
+
+class Placement:
+    """Where a layer's gather delivers each sample: dest [I], a device per sample (rows as the
+    Routing's), from this layer's Routing and the lookahead's of the next layer. A class each,
+    chosen once by name (PLACEMENTS), as exchanges are. The base class is static EP."""
+    name = "static"
+    solves = False          # runs Algorithm 1's Solve, overlapped with the scatter and the experts
+    moves_samples = False   # its gathers may put samples elsewhere, so expert layouts change its volumes
+
+    def __init__(self, lookahead=True):
+        self.lookahead = lookahead and self.solves   # whether it prices the next layer's scatter
+
+    def dest(self, routing, routing_next, here):
+        """here[i]: the device sample i sits on now. Static EP (FastMoE-style): every sample goes
+        back where it came from."""
+        return here
+
+
+class NetMoE(Placement):
+    """The paper's: Algorithm 1's two exact stages, on this gather plus, with lookahead, the next
+    layer's predicted scatter."""
+    name = "netmoe"
+    solves = moves_samples = True
+
+    def dest(self, routing, routing_next, here):
+        return _solve(routing, routing_next if self.lookahead else None)
+
+
+class KeptInPlace(NetMoE):
+    """All of NetMoE's work (counts, lookahead, solve), then every sample stays where it is: what
+    NetMoE's bookkeeping costs beside static EP (benchmarks), with static EP's volumes."""
+    name = "kept"
+    moves_samples = False
+
+    def dest(self, routing, routing_next, here):
+        super().dest(routing, routing_next, here)
+        return here
+
+
+# every placement by the name the layer, the replays and the command lines know it by
+PLACEMENTS = {cls.name: cls for cls in (Placement, NetMoE, KeptInPlace)}
+
+
+def placement_class(placement):
+    """The placement registered under this name in PLACEMENTS."""
+    try:
+        return PLACEMENTS[placement]
+    except (KeyError, TypeError):
+        raise ValueError(f"placement must be {' or '.join(map(repr, PLACEMENTS))}, got {placement!r}") from None
 
 
 def _partition(A, groups):
@@ -516,100 +630,29 @@ def _align(group, d, prev_p, prev_of, k):
     return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
 
 
-def replay(nums, topo, bytes_per_token, layouts=None, nexts=None, placement="netmoe", exchange="expert",
-           routes=None, next_routes=None):
-    """MoEStats of one batch through consecutive MoE layers (nums: per layer [I, E] counts, rows
-    by sample id): samples start where the data loader put them and follow each layer's gather.
-    layouts: per-layer expert maps (default contiguous); nexts: per layer the counts its gather
-    prices the next layer's scatter with (predicted or true; None: no lookahead).
-    routes: per layer [I, S, K], rows by sample id (nums must be their counts); next_routes: per
-    layer the routes of the next layer that nexts counts (the last layer's are not read), in place
-    of nexts. exchange="node" needs them: its rows depend on each layer's expert map."""
-    L = len(nums)
-    E, G = np.shape(nums[0])[1], topo.gpus_per_node
-    by_node = exchange_class(exchange).needs_node_counts
-    if placement not in ("netmoe", "static"):
-        raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
-    layouts = [_check_expert_device(ed, E, topo.world) for ed in (layouts or [None] * L)]
-    if by_node and routes is None:
-        raise ValueError(f"exchange={exchange!r} needs routes: per layer [I, S, K], rows by sample id")
-    if by_node and nexts is not None and next_routes is None:
-        raise ValueError(f"exchange={exchange!r} with lookahead needs next_routes (the routes nexts counts)")
-    for name, given, counts in (("routes", routes, nums), ("next_routes", next_routes, nexts)):
-        if given is None:
-            continue
-        if len(given) != L and not (name == "next_routes" and len(given) == L - 1):
-            raise ValueError(f"{name} must hold one [I, S, K] array per layer ({L}), got {len(given)}")
-        derived = [count_tokens(r, E).numpy() for r in given[:L - 1 if name == "next_routes" else L]]
-        if counts is not None and any(not np.array_equal(d, c) for d, c in zip(derived, counts)):
-            raise ValueError(f"{'nums' if name == 'routes' else 'nexts'} are not the counts of {name}")
-        if name == "next_routes":
-            nexts = derived + [None]
-    ncs, nc_nexts = [None] * L, [None] * L
-    if by_node:
-        ncs = [node_counts(routes[l], layouts[l] // G, topo.nodes).numpy() for l in range(L)]
-        if next_routes is not None:
-            nc_nexts = [node_counts(next_routes[l], layouts[l + 1] // G, topo.nodes).numpy() for l in range(L - 1)]
-    nums = [_check_num(n, topo) for n in nums]
-    if nexts is not None:   # what solve_placement checks of num_next, for each layer that reads one
-        nexts = [None if n is None else _check_num(n, topo, "nexts") for n in nexts]
-        if any(n is not None and n.shape != nums[0].shape for n in nexts[:L - 1]):
-            raise ValueError(f"nexts must be [I, E] counts like nums, {nums[0].shape}")
-    return _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, ncs, nc_nexts)
-
-
-def _replay(nums, topo, bytes_per_token, layouts, nexts, placement, exchange, ncs, nc_nexts):
-    """replay without its checks, on node counts the caller computed (ncs[l] under layouts[l];
-    nc_nexts[l], of the routes nexts[l] counts, under layouts[l + 1])."""
-    I, L, rows = len(nums[0]), len(nums), exchange_class(exchange).rows
-    cur, acc = static_placement(I, topo.world), MoEStats()
-    for l, num in enumerate(nums):
-        if placement == "static":
-            dest = static_placement(I, topo.world)
-        else:
-            nxt = nexts[l] if nexts is not None and l + 1 < L else None
-            dest = _solve(num, topo, nxt, layouts[l], layouts[min(l + 1, L - 1)], "capacitated", rows, ncs[l],
-                          nc_nexts[l] if nxt is not None else None)
-        acc += _layer_stats(rows(_device_tokens(num, topo, layouts[l]), topo, ncs[l]), cur, dest, topo,
-                            bytes_per_token, exchange)
+def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe"):
+    """MoEStats of one batch through consecutive MoE layers: layers[l] is layer l's Routing (or
+    [I, E] counts: the expert exchange, contiguous experts), rows by sample id; samples start
+    where the data loader put them and follow each layer's gather. nexts[l]: what layer l's gather
+    prices the next layer's scatter with (the predicted or true routing of layer l + 1, under its
+    map; the last layer's is not read); None: no lookahead. routings() builds them from routes."""
+    policy = placement_class(placement)(lookahead=nexts is not None)
+    layers = [_routing(r, topo, name="layers") for r in layers]
+    L = len(layers)
+    if not L or any(r.num.shape != layers[0].num.shape or r.exchange is not layers[0].exchange for r in layers):
+        raise ValueError("layers must give every layer the same samples and experts, counted for one exchange")
+    if nexts is not None:
+        if len(nexts) not in (L, L - 1):
+            raise ValueError(f"nexts must hold one routing per layer ({L}), or one fewer, got {len(nexts)}")
+        nexts = [_routing(r, topo, name="nexts") for r in nexts[:L - 1]]
+        if any(r.num.shape != layers[0].num.shape or r.exchange is not layers[0].exchange for r in nexts):
+            raise ValueError(f"nexts must be [I, E] counts like layers, {layers[0].num.shape}, for the same exchange")
+    cur, acc = static_placement(len(layers[0].num), topo.world), MoEStats()
+    for l, r in enumerate(layers):
+        dest = policy.dest(r, nexts[l] if nexts is not None and l + 1 < L else None, cur)
+        acc += _layer_stats(r, cur, dest, bytes_per_token)
         cur = dest
     return acc
-
-
-def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", each=iter):
-    """MoEStats of every recorded step of a routing trace (train --trace) under each placement:
-    ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
-    put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
-    layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
-    (other batches), beside the contiguous layout on the same steps: what re-layout does live
-    from its last 4 batches. exchange: what the All-to-Alls send (and the solver prices).
-    each(steps) iterates over the replayed steps (a caller's progress report)."""
-    route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
-    E = int(trace["num_experts"])
-    steps, L, I = route.shape[:3]
-    if I % topo.world or E % topo.world:
-        raise ValueError(f"the trace has I={I} samples and E={E} experts: both must split evenly over "
-                         f"topology {topo} ({topo.world} devices)")
-    if layout and steps < 2:
-        raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
-    nums = [[count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
-    first = 1 if layout else 0
-    learned = lambda s: expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
-                                       for l in range(L)], topo)
-    variants = {"static": (False, "static", None), "netmoe, no lookahead": (False, "netmoe", None),
-                "netmoe + lookahead": (False, "netmoe", "pred"), "netmoe + oracle next": (False, "netmoe", "oracle")}
-    if layout:
-        variants.update({"static + layout": (True, "static", None),
-                         "netmoe + lookahead + layout": (True, "netmoe", "pred")})
-    # the lookahead's routes of layer l + 1: predicted from layer l's input, or the true ones
-    nexts = lambda s, kind: list(route[s, 1:]) if kind == "oracle" else list(pred[s, :-1]) if kind == "pred" else None
-    out = {name: [] for name in variants}
-    for s in each(range(first, steps)):
-        layouts = learned(s) if layout else None
-        for name, (lay, placement, kind) in variants.items():
-            out[name].append(replay(nums[s], topo, bytes_per_token, layouts if lay else None, None, placement,
-                                    exchange, list(route[s]), nexts(s, kind)))
-    return out, first
 
 
 def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon, exchange="expert", routes=None):
@@ -623,32 +666,27 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
     was not learned from (leave one out): a layout always fits the batches it was learned on
     better than the next ones; each batch's true next-layer routing stands in for the lookahead's
     prediction."""
-    by_node = exchange_class(exchange).needs_node_counts
-    if by_node and (routes is None or [len(r) for r in routes] != [len(r) for r in recent]):
+    cls = exchange_class(exchange)
+    if cls.needs_routes and (routes is None or [len(r) for r in routes] != [len(r) for r in recent]):
         raise ValueError(f"exchange={exchange!r} prices layouts from routes: pass routes[layer][batch] for the "
                          f"batches recent counts")
-    n, L, G = len(recent[0]), len(recent), topo.gpus_per_node
+    n, L, E = len(recent[0]), len(recent), recent[0][0].shape[1]
     stack = lambda ks: [np.concatenate([batches[k] for k in ks]) for batches in recent]
     layouts = expert_layout(stack(range(n)), topo, current=current)
-    current = [_check_expert_device(ed, recent[0][0].shape[1], topo.world) for ed in current]
+    current = [_check_expert_device(ed, E, topo.world) for ed in current]
     saving_ms = 0.0
     for k in range(n):
         trial = expert_layout(stack([j for j in range(n) if j != k] or [k]), topo, current=current)
-        batch = [batches[k] for batches in recent]
 
-        def cost(lay):   # the next layer's true counts, and routes, stand in for the lookahead's
-            ncs = [_node_counts(r[k], lay[l] // G, topo.nodes) for l, r in enumerate(routes)] if by_node else [None] * L
-            return _replay(batch, topo, bytes_per_token, lay, batch[1:], "netmoe", exchange, ncs, ncs[1:]).a2a_model_ms
+        def cost(lay):   # the next layer's true routing stands in for the lookahead's
+            rs = [Routing.from_routes(routes[l][k], topo, E, lay[l], exchange) if cls.needs_routes
+                  else Routing(recent[l][k], topo, lay[l], cls) for l in range(L)]
+            return replay(rs, topo, bytes_per_token, rs[1:]).a2a_model_ms
         saving_ms += (cost(current) - cost(trial)) / n
     moving = sum(int((new != cur).sum()) for cur, new in zip(current, layouts))
     cost_ms = moving * ms_per_expert
     return dict(layouts=layouts, moving=moving, saving_ms=saving_ms, cost_ms=cost_ms, horizon=horizon,
                 apply=saving_ms * horizon > cost_ms)
-
-
-def static_placement(I, J):
-    """The baseline (FastMoE-style EP): sample slot p stays on device p // (I/J)."""
-    return np.arange(I) // (I // J)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,19 +747,6 @@ class AllToAll(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class Routing:
-    """What every rank knows of one layer's routing of the whole global batch (rows in slot order,
-    rank-major), under the expert map it was counted with: every split size of every All-to-All
-    follows from it and the placement, so only each row's token position travels."""
-    num: np.ndarray            # [I, E] (token, k) pairs of sample i routed to expert e (Eq. 2)
-    nc: np.ndarray             # [I, N] node counts where the exchange needs them (else None)
-    tokens: tuple              # _device_tokens(num): [I, J] per device, [I, N] per node, [I] in all
-    expert_device: np.ndarray  # [E] device of expert e
-    slot: np.ndarray           # [E] device-major position of expert e
-    local_experts: np.ndarray  # the experts this rank holds, in slot order (all E in one process)
-
-
-@dataclasses.dataclass(frozen=True)
 class Dispatch:
     """What a scatter returns and its gather takes back: the rows on the experts' side, and what
     it takes to send each one back."""
@@ -762,10 +787,15 @@ class Exchange:
     """In one process, all E experts here (virtual_world, or a world of one): the scatter is a
     reordering of the (token, k) rows by expert, the gather adds each token's K rows into its
     sample's new slot, device-major, as J devices would. The base of the expert-parallel
-    exchanges, and their interface: scatter(x, g, route, routing) -> Dispatch; gather(y,
-    dispatch, dest) -> (out [B, S, H], keep), keep[q] the old slot of the sample now in slot q.
-    Plain objects, not modules: they hold no weights. `priced` is the exchange whose rows the cost
-    model counts: its own class, or in one process the exchange it stands for."""
+    exchanges, and their interface, torchtitan's and Megatron's dispatchers' shape:
+    run(x, g, route, routing, experts, solve) -> (out [B, S, H], keep, dest) takes a layer's rows
+    to the experts, has `experts` compute them, and brings them back to the placement that
+    solve.result() gives, keep[q] the old slot of the sample now in slot q. It is built of
+    scatter(x, g, route, routing) -> Dispatch and gather(y, dispatch, dest) -> (out, keep); how
+    an exchange's hops overlap with each other and with the experts is its own business, not the
+    layer's. Plain objects, not modules: they hold no weights. `priced` is the exchange whose rows
+    the cost model counts and whose Routing the layer builds: its own class, or in one process
+    the exchange it stands for."""
 
     def __init__(self, topo, rank=0, group=None, debug=False, priced=None):
         self.topo, self.J, self.rank, self.group, self.debug = topo, topo.world, rank, group, debug
@@ -776,12 +806,22 @@ class Exchange:
         self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
         self.sent_bytes = dict(scatter=0, gather=0)
 
+    def run(self, x, g, route, routing, experts, solve):
+        d = self.scatter(x, g, route, routing)
+        y = experts(d)
+        dest = solve.result()
+        return (*self.gather(y, d, dest), dest)
+
+    def local_experts(self, routing):
+        """The experts this rank holds, in slot order (all E in one process)."""
+        return np.argsort(routing.slot, kind="stable")
+
     def scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         slot = torch.as_tensor(routing.slot, device=x.device)
         order = hot_path(x.device).dispatch_order(route, slot)
         return Dispatch(x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
-                        routing.num.sum(0)[routing.local_experts].tolist(), order // (S * K), order % (S * K),
+                        routing.num.sum(0)[self.local_experts(routing)].tolist(), order // (S * K), order % (S * K),
                         (B, S, H), K, routing, grouped=True)
 
     def gather(self, y, d, dest):
@@ -799,9 +839,19 @@ class ExpertExchange(Exchange):
     receiver names every row's sample and expert from num alone (every rank holds it); only the
     position s*K+k travels, as int32 bits beside x and the gate weight."""
     name = "expert"
-    needs_node_counts = False   # its rows follow from num alone
+    needs_routes = False        # its rows follow from num alone
     hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
     rows = staticmethod(_expert_rows)
+
+    @staticmethod
+    def layout(route, expert_device, topo, num_experts, ops):
+        """What this exchange's Routing holds, from routes [I, S, K] (DeepEP's get_dispatch_layout),
+        with ops' counts (the kernels, their torch references, or HOST_OPS): num."""
+        return dict(num=ops.count_tokens(route, num_experts))
+
+    def local_experts(self, routing):
+        per = len(routing.slot) // self.J
+        return super().local_experts(routing)[self.rank * per:(self.rank + 1) * per]
 
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
@@ -811,15 +861,15 @@ class ExpertExchange(Exchange):
     def scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
-        I, dev = num.shape[0], x.device
+        I, dev, local = num.shape[0], x.device, self.local_experts(routing)
         order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
         payload = _with_ints(torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype)], 1),
                              order % (S * K))
         recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
-        cnt = num[:, routing.local_experts].reshape(J, B, -1).transpose(0, 2, 1)
+        cnt = num[:, local].reshape(J, B, -1).transpose(0, 2, 1)
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
-        n_rows, n_local = int(cnt.sum()), len(routing.local_experts)   # output_size: no device sync
+        n_rows, n_local = int(cnt.sum()), len(local)   # output_size: no device sync
         expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
             reps, output_size=n_rows)
         src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
@@ -864,9 +914,16 @@ class NodeExchange(ExpertExchange):
     one partial sum per (token, node) across. Samples sit in slot order, so sample p is on rail
     (p // B) % G. This rank is device gl of node n."""
     name = "node"
-    needs_node_counts = True    # one rail row per (token, node): node_counts, not num, say how many
+    needs_routes = True         # one rail row per (token, node): node_counts of the routes, not num, say how many
     hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
     rows = staticmethod(_node_rows)
+
+    @staticmethod
+    def layout(route, expert_device, topo, num_experts, ops):
+        """num, and the node counts nc of the same routes under expert_device."""
+        node = expert_device // topo.gpus_per_node
+        node = torch.as_tensor(node, device=route.device) if torch.is_tensor(route) else node
+        return dict(num=ops.count_tokens(route, num_experts), nc=ops.node_counts(route, node, topo.nodes))
 
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
@@ -922,9 +979,10 @@ class NodeExchange(ExpertExchange):
                           np.where(node, rail_dev[ranks % G, r], 0))
         # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
         members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
-        cnt = num[:, routing.local_experts][members].transpose(0, 2, 1)   # [g', local expert, sample]
+        local = self.local_experts(routing)
+        cnt = num[:, local][members].transpose(0, 2, 1)   # [g', local expert, sample]
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
-        n_rows, n_local = int(cnt.sum()), len(routing.local_experts)
+        n_rows, n_local = int(cnt.sum()), len(local)
         expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
             reps, output_size=n_rows)
         src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
@@ -991,7 +1049,7 @@ def make_exchange(name, topo, virtual=False, rank=0, group=None, debug=False):
     On one node the node exchange has no rail hop: it sends the expert exchange's rows, so that
     one runs (and both give identical results)."""
     cls = exchange_class(name)
-    if cls.needs_node_counts and topo.nodes == 1:
+    if cls.needs_routes and topo.nodes == 1:
         cls = ExpertExchange
     if virtual or topo.world == 1:
         return Exchange(topo, priced=cls)
@@ -1029,22 +1087,21 @@ class MoEStats:
         return out
 
 
-def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, exchange="expert", node_count=None):
+def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
     """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
     gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four exchanges (forward
     and backward), and the samples moved. What the layer records, for replays and planning.
-    bytes_per_token: bytes of a row on the wire, or (scatter's, gather's) as the exchange's
-    wire_bytes gives them. exchange="node" needs node_count, as placement_costs does."""
-    num = _check_num(num, topo)
-    ed = _check_expert_device(expert_device, num.shape[1], topo.world)
-    cls, nc = _check_exchange(exchange, node_count, num, topo, ed)
-    cur = _check_sample_device(cur, num.shape[0], topo, "cur")
-    dest = _check_sample_device(dest, num.shape[0], topo, "dest")
-    return _layer_stats(cls.rows(_device_tokens(num, topo, ed), topo, nc), cur, dest, topo, bytes_per_token, exchange)
+    num: counts or a Routing (any exchange); bytes_per_token: bytes of a row on the wire, or
+    (scatter's, gather's) as the exchange's wire_bytes gives them."""
+    r = _routing(num, topo, expert_device)
+    cur = _check_sample_device(cur, r.num.shape[0], topo, "cur")
+    dest = _check_sample_device(dest, r.num.shape[0], topo, "dest")
+    return _layer_stats(r, cur, dest, bytes_per_token)
 
 
-def _layer_stats(volumes, cur, dest, topo, bytes_per_token, exchange="expert"):
-    scatter, gather = _traffic(volumes, cur, topo), _traffic(volumes, dest, topo)
+def _layer_stats(routing, cur, dest, bytes_per_token):
+    topo, exchange = routing.topo, routing.exchange.name
+    scatter, gather = _traffic(routing.rows, cur, topo), _traffic(routing.rows, dest, topo)
     phases = tuple(zip((scatter, gather), bytes_per_token if np.ndim(bytes_per_token) else (bytes_per_token,) * 2))
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
@@ -1060,33 +1117,39 @@ def _timed(fn, *args):
 
 
 class _Solve:
-    """Algorithm 1's Solve, overlapped with the scatter and the experts. On CPU those run in the
-    caller's thread, so the solver gets its own (km releases the GIL). On GPU they are queued
-    kernels: solving inline in result(), once they are queued, overlaps them without the two
-    threads trading the GIL."""
+    """One layer's placement, overlapped with the scatter and the experts where it solves
+    (Algorithm 1). On CPU those run in the caller's thread, so the solver gets its own (km
+    releases the GIL). On GPU they are queued kernels: solving inline in result(), once they are
+    queued, overlaps them without the two threads trading the GIL. result() gives dest (a device
+    per sample slot); seconds and exposed then say how long it solved and how long the caller
+    waited for it."""
 
-    def __init__(self, args, order, inline):
+    def __init__(self, placement, routing, routing_next, here, order, inline):
         # rows in sample-id order (`order`): ties then break the same way wherever the samples
         # sit, so a replay of the same routing (netmoe.replay) finds the same placements
-        self.args = [a[order] if isinstance(a, np.ndarray) and a.ndim == 2 else a for a in args]
-        self.order, self.inline = order, inline
-        self.future = None if inline else _SOLVER.submit(_timed, _solve, *self.args)
+        self.args = (routing.by(order), None if routing_next is None else routing_next.by(order), here[order])
+        self.placement, self.order, self.inline = placement, order, inline or not placement.solves
+        self.future = None if self.inline else _SOLVER.submit(_timed, placement.dest, *self.args)
+        self.dest, self.seconds, self.exposed = None, 0.0, 0.0
 
     def result(self):
-        """(dest, seconds of solving, seconds the caller waited for it)."""
-        if self.inline:
+        if self.dest is not None:
+            return self.dest
+        if not self.placement.solves:
+            by_id = self.placement.dest(*self.args)
+        elif self.inline:
             queued = torch.cuda.Event()
             queued.record()
-            by_id, seconds = _timed(_solve, *self.args)
+            by_id, self.seconds = _timed(self.placement.dest, *self.args)
             # an upper bound: all of it counts as exposed if the GPU ran dry before it finished
-            exposed = seconds if queued.query() else 0.0
+            self.exposed = self.seconds if queued.query() else 0.0
         else:
             t = time.perf_counter()
-            by_id, seconds = self.future.result()
-            exposed = time.perf_counter() - t
-        dest = np.empty_like(by_id)
-        dest[self.order] = by_id
-        return dest, seconds, exposed
+            by_id, self.seconds = self.future.result()
+            self.exposed = time.perf_counter() - t
+        self.dest = np.empty_like(by_id)
+        self.dest[self.order] = by_id
+        return self.dest
 
 
 def _same_everywhere(array, group):
@@ -1103,8 +1166,10 @@ class MoELayer(nn.Module):
 
     x [B, S, H] is the residual stream of the B samples this rank holds (global ids sid [B]);
     y = x + MoE(LN(x)) for the B samples it holds afterwards (ids sid'), aux the Switch
-    load-balance loss. Each rank holds E/J experts. placement="static" is plain EP: the same code
-    with every sample returned to where it came from. virtual_world=J runs in one process with all
+    load-balance loss. Each rank holds E/J experts. placement names where the gather delivers
+    samples (PLACEMENTS): "netmoe", Algorithm 1 (lookahead: also pricing the next layer's
+    predicted scatter); "static", plain EP, the same code with every sample returned to where it
+    came from; "kept", NetMoE's work and then static's placement (benchmarks). virtual_world=J runs in one process with all
     E experts, computing placements and volumes exactly as J devices would (the reference model).
     exchange names how rows travel (EXCHANGES): "expert", one row per (token, expert) straight to
     the expert's device and back; "node", one row per (token, remote node) to the rail peer there,
@@ -1116,8 +1181,6 @@ class MoELayer(nn.Module):
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
                  exchange="expert"):
         super().__init__()
-        if placement not in ("netmoe", "static"):
-            raise ValueError(f"placement must be 'netmoe' or 'static', got {placement!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -1132,7 +1195,8 @@ class MoELayer(nn.Module):
                              f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
         self.exchange = make_exchange(exchange, self.topo, self.virtual, self.rank, group, debug)
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
-        self.placement, self.lookahead, self.group, self.debug = placement, lookahead, group, debug
+        self.placement = placement_class(placement)(lookahead)
+        self.group, self.debug = group, debug
         self.set_expert_device(_check_expert_device(expert_device, num_experts, self.J))
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
@@ -1143,11 +1207,11 @@ class MoELayer(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(n_local, hidden))
         for p in (self.w1, self.b1, self.w2, self.b2):
             p.expert = True   # not averaged over ranks: each rank owns its experts
-        self.keep_in_place = False   # benchmarks: do all of NetMoE's work, then keep samples in place
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
         self.last_routes = None
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats = MoEStats()
+        self._checked_batch = None   # the batch size every rank was last seen to hold
         self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
 
     def set_expert_device(self, expert_device):
@@ -1232,50 +1296,49 @@ class MoELayer(nn.Module):
         predicts its scatter, which the placement then prices with its expert map)."""
         B, S, H = self._check_input(x, sid)
         sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
-        # 1. Gate; and the lookahead (paper Sec. 3.3)
+        # 1. Gate; and the lookahead (paper Sec. 3.3): the next layer's gate on this input
         probs, g, route = self.route(x)
-        lookahead = self.placement == "netmoe" and self.lookahead and next_layer is not None
-        pred = None
-        if next_layer is not None and (lookahead or self.record):
-            with torch.no_grad():   # softmax keeps the order: top-K of the logits
-                pred = next_layer.logits(x).topk(next_layer.top_k, dim=-1)[1]
+        lookahead = self.placement.lookahead and next_layer is not None
+        pred = self._predict(x, next_layer) if next_layer is not None and (lookahead or self.record) else None
         if self.record:
             self.last_routes = (sid, route, pred)
-        # 2. Counts of every sample of the global batch (Eq. 2; node counts where the exchange
-        #    needs them): all split sizes follow from them
-        routing, num_next, nc_next, sid_all = self._all_counts(route, pred if lookahead else None, sid, next_layer)
+        # 2. The Routing of every sample of the global batch, this layer's and the predicted next
+        #    one's (Eq. 2, and what else the exchange needs): all split sizes follow from them
+        routing, routing_next, sid_all = self._routings(route, pred if lookahead else None, next_layer, sid)
+        by_id = np.argsort(sid_all, kind="stable")
+        if torch.is_grad_enabled():   # the planner's window: rows by sample id, the same order in every layer
+            self.recent.append(routing.num[by_id])
         I = len(routing.num)
         f = torch.as_tensor(routing.num.sum(0) / (I * S * self.top_k), dtype=probs.dtype, device=x.device)
         aux = self.num_experts * (f * probs.mean((0, 1))).sum()
-        # 3. Solve starts, overlapping the scatter and the experts
-        solve = None
-        if self.placement == "netmoe":
-            ed_next = next_layer.expert_device if lookahead else self.expert_device
-            solve = _Solve((routing.num, self.topo, num_next, self.expert_device, ed_next, "capacitated",
-                            self.exchange.priced.rows, routing.nc, nc_next),
-                           np.argsort(sid_all, kind="stable"), inline=x.is_cuda)
-        # 4. Scatter: (token, k) rows to their experts' devices
-        d = self.exchange.scatter(x, g, route, routing)
-        # 5. Experts, with the residual inlined in exactly one of a token's K rows (App. A.1):
-        #    y = x + g * FFN(LN(x)) there, g * FFN(LN(x)) in the others; one pass, in x's dtype
-        first = (d.pos % self.top_k == 0)[:, None]
-        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None],
-                          self.experts(d.rows, d.expert, d.counts, d.grouped))
-        # 6. Join the solver
-        dest = static_placement(I, self.J)
-        if solve is not None:
-            solved, seconds, exposed = solve.result()
-            self._stats.solver_ms += seconds * 1e3
-            self._stats.solver_exposed_ms += exposed * 1e3
-            dest = dest if self.keep_in_place else solved
+        # 3. The placement's solve starts, overlapping 4-5
+        here = static_placement(I, self.J)
+        solve = _Solve(self.placement, routing, routing_next, here, by_id, inline=x.is_cuda)
+        # 4. Scatter: (token, k) rows to their experts' devices; 5. the experts; 6. join the solve;
+        # 7. gather: each row to dest[its sample], the receiver summing a token's K rows
+        out, keep, dest = self.exchange.run(x, g, route, routing, self._expert_side, solve)
+        self._stats.solver_ms += solve.seconds * 1e3
+        self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
         self.last_dest = dest
-        # 7. Gather: each row to dest[its sample]; the receiver sums a token's K rows
-        out, keep = self.exchange.gather(y, d, dest)
         priced = self.exchange.priced
-        self._stats += _layer_stats(priced.rows(routing.tokens, self.topo, routing.nc), static_placement(I, self.J),
-                                    dest, self.topo, priced.wire_bytes(H, x.dtype, self.top_k), priced.name)
+        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k))
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
+
+    def _expert_side(self, d):
+        """What the experts send back for the rows of Dispatch d, with the residual inlined in
+        exactly one of a token's K rows (App. A.1): x + g * FFN(LN(x)) there, g * FFN(LN(x)) in
+        the others; one pass, in x's dtype."""
+        first = (d.pos % self.top_k == 0)[:, None]
+        return torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None],
+                             self.experts(d.rows, d.expert, d.counts, d.grouped))
+
+    @staticmethod
+    @torch.no_grad()
+    def _predict(x, next_layer):
+        """The lookahead's routes: the next layer's top-K on this input (softmax keeps the order:
+        top-K of the logits)."""
+        return next_layer.logits(x).topk(next_layer.top_k, dim=-1)[1]
 
     def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:
@@ -1285,47 +1348,41 @@ class MoELayer(nn.Module):
         if torch.as_tensor(sid).numel() != x.shape[0]:
             raise ValueError(f"sid must give one id per sample: {torch.as_tensor(sid).numel()} ids for "
                              f"{x.shape[0]} samples")
-        if not self.virtual and self.J > 1:
+        if not self.virtual and self.J > 1 and (self.debug or self._checked_batch != x.shape[0]):
             # every rank must hold the same B: the all-gather of the counts and the All-to-All
-            # splits assume it, and NCCL would hang or read garbage rather than fail
+            # splits assume it, and NCCL would hang or read garbage rather than fail. Checked on a
+            # layer's first call, where its batch size changes and, under debug, on every call: a
+            # rank whose B changes while the others' stays meets their counts' all-gather with
+            # this one, which gloo refuses (sizes differ); under NCCL, --debug checks every call
             sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(self.J)]
             dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=self.group)
             sizes = torch.cat(sizes).tolist()
             if len(set(sizes)) > 1:
                 raise ValueError(f"every rank must hold the same number of samples; per rank: {sizes}")
+            self._checked_batch = x.shape[0]
         return x.shape
 
-    def _all_counts(self, route, pred, sid, next_layer):
-        """The Routing of this layer (num [I, E], Eq. 2, for every sample of the global batch in
-        slot order, rank-major; node counts where the exchange needs them), the lookahead's
-        predicted num_next and its node counts under the next layer's map (or None), and the
-        samples' ids: one all-gather, and the one host sync the layer needs (split sizes are host
-        integers)."""
-        E, N, G = self.num_experts, self.topo.nodes, self.topo.gpus_per_node
-        ops, by_node = hot_path(route.device), self.exchange.priced.needs_node_counts
-        routes = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
-        meta = [ops.count_tokens(r, E) for r, _ in routes]
-        if by_node:
-            meta += [ops.node_counts(r, torch.as_tensor(layer.expert_device // G, device=r.device), N)
-                     for r, layer in routes]
-        meta = torch.cat(meta + [sid[:, None]], 1)
+    def _routings(self, route, pred, next_layer, sid):
+        """The Routing of this layer and of the lookahead's predicted next one (or None), under
+        each layer's expert map and with what the exchange needs (its layout), for every sample of
+        the global batch in slot order, rank-major; and the samples' ids. One all-gather, and the
+        one host sync the layer needs (split sizes are host integers)."""
+        ops, priced = hot_path(route.device), self.exchange.priced
+        layers = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
+        parts = [priced.layout(r, layer.expert_device, self.topo, self.num_experts, ops) for r, layer in layers]
+        meta = torch.cat([t for p in parts for t in p.values()] + [sid[:, None]], 1)
         if not self.virtual and self.J > 1:
-            parts = [torch.empty_like(meta) for _ in range(self.J)]
-            dist.all_gather(parts, meta, group=self.group)
-            meta = torch.cat(parts)
+            gathered = [torch.empty_like(meta) for _ in range(self.J)]
+            dist.all_gather(gathered, meta, group=self.group)
+            meta = torch.cat(gathered)
         meta = meta.cpu().numpy()
-        widths = [E] * len(routes) + ([N] * len(routes) if by_node else [])
-        cols = np.split(meta, np.cumsum(widths), axis=1)
-        num, sid_all = cols[0], meta[:, -1]
-        if len(num) % self.J:
-            raise ValueError(f"I={len(num)} samples cannot be split over J={self.J} devices; "
+        if len(meta) % self.J:
+            raise ValueError(f"I={len(meta)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
-        if torch.is_grad_enabled():   # rows by sample id, the same order in every layer
-            self.recent.append(num[np.argsort(sid_all, kind="stable")])
-        routing = Routing(num, cols[len(routes)] if by_node else None, _device_tokens(num, self.topo, self.expert_device),
-                          self.expert_device, self.slot, self.local_experts)
-        return (routing, cols[1] if pred is not None else None,
-                cols[len(routes) + 1] if by_node and pred is not None else None, sid_all)
+        cols = iter(np.split(meta, np.cumsum([t.shape[1] for p in parts for t in p.values()]), axis=1))
+        out = [Routing(topo=self.topo, expert_device=layer.expert_device, exchange=priced,
+                       **{name: next(cols) for name in p}) for p, (_, layer) in zip(parts, layers)]
+        return out[0], out[1] if pred is not None else None, meta[:, -1]
 
     def experts(self, x, expert, counts, grouped=False):
         """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).

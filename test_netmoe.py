@@ -3,6 +3,7 @@
 Distributed tests spawn gloo processes on the CPU; GPU tests (NCCL, kernels) skip without CUDA.
 """
 import ast
+import collections
 import importlib.util
 import dataclasses
 import itertools
@@ -527,7 +528,7 @@ def test_pair_traffic_gives_the_split_sizes_behind_traffic(rng):
         J, I, E = topo.world, 3 * topo.world, 2 * topo.world
         num, sd = rng.integers(0, 9, size=(I, E)), rng.integers(0, J, size=I)
         ed = rng.permutation(np.repeat(np.arange(J), 2))
-        T = netmoe.pair_traffic(num, sd, topo, ed)
+        T = bench.pair_traffic(num, sd, topo, ed)
         node = np.arange(J) // topo.gpus_per_node
         same, eye = node[:, None] == node[None], np.eye(J, dtype=bool)
         assert netmoe.traffic(num, sd, topo, ed) == {"local": T[eye].sum(), "intra": T[same & ~eye].sum(),
@@ -577,7 +578,9 @@ def test_node_exchange_costs_and_volumes_count_the_rows_each_hop_sends(spec):
         route = _random_route(rng, 2 * J, 5, min(K, E), E)
         ed = rng.permutation(np.arange(E) // 2)
         num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
-        c, c_intra = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        routing = netmoe.Routing.of(num, topo, ed, "node", nc)
+        assert np.array_equal(routing.nc, netmoe.Routing.from_routes(route, topo, E, ed, "node").nc)
+        c, c_intra = netmoe.placement_costs(routing, topo)
         sd = rng.integers(0, J, size=len(num))
         vol = dict(local=0, intra=0, inter=0)
         for i in range(len(num)):
@@ -590,7 +593,7 @@ def test_node_exchange_costs_and_volumes_count_the_rows_each_hop_sends(spec):
                 vol["inter"] += len(set(ed[route[i, s]] // G) - {sd[i] // G})
                 for e in route[i, s]:
                     vol["local" if ed[e] == rail(ed[e] // G, sd[i]) else "intra"] += 1
-        assert netmoe.traffic(num, sd, topo, ed, exchange="node", node_count=nc) == vol
+        assert netmoe.traffic(routing, sd, topo) == vol
         flat = netmoe.traffic(num, sd, topo, ed)
         # one rail row per (token, node) replaces every (token, expert) row to that node
         assert vol["inter"] <= flat["inter"] and (K > 1 or vol["inter"] == flat["inter"])
@@ -610,14 +613,14 @@ def test_node_exchange_placement_is_balanced_and_each_stage_is_exactly_optimal(s
         ed, ed_next = (rng.permutation(np.arange(E) // 2) for _ in range(2))
         route, nxt = _random_route(rng, I, 6, 2, E), _random_route(rng, I, 6, 2, E)
         num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
-        kw = dict(num_next=netmoe.count_tokens(nxt, E).numpy(), expert_device_next=ed_next,
-                  node_count_next=netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else {}
-        dest = netmoe.solve_placement(num, topo, expert_device=ed, exchange="node", node_count=nc, **kw)
+        routing = netmoe.Routing.of(num, topo, ed, "node", nc)
+        following = netmoe.Routing.of(netmoe.count_tokens(nxt, E).numpy(), topo, ed_next, "node",
+                                      netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else None
+        dest = netmoe.solve_placement(routing, topo, num_next=following)
         assert dest.dtype == np.int64 and np.array_equal(np.bincount(dest, minlength=J), np.full(J, I // J))
-        c, ci = netmoe.placement_costs(num, topo, ed, exchange="node", node_count=nc)
+        c, ci = netmoe.placement_costs(routing, topo)
         if lookahead:
-            cn, cin = netmoe.placement_costs(kw["num_next"], topo, ed_next, exchange="node",
-                                             node_count=kw["node_count_next"])
+            cn, cin = netmoe.placement_costs(following, topo)
             c, ci = c + cn, ci + cin
         _assert_each_stage_is_optimal(dest, c, ci, topo)
 
@@ -636,25 +639,27 @@ _T = netmoe.Topology(2, 2)
 _NUM, _NC = netmoe.count_tokens(_ROUTE, 4).numpy(), netmoe.node_counts(_ROUTE, torch.tensor([0, 0, 1, 1]), 2).numpy()
 
 
+_RNODE = netmoe.Routing.of(_NUM, _T, exchange="node", node_count=_NC)
+
+
 @pytest.mark.parametrize("call, message", [
-    (lambda: netmoe.placement_costs(_NUM, _T, exchange="nodes"), "exchange must be"),
-    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node"), "needs node_count"),
-    (lambda: netmoe.placement_costs(_NUM, _T, node_count=_NC), "only used by exchange='node'"),
-    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC[:, :1]), "must be"),
-    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=-_NC), "negative"),
-    (lambda: netmoe.placement_costs(_NUM, _T, exchange="node", node_count=_NC + 5), "does not fit"),
-    (lambda: netmoe.placement_costs(_NUM, _T, [1, 2, 3, 0], exchange="node", node_count=_NC), "does not fit"),
-    (lambda: netmoe.solve_placement(_NUM, _T, num_next=_NUM, exchange="node", node_count=_NC), "node_count_next"),
-    (lambda: netmoe.solve_placement(_NUM, _T, exchange="node", node_count=_NC, node_count_next=_NC), "num_next"),
-    (lambda: netmoe.traffic(_NUM, [0, 1, 2, 3], _T, exchange="node"), "needs node_count"),
-    (lambda: netmoe.layer_stats(_NUM, [0, 1, 2, 3], [0, 1, 2, 9], _T, 4, exchange="node", node_count=_NC), "dest"),
+    (lambda: netmoe.Routing.of(_NUM, _T, exchange="nodes"), "exchange must be"),
+    (lambda: netmoe.Routing.of(_NUM, _T, exchange="node"), "needs node_count"),
+    (lambda: netmoe.Routing.of(_NUM, _T, node_count=_NC), "only used by exchange='node'"),
+    (lambda: netmoe.Routing.of(_NUM, _T, exchange="node", node_count=_NC[:, :1]), "must be"),
+    (lambda: netmoe.Routing.of(_NUM, _T, exchange="node", node_count=-_NC), "negative"),
+    (lambda: netmoe.Routing.of(_NUM, _T, exchange="node", node_count=_NC + 5), "does not fit"),
+    (lambda: netmoe.Routing.of(_NUM, _T, [1, 2, 3, 0], exchange="node", node_count=_NC), "does not fit"),
+    (lambda: netmoe.solve_placement(_RNODE, _T, num_next=_NUM), "num_next must be counted for the node exchange"),
+    (lambda: netmoe.placement_costs(_RNODE, _T, expert_device=[1, 0, 1, 0]), "its own expert map"),
+    (lambda: netmoe.traffic(_RNODE, [0, 1, 2, 3], netmoe.Topology(1, 4)), "a Routing on 2x2"),
+    (lambda: netmoe.layer_stats(_RNODE, [0, 1, 2, 3], [0, 1, 2, 9], _T, 4), "dest"),
     (lambda: netmoe.a2a_time(dict(local=0, intra=1, inter=1), _T, 4, exchange="tree"), "exchange must be"),
-    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node"), "needs routes"),
-    (lambda: netmoe.replay([_NUM, _NUM], _T, 4, nexts=[_NUM], exchange="node", routes=[np.zeros((4, 2, 2), int)] * 2),
-     "next_routes"),
-    (lambda: netmoe.replay([_NUM], _T, 4, exchange="node", routes=[np.zeros((4, 2, 2), int)]), "not the counts"),
-], ids=["name", "missing", "unused", "shape", "negative", "too-many", "other-layout", "missing-next", "next-alone",
-        "traffic", "dest-range", "a2a-name", "replay-routes", "replay-next", "replay-counts"])
+    (lambda: netmoe.Routing.from_routes(_ROUTE + 4, _T, 4, exchange="node"), "outside"),
+    (lambda: netmoe.replay([_RNODE, _RNODE], _T, 4, nexts=[_NUM]), "same exchange"),
+    (lambda: netmoe.replay([_RNODE, _NUM], _T, 4), "counted for one exchange"),
+], ids=["name", "missing", "unused", "shape", "negative", "too-many", "other-layout", "next-other-exchange",
+        "other-map", "other-topology", "dest-range", "a2a-name", "routes-range", "replay-next", "replay-mixed"])
 def test_bad_node_exchange_input_raises_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -698,7 +703,8 @@ def test_expert_layouts_of_consecutive_layers_put_the_groups_a_sample_uses_on_on
     for layout in learned:
         assert np.array_equal(np.bincount(layout, minlength=4), np.full(4, 2))
     nums = batch()   # other samples, same structure
-    st = netmoe.replay(nums, topo, 4, learned, nexts=nums[1:])
+    layers = [netmoe.Routing.of(n, topo, lay) for n, lay in zip(nums, learned)]
+    st = netmoe.replay(layers, topo, 4, nexts=layers[1:])
     first_scatter = netmoe.traffic(nums[0], netmoe.static_placement(I, 4), topo, learned[0])["inter"]
     assert st.gather["inter"] == 0 and st.scatter["inter"] == first_scatter > 0
 
@@ -766,8 +772,9 @@ def test_expert_layout_numbers_groups_to_move_as_few_experts_as_possible(rng):
     lambda: netmoe.Topology(0, 8),
     lambda: netmoe.replay([np.ones((8, 8), dtype=np.int64)] * 2, netmoe.Topology(2, 2), 10,
                           nexts=[np.ones((8, 4), dtype=np.int64)]),
+    lambda: netmoe.MoELayer(8, 8, 4, placement="oracle"),
 ], ids=["1-D", "negative", "float", "I%J", "E%J", "empty", "topo-str", "next-shape", "layout",
-        "method", "device-range", "parse", "zero-nodes", "replay-next-shape"])
+        "method", "device-range", "parse", "zero-nodes", "replay-next-shape", "layer-placement"])
 def test_bad_placement_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
@@ -835,17 +842,28 @@ def _load(layer, p):
             getattr(layer, name).copy_(p[name][torch.as_tensor(layer.local_experts)])
 
 
-# (placement, K, planted empty device?[, exchange, expert layout, nodes]): the last three default
-# to the expert exchange, contiguous experts and 2 nodes of world/2 devices
-LAYER_CASES = [("static", 2, None), ("netmoe", 2, None), ("netmoe", 1, None), ("netmoe", 4, None),
-               ("netmoe", 2, 3), ("static", 2, 3)]
-NODE_CASES = [("static", 2, None, "node", "contiguous", 2), ("netmoe", 2, None, "node", "contiguous", 2),
-              ("netmoe", 2, None, "node", "random", 2), ("netmoe", 1, None, "node", "random", 2),
-              ("netmoe", 4, None, "node", "contiguous", 2), ("netmoe", 2, 3, "node", "random", 2),
-              ("static", 4, 3, "node", "random", 2), ("netmoe", 2, None, "node", "random", 4),
-              ("netmoe", 2, None, "node", "random", 1)]
-NODE_CASES_8 = [("netmoe", 2, None, "node", "random", 2), ("static", 1, 7, "node", "contiguous", 2),
-                ("netmoe", 4, 7, "node", "random", 2), ("netmoe", 2, None, "node", "contiguous", 4)]
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case of the equality test: a placement, K, whether the last device is planted idle (no
+    token picks its experts), the exchange, the expert layout (contiguous, or a random balanced
+    map per layer), and the nodes the world is split into."""
+    placement: str
+    K: int
+    empty: bool = False
+    exchange: str = "expert"
+    layout: str = "contiguous"
+    nodes: int = 2
+
+
+LAYER_CASES = [Case("static", 2), Case("netmoe", 2), Case("netmoe", 1), Case("netmoe", 4),
+               Case("netmoe", 2, empty=True), Case("static", 2, empty=True)]
+NODE_CASES = [Case("static", 2, exchange="node"), Case("netmoe", 2, exchange="node"),
+              Case("netmoe", 2, exchange="node", layout="random"), Case("netmoe", 1, exchange="node", layout="random"),
+              Case("netmoe", 4, exchange="node"), Case("netmoe", 2, True, "node", "random"),
+              Case("static", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", layout="random", nodes=4),
+              Case("netmoe", 2, exchange="node", layout="random", nodes=1)]
+NODE_CASES_8 = [Case("netmoe", 2, exchange="node", layout="random"), Case("static", 1, True, "node"),
+                Case("netmoe", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", nodes=4)]
 
 
 def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
@@ -854,21 +872,21 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
     float32 on GPUs, or the residual stream in `stream` (bfloat16: float32 weights, bf16 rows;
     compared at the routes the run chose). Per case: the worst relative error against the
     single-process model, samples moved, the modelled volumes, how many layers left the planted
-    device idle, the rows the exchanges' split sizes sent per tier, and (node exchange on one
-    node) whether it equals the expert exchange bit for bit. On GPUs also whether every rank's
-    CUDA kernels equal their references on that rank's own routes."""
+    device idle, the rows the exchanges' split sizes sent per tier, and the exchange class that
+    ran. On GPUs also whether every rank's CUDA kernels equal their references on that rank's own
+    routes."""
     dev = train_gpt.start_rank(rank, world, "file://" + init_file, where)
     dtype = getattr(torch, stream) if stream else torch.float32 if dev.type == "cuda" else torch.float64
     weights = torch.float32 if dtype == torch.bfloat16 else dtype
     B = I_ // world
     report = []
     for ci, case in enumerate(cases):
-        placement, K, empty, exchange, layout, nodes = (*case, "expert", "contiguous", 2)[:6]
-        topo = netmoe.Topology(nodes, world // nodes)
+        placement, K, exchange = case.placement, case.K, case.exchange
+        topo = netmoe.Topology(case.nodes, world // case.nodes)
         E = 8
-        empty = None if empty is None else world - 1
+        empty = world - 1 if case.empty else None
         layouts = None
-        if layout == "random":   # a balanced map of its own per layer
+        if case.layout == "random":   # a balanced map of its own per layer
             rng = np.random.default_rng(500 + ci)
             layouts = [rng.permutation(netmoe.default_expert_device(E, world)) for _ in range(2)]
         params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts)
@@ -938,16 +956,9 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         dist.all_reduce(moved_bytes)   # bytes per row sent to other devices, from the rows' own sizes
         row_bytes = {ph: b / max(sent[ph]["intra"] + sent[ph]["inter"], 1)
                      for ph, b in zip(("scatter", "gather"), moved_bytes.tolist())}
-        same_as_flat = None
-        if exchange == "node" and nodes == 1:
-            flat = run("expert")
-            ours = [h, sid, xl.grad] + [p.grad for L in layers for p in L.parameters()]
-            theirs = [flat[2], flat[3], flat[1].grad] + [p.grad for L in flat[0] for p in L.parameters()]
-            same = torch.tensor([int(all(torch.equal(a, b) for a, b in zip(ours, theirs)))], device=dev)
-            dist.all_reduce(same, op=dist.ReduceOp.MIN)
-            same_as_flat = bool(same.item())
-        report.append((placement, K, empty, max(errs.items(), key=lambda kv: kv[1]), stats.moved_device,
-                       stats.scatter, stats.gather, idle, sent, same_as_flat, errs, row_bytes))
+        report.append(dict(worst=max(errs.items(), key=lambda kv: kv[1]), moved=stats.moved_device,
+                           scatter=stats.scatter, gather=stats.gather, idle=idle, sent=sent,
+                           ran=type(layers[0].exchange).__name__, errs=errs, row_bytes=row_bytes))
     kernels = None
     if dev.type == "cuda":   # the CUDA kernels on this rank's own routes, against their references
         ops, ref = netmoe.hot_path(dev), netmoe.REFERENCE_OPS
@@ -1006,25 +1017,26 @@ def test_bf16_layer_equals_the_float64_model_to_bf16_rounding(layer_report_bf16)
     expert choices the run made (bf16 logits can tip near ties), with the float32 weights the layer
     holds. Positions travel as int32 bits in the bf16 rows: a misplaced row would be an O(1)
     error; and the rows the split sizes sent per tier are the modelled ones."""
-    for case, report in zip(LAYER_CASES + NODE_CASES, layer_report_bf16):
-        placement, K, empty, _, moved, scatter, gather, idle, sent, same, errs, row_bytes = report
-        for name, err in errs.items():
+    for case, r in zip(LAYER_CASES + NODE_CASES, layer_report_bf16):
+        for name, err in r["errs"].items():
             assert err <= (6e-2 if name.endswith(".wg") else 2.5e-2), f"bf16 {case}: {name} differs by {err:.2e}"
-        assert sent == {"scatter": scatter, "gather": gather}, case
-        assert (moved > 0) == (placement == "netmoe") and (empty is None or idle == 2), case
+        assert r["sent"] == {"scatter": r["scatter"], "gather": r["gather"]}, case
+        assert (r["moved"] > 0) == netmoe.PLACEMENTS[case.placement].moves_samples, case
+        assert not case.empty or r["idle"] == 2, case
         # half of float32's bytes: 2H + 6 a scatter row (x, gate, int32 position), 2H + 4 a gather
         # row; a node exchange's rail rows carry K gates and K expert ids more (2H + 6K + 4)
-        node = len(case) > 3 and case[-1] > 1   # on one node the node exchange runs as the expert one
-        wire = netmoe.exchange_class("node" if node else "expert").wire_bytes(H_, torch.bfloat16, K)
+        node = r["ran"] == "NodeExchange"   # on one node the node exchange runs as the expert one
+        wire = getattr(netmoe, r["ran"]).wire_bytes(H_, torch.bfloat16, case.K)
+        row_bytes = r["row_bytes"]
         assert row_bytes["gather"] == wire[1] == 2 * H_ + 4, case
-        assert (2 * H_ + 6 <= row_bytes["scatter"] <= wire[0] == 2 * H_ + 6 * K + 4) if node else \
+        assert (2 * H_ + 6 <= row_bytes["scatter"] <= wire[0] == 2 * H_ + 6 * case.K + 4) if node else \
             (row_bytes["scatter"] == wire[0] == 2 * H_ + 6), case
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("placement, K, empty", LAYER_CASES)
-def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, K, empty):
-    empty = None if empty is None else 3
+@pytest.mark.parametrize("case", LAYER_CASES, ids=str)
+def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(case):
+    placement, K, empty = case.placement, case.K, 3 if case.empty else None
     params = [{k: v.float().double() for k, v in p.items()} for p in _make_params(8, K, empty, seed=5)]
     x = torch.randn(I_, S_, H_, dtype=torch.float64).float().double()
     xr = x.clone().requires_grad_()
@@ -1057,15 +1069,14 @@ def test_virtual_layer_on_gpu_equals_single_process_model_in_float32(placement, 
 def _assert_float32_ep_equals_the_model(world, where, cases):
     """The equality worker in float32 on GPUs: every case within 1e-5 of the float64 model, the
     planted device idle, the rows sent the modelled ones, and every rank's kernels exact."""
-    cases = [c for c in cases if world % (c[5] if len(c) > 5 else 2) == 0]   # N must divide J
+    cases = [c for c in cases if world % c.nodes == 0]   # N must divide J
     out = _spawn(_layer_worker, world, cases, where, None)
-    bad = [(p, K, e, name, f"{worst:.1e}", idle) for p, K, e, (name, worst), _, scatter, gather, idle, sent, same, *_
-           in out["cases"] if worst > 1e-5 or (e is not None and idle != 2) or same is False
-           or sent != {"scatter": scatter, "gather": gather}]
+    bad = [(c, *r["worst"], r["idle"]) for c, r in zip(cases, out["cases"])
+           if r["worst"][1] > 1e-5 or (c.empty and r["idle"] != 2)
+           or r["sent"] != {"scatter": r["scatter"], "gather": r["gather"]}]
     assert not bad, f"float32 on {world} ranks ({where}), worst relative error per failing case: {bad}"
     assert out["kernels"] is True, "a rank's CUDA kernels differ from their references on its own routes"
-    moved = {(c[0], c[3] if len(c) > 3 else "expert"): r[4] for c, r in zip(cases, out["cases"])}
-    assert all((m > 0) == (p == "netmoe") for (p, _), m in moved.items())
+    assert all((r["moved"] > 0) == netmoe.PLACEMENTS[c.placement].moves_samples for c, r in zip(cases, out["cases"]))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
@@ -1083,27 +1094,27 @@ def test_ep_layer_on_ranks_sharing_one_gpu_equals_single_process_model(world):
     _assert_float32_ep_equals_the_model(world, "shared", LAYER_CASES + (NODE_CASES if world == 4 else NODE_CASES_8))
 
 
-@pytest.mark.parametrize("case", range(len(LAYER_CASES)))
+@pytest.mark.parametrize("case", LAYER_CASES, ids=str)
 def test_ep_layer_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
-    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[case]
-    assert worst <= 1e-10, f"{placement} K={K}: {worst_name} differs by {worst:.2e}"
-    if empty is not None:   # the planted device received no token in either layer
-        assert idle == 2
+    r = layer_report[LAYER_CASES.index(case)]
+    assert r["worst"][1] <= 1e-10, f"{case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
+    if case.empty:   # the planted device received no token in either layer
+        assert r["idle"] == 2
 
 
 def test_netmoe_really_moves_samples_in_the_equality_test(layer_report):
-    moved = {(p, K, e): m for p, K, e, _, m, *_ in layer_report[:len(LAYER_CASES)]}
-    assert moved[("static", 2, None)] == 0
-    assert moved[("netmoe", 2, None)] > 0
+    moved = {c: r["moved"] for c, r in zip(LAYER_CASES, layer_report)}
+    assert moved[Case("static", 2)] == 0
+    assert moved[Case("netmoe", 2)] > 0
 
 
 def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run(layer_report):
     """Same inputs in one process with virtual_world=4 give the same volumes as the 4-rank run."""
-    placement, K, empty = LAYER_CASES[1]
-    params = _make_params(8, K, empty, seed=1001)
+    case = LAYER_CASES[1]
+    params = _make_params(8, case.K, None, seed=1001)
     g = torch.Generator().manual_seed(78)
     x = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64)
-    layers = [netmoe.MoELayer(H_, F_, 8, K, placement, topology=netmoe.Topology(2, 2), virtual_world=4).double()
+    layers = [netmoe.MoELayer(H_, F_, 8, case.K, case.placement, topology=netmoe.Topology(2, 2), virtual_world=4).double()
               for _ in params]
     for L, p in zip(layers, params):
         _load(L, p)
@@ -1111,40 +1122,42 @@ def test_virtual_world_computes_the_placement_and_volumes_of_the_distributed_run
     for L, nxt in zip(layers, layers[1:] + [None]):
         h, sid, _ = L(h, sid, next_layer=nxt)
     stats = layers[0].pop_stats() + layers[1].pop_stats()
-    y_ref, _ = _reference(x, params, K)
+    y_ref, _ = _reference(x, params, case.K)
     assert _rel(h.detach(), y_ref[sid]) <= 1e-12
-    assert (stats.moved_device, stats.scatter, stats.gather) == tuple(layer_report[1][4:7])
+    r = layer_report[1]
+    assert (stats.moved_device, stats.scatter, stats.gather) == (r["moved"], r["scatter"], r["gather"])
 
 
-@pytest.mark.parametrize("case", range(len(NODE_CASES)))
+@pytest.mark.parametrize("case", NODE_CASES, ids=str)
 def test_node_exchange_equals_single_process_model_outputs_and_all_gradients(layer_report, case):
-    placement, K, empty, (worst_name, worst), moved, scatter, gather, idle, *_ = layer_report[len(LAYER_CASES) + case]
-    assert worst <= 1e-10, f"node exchange {NODE_CASES[case]}: {worst_name} differs by {worst:.2e}"
-    if empty is not None:
-        assert idle == 2
-    if placement == "netmoe" and NODE_CASES[case][-1] > 1:   # the solver moved samples: hop A forwarded rows
-        assert moved > 0 and gather["inter"] > 0
+    r = layer_report[len(LAYER_CASES) + NODE_CASES.index(case)]
+    assert r["worst"][1] <= 1e-10, f"node exchange {case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
+    if case.empty:
+        assert r["idle"] == 2
+    if case.placement == "netmoe" and case.nodes > 1:   # the solver moved samples: hop A forwarded rows
+        assert r["moved"] > 0 and r["gather"]["inter"] > 0
 
 
 def test_node_exchange_on_eight_ranks_equals_single_process_model(layer_report_8):
-    for case, (placement, K, empty, (worst_name, worst), moved, _, _, idle, *_) in zip(NODE_CASES_8, layer_report_8):
-        assert worst <= 1e-10, f"node exchange {case} on 2x4: {worst_name} differs by {worst:.2e}"
-        assert empty is None or idle == 2
-        assert (moved > 0) == (placement == "netmoe")
+    for case, r in zip(NODE_CASES_8, layer_report_8):
+        assert r["worst"][1] <= 1e-10, f"node exchange {case} on 8 ranks: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
+        assert not case.empty or r["idle"] == 2
+        assert (r["moved"] > 0) == (case.placement == "netmoe")
 
 
 def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_report_8):
     """The rows every All-to-All's split sizes sent, per tier (one exchange for the expert exchange,
     rail and NVLink hops for the node exchange), add up to the volumes the cost model counts."""
-    for case, (*_, scatter, gather, idle, sent, same, errs, row_bytes) in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8,
-                                                             layer_report + layer_report_8):
-        assert sent == {"scatter": scatter, "gather": gather}, case
-        assert scatter["local"] + scatter["intra"] > 0 and gather["local"] + gather["intra"] > 0
+    for case, r in zip(LAYER_CASES + NODE_CASES + NODE_CASES_8, layer_report + layer_report_8):
+        assert r["sent"] == {"scatter": r["scatter"], "gather": r["gather"]}, case
+        assert r["scatter"]["local"] + r["scatter"]["intra"] > 0 and r["gather"]["local"] + r["gather"]["intra"] > 0
 
 
-def test_node_exchange_on_one_node_is_the_expert_exchange_bit_for_bit(layer_report):
-    one_node = [r for c, r in zip(NODE_CASES, layer_report[len(LAYER_CASES):]) if c[-1] == 1]
-    assert one_node and all(r[9] is True for r in one_node)
+def test_each_exchange_runs_as_its_own_class_and_the_node_exchange_on_one_node_as_the_expert_one(layer_report):
+    """On one node the node exchange has no rail hop: make_exchange runs the expert exchange
+    there (which the float64 equality above then checks); on two or more, its own class."""
+    ran = {(c.exchange, c.nodes > 1): r["ran"] for c, r in zip(LAYER_CASES + NODE_CASES, layer_report)}
+    assert ran == {("expert", True): "ExpertExchange", ("node", True): "NodeExchange", ("node", False): "ExpertExchange"}
 
 
 def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
@@ -1175,24 +1188,22 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
         preds.append(pred.numpy()[by_id] if pred is not None else None)
         num = netmoe.count_tokens(route, 8).numpy()
         nc = netmoe.node_counts(route, layer.expert_device // 2, 2).numpy()
-        kw = {}
+        following = None
         if nxt is not None:
-            kw = dict(num_next=netmoe.count_tokens(pred, 8).numpy(), expert_device_next=nxt.expert_device,
-                      node_count_next=netmoe.node_counts(pred, nxt.expert_device // 2, 2).numpy())
+            following = netmoe.Routing.from_routes(pred.numpy()[by_id], topo, 8, nxt.expert_device, "node")
         # the layer solves with rows in sample-id order, so ties break as in a replay: so does this
         dest = np.empty(8, dtype=np.int64)
-        dest[by_id] = netmoe.solve_placement(num[by_id], topo, expert_device=layer.expert_device, exchange="node",
-                                             node_count=nc[by_id], **{k: v[by_id] if k.startswith(("num", "node"))
-                                                                      else v for k, v in kw.items()})
+        dest[by_id] = netmoe.solve_placement(netmoe.Routing.of(num[by_id], topo, layer.expert_device, "node", nc[by_id]),
+                                             topo, num_next=following)
         assert np.array_equal(layer.last_dest, dest), f"layer {l}"
-        want = netmoe.layer_stats(num, netmoe.static_placement(8, 4), dest, topo, wire, layer.expert_device,
-                                  exchange="node", node_count=nc)
+        want = netmoe.layer_stats(netmoe.Routing.of(num, topo, layer.expert_device, "node", nc),
+                                  netmoe.static_placement(8, 4), dest, topo, wire)
         assert (stats.scatter, stats.gather, stats.moved_device) == (want.scatter, want.gather, want.moved_device)
         assert stats.a2a_model_ms == pytest.approx(want.a2a_model_ms)
         sid = new_sid
-    nums = [netmoe.count_tokens(torch.as_tensor(r), 8).numpy() for r in routes]
-    replayed = netmoe.replay(nums, topo, wire, [L.expert_device for L in layers], placement="netmoe",
-                             exchange="node", routes=routes, next_routes=preds)
+    layouts = [L.expert_device for L in layers]
+    replayed = netmoe.replay(netmoe.routings(routes, topo, 8, layouts, "node"), topo, wire,
+                             netmoe.routings(preds[:-1], topo, 8, layouts[1:], "node"), placement="netmoe")
     assert (replayed.scatter, replayed.gather, replayed.moved_node, replayed.moved_device) == \
         (live.scatter, live.gather, live.moved_node, live.moved_device)
     assert replayed.a2a_model_ms == pytest.approx(live.a2a_model_ms)
@@ -1307,6 +1318,47 @@ def _disagreement_worker(rank, world, init_file, out_file):
         with open(out_file, "w") as f:
             json.dump(report, f)
     dist.destroy_process_group()
+
+
+_COLLECTIVES = ("all_gather", "all_gather_object", "all_gather_into_tensor", "all_reduce", "broadcast", "barrier",
+                "all_to_all", "all_to_all_single", "reduce_scatter", "gather", "scatter", "send", "recv")
+
+
+def _collectives_worker(rank, world, init_file, exchange, out_file):
+    """Collectives per layer call after the first (which checks the ranks' batch sizes once)."""
+    train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
+    layers = [netmoe.MoELayer(H_, F_, 8, 2, topology=netmoe.Topology(2, 2), exchange=exchange).double() for _ in range(2)]
+    calls = []
+    for name in _COLLECTIVES:
+        def counted(*a, _f=getattr(dist, name), _name=name, **kw):
+            calls.append(_name)
+            return _f(*a, **kw)
+        setattr(dist, name, counted)
+
+    def step():
+        h, sid = torch.randn(2, S_, H_, dtype=torch.float64, requires_grad=True), torch.arange(2 * rank, 2 * rank + 2)
+        aux = 0
+        for L, nxt in zip(layers, layers[1:] + [None]):
+            h, sid, a = L(h, sid, next_layer=nxt)
+            aux = aux + a
+        (h.square().sum() + aux).backward()
+    step()
+    first = len(calls)
+    step()
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(dict(first=calls[:first], later=calls[first:]), f)
+
+
+@pytest.mark.parametrize("exchange, a2a_per_direction", [("expert", 1), ("node", 2)])
+def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction):
+    """Without debug a layer's forward and backward talk only through one all-gather of the counts
+    and the exchange's All-to-Alls (scatter and gather, each hop forward and backward); the
+    batch-size check runs on a layer's first call only."""
+    calls = _spawn(_collectives_worker, 4, exchange)
+    per_layer = {"all_gather": 1, "all_to_all_single": 4 * a2a_per_direction}
+    assert collections.Counter(calls["later"]) == {k: 2 * v for k, v in per_layer.items()}
+    assert collections.Counter(calls["first"]) == {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()}
 
 
 def test_ranks_that_disagree_fail_together_with_a_clear_error():
@@ -1783,9 +1835,9 @@ def test_the_node_exchange_planner_prices_layouts_in_the_rows_the_node_exchange_
     for k in range(3):
         trial = netmoe.expert_layout([np.concatenate([recent[l][j] for j in range(3) if j != k]) for l in range(L)],
                                      topo, current=current)
-        price = lambda lay: netmoe.replay([recent[l][k] for l in range(L)], topo, wire, lay, exchange="node",
-                                          routes=[routes[l][k] for l in range(L)],
-                                          next_routes=[routes[l][k] for l in range(1, L)]).a2a_model_ms
+        price = lambda lay: netmoe.replay(netmoe.routings([routes[l][k] for l in range(L)], topo, E, lay, "node"),
+                                          topo, wire, netmoe.routings([routes[l][k] for l in range(1, L)], topo, E,
+                                                                      lay[1:], "node")).a2a_model_ms
         want += (price(current) - price(trial)) / 3
     assert node["saving_ms"] == pytest.approx(want)
     with pytest.raises(ValueError, match="prices layouts from routes"):

@@ -223,6 +223,7 @@ class OutputPath(click.ParamType):
 TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
 JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
+COMPARED = (netmoe.Placement.name, netmoe.NetMoE.name)   # compare's runs: static EP, then NetMoE
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
 
@@ -756,7 +757,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     meta = dict(num_experts=mcfg.experts_per_device * env.J, hidden=mcfg.hidden, batch=mcfg.batch, J=env.J,
                 dtype=cfg.stream_dtype_name())
     window = model.moe[0].recent.maxlen   # batches a re-layout plan learns from
-    by_node = netmoe.exchange_class(cfg.exchange).needs_node_counts
+    by_node = netmoe.exchange_class(cfg.exchange).needs_routes
+    # only a placement that moves samples gains from a layout: static EP sends every sample home
+    relayouts = cfg.relayout_every if netmoe.placement_class(placement).moves_samples else 0
     flops = record["flops_per_step"] = model.flops_per_token() * mcfg.batch * env.J * mcfg.seq_len
     # Ctrl-C while the model was built is still start-up: every rank stops before a step is trained
     if env.all_reduce(torch.tensor(float(_STOP[0]), dtype=torch.float64, device=env.device)).item():
@@ -768,8 +771,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         tokens = corpus.batch("train", step, mcfg.batch * env.J, cfg.seed).to(env.device)
         traced = tracing and step % cfg.trace_every == 0
         # the planner's routes: the batches its next plan learns from, gathered on those steps only
-        planned = (by_node and placement == "netmoe" and cfg.relayout_every
-                   and cfg.relayout_every - 1 - step % cfg.relayout_every < window)
+        planned = by_node and relayouts and relayouts - 1 - step % relayouts < window
         for m in model.moe:
             m.record = bool(traced or planned)
         ce, aux = forward_loss(model, tokens, env)
@@ -785,8 +787,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         norm = clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        # static EP sends every sample home, so no layout changes its volumes: only NetMoE re-lays out
-        if cfg.relayout_every and placement == "netmoe" and (step + 1) % cfg.relayout_every == 0:
+        if relayouts and (step + 1) % relayouts == 0:
             record["relayouts"].append(relayout(model, opt, env, cfg, step, planner, echo))
         stats = sum((m.pop_stats() for m in model.moe), netmoe.MoEStats())
         if env.device.type == "cuda":   # the step's time includes its GPU work
@@ -835,10 +836,10 @@ def relayout(model, opt, env, cfg, step, planner, echo):
     plan = None
     if env.rank == 0:
         routes, exchange = None, cfg.exchange
-        if netmoe.exchange_class(exchange).needs_node_counts:
+        if netmoe.exchange_class(exchange).needs_routes:
             routes = [[r.numpy().astype(np.int64) for r in kept] for kept in planner["routes"]]
             if not routes[0]:   # resumed from a checkpoint that kept no routes: price as the expert exchange once
-                routes, exchange = None, "expert"
+                routes, exchange = None, netmoe.ExpertExchange.name
         # the counts of the batches whose routes were kept (all of them, but after resuming an older checkpoint)
         recent = [list(m.recent)[len(m.recent) - len(routes[0]):] if routes else list(m.recent) for m in model.moe]
         plan = netmoe.plan_relayout(recent, [m.expert_device for m in model.moe], env.topo, cfg.wire_bytes(),
@@ -947,7 +948,7 @@ def summary_table(result, skip):
     rows = [(label, key) for label, key in rows if any(runs[n][key] is not None for n in names)
             and (planned or key not in ("relayouts_applied", "move_share"))]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
-    if names == ["static", "netmoe"]:
+    if tuple(names) == COMPARED:
         for r in body:
             a, b = r[1], r[2]
             losses = r[0] in ("final train loss", "validation loss")
@@ -1126,8 +1127,8 @@ def cli(ctx):
 
 
 @cli.command("train", short_help="Train one placement (NetMoE or static EP).")
-@click.option("--placement", type=click.Choice(["netmoe", "static"]), default="netmoe", show_default=True,
-              help="NetMoE's sample placement, or static expert parallelism")
+@click.option("--placement", type=click.Choice(list(netmoe.PLACEMENTS)), default="netmoe", show_default=True,
+              help="NetMoE's sample placement, static expert parallelism, or kept (NetMoE's work, samples kept in place)")
 @job_options
 def train_cmd(placement, **kw):
     """Train one placement."""
@@ -1139,7 +1140,7 @@ def train_cmd(placement, **kw):
 def compare(**kw):
     """Static EP, then NetMoE: same seed, same data, one table side by side."""
     kw = {**{p.name: p.default for p in compare.params}, **kw}
-    launch(TrainConfig(placements=("static", "netmoe"), **kw))
+    launch(TrainConfig(placements=COMPARED, **kw))
 
 if __name__ == "__main__":
     cli()
