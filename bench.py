@@ -92,7 +92,7 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", 
         raise ValueError("a layout is learned on earlier recorded steps: the trace needs at least 2")
     first = 1 if layout else 0
     nums = [[netmoe.count_tokens(route[s, l], E).numpy() for l in range(L)] for s in range(steps)]
-    learned = lambda s: netmoe.expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - 4), s)])
+    learned = lambda s: netmoe.expert_layout([np.concatenate([nums[t][l] for t in range(max(0, s - netmoe.RELAYOUT_WINDOW), s)])
                                               for l in range(L)], topo)
     # name: (learned layout?, placement, the lookahead's routes of layer l + 1: none, predicted
     # from layer l's input, or the true ones)
@@ -217,7 +217,7 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
 def _run_rows(name, res, skip):
     """train / compare: static vs NetMoE side by side, or a single placement's own numbers."""
     c = res["config"]
-    skip = c.get("skip_steps", c.get("warmup", 0)) if skip is None else skip
+    skip = c.get("skip_steps", 0) if skip is None else skip
     runs = {p: train_gpt.summarize(r, skip, c.get("device_name", "")) for p, r in res["runs"].items()}
     model = f"H={c['hidden']} L={c['n_layer']}"
     if tuple(runs) == train_gpt.COMPARED:
@@ -541,8 +541,7 @@ def bench_kernels(echo=print, reps=50, sets=4):
     events, median of `reps` runs after warm-up, inputs rotated over `sets` fresh sets, and L2
     wiped (a 256 MB write) before each run so no run reads the last one's data from cache; the
     wipe also keeps the GPU busy while the host queues the op, so launch latency on the host is
-    not counted. placement_costs' reference is numpy on the CPU, so both sides of that row are
-    wall-clock times including the copy to the host that the solver needs anyway.
+    not counted.
     The floor: a 1 GiB device-to-device copy (bytes read + written over its time); each op's
     achieved rate is the bytes it must move (inputs read once, outputs written once) over its time.
     Returns one dict per row."""
@@ -568,18 +567,6 @@ def bench_kernels(echo=print, reps=50, sets=4):
         torch.cuda.synchronize()
         return float(np.median([s.elapsed_time(e) for s, e in events]))
 
-    def wall_ms(fn, inputs):
-        for args in inputs * 2:
-            fn(*args)
-        times = []
-        for r in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn(*inputs[r % len(inputs)])
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3)
-        return float(np.median(times))
-
     big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
     copy_ms = gpu_ms(lambda: dst.copy_(big), [()])
@@ -596,35 +583,28 @@ def bench_kernels(echo=print, reps=50, sets=4):
         J, I = topo.world, B * topo.world
         shape = f"{label} B={B} S={S} K={K} E={E} J={J}"
         El = E // J
-        cases = {name: [] for name in ("count_tokens", "placement_costs", "dispatch_order", "gather_order")}
+        cases = {name: [] for name in ("count_tokens", "dispatch_order", "gather_order")}
         for _ in range(sets):
             route_all = torch.randint(E, (I, S, K), device=dev)   # the whole global batch's routing
             route = route_all[:B].contiguous()                    # this rank's samples
             num = ops.count_tokens(route_all, E)
-            ed = torch.as_tensor(netmoe.default_expert_device(E, J), device=dev)
             slot = torch.randperm(E, device=dev)
-            # rank 0's expert side, laid out as MoELayer._forward_ep receives it: (source, expert, b)
+            # rank 0's expert side, laid out as ExpertExchange.scatter receives it: (source, expert, b)
             cnt = num[:, :El].reshape(J, B, El).permute(0, 2, 1).reshape(-1)
             src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, El, B).reshape(-1).repeat_interleave(cnt)
             dest = torch.randperm(I, device=dev) // B
             cases["count_tokens"].append((route, E))
-            cases["placement_costs"].append((num, ed))
             cases["dispatch_order"].append((route, slot))
             cases["gather_order"].append((src, dest, I))
         n_route, n_src = route.numel(), src.numel()
         moved = {   # bytes each op must read + write
             "count_tokens": n_route * 8 + B * E * 8,
-            "placement_costs": I * E * 8 + E * 8 + I * (topo.nodes + J) * 8,
             "dispatch_order": n_route * 8 + E * 8 + n_route * 8,
             "gather_order": n_src * 8 + I * 8 + n_src * 8,
         }
         timings = {
             "count_tokens": (gpu_ms(ref.count_tokens, cases["count_tokens"]),
                              gpu_ms(ops.count_tokens, cases["count_tokens"])),
-            "placement_costs": (
-                wall_ms(lambda num, ed: netmoe.placement_costs(num, topo, ed.cpu()), cases["placement_costs"]),
-                wall_ms(lambda num, ed: [t.cpu() for t in ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node)],
-                        cases["placement_costs"])),
             "dispatch_order": (gpu_ms(ref.dispatch_order, cases["dispatch_order"]),
                                gpu_ms(ops.dispatch_order, cases["dispatch_order"])),
             "gather_order": (gpu_ms(ref.gather_order, cases["gather_order"]),
@@ -634,17 +614,7 @@ def bench_kernels(echo=print, reps=50, sets=4):
             gbs = moved[name] / t_cuda / 1e6
             rows.append(dict(kernel=name, shape=shape, n=n_src if name == "gather_order" else n_route,
                              torch_ms=t_ref, cuda_ms=t_cuda, speedup=t_ref / t_cuda, bytes=moved[name],
-                             gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw,
-                             timing="wall, incl. copy to host" if name == "placement_costs" else "cuda events"))
-        if label == "large":
-            pc = cases["placement_costs"][0]
-            rows.append(dict(kernel="placement_costs (gpu only)", shape=shape, n=I * E,
-                             torch_ms=float("nan"),
-                             cuda_ms=gpu_ms(lambda num, ed: ops.placement_costs(num, ed, topo.nodes, topo.gpus_per_node), [pc]),
-                             speedup=float("nan"), bytes=moved["placement_costs"], copy_gb_s=copy_bw,
-                             timing="cuda events"))
-            rows[-1]["gb_s"] = rows[-1]["bytes"] / rows[-1]["cuda_ms"] / 1e6
-            rows[-1]["copy_frac"] = rows[-1]["gb_s"] / copy_bw
+                             gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw, timing="cuda events"))
 
     echo(f"{'kernel':<27} | {'shape':<34} | {'torch ms':>9} | {'cuda ms':>8} | {'speedup':>7} | "
          f"{'GB/s':>7} | {'% of copy bw':>12}")
@@ -905,7 +875,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
     for s in progress(late, "scoring step"):
-        before = learn([(q, full) for q in range(max(0, s - 4), s)])
+        before = learn([(q, full) for q in range(max(0, s - netmoe.RELAYOUT_WINDOW), s)])
         for exchange in netmoe.EXCHANGES:
             for name, st in [("static", score(s, None, exchange, "static")), ("netmoe + lookahead", score(s, None, exchange)),
                              ("+ layout from the 4 steps before", score(s, before, exchange)),

@@ -3,7 +3,6 @@
 //
 //   count_tokens(route[I,S,K], E)              -> num[I,E] int64        netmoe.count_tokens (Eq. 2)
 //   node_counts(route[I,S,K], expert_node, N)  -> nc[I,N] int64         netmoe.node_counts
-//   placement_costs(num, expert_device, N, G)  -> (c[I,N], c_intra[I,J]) netmoe.placement_costs (Eq. 8)
 //   dispatch_order(route, slot)                -> argsort(slot[route.reshape(-1)], stable=True)
 //   gather_order(src, dest, I)                 -> argsort(dest[src] * I + src, stable=True)
 //
@@ -204,59 +203,6 @@ at::Tensor node_counts(at::Tensor route, at::Tensor expert_node, int64_t nodes) 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return nc;
-}
-
-// ------------------------------------------------------------------------------------------
-// placement_costs (Eq. 8): one block per sample sums num[i, :] per device, then per node.
-// ------------------------------------------------------------------------------------------
-__global__ void placement_costs_kernel(const int64_t* __restrict__ num, const int64_t* __restrict__ ed,
-                                       int E, int N, int G, int64_t* __restrict__ c,
-                                       int64_t* __restrict__ c_intra) {
-  extern __shared__ unsigned long long per_dev[];   // [J], then per_node [N], then the total
-  const int J = N * G;
-  unsigned long long* per_node = per_dev + J;
-  unsigned long long* total = per_node + N;
-  const int64_t i = blockIdx.x;
-  for (int j = threadIdx.x; j < J + N + 1; j += blockDim.x) per_dev[j] = 0;
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int64_t d = ed[e];
-    if (d >= 0 && d < J) atomicAdd(&per_dev[d], (unsigned long long)num[i * E + e]);
-  }
-  __syncthreads();
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    unsigned long long s = 0;
-    for (int g = 0; g < G; ++g) s += per_dev[n * G + g];
-    per_node[n] = s;
-    atomicAdd(total, s);
-  }
-  __syncthreads();
-  for (int n = threadIdx.x; n < N; n += blockDim.x) c[i * N + n] = (int64_t)(*total - per_node[n]);
-  for (int j = threadIdx.x; j < J; j += blockDim.x)
-    c_intra[i * J + j] = (int64_t)(per_node[j / G] - per_dev[j]);
-}
-
-std::vector<at::Tensor> placement_costs(at::Tensor num, at::Tensor expert_device,
-                                           int64_t nodes, int64_t gpus_per_node) {
-  TORCH_CHECK(num.is_cuda() && num.scalar_type() == at::kLong && num.dim() == 2,
-              "placement_costs: num must be a CUDA int64 tensor [I, E]");
-  TORCH_CHECK(expert_device.device() == num.device() && expert_device.scalar_type() == at::kLong &&
-              expert_device.dim() == 1 && expert_device.size(0) == num.size(1),
-              "placement_costs: expert_device must be an int64 tensor [E] on num's device");
-  TORCH_CHECK(nodes >= 1 && gpus_per_node >= 1 && nodes * gpus_per_node <= 4096,
-              "placement_costs: need 1 <= nodes * gpus_per_node <= 4096");
-  const at::cuda::OptionalCUDAGuard guard(num.device());
-  num = num.contiguous();
-  expert_device = expert_device.contiguous();
-  const int64_t I = num.size(0), N = nodes, J = nodes * gpus_per_node;
-  auto c = at::empty({I, N}, num.options()), c_intra = at::empty({I, J}, num.options());
-  if (I == 0) return {c, c_intra};
-  TORCH_CHECK(I < INT_MAX && num.size(1) < INT_MAX, "placement_costs: num too large");
-  placement_costs_kernel<<<I, 128, (J + N + 1) * sizeof(unsigned long long), stream()>>>(
-      num.data_ptr<int64_t>(), expert_device.data_ptr<int64_t>(), (int)num.size(1), (int)N,
-      (int)gpus_per_node, c.data_ptr<int64_t>(), c_intra.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {c, c_intra};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -531,8 +477,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("route"), py::arg("num_experts"));
   m.def("node_counts", &node_counts, "nc[I,N]: tokens of sample i with at least one of their K experts on node n",
         py::arg("route"), py::arg("expert_node"), py::arg("nodes"));
-  m.def("placement_costs", &placement_costs, "(c[I,N], c_intra[I,J]) of Eq. 8",
-        py::arg("num"), py::arg("expert_device"), py::arg("nodes"), py::arg("gpus_per_node"));
   m.def("dispatch_order", &dispatch_order, "torch.argsort(slot[route.reshape(-1)], stable=True)",
         py::arg("route"), py::arg("slot"));
   m.def("gather_order", &gather_order, "torch.argsort(dest[src] * num_samples + src, stable=True)",

@@ -1061,6 +1061,8 @@ def make_exchange(name, topo, virtual=False, rank=0, group=None, debug=False):
 # ---------------------------------------------------------------------------------------------
 
 _SOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-solver")
+RELAYOUT_WINDOW = 4   # batches a re-layout plan learns from: enough to see co-activation, recent enough to follow drift
+FWD_BWD_MS = 2e3      # seconds of one All-to-All -> ms of it forward and its reverse in backward
 
 
 @dataclasses.dataclass
@@ -1106,8 +1108,8 @@ def _layer_stats(routing, cur, dest, bytes_per_token):
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(2e3 * a2a_time(v, topo, b, exchange) for v, b in phases),
-                    a2a_pipelined_ms=sum(2e3 * a2a_time(v, topo, b) for v, b in phases))
+                    a2a_model_ms=sum(FWD_BWD_MS * a2a_time(v, topo, b, exchange) for v, b in phases),
+                    a2a_pipelined_ms=sum(FWD_BWD_MS * a2a_time(v, topo, b) for v, b in phases))
 
 
 def _timed(fn, *args):
@@ -1212,7 +1214,7 @@ class MoELayer(nn.Module):
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats = MoEStats()
         self._checked_batch = None   # the batch size every rank was last seen to hold
-        self.recent = collections.deque(maxlen=4)   # num of the last batches, for expert_layout
+        self.recent = collections.deque(maxlen=RELAYOUT_WINDOW)   # num of the last batches, for expert_layout
 
     def set_expert_device(self, expert_device):
         """Expert e lives on device expert_device[e]; rows are ordered by `slot` = device-major position."""

@@ -2299,26 +2299,6 @@ def test_node_counts_kernel_equals_reference(kernels, I, S, K, E, N):
 
 
 @cuda_only
-@pytest.mark.parametrize("I,E,topo", [
-    (1, 1, "1x1"), (8, 8, "2x2"), (128, 64, "4x8"), (512, 256, "4x8"), (33, 256, "2x8"), (5, 12, "3x1"),
-    (7, 64, "1x8"), (0, 8, "2x2")])
-def test_placement_costs_kernel_equals_eq8(kernels, I, E, topo):
-    gen, seed = _fresh_generator()
-    topo = netmoe.Topology.parse(topo)
-    num = torch.randint(0, 5000, (I, E), generator=gen, device="cuda")
-    num[:, torch.rand(E, generator=gen, device="cuda") < 0.3] = 0     # experts that receive nothing
-    num[torch.rand(I, generator=gen, device="cuda") < 0.2] = 0        # samples with no tokens here
-    perm = torch.randperm(E, generator=gen, device="cuda")
-    ed = torch.as_tensor(netmoe.default_expert_device(E, topo.world), device="cuda")[perm]
-    _poison((I, topo.nodes), (I, topo.world))
-    c, c_intra = kernels.placement_costs(num, ed, topo.nodes, topo.gpus_per_node)
-    want_c, want_intra = netmoe.placement_costs(num.cpu(), topo, ed.cpu())
-    assert c.dtype == c_intra.dtype == torch.int64
-    np.testing.assert_array_equal(c.cpu().numpy(), want_c, err_msg=f"seed={seed}")
-    np.testing.assert_array_equal(c_intra.cpu().numpy(), want_intra, err_msg=f"seed={seed}")
-
-
-@cuda_only
 @pytest.mark.parametrize("B,S,K,E", [
     (1, 1, 1, 1), (1, 1, 2, 4), (2, 3, 1, 8), (4, 1024, 2, 64), (3, 1000, 8, 256),
     (16, 4096, 8, 256), (5, 777, 2, 8192), (2, 300, 2, 9000),    # many keys: few warps per block
@@ -2389,7 +2369,6 @@ def test_kernels_reject_inputs_they_cannot_handle(kernels):
                  ("[I, S, K]", lambda: k.count_tokens(z(2, 6), 4)),
                  ("int64 or int32", lambda: k.dispatch_order(z(2, 3, 2).float(), z(4))),
                  ("num_samples", lambda: k.gather_order(z(3), z(4), 5)),
-                 ("expert_device", lambda: k.placement_costs(z(2, 8), z(4), 2, 2)),
                  ("expert_node", lambda: k.node_counts(z(2, 3, 2), z(4).int(), 2)),
                  ("[I, S, K]", lambda: k.node_counts(z(6, 2), z(4), 2))]
         for expected, call in cases:

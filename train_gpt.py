@@ -825,13 +825,17 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     return record
 
 
+MOVED_BYTES_PER_PARAM = 3 * 4   # a moving expert carries each float32 weight and AdamW's two moments
+
+
 def relayout(model, opt, env, cfg, step, planner, echo):
     """Regroup each layer's experts by co-activation in its recent batches (netmoe.expert_layout)
     if the modelled All-to-All saving, priced for the exchange that runs, over the steps left in
     the run (the new layout serves until a later plan replaces it) beats the cost of moving the
     weights and optimizer state (at the inter-node bandwidth until a move between ranks has been
     timed). Rank 0 plans and every rank applies its plan: ranks never decide apart."""
-    per_expert = 3 * 4 * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2, model.moe[0].b2))
+    per_expert = MOVED_BYTES_PER_PARAM * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2,
+                                                                   model.moe[0].b2))
     rate = planner["ms_per_byte"] or 1e3 / env.topo.inter_bw
     plan = None
     if env.rank == 0:
