@@ -268,6 +268,7 @@ class Routing:
     expert_device: np.ndarray  # [E] device of expert e
     exchange: type             # the exchange class whose rows these are (EXCHANGES)
     nc: np.ndarray = None      # [I, N] node counts, where the exchange sends a row per (token, node)
+    chunks: tuple = ()         # ((a, b), Routing) of the positions [a, b) of every sample, where the layer runs in chunks
 
     @classmethod
     def of(cls, num, topo, expert_device=None, exchange="expert", node_count=None, name="num"):
@@ -323,7 +324,7 @@ class Routing:
 
     def by(self, order):
         """The same routing with its samples in `order` (rows permuted)."""
-        return dataclasses.replace(self, num=self.num[order], nc=None if self.nc is None else self.nc[order])
+        return dataclasses.replace(self, num=self.num[order], nc=None if self.nc is None else self.nc[order], chunks=())
 
 
 def routings(routes, topo, num_experts, layouts=None, exchange="expert"):
@@ -396,17 +397,38 @@ def _traffic(volumes, sample_device, topo):
             "inter": int(inter[rows, topo.node_of(sample_device)].sum())}
 
 
-def a2a_time(volume, topo, bytes_per_token, exchange="expert"):
-    """Eq. 1: t_x = alpha_x + s_x / v_x, s_x the cluster-wide bytes of tier x. The expert exchange
-    is one All-to-All: t = max(t_intra, t_inter). The node exchange runs its rail hop, then its
-    NVLink hop: t = t_inter + t_intra (a pipelined implementation, as DeepEP's, forwards rows while
-    others still arrive and would approach the max)."""
-    hops_in_sequence = exchange_class(exchange).hops_in_sequence
-
+def _hops(volume, topo, bytes_per_token, cls, chunks):
+    """The hops one All-to-All of exchange class cls runs, as [(the link it holds, seconds of one
+    chunk)]: Eq. 1's t_x = alpha_x + s_x / v_x per tier, with a chunk's share of the bytes and an
+    alpha for each chunk's message (nothing to send costs nothing)."""
     def term(tokens, lat, bw):
-        return lat + tokens * bytes_per_token / bw if tokens else 0.0
-    t = (term(volume["intra"], topo.intra_lat, topo.intra_bw), term(volume["inter"], topo.inter_lat, topo.inter_bw))
-    return sum(t) if hops_in_sequence else max(t)
+        return lat + tokens * bytes_per_token / chunks / bw if tokens else 0.0
+    intra = term(volume["intra"], topo.intra_lat, topo.intra_bw)
+    inter = term(volume["inter"], topo.inter_lat, topo.inter_bw)
+    if cls.hops_in_sequence:   # a rail hop and an NVLink hop, each on its own communicator
+        return [("inter", inter), ("intra", intra)]
+    return [("all", max(intra, inter))]   # one All-to-All over both tiers: the slower takes the time
+
+
+def _pipelined(stages, chunks):
+    """Seconds for `chunks` equal chunks to flow through stages in order, stages [(resource,
+    seconds of one chunk)], each resource working on one chunk at a time: one chunk's way through
+    every stage (fill and drain) plus (C - 1) chunks of the busiest resource."""
+    load = {}
+    for resource, t in stages:
+        load[resource] = load.get(resource, 0.0) + t
+    return sum(t for _, t in stages) + (chunks - 1) * max(load.values(), default=0.0)
+
+
+def a2a_time(volume, topo, bytes_per_token, exchange="expert", chunks=1):
+    """Eq. 1 of one All-to-All as the exchange runs it in `chunks` chunks, t_x = alpha_x + s_x / v_x
+    per tier and chunk (s_x the cluster-wide bytes of tier x). The expert exchange is one
+    All-to-All over both tiers on one communicator: C x max(t_intra, t_inter) of a chunk, the
+    paper's max for C = 1 (chunking it only adds latency; it pays by overlapping the experts'
+    compute). The node exchange's rail and NVLink hops hold communicators of their own, so chunk
+    c's NVLink hop runs while chunk c + 1's rail hop is in flight: t_inter + t_intra for C = 1,
+    towards max(t_inter, t_intra) as C grows, plus C alphas per tier."""
+    return _pipelined(_hops(volume, topo, bytes_per_token, exchange_class(exchange), chunks), chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,23 +717,29 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
 
 
 class _Timer:
-    """Sums the time spent in All-to-Alls: CUDA events on GPU (read lazily), wall clock on CPU."""
+    """Sums the time the layer waited for its All-to-Alls, forward and backward: on CPU the wall
+    clock spent blocked in wait() (what the pipeline did not hide); on GPU, CUDA events from each
+    one's start to the stream's wait for it (overlapped compute included: an upper bound)."""
 
     def __init__(self):
         self.events, self.seconds = [], 0.0
 
-    def run(self, fn, *args):
-        if args[0].is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*args)
-            end.record()
-            self.events.append((start, end))
-            return out
+    def start(self, x):
+        if x.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return None
+
+    def wait(self, work, started):
         t = time.perf_counter()
-        out = fn(*args)
-        self.seconds += time.perf_counter() - t
-        return out
+        work.wait()
+        if started is None:
+            self.seconds += time.perf_counter() - t
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((started, end))
 
     def pop_ms(self):
         if self.events:
@@ -721,24 +749,86 @@ class _Timer:
         return ms
 
 
-def _all_to_all(x, send, recv, group):
+def _start_all_to_all(x, send, recv, group):
+    """all_to_all_single of rows x[sum(send)] -> [sum(recv)], started: (the receive buffer, the work)."""
     out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out, dist.all_to_all_single(out, x.contiguous(), recv, send, group=group, async_op=True)
+
+
+def _all_to_all(x, send, recv, group):
+    out, work = _start_all_to_all(x, send, recv, group)
+    work.wait()
     return out
 
 
-class AllToAll(torch.autograd.Function):
-    """Rows x[sum(send)] -> [sum(recv)]: send[j] rows to rank j, recv[j] rows from rank j."""
+class Flight:
+    """One hop's All-to-All in flight, Megatron's communication phase and DeepEP's event in one:
+    Flight(rows, send, recv, group, timer) starts sending send[j] rows to rank j (recv[j] arrive
+    from rank j); wait() gives the rows received. Both ends are autograd functions: in backward,
+    wait()'s end starts the reverse exchange of the gradient and the start's end waits for it, so
+    backward overlaps the same way forward does. On CUDA, NCCL runs it on its own stream and
+    wait() orders the caller's stream after it: no host sync."""
+
+    def __init__(self, rows, send, recv, group, timer):
+        self.send, self.recv, self.group, self.timer = send, recv, group, timer
+        self.back = None
+        self.sent = _Sent.apply(rows, self)
+
+    def wait(self):
+        return _Arrived.apply(self.sent, self)
+
+
+class _Sent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, flight):
+        flight.started = flight.timer.start(rows)
+        flight.out, flight.work = _start_all_to_all(rows, flight.send, flight.recv, flight.group)
+        ctx.flight, ctx.shape = flight, rows.shape
+        return flight.out
 
     @staticmethod
-    def forward(ctx, x, send, recv, group, timer):
-        ctx.args = (send, recv, group, timer)
-        return timer.run(_all_to_all, x, send, recv, group)
+    def backward(ctx, _):
+        f = ctx.flight
+        if f.back is None:   # nothing downstream of the received rows needed a gradient
+            return f.out.new_zeros(ctx.shape), None
+        out, work, started = f.back
+        f.timer.wait(work, started)
+        return out, None
+
+
+class _Arrived(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, flight):
+        flight.timer.wait(flight.work, flight.started)
+        ctx.flight = flight
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        send, recv, group, timer = ctx.args
-        return timer.run(_all_to_all, grad, recv, send, group), None, None, None, None
+        f = ctx.flight
+        f.back = (*_start_all_to_all(grad, f.recv, f.send, f.group), f.timer.start(grad))
+        return grad, None
+
+
+def _finish(steps):
+    """Runs one chunk's steps to the end: its result."""
+    return pipeline([steps])[0]
+
+
+def pipeline(chunks):
+    """Runs every chunk's steps (generators that yield right after starting a hop and return
+    their result) in turn, one step each, until all are done: while one chunk waits on a hop or
+    computes, the hops the others started are in flight. Every rank starts the same hops in the
+    same order, which collectives need. Returns the chunks' results."""
+    results, live = [None] * len(chunks), dict(enumerate(chunks))
+    while live:
+        for c in list(live):
+            try:
+                next(live[c])
+            except StopIteration as done:
+                results[c] = done.value
+                del live[c]
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,32 +895,50 @@ class Exchange:
         # and the bytes they sent to other devices
         self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
         self.sent_bytes = dict(scatter=0, gather=0)
+        self.tiers = {}   # a communicator per tier, where the hops hold one of their own
 
     def run(self, x, g, route, routing, experts, solve):
-        d = self.scatter(x, g, route, routing)
-        y = experts(d)
-        dest = solve.result()
-        return (*self.gather(y, d, dest), dest)
+        """The layer's rows in chunks (routing.chunks: positions [a, b) of every sample and their
+        Routing), pipelined (Tutel's and Megatron's overlap): chunk c + 1's scatter is in flight
+        while chunk c's experts compute, chunk c's gather while chunk c + 1 computes, and in
+        backward the same; every chunk's gather waits for the placement. One chunk: as plain EP."""
+        def chunk(a, b, r):
+            d = yield from self._scatter(x[:, a:b], g[:, a:b], route[:, a:b], r)
+            y = experts(d)
+            out, keep = yield from self._gather(y, d, solve.result())
+            return out, keep
+        done = pipeline([chunk(a, b, r) for (a, b), r in routing.chunks])
+        return torch.cat([out for out, _ in done], 1), done[0][1], solve.result()
+
+    def scatter(self, x, g, route, routing):
+        """(token, k) rows to their experts' devices, in one piece: a Dispatch."""
+        return _finish(self._scatter(x, g, route, routing))
+
+    def gather(self, y, d, dest):
+        """Each row back to dest[its sample], in one piece: (out [B, S, H], keep)."""
+        return _finish(self._gather(y, d, dest))
 
     def local_experts(self, routing):
         """The experts this rank holds, in slot order (all E in one process)."""
         return np.argsort(routing.slot, kind="stable")
 
-    def scatter(self, x, g, route, routing):
+    def _scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         slot = torch.as_tensor(routing.slot, device=x.device)
         order = hot_path(x.device).dispatch_order(route, slot)
         return Dispatch(x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
                         routing.num.sum(0)[self.local_experts(routing)].tolist(), order // (S * K), order % (S * K),
                         (B, S, H), K, routing, grouped=True)
+        yield   # unreachable: a generator with no hop to wait on, as the exchanges' steps are
 
-    def gather(self, y, d, dest):
+    def _gather(self, y, d, dest):
         I, (_, S, H) = len(dest), d.shape
         keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
         new = np.empty(I, dtype=np.int64)
         new[keep] = np.arange(I)
         row = torch.as_tensor(new, device=y.device)[d.src] * S + d.pos // d.top_k
         return y.new_zeros(I * S, H).index_add(0, row, y).view(I, S, H), keep
+        yield   # unreachable, as above
 
 
 class ExpertExchange(Exchange):
@@ -858,14 +966,16 @@ class ExpertExchange(Exchange):
         """Bytes of one row on the wire: (scatter: x, its gate weight, s*K+k; gather: y, s*K+k)."""
         return hidden * dtype.itemsize + dtype.itemsize + _meta_bytes(1, dtype), hidden * dtype.itemsize + _meta_bytes(1, dtype)
 
-    def scatter(self, x, g, route, routing):
+    def _scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
         I, dev, local = num.shape[0], x.device, self.local_experts(routing)
         order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
         payload = _with_ints(torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype)], 1),
                              order % (S * K))
-        recv = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
+        flight = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
+        yield
+        recv = flight.wait()
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
         cnt = num[:, local].reshape(J, B, -1).transpose(0, 2, 1)
         reps = torch.as_tensor(cnt.reshape(-1), device=dev)
@@ -877,23 +987,26 @@ class ExpertExchange(Exchange):
         return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
                         (B, S, H), K, routing)
 
-    def gather(self, y, d, dest):
+    def _gather(self, y, d, dest):
         """Rows to dest[sample], ordered by (dest, sample): the receiver knows each row's sample
         from num and dest (every rank holds both); the payload again carries only s*K+k."""
         (B, S, H), J, r, I = d.shape, self.J, self.rank, len(dest)
         per_dev, dev = d.routing.tokens[0], y.device
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(dest, device=dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
-        back = self._send("gather", _with_ints(y, d.pos)[gorder],
-                          np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
+        flight = self._send("gather", _with_ints(y, d.pos)[gorder],
+                            np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
+        yield
+        back = flight.wait()
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         row = new_slot * S + _ints(back[:, H:], 1)[:, 0] // d.top_k
         return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
 
-    def _send(self, phase, rows, send, recv):
-        """AllToAll of rows: send[j] of them to rank j, recv[j] from rank j. In debug mode also
-        counts the rows this rank sends per tier, from the split sizes alone."""
+    def _send(self, phase, rows, send, recv, tier=None):
+        """A Flight of rows, started: send[j] of them to rank j, recv[j] from rank j, on the
+        communicator of `tier` (intra or inter; None: the layer's group, both tiers). In debug
+        mode also counts the rows this rank sends per tier, from the split sizes alone."""
         send, recv = [int(v) for v in send], [int(v) for v in recv]
         if self.debug:
             node = self.topo.node_of(np.arange(self.J)) == self.topo.node_of(self.rank)
@@ -903,7 +1016,7 @@ class ExpertExchange(Exchange):
             tiers["intra"] += int(sent[node].sum() - sent[self.rank])
             tiers["inter"] += int(sent[~node].sum())
             self.sent_bytes[phase] += (sum(send) - send[self.rank]) * rows.shape[1] * rows.element_size()
-        return AllToAll.apply(rows, send, recv, self.group, self.timer)
+        return Flight(rows, send, recv, self.tiers.get(tier, self.group), self.timer)
 
 
 class NodeExchange(ExpertExchange):
@@ -932,7 +1045,11 @@ class NodeExchange(ExpertExchange):
         return (hidden * dtype.itemsize + top_k * dtype.itemsize + _meta_bytes(1 + top_k, dtype),
                 hidden * dtype.itemsize + _meta_bytes(1, dtype))
 
-    def scatter(self, x, g, route, routing):
+    def __init__(self, topo, rank=0, group=None, debug=False, priced=None):
+        super().__init__(topo, rank, group, debug, priced)
+        self.tiers = _tier_groups(group)
+
+    def _scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.nc, self.topo.gpus_per_node, self.topo.nodes
         I, (per_dev, per_node, _), ops = num.shape[0], routing.tokens, hot_path(x.device)
@@ -953,7 +1070,9 @@ class NodeExchange(ExpertExchange):
         send = np.where(rail, per_rank[r, ranks // G], 0)
         recv = np.where(rail, per_rank[:, n], 0)
         mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
-        got = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv).split(recv.tolist())
+        flight = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv, "inter")
+        yield
+        got = flight.wait().split(recv.tolist())
         # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
         # holds now, in (sample slot, s) order
         held = torch.cat(got[:r] + (own,) + got[r + 1:])
@@ -975,8 +1094,10 @@ class NodeExchange(ExpertExchange):
         rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
         np.add.at(rail_dev, on_rail, per_dev)
         node = ranks // G == n
-        recv = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
-                          np.where(node, rail_dev[ranks % G, r], 0))
+        flight = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
+                            np.where(node, rail_dev[ranks % G, r], 0), "intra")
+        yield
+        recv = flight.wait()
         # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
         members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
         local = self.local_experts(routing)
@@ -990,7 +1111,7 @@ class NodeExchange(ExpertExchange):
         return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
                         (B, S, H), K, routing)
 
-    def gather(self, y, d, dest):
+    def _gather(self, y, d, dest):
         (B, S, H), J, r, K, I, G = d.shape, self.J, self.rank, d.top_k, len(dest), self.topo.gpus_per_node
         per_dev, nc = d.routing.tokens[0], d.routing.nc
         m, gl = divmod(r, G)
@@ -1002,9 +1123,10 @@ class NodeExchange(ExpertExchange):
         gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(via, device=dev), I)
         mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
         node = ranks // G == m
-        got = self._send("gather", _with_ints(y, d.pos)[gorder],
-                         np.bincount(via, weights=per_dev[:, r], minlength=J),
-                         np.where(node, per_dev[mine].sum(0), 0))
+        flight = self._send("gather", _with_ints(y, d.pos)[gorder], np.bincount(via, weights=per_dev[:, r], minlength=J),
+                            np.where(node, per_dev[mine].sum(0), 0), "intra")
+        yield
+        got = flight.wait()
         reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
         sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
             torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
@@ -1029,14 +1151,31 @@ class NodeExchange(ExpertExchange):
         # names each row's sample from nc and dest; s travels.
         s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
         rail = (ranks % G == gl) & ~node
-        back = self._send("gather", _with_ints(summed[B * S:], s_part),
-                          np.bincount(dest[away], weights=nc[away, m], minlength=J),
-                          np.where(rail, nc[keep][:, ranks // G].sum(0), 0))
+        flight = self._send("gather", _with_ints(summed[B * S:], s_part),
+                            np.bincount(dest[away], weights=nc[away, m], minlength=J),
+                            np.where(rail, nc[keep][:, ranks // G].sum(0), 0), "inter")
+        yield
+        back = flight.wait()
         reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
             reps, output_size=int(reps.sum()))
         out = summed[:B * S].index_add(0, new_slot * S + _ints(back[:, H:], 1)[:, 0], back[:, :H])
         return out.view(B, S, H), keep
+
+
+_TIER_GROUPS = {}
+
+
+def _tier_groups(group):
+    """Communicators of their own for the node exchange's rail (inter) and NVLink (intra) hops,
+    every rank of `group` in each, so that NCCL runs one chunk's NVLink hop while another's rail
+    hop is in flight. Made once per group, by every rank in the same order (new_group is a
+    collective call)."""
+    group = group or dist.group.WORLD
+    if group not in _TIER_GROUPS:
+        ranks = dist.get_process_group_ranks(group)
+        _TIER_GROUPS[group] = {tier: dist.new_group(ranks) for tier in ("inter", "intra")}
+    return _TIER_GROUPS[group]
 
 
 # every exchange by the name the layer, the cost model and the command lines know it by
@@ -1078,8 +1217,8 @@ class MoEStats:
     solver_ms: float = 0.0    # time the solver worked
     solver_exposed_ms: float = 0.0  # time the gather waited for it
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
-    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges (rows as sent: wire_bytes)
-    a2a_pipelined_ms: float = 0.0  # the same with a node exchange's two hops overlapped (max of tiers)
+    a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges as built (rows as sent: wire_bytes; chunks)
+    a2a_hidden_ms: float = 0.0  # of which the chunked pipeline hides behind the experts' compute (given its time)
 
     def __add__(self, other):
         out = MoEStats()
@@ -1089,27 +1228,36 @@ class MoEStats:
         return out
 
 
-def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None):
+def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, chunks=1, expert_ms=None):
     """MoEStats of one MoE layer whose scatter leaves from sample placement `cur` and whose
     gather delivers to `dest`: Eq. 3-4 volumes, the Eq. 1 time of its four exchanges (forward
-    and backward), and the samples moved. What the layer records, for replays and planning.
-    num: counts or a Routing (any exchange); bytes_per_token: bytes of a row on the wire, or
-    (scatter's, gather's) as the exchange's wire_bytes gives them."""
+    and backward) as built in `chunks` chunks, and the samples moved. What the layer records, for
+    replays and planning. num: counts or a Routing (any exchange); bytes_per_token: bytes of a row
+    on the wire, or (scatter's, gather's) as the exchange's wire_bytes gives them. expert_ms: the
+    layer's expert compute, forward and backward (backward twice forward), for what the pipeline
+    hides behind it (a2a_hidden_ms)."""
     r = _routing(num, topo, expert_device)
     cur = _check_sample_device(cur, r.num.shape[0], topo, "cur")
     dest = _check_sample_device(dest, r.num.shape[0], topo, "dest")
-    return _layer_stats(r, cur, dest, bytes_per_token)
+    return _layer_stats(r, cur, dest, bytes_per_token, chunks, expert_ms)
 
 
-def _layer_stats(routing, cur, dest, bytes_per_token):
-    topo, exchange = routing.topo, routing.exchange.name
+def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None):
+    topo = routing.topo
     scatter, gather = _traffic(routing.rows, cur, topo), _traffic(routing.rows, dest, topo)
-    phases = tuple(zip((scatter, gather), bytes_per_token if np.ndim(bytes_per_token) else (bytes_per_token,) * 2))
+    per_row = np.broadcast_to(bytes_per_token, 2)
+    hops = [_hops(v, topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
+    alone = [_pipelined(h, chunks) for h in hops]
+    hidden = 0.0
+    if expert_ms:   # forward: scatter, experts, gather; backward the same reversed, twice the compute
+        for share in (1 / 3, 2 / 3):
+            compute = expert_ms * share / 1e3
+            together = _pipelined(hops[0] + [("compute", compute / chunks)] + hops[1], chunks)
+            hidden += (sum(alone) + compute - together) * 1e3
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),
                     moved_device=int((dest != cur).sum()),
-                    a2a_model_ms=sum(FWD_BWD_MS * a2a_time(v, topo, b, exchange) for v, b in phases),
-                    a2a_pipelined_ms=sum(FWD_BWD_MS * a2a_time(v, topo, b) for v, b in phases))
+                    a2a_model_ms=FWD_BWD_MS * sum(alone), a2a_hidden_ms=hidden)
 
 
 def _timed(fn, *args):
@@ -1181,8 +1329,11 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
-                 exchange="expert"):
+                 exchange="expert", chunks=1):
         super().__init__()
+        if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+            raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+        self.chunks = int(chunks)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -1324,7 +1475,7 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         priced = self.exchange.priced
-        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k))
+        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k), len(routing.chunks))
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _expert_side(self, d):
@@ -1365,14 +1516,19 @@ class MoELayer(nn.Module):
         return x.shape
 
     def _routings(self, route, pred, next_layer, sid):
-        """The Routing of this layer and of the lookahead's predicted next one (or None), under
-        each layer's expert map and with what the exchange needs (its layout), for every sample of
-        the global batch in slot order, rank-major; and the samples' ids. One all-gather, and the
-        one host sync the layer needs (split sizes are host integers)."""
-        ops, priced = hot_path(route.device), self.exchange.priced
-        layers = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
-        parts = [priced.layout(r, layer.expert_device, self.topo, self.num_experts, ops) for r, layer in layers]
-        meta = torch.cat([t for p in parts for t in p.values()] + [sid[:, None]], 1)
+        """The Routing of this layer, whole and per chunk of positions, and of the lookahead's
+        predicted next one (or None), under each layer's expert map and with what the exchange
+        needs (its layout), for every sample of the global batch in slot order, rank-major; and
+        the samples' ids. One all-gather, and the one host sync the layer needs (split sizes are
+        host integers)."""
+        ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
+        edges = np.linspace(0, S, self.chunks + 1).round().astype(int)
+        bounds = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [(0, S)]   # more chunks than positions: fewer
+        layers = [(route, self, bounds)] + ([(pred, next_layer, [(0, S)])] if pred is not None else [])
+        parts = [[priced.layout(r[:, a:b], layer.expert_device, self.topo, self.num_experts, ops) for a, b in bs]
+                 for r, layer, bs in layers]
+        flat = [t for per in parts for p in per for t in p.values()]
+        meta = torch.cat(flat + [sid[:, None]], 1)
         if not self.virtual and self.J > 1:
             gathered = [torch.empty_like(meta) for _ in range(self.J)]
             dist.all_gather(gathered, meta, group=self.group)
@@ -1381,9 +1537,12 @@ class MoELayer(nn.Module):
         if len(meta) % self.J:
             raise ValueError(f"I={len(meta)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
-        cols = iter(np.split(meta, np.cumsum([t.shape[1] for p in parts for t in p.values()]), axis=1))
-        out = [Routing(topo=self.topo, expert_device=layer.expert_device, exchange=priced,
-                       **{name: next(cols) for name in p}) for p, (_, layer) in zip(parts, layers)]
+        cols, out = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1)), []
+        for per, (_, layer, bs) in zip(parts, layers):
+            kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
+            pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
+            out.append(Routing(**kw, **{name: sum(getattr(q, name) for q in pieces) for name in per[0]},
+                               chunks=tuple(zip(bs, pieces))))
         return out[0], out[1] if pred is not None else None, meta[:, -1]
 
     def experts(self, x, expert, counts, grouped=False):

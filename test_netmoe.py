@@ -853,6 +853,7 @@ class Case:
     exchange: str = "expert"
     layout: str = "contiguous"
     nodes: int = 2
+    chunks: int = 1   # the layer's rows in C chunks of positions (S_ = 6: C = 8 leaves chunks out)
 
 
 LAYER_CASES = [Case("static", 2), Case("netmoe", 2), Case("netmoe", 1), Case("netmoe", 4),
@@ -862,6 +863,12 @@ NODE_CASES = [Case("static", 2, exchange="node"), Case("netmoe", 2, exchange="no
               Case("netmoe", 4, exchange="node"), Case("netmoe", 2, True, "node", "random"),
               Case("static", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", layout="random", nodes=4),
               Case("netmoe", 2, exchange="node", layout="random", nodes=1)]
+# both exchanges and placements in C = 2, 3 and 8 (more chunks than positions) chunks, K = 1, 2
+# and 4, with idle devices (every chunk empty there) and random layouts
+CHUNK_CASES = [dataclasses.replace(c, chunks=C) for C in (2, 3, 8) for c in
+               (Case("netmoe", 2), Case("static", 2, empty=True), Case("netmoe", 1, empty=True), Case("netmoe", 4),
+                Case("netmoe", 2, exchange="node", layout="random"), Case("static", 2, True, "node", "random"),
+                Case("netmoe", 4, True, "node"), Case("netmoe", 1, exchange="node", layout="random", nodes=4))]
 NODE_CASES_8 = [Case("netmoe", 2, exchange="node", layout="random"), Case("static", 1, True, "node"),
                 Case("netmoe", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", nodes=4)]
 
@@ -897,7 +904,7 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         wout = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
 
         def run(exchange):
-            layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange,
+            layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange, chunks=case.chunks,
                                       expert_device=None if layouts is None else layouts[li]).to(dev, weights)
                       for li in range(len(params))]
             for L, p in zip(layers, params):
@@ -996,6 +1003,12 @@ def layer_report():
 
 
 @pytest.fixture(scope="module")
+def layer_report_chunked():
+    """CHUNK_CASES on 4 gloo ranks: the pipelined exchanges."""
+    return _spawn(_layer_worker, 4, CHUNK_CASES, "cpu", None)["cases"]
+
+
+@pytest.fixture(scope="module")
 def layer_report_8():
     """The node exchange on 8 gloo ranks as 2x4 (rails of 4 devices) and 4x2 (three remote nodes)."""
     return _spawn(_layer_worker, 8, NODE_CASES_8, "cpu", None)["cases"]
@@ -1082,7 +1095,7 @@ def _assert_float32_ep_equals_the_model(world, where, cases):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (NCCL)")
 def test_ep_layer_equals_single_process_model_on_gpus_with_nccl():
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    _assert_float32_ep_equals_the_model(world, "gpu", LAYER_CASES + NODE_CASES)
+    _assert_float32_ep_equals_the_model(world, "gpu", LAYER_CASES + NODE_CASES + CHUNK_CASES)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the ranks share it)")
@@ -1091,7 +1104,7 @@ def test_ep_layer_on_ranks_sharing_one_gpu_equals_single_process_model(world):
     """Every expert-parallel path on CUDA tensors with real ranks, on any machine with a GPU: the
     ranks share it and talk through gloo. Both exchanges, both placements, K = 1, 2, 4, planted
     idle devices, random expert layouts; 2 and 4 nodes on 8 ranks."""
-    _assert_float32_ep_equals_the_model(world, "shared", LAYER_CASES + (NODE_CASES if world == 4 else NODE_CASES_8))
+    _assert_float32_ep_equals_the_model(world, "shared", LAYER_CASES + (NODE_CASES + CHUNK_CASES if world == 4 else NODE_CASES_8))
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
@@ -1143,6 +1156,18 @@ def test_node_exchange_on_eight_ranks_equals_single_process_model(layer_report_8
         assert r["worst"][1] <= 1e-10, f"node exchange {case} on 8 ranks: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
         assert not case.empty or r["idle"] == 2
         assert (r["moved"] > 0) == (case.placement == "netmoe")
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
+def test_the_pipelined_exchanges_equal_the_single_process_model_for_every_chunk_count(layer_report_chunked, case):
+    """C chunks of positions travel one after another, overlapping each other and the experts:
+    outputs and every gradient equal the float64 model, the idle device stays idle, and the rows
+    the split sizes sent add up to the modelled volumes, whatever C."""
+    r = layer_report_chunked[CHUNK_CASES.index(case)]
+    assert r["worst"][1] <= 1e-10, f"{case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
+    assert not case.empty or r["idle"] == 2
+    assert (r["moved"] > 0) == netmoe.PLACEMENTS[case.placement].moves_samples
+    assert r["sent"] == {"scatter": r["scatter"], "gather": r["gather"]}
 
 
 def test_exchanges_send_exactly_the_modelled_rows_per_tier(layer_report, layer_report_8):
@@ -1324,10 +1349,11 @@ _COLLECTIVES = ("all_gather", "all_gather_object", "all_gather_into_tensor", "al
                 "all_to_all", "all_to_all_single", "reduce_scatter", "gather", "scatter", "send", "recv")
 
 
-def _collectives_worker(rank, world, init_file, exchange, out_file):
+def _collectives_worker(rank, world, init_file, exchange, chunks, out_file):
     """Collectives per layer call after the first (which checks the ranks' batch sizes once)."""
     train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
-    layers = [netmoe.MoELayer(H_, F_, 8, 2, topology=netmoe.Topology(2, 2), exchange=exchange).double() for _ in range(2)]
+    layers = [netmoe.MoELayer(H_, F_, 8, 2, topology=netmoe.Topology(2, 2), exchange=exchange, chunks=chunks).double()
+              for _ in range(2)]
     calls = []
     for name in _COLLECTIVES:
         def counted(*a, _f=getattr(dist, name), _name=name, **kw):
@@ -1350,13 +1376,13 @@ def _collectives_worker(rank, world, init_file, exchange, out_file):
             json.dump(dict(first=calls[:first], later=calls[first:]), f)
 
 
-@pytest.mark.parametrize("exchange, a2a_per_direction", [("expert", 1), ("node", 2)])
-def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction):
+@pytest.mark.parametrize("exchange, a2a_per_direction, chunks", [("expert", 1, 1), ("node", 2, 1), ("node", 2, 3)])
+def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks):
     """Without debug a layer's forward and backward talk only through one all-gather of the counts
-    and the exchange's All-to-Alls (scatter and gather, each hop forward and backward); the
-    batch-size check runs on a layer's first call only."""
-    calls = _spawn(_collectives_worker, 4, exchange)
-    per_layer = {"all_gather": 1, "all_to_all_single": 4 * a2a_per_direction}
+    and the exchange's All-to-Alls (scatter and gather, each hop forward and backward, once per
+    chunk); the batch-size check runs on a layer's first call only."""
+    calls = _spawn(_collectives_worker, 4, exchange, chunks)
+    per_layer = {"all_gather": 1, "all_to_all_single": 4 * a2a_per_direction * chunks}
     assert collections.Counter(calls["later"]) == {k: 2 * v for k, v in per_layer.items()}
     assert collections.Counter(calls["first"]) == {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()}
 
