@@ -652,12 +652,13 @@ def _align(group, d, prev_p, prev_of, k):
     return np.where(group >= 0, cols[np.maximum(group, 0)], -1)
 
 
-def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe"):
+def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe", chunks=1, expert_ms=None):
     """MoEStats of one batch through consecutive MoE layers: layers[l] is layer l's Routing (or
     [I, E] counts: the expert exchange, contiguous experts), rows by sample id; samples start
     where the data loader put them and follow each layer's gather. nexts[l]: what layer l's gather
     prices the next layer's scatter with (the predicted or true routing of layer l + 1, under its
-    map; the last layer's is not read); None: no lookahead. routings() builds them from routes."""
+    map; the last layer's is not read); None: no lookahead. routings() builds them from routes.
+    chunks and expert_ms price the exchanges as layer_stats does."""
     policy = placement_class(placement)(lookahead=nexts is not None)
     layers = [_routing(r, topo, name="layers") for r in layers]
     L = len(layers)
@@ -672,12 +673,13 @@ def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe"):
     cur, acc = static_placement(len(layers[0].num), topo.world), MoEStats()
     for l, r in enumerate(layers):
         dest = policy.dest(r, nexts[l] if nexts is not None and l + 1 < L else None, cur)
-        acc += _layer_stats(r, cur, dest, bytes_per_token)
+        acc += _layer_stats(r, cur, dest, bytes_per_token, chunks, expert_ms)
         cur = dest
     return acc
 
 
-def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon, exchange="expert", routes=None):
+def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon, exchange="expert", routes=None,
+                  chunks=1):
     """New expert layouts from each layer's recent batches (recent[layer][batch]: [M, E] counts,
     rows by sample id) and whether they pay: the modelled All-to-All saving per step times the
     `horizon` steps the new layouts will serve (a layout stays until a later plan replaces it, so
@@ -687,7 +689,7 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
     [M, S, K] expert choices of the same batches. The saving is scored on batches a trial layout
     was not learned from (leave one out): a layout always fits the batches it was learned on
     better than the next ones; each batch's true next-layer routing stands in for the lookahead's
-    prediction."""
+    prediction. chunks: the exchange's, as replay prices it."""
     cls = exchange_class(exchange)
     if cls.needs_routes and (routes is None or [len(r) for r in routes] != [len(r) for r in recent]):
         raise ValueError(f"exchange={exchange!r} prices layouts from routes: pass routes[layer][batch] for the "
@@ -703,7 +705,7 @@ def plan_relayout(recent, current, topo, bytes_per_token, ms_per_expert, horizon
         def cost(lay):   # the next layer's true routing stands in for the lookahead's
             rs = [Routing.from_routes(routes[l][k], topo, E, lay[l], exchange) if cls.needs_routes
                   else Routing(recent[l][k], topo, lay[l], cls) for l in range(L)]
-            return replay(rs, topo, bytes_per_token, rs[1:]).a2a_model_ms
+            return replay(rs, topo, bytes_per_token, rs[1:], chunks=chunks).a2a_model_ms
         saving_ms += (cost(current) - cost(trial)) / n
     moving = sum(int((new != cur).sum()) for cur, new in zip(current, layouts))
     cost_ms = moving * ms_per_expert
@@ -1245,7 +1247,7 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, chunk
 def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None):
     topo = routing.topo
     scatter, gather = _traffic(routing.rows, cur, topo), _traffic(routing.rows, dest, topo)
-    per_row = np.broadcast_to(bytes_per_token, 2)
+    per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
     hops = [_hops(v, topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
     alone = [_pipelined(h, chunks) for h in hops]
     hidden = 0.0

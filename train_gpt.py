@@ -255,6 +255,7 @@ class TrainConfig:
     top_k: int = _opt(None, COUNT, "experts per token, K", shown=PRESET_S)
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
+    chunks: int = _opt(2, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts overlapped")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
@@ -537,18 +538,55 @@ def _is_expert(p):
     return getattr(p, "expert", False)
 
 
-def sync_gradients(model, env):
-    """Dense grads: mean over ranks, one flat all-reduce. Expert grads arrive summed over every
-    rank's loss through the All-to-All's backward, so they are divided by the same world size:
-    the loss is the global mean."""
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if env.world > 1:
-        dense = [p.grad for p in model.parameters() if not _is_expert(p)]
-        flat = env.all_reduce(torch.cat([g.reshape(-1) for g in dense]))
-        torch._foreach_copy_(dense, torch._utils._unflatten_dense_tensors(flat, dense))
-        torch._foreach_div_([p.grad for p in model.parameters()], env.world)
+class GradientSync:
+    """Dense gradients averaged over ranks while backward still runs, as DDP does: the dense
+    parameters in buckets of about `bucket_mb` MB, in the reverse of their order in the model
+    (about the order backward finishes them); a bucket's all-reduce starts as soon as its last
+    gradient is accumulated and every bucket before it has started (every rank starts them in
+    the same order). Expert gradients stay out of it: each rank owns its experts, whose
+    gradients arrive summed over every rank's loss through the All-to-Alls' backward.
+    finish() waits for the buckets and divides every gradient by the world size: the loss is the
+    global mean. A parameter backward gave no gradient gets zeros."""
+
+    def __init__(self, model, env, bucket_mb=25):
+        self.model, self.env = model, env
+        self.buckets, self.bucket_of, size = [[]], {}, 0
+        for p in reversed([p for p in model.parameters() if not _is_expert(p)]):
+            if size >= bucket_mb * 2 ** 20:
+                self.buckets.append([])
+                size = 0
+            self.bucket_of[p] = len(self.buckets) - 1
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of] if env.world > 1 else []
+        self._reset()
+
+    def _reset(self):
+        self.done, self.started = [0] * len(self.buckets), []
+
+    def _ready(self, p):
+        self.done[self.bucket_of[p]] += 1
+        while len(self.started) < len(self.buckets) and self.done[len(self.started)] == len(self.buckets[len(self.started)]):
+            self._start(len(self.started))
+
+    def _start(self, b):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[b]]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.started.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def finish(self):
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.env.world > 1:
+            while len(self.started) < len(self.buckets):   # buckets with a parameter backward never reached
+                self._start(len(self.started))
+            for (flat, work), bucket in zip(self.started, self.buckets):
+                work.wait()
+                grads = [p.grad for p in bucket]
+                torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+            torch._foreach_div_([p.grad for p in self.model.parameters()], self.env.world)
+        self._reset()
 
 
 def clip_gradients(model, env, max_norm):
@@ -727,10 +765,11 @@ def forward_loss(model, tokens, env):
 def train(env, mcfg, cfg, placement, corpus, echo):
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg, env.J, cfg.stream_dtype(), placement=placement, lookahead=cfg.lookahead, topology=env.topo,
-                exchange=cfg.exchange,
+                exchange=cfg.exchange, chunks=cfg.chunks,
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
     opt = make_optimizer(model, cfg.lr)
+    sync = GradientSync(model, env)   # the dense gradients' all-reduce, inside backward
     ckpt = cfg.ckpt and os.path.join(cfg.ckpt, placement)
     identity = cfg.identity(placement, env.J, corpus.vocab)
     # the re-layout planner's state (rank 0's counts): the measured move rate and, for an exchange
@@ -783,7 +822,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                 for kept, (route, _) in zip(planner["routes"], routes):
                     kept[:] = kept[-(window - 1):] + [torch.from_numpy(route.astype(np.int16))]
         (ce + mcfg.aux_coef * aux).backward()
-        sync_gradients(model, env)
+        sync.finish()
         norm = clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -847,7 +886,7 @@ def relayout(model, opt, env, cfg, step, planner, echo):
         # the counts of the batches whose routes were kept (all of them, but after resuming an older checkpoint)
         recent = [list(m.recent)[len(m.recent) - len(routes[0]):] if routes else list(m.recent) for m in model.moe]
         plan = netmoe.plan_relayout(recent, [m.expert_device for m in model.moe], env.topo, cfg.wire_bytes(),
-                                    per_expert * rate, cfg.steps - step - 1, exchange, routes)
+                                    per_expert * rate, cfg.steps - step - 1, exchange, routes, cfg.chunks)
     plan = env.gather(plan)[0]   # rank 0's plan, on every rank
     t = time.perf_counter()
     if plan["apply"] or cfg.relayout_always:
@@ -1053,7 +1092,7 @@ def worker(rank, world, init, cfg, out_path):
                           ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
-                          exchange=cfg.exchange, dtype=cfg.stream_dtype_name(),
+                          exchange=cfg.exchange, chunks=cfg.chunks, dtype=cfg.stream_dtype_name(),
                           wire_bytes_per_row=dict(zip(
                               ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
