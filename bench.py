@@ -73,15 +73,16 @@ def _show_bytes(bpt):
     return "/".join(map(str, np.atleast_1d(bpt))) + (" (scatter/gather)" if np.ndim(bpt) else "")
 
 
-def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", each=iter):
+def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", chunks=1, expert_ms=None, each=iter):
     """MoEStats of every recorded step of a routing trace (train --trace) under each variant:
     ({name: [stats of step s, ...]}, first replayed step). Samples start where the data loader
     put them and follow each variant's gathers. With layout, steps 1.. are replayed with each
     layer's experts regrouped by expert_layout learned on the (up to 4) recorded steps before
     (other batches), beside the contiguous layout on the same steps: what re-layout does live
     from its last 4 batches; step 0 has no step before it to learn from, so it is not replayed.
-    exchange: what the All-to-Alls send (and the solver prices). each(steps) iterates over the
-    replayed steps (a caller's progress report)."""
+    exchange: what the All-to-Alls send (and the solver prices); chunks and expert_ms: how they
+    are priced (netmoe.layer_stats). each(steps) iterates over the replayed steps (a caller's
+    progress report)."""
     route, pred = trace["route"].astype(np.int64), trace["route_next_pred"].astype(np.int64)
     E = int(trace["num_experts"])
     steps, L, I = route.shape[:3]
@@ -109,7 +110,8 @@ def replay_trace(trace, topo, bytes_per_token, layout=False, exchange="expert", 
             nexts = dict(oracle=layers[1:], pred=netmoe.routings(pred[s, :-1], topo, E, layouts and layouts[1:], exchange))
             for name, (l, placement, kind) in variants.items():
                 if l == lay:
-                    out[name].append(netmoe.replay(layers, topo, bytes_per_token, nexts.get(kind), placement))
+                    out[name].append(netmoe.replay(layers, topo, bytes_per_token, nexts.get(kind), placement, chunks,
+                                                   expert_ms))
     return out, first
 
 
@@ -127,20 +129,27 @@ def pair_traffic(num, sample_device, topo, expert_device=None):
 
 
 def replay_means(stats, layers, bytes_per_token, compute_ms=None):
-    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given.
+    """Per-step means of a list of per-step MoEStats; iter_ms adds a compute time when given,
+    less what the pipeline hides of the All-to-Alls behind the experts' part of it.
     bytes_per_token: of a row on the wire, or (scatter's, gather's)."""
     acc, n = sum(stats, netmoe.MoEStats()), len(stats)
     inter = acc.scatter["inter"] + acc.gather["inter"]
     scatter_bytes, gather_bytes = bytes_per_token if np.ndim(bytes_per_token) else (bytes_per_token,) * 2
     return dict(inter=inter / n, intra=(acc.scatter["intra"] + acc.gather["intra"]) / n,
                 scatter_inter=acc.scatter["inter"] / n, gather_inter=acc.gather["inter"] / n,
-                a2a_ms=acc.a2a_model_ms / n, a2a_pipelined_ms=acc.a2a_pipelined_ms / n,
+                a2a_ms=acc.a2a_model_ms / n, hidden_ms=acc.a2a_hidden_ms / n,
                 moved_node=acc.moved_node / acc.samples,
                 moved_device=acc.moved_device / acc.samples,
-                iter_ms=compute_ms + acc.a2a_model_ms / n if compute_ms is not None else None,
-                iter_pipelined_ms=compute_ms + acc.a2a_pipelined_ms / n if compute_ms is not None else None,
+                iter_ms=compute_ms + (acc.a2a_model_ms - acc.a2a_hidden_ms) / n if compute_ms is not None else None,
                 mb_per_a2a=(acc.scatter["inter"] * scatter_bytes + acc.gather["inter"] * gather_bytes) / n / 1e6
                 / (2 * layers))
+
+
+def expert_share(hidden, seq_len, num_experts, top_k, layers, vocab=256):
+    """The experts' share of a step's compute: their FLOPs (K rows a token, two H x 4H products)
+    over the whole MoE-GPT's (as GPT.flops_per_token counts them)."""
+    per_layer = 4 * hidden ** 2 + hidden * num_experts + top_k * 8 * hidden ** 2 + 2 * hidden * seq_len
+    return layers * top_k * 8 * hidden ** 2 / (layers * per_layer + vocab * hidden)
 
 
 @cli.command(short_help="Replay Algorithm 1 on a routing trace: volumes and Eq. 1 times per placement.")
@@ -160,9 +169,12 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
+@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+              help="the exchange pipelined in C chunks, as train --chunks runs it")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
-def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
+def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, chunks, stages,
+             json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
     try:
         t = dict(np.load(trace))
@@ -174,22 +186,24 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
     topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
+    # the experts' part of the compute, per layer: what the chunked pipeline can hide the All-to-Alls behind
+    expert_ms = None if compute_ms is None else compute_ms * expert_share(
+        int(t.get("hidden", 768)), S, int(t["num_experts"]), K, L) / L
     try:
-        per_step, first = replay_trace(t, topo, bpt, layout, exchange,
-                                              each=lambda steps: progress(steps, "replaying step"))
+        per_step, first = replay_trace(t, topo, bpt, layout, exchange, chunks, expert_ms,
+                                       each=lambda steps: progress(steps, "replaying step"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
     click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
-               f"on {topo}, {exchange} exchange, {dtype} rows of {_show_bytes(bpt)} bytes; volumes are rows per "
-               f"iteration (forward)")
-    # the node exchange's hops one after the other (as here), and overlapped (as a pipelined one)
-    hops = netmoe.exchange_class(exchange).hops_in_sequence
-    times = ["A2A ms (Eq.1)"] + (["A2A ms, hops overlapped"] if hops else [])
-    times += (["iter ms"] + (["iter ms, hops overlapped"] if hops else [])) if compute_ms is not None else []
-    keys = [k for k in ("a2a_ms", "a2a_pipelined_ms", "iter_ms", "iter_pipelined_ms")
-            if (hops or "pipelined" not in k) and (compute_ms is not None or "iter" not in k)]
+               f"on {topo}, {exchange} exchange in {chunks} chunk(s), {dtype} rows of {_show_bytes(bpt)} bytes; "
+               f"volumes are rows per iteration (forward); times as built (Eq. 1 per chunk and hop)" +
+               (f"; iter = compute + A2A - what the pipeline hides behind the experts' {expert_ms * L:.3g} ms of it"
+                if compute_ms is not None else ""))
+    times, keys = ["A2A ms (Eq.1)"], ["a2a_ms"]
+    if compute_ms is not None:
+        times, keys = times + ["hidden ms", "iter ms"], keys + ["hidden_ms", "iter_ms"]
     click.echo(table(["placement", "inter", "vs static", "gather inter", "intra", "vs static", "inter MB/A2A",
                       "moved node", "moved dev"] + times,
                      [[name, r["inter"], _change(r["inter"], base["inter"]), r["gather_inter"], r["intra"],
@@ -208,7 +222,7 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                          [[f"{g['steps'][0]}-{g['steps'][1]}", g[base_name]["inter"]] +
                           [_change(g[n]["inter"], g[base_name]["inter"]) for n in others]
                           for g in res["by_stage"]]))
-    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange,
+    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange, chunks=chunks,
                                 dtype=dtype, bytes_per_token=int(np.max(bpt)),   # the heavier row, a number
                                 wire_bytes_per_row=dict(zip(("scatter", "gather"), np.broadcast_to(bpt, 2).tolist())),
                                 results=res))
@@ -742,10 +756,22 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     topo, J, H, S, K = o["topology"], o["topology"].world, o["hidden"], o["seq_len"], o["top_k"]
     E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)
     virtual = dict(virtual_world=J) if world == 1 else {}
-    layers = {}
-    for name in netmoe.PLACEMENTS:   # static, netmoe, and kept: all of NetMoE's work, then no move
+    C, base_c = o["chunks"], o["baseline_chunks"]
+
+    def make(placement, chunks, exchange_only=False):
         torch.manual_seed(0)
-        layers[name] = netmoe.MoELayer(H, 4 * H, E, K, name, topology=topo, exchange=o["exchange"], **virtual).to(device)
+        layer = netmoe.MoELayer(H, 4 * H, E, K, placement, topology=topo, exchange=o["exchange"], chunks=chunks,
+                                **virtual).to(device)
+        if exchange_only:   # the experts' FFN left out: the exchange and the gate alone
+            layer.experts = lambda rows, expert, counts, grouped=False: rows
+        return layer
+    # static, netmoe, and kept (all of NetMoE's work, then no move) at --chunks; static EP and the
+    # exchange alone at --baseline-chunks too: what the pipeline hides
+    layers = {name: make(name, C) for name in netmoe.PLACEMENTS}
+    layers["exchange only"] = make("static", C, exchange_only=True)
+    if base_c != C:
+        layers[f"static, C={base_c}"] = make("static", base_c)
+        layers[f"exchange only, C={base_c}"] = make("static", base_c, exchange_only=True)
     torch.manual_seed(1)
     nxt = netmoe.MoELayer(H, 4 * H, E, K, topology=topo, **virtual).to(device)   # for the lookahead
     g = torch.Generator().manual_seed(rank)
@@ -817,6 +843,10 @@ def _layer_bench_worker(rank, world, init, o, out_path):
               help="untimed repeats first (allocator, caches, clocks)")
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
               help="timed rounds of every variant (the median counts)")
+@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+              help="the exchange pipelined in C chunks, as train --chunks runs it")
+@click.option("--baseline-chunks", type=COUNT, default=1, show_default=True,
+              help="static EP and the exchange alone also in this many chunks: what the pipeline hides")
 @click.option("--cpu", is_flag=True, help="CPU processes (gloo) even where there are GPUs")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layer_cmd(json_path, virtual_world, **o):
@@ -831,12 +861,19 @@ def layer_cmd(json_path, virtual_world, **o):
     click.echo(f"MoE layer fwd+bwd, H={o['hidden']}, S={o['seq_len']}, I={o['batch'] * J}, "
                f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}, {o['exchange']} exchange"
                f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
-               f"TFLOP/s counts the experts' matrix products only; kept: all of NetMoE's work, then every sample kept in place")
+               f"TFLOP/s counts the experts' matrix products only; {o['chunks']} chunk(s) unless named; kept: all of "
+               f"NetMoE's work, then every sample kept in place; exchange only: the layer without its experts' FFN")
     click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",
                       "solver exposed ms", "gather inter", "gather intra", "moved dev"],
                      [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["solver_ms"],
                        m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
                       for n, m in med.items()]))
+    other = f"static, C={o['baseline_chunks']}"
+    if other in med:   # what the pipeline hid, against what it could: min(communication, compute)
+        hid = med[other]["ms"] - base
+        could = min(med[f"exchange only, C={o['baseline_chunks']}"]["ms"], med["experts only"]["ms"])
+        click.echo(f"the pipeline in {o['chunks']} chunks hid {hid:.3g} ms against {o['baseline_chunks']} chunk(s), "
+                   f"of min(exchange alone, experts alone) = {could:.3g} ms: {hid / could * 100:.0f}%")
     _write_json(json_path, dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
                                 per_rank=per_rank, median=med))
 
@@ -847,13 +884,15 @@ def layer_cmd(json_path, virtual_world, **o):
               help="a routing trace (train --trace writes one)")
 @click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
 @click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
+@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+              help="the exchange pipelined in C chunks, as train --chunks runs it")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
-def layouts_cmd(trace, topology, from_step, json_path):
+def layouts_cmd(trace, topology, from_step, chunks, json_path):
     """How far a shared expert layout can go on a trace, per exchange: NetMoE with lookahead under
     layouts learned (a) on the 4 recorded steps before (as simulate --layout and live re-layout),
     (b) on one half of the same batch, scored on the other half, (c) on the very batch it is
     scored on (a bound for one layout per layer). Inter-node rows against static EP with the
-    flat (expert) exchange, and the Eq. 1 All-to-All time, hops in sequence and overlapped."""
+    flat (expert) exchange, and the Eq. 1 All-to-All time as built in `chunks` chunks."""
     t = dict(np.load(trace))
     route, pred, E = t["route"].astype(np.int64), t["route_next_pred"].astype(np.int64), int(t["num_experts"])
     steps, L, I = route.shape[:3]
@@ -870,7 +909,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
     def score(s, layouts, exchange, placement="netmoe", rows=slice(None)):
         layers = netmoe.routings([route[s, l][rows] for l in range(L)], topology, E, layouts, exchange)
         nexts = netmoe.routings([pred[s, l][rows] for l in range(L - 1)], topology, E, layouts and layouts[1:], exchange)
-        return netmoe.replay(layers, topology, _wire_bytes(t, exchange, dtype), nexts, placement)
+        return netmoe.replay(layers, topology, _wire_bytes(t, exchange, dtype), nexts, placement, chunks)
 
     half, other, full = slice(0, I // 2), slice(I // 2, I), slice(None)
     acc = {}
@@ -889,11 +928,9 @@ def layouts_cmd(trace, topology, from_step, json_path):
     rows = []
     for key, r in res.items():
         base = res["expert: half batch: static" if "half batch" in key else "expert: static"]
-        rows.append([key, r["inter"], _change(r["inter"], base["inter"]), r["intra"], r["a2a_ms"],
-                     r["a2a_pipelined_ms"]])
-    click.echo(table(["exchange: placement", "inter", "vs static expert", "intra", "A2A ms (Eq.1)",
-                      "A2A ms, hops overlapped"], rows))
-    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), from_step=from_step,
+        rows.append([key, r["inter"], _change(r["inter"], base["inter"]), r["intra"], r["a2a_ms"]])
+    click.echo(table(["exchange: placement", "inter", "vs static expert", "intra", f"A2A ms (Eq.1, {chunks} chunks)"], rows))
+    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), from_step=from_step, chunks=chunks,
                                 results=res))
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ class OutputPath(click.ParamType):
 TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
 JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
+DEFAULT_CHUNKS = 2   # chunks of each layer's exchange: see the README's pipeline measurements
 COMPARED = (netmoe.Placement.name, netmoe.NetMoE.name)   # compare's runs: static EP, then NetMoE
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
@@ -255,7 +256,8 @@ class TrainConfig:
     top_k: int = _opt(None, COUNT, "experts per token, K", shown=PRESET_S)
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
-    chunks: int = _opt(2, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts overlapped")
+    chunks: int = _opt(DEFAULT_CHUNKS, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts "
+                       "overlapped")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
