@@ -280,6 +280,8 @@ class TrainConfig:
     dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All sends; weights and AdamW "
                       "state stay float32", shown="bfloat16 on GPUs, float32 on the CPU")
     cpu: bool = _opt(False, None, "stay on the CPU even where CUDA is present", "--cpu")
+    grad_sync: str = _opt("backward", click.Choice(["backward", "after"]),
+                          "the dense gradients' all-reduce: bucketed inside backward, or one after it (to compare)")
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
     ranks_on: str = None   # "cpu", "gpu" or "shared" (rank_devices), decided at launch
@@ -550,7 +552,7 @@ class GradientSync:
     finish() waits for the buckets and divides every gradient by the world size: the loss is the
     global mean. A parameter backward gave no gradient gets zeros."""
 
-    def __init__(self, model, env, bucket_mb=25):
+    def __init__(self, model, env, bucket_mb=25, during_backward=True):
         self.model, self.env = model, env
         self.buckets, self.bucket_of, size = [[]], {}, 0
         for p in reversed([p for p in model.parameters() if not _is_expert(p)]):
@@ -560,7 +562,10 @@ class GradientSync:
             self.bucket_of[p] = len(self.buckets) - 1
             self.buckets[-1].append(p)
             size += p.numel() * p.element_size()
-        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of] if env.world > 1 else []
+        if not during_backward:   # one bucket, started once backward is done: for comparison
+            self.buckets, self.bucket_of = [list(self.bucket_of)], dict.fromkeys(self.bucket_of, 0)
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.bucket_of] \
+            if env.world > 1 and during_backward else []
         self._reset()
 
     def _reset(self):
@@ -577,6 +582,9 @@ class GradientSync:
         self.started.append((flat, dist.all_reduce(flat, async_op=True)))
 
     def finish(self):
+        """Seconds this waited for the all-reduces (the host's view: on gloo, what backward did
+        not hide)."""
+        t = time.perf_counter()
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -589,6 +597,7 @@ class GradientSync:
                 torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
             torch._foreach_div_([p.grad for p in self.model.parameters()], self.env.world)
         self._reset()
+        return time.perf_counter() - t
 
 
 def clip_gradients(model, env, max_norm):
@@ -771,7 +780,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
     opt = make_optimizer(model, cfg.lr)
-    sync = GradientSync(model, env)   # the dense gradients' all-reduce, inside backward
+    sync = GradientSync(model, env, during_backward=cfg.grad_sync == "backward")   # the dense gradients' all-reduce
     ckpt = cfg.ckpt and os.path.join(cfg.ckpt, placement)
     identity = cfg.identity(placement, env.J, corpus.vocab)
     # the re-layout planner's state (rank 0's counts): the measured move rate and, for an exchange
@@ -824,7 +833,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                 for kept, (route, _) in zip(planner["routes"], routes):
                     kept[:] = kept[-(window - 1):] + [torch.from_numpy(route.astype(np.int16))]
         (ce + mcfg.aux_coef * aux).backward()
-        sync.finish()
+        sync_s = sync.finish()
         norm = clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -836,9 +845,9 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         iter_ms = (time.perf_counter() - t0) * 1e3
         # the step's one host read of device numbers; the all-reduce also shares Ctrl-C
         shared = torch.stack([ce.detach().double(), norm, *(torch.tensor(v, dtype=torch.float64, device=env.device) for v in (
-            stats.a2a_ms, stats.solver_ms, stats.solver_exposed_ms, iter_ms, float(_STOP[0])))])
-        loss, norm, a2a_ms, solver_ms, exposed_ms, iter_ms, stop = (env.all_reduce(shared) / env.world).tolist()
-        append_step(record, stats, loss=loss, grad_norm=norm, a2a_ms=a2a_ms, solver_ms=solver_ms,
+            stats.a2a_ms, stats.solver_ms, stats.solver_exposed_ms, sync_s * 1e3, iter_ms, float(_STOP[0])))])
+        loss, norm, a2a_ms, solver_ms, exposed_ms, sync_ms, iter_ms, stop = (env.all_reduce(shared) / env.world).tolist()
+        append_step(record, stats, loss=loss, grad_norm=norm, a2a_ms=a2a_ms, solver_ms=solver_ms, grad_sync_ms=sync_ms,
                     solver_exposed_ms=exposed_ms, iter_ms=iter_ms, tokens_per_s=tokens.shape[0] * mcfg.seq_len / iter_ms * 1e3,
                     tflops=flops / iter_ms / 1e9)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -924,13 +933,14 @@ def evaluate(model, corpus, env, mcfg, cfg):
 def new_record():
     vol = lambda: {k: [] for k in ("local", "intra", "inter")}
     return dict(loss=[], grad_norm=[], iter_ms=[], tokens_per_s=[], tflops=[], volume=dict(scatter=vol(), gather=vol()),
-                a2a_ms=[], a2a_model_ms=[], solver_ms=[], solver_exposed_ms=[], moved_frac=dict(node=[], device=[]),
+                a2a_ms=[], a2a_model_ms=[], solver_ms=[], solver_exposed_ms=[], grad_sync_ms=[],
+                moved_frac=dict(node=[], device=[]),
                 val_loss=None, relayouts=[])
 
 
 def append_step(record, stats, **values):
     for k, v in values.items():
-        record[k].append(v)
+        record.setdefault(k, []).append(v)   # setdefault: a record resumed from before a field existed
     record["a2a_model_ms"].append(stats.a2a_model_ms)
     for phase in ("scatter", "gather"):
         for k in ("local", "intra", "inter"):
@@ -959,6 +969,7 @@ def summarize(run, skip, device_name=""):
                 tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
                 a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
                 solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
+                grad_sync_ms=m(run.get("grad_sync_ms", [])),
                 inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
                 intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
                 moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]),
@@ -986,7 +997,8 @@ def summary_table(result, skip):
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
-            ("solver exposed ms / step", "solver_exposed_ms"), ("re-layouts applied", "relayouts_applied"),
+            ("solver exposed ms / step", "solver_exposed_ms"),
+            ("dense all-reduce, waited ms / step", "grad_sync_ms"), ("re-layouts applied", "relayouts_applied"),
             ("expert moves, share of run time", "move_share"), ("peak GPU memory GB", "peak_mem_gb")]
     # rows no run has anything for (memory on the CPU, re-layouts where none was planned) are left out
     planned = any(r.get("relayouts") for r in result["runs"].values())
