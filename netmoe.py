@@ -1331,13 +1331,22 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
-                 exchange="expert", chunks=1):
+                 exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1):
         super().__init__()
         if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
             raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
         self.chunks = int(chunks)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
+        if route_groups < 1 or num_experts % route_groups or not 1 <= group_top <= route_groups:
+            raise ValueError(f"route_groups={route_groups} must divide E={num_experts} and group_top={group_top} "
+                             f"lie in [1, {route_groups}]")
+        if top_k > group_top * (num_experts // route_groups):
+            raise ValueError(f"top_k={top_k} experts cannot come from group_top={group_top} groups of "
+                             f"{num_experts // route_groups}")
+        if shared_experts < 0:
+            raise ValueError(f"shared_experts must be 0 or more, got {shared_experts}")
+        self.route_groups, self.group_top = route_groups, group_top
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if virtual_world is not None and world != 1:
             raise ValueError(f"virtual_world runs in one process, but the process group has {world} ranks")
@@ -1360,6 +1369,14 @@ class MoELayer(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(n_local, ffn_hidden))
         self.w2 = nn.Parameter(torch.randn(n_local, ffn_hidden, hidden) * 0.02)
         self.b2 = nn.Parameter(torch.zeros(n_local, hidden))
+        # shared experts (DeepSeek's): every token passes through them, with weights replicated on
+        # every rank as the dense ones are; none when shared_experts = 0
+        self.shared_experts = n = shared_experts
+        if n:
+            self.sw1 = nn.Parameter(torch.randn(n, hidden, ffn_hidden) * 0.02)
+            self.sb1 = nn.Parameter(torch.zeros(n, ffn_hidden))
+            self.sw2 = nn.Parameter(torch.randn(n, ffn_hidden, hidden) * 0.02)
+            self.sb2 = nn.Parameter(torch.zeros(n, hidden))
         for p in (self.w1, self.b1, self.w2, self.b2):
             p.expert = True   # not averaged over ranks: each rank owns its experts
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
@@ -1437,8 +1454,24 @@ class MoELayer(nn.Module):
         learn from the load-balance loss alone."""
         logits = self.logits(x)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-        top, route = probs.topk(self.top_k, dim=-1)
+        top, route = self._limited(probs).topk(self.top_k, dim=-1)
+        if self.route_groups > 1:   # the weights of the experts chosen, from the full softmax
+            top = probs.gather(-1, route)
         return probs, top / top.sum(-1, keepdim=True) if self.top_k > 1 else top, route
+
+    def _limited(self, probs):
+        """Group-limited routing (DeepSeek-V3's, Megatron's moe_router_group_topk): experts in
+        route_groups groups of consecutive ids; a token may only pick from its group_top best
+        groups, a group scoring the sum of its two highest affinities. The groups are of expert
+        ids, not of devices, so the model computes the same function in every expert layout; a
+        token's experts then sit on at most group_top nodes while each group sits on one node
+        (the contiguous layout with as many groups as nodes), which re-layouts may undo."""
+        if self.route_groups == 1:
+            return probs
+        grouped = probs.unflatten(-1, (self.route_groups, -1))
+        score = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(self.group_top, dim=-1)[1], True)
+        return grouped.masked_fill(~keep[..., None], -1.0).flatten(-2)   # below any probability
 
     def pop_stats(self):
         """Counters since the last call; reading the All-to-All time waits for the GPU."""
@@ -1485,15 +1518,31 @@ class MoELayer(nn.Module):
         exactly one of a token's K rows (App. A.1): x + g * FFN(LN(x)) there, g * FFN(LN(x)) in
         the others; one pass, in x's dtype."""
         first = (d.pos % self.top_k == 0)[:, None]
-        return torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None],
-                             self.experts(d.rows, d.expert, d.counts, d.grouped))
+        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None], self.experts(d.rows, d.expert, d.counts, d.grouped))
+        if self.shared_experts:
+            # The shared experts ride with the residual: computed on each token's first row, where
+            # it is inlined, they need no byte more on the wire and land wherever the sample goes
+            # (computed where the token sits, their output would have to follow it to its new
+            # device). Their compute follows the first choices' load; finding the first rows is
+            # a host sync on a GPU.
+            at = first[:, 0].nonzero()[:, 0]
+            y = y.index_add(0, at, self.shared(d.rows[at]))
+        return y
+
+    def shared(self, x):
+        """The shared experts' summed FFN(LN(x)) of rows x [R, H]."""
+        h = layer_norm(x, self.ln)
+        w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in (self.sw1, self.sb1, self.sw2, self.sb2))
+        return sum(torch.addmm(b2[j], F.gelu(torch.addmm(b1[j], h, w1[j])), w2[j]) for j in range(len(w1)))
 
     @staticmethod
     @torch.no_grad()
     def _predict(x, next_layer):
-        """The lookahead's routes: the next layer's top-K on this input (softmax keeps the order:
-        top-K of the logits)."""
-        return next_layer.logits(x).topk(next_layer.top_k, dim=-1)[1]
+        """The lookahead's routes: the next layer's top-K on this input (its groups' limit included)."""
+        logits = next_layer.logits(x)
+        if next_layer.route_groups > 1:
+            logits = next_layer._limited(logits.float().softmax(-1))
+        return logits.topk(next_layer.top_k, dim=-1)[1]
 
     def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:

@@ -789,15 +789,19 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None):
+def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None, shared=0):
     """Full (all-expert) float64 parameters of a stack of MoE layers (layouts: per layer the
-    expert -> device map, default contiguous; it says which experts the empty device holds)."""
+    expert -> device map, default contiguous; it says which experts the empty device holds;
+    shared: shared experts)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     out = []
     for _ in range(layers):
         p = dict(ln_w=1 + 0.1 * rnd(H_), ln_b=0.1 * rnd(H_), wg=0.3 * rnd(E, H_), w1=0.3 * rnd(E, H_, F_),
                  b1=0.1 * rnd(E, F_), w2=0.3 * rnd(E, F_, H_), b2=0.1 * rnd(E, H_))
+        if shared:
+            p.update(sw1=0.3 * rnd(shared, H_, F_), sb1=0.1 * rnd(shared, F_), sw2=0.3 * rnd(shared, F_, H_),
+                     sb2=0.1 * rnd(shared, H_))
         if empty_device is not None:
             # LN's bias shifts its output; experts of the empty device point against it, so their
             # logits sit ~30 below every other expert's and no token picks them. (Moderate sizes:
@@ -811,21 +815,34 @@ def _make_params(E, K, empty_device, seed, world=4, layers=2, layouts=None):
     return out
 
 
-def _reference(x, params, K, routes=None):
+def _reference(x, params, K, routes=None, groups=1, group_top=1):
     """Brute force: every expert on every token, masked by the routing; aux on the whole batch.
     routes: per layer [I, S, K] expert choices to use instead of the top-K (the ones a
-    lower-precision run made, so that values, not choices, are compared)."""
+    lower-precision run made, so that values, not choices, are compared). groups, group_top:
+    a token picks among the experts of its group_top groups (of consecutive expert ids) with the
+    highest sum of their two largest probabilities. Shared experts: on every token."""
     auxes = []
     for li, p in enumerate(params):
         E = p["wg"].shape[0]
         h = F.layer_norm(x, (H_,), p["ln_w"], p["ln_b"])
         probs = (h @ p["wg"].T).softmax(-1)
-        top, route = probs.topk(K, -1)
+        allowed = torch.ones_like(probs, dtype=torch.bool)
+        if groups > 1:
+            size = E // groups
+            score = torch.stack([probs[..., m * size:(m + 1) * size].sort(-1, descending=True)[0][..., :2].sum(-1)
+                                 for m in range(groups)], -1)
+            best = score.sort(-1, descending=True)[1][..., :group_top]
+            allowed = torch.zeros_like(allowed)
+            for m in range(groups):
+                allowed[..., m * size:(m + 1) * size] |= (best == m).any(-1, keepdim=True)
+        route = probs.masked_fill(~allowed, -1).topk(K, -1)[1]
         if routes is not None:
             route = routes[li]
-            top = probs.gather(-1, route)
+        top = probs.gather(-1, route)
         g = top / top.sum(-1, keepdim=True) if K > 1 else top   # Switch keeps p for K = 1
         y = x
+        for j in range(len(p.get("sw1", []))):
+            y = y + F.gelu(h @ p["sw1"][j] + p["sb1"][j]) @ p["sw2"][j] + p["sb2"][j]
         for e in range(E):
             ffn = F.gelu(h @ p["w1"][e] + p["b1"][e]) @ p["w2"][e] + p["b2"][e]
             y = y + (g * (route == e)).sum(-1, keepdim=True) * ffn
@@ -840,6 +857,8 @@ def _load(layer, p):
         layer.ln.weight.copy_(p["ln_w"]); layer.ln.bias.copy_(p["ln_b"]); layer.gate.weight.copy_(p["wg"])
         for name in ("w1", "b1", "w2", "b2"):
             getattr(layer, name).copy_(p[name][torch.as_tensor(layer.local_experts)])
+        for name in ("sw1", "sb1", "sw2", "sb2") if layer.shared_experts else ():
+            getattr(layer, name).copy_(p[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -854,6 +873,9 @@ class Case:
     layout: str = "contiguous"
     nodes: int = 2
     chunks: int = 1   # the layer's rows in C chunks of positions (S_ = 6: C = 8 leaves chunks out)
+    shared: int = 0   # shared experts
+    groups: int = 1   # group-limited routing: experts in `groups` groups, a token's from its best group_top
+    group_top: int = 1
 
 
 LAYER_CASES = [Case("static", 2), Case("netmoe", 2), Case("netmoe", 1), Case("netmoe", 4),
@@ -869,6 +891,11 @@ CHUNK_CASES = [dataclasses.replace(c, chunks=C) for C in (2, 3, 8) for c in
                (Case("netmoe", 2), Case("static", 2, empty=True), Case("netmoe", 1, empty=True), Case("netmoe", 4),
                 Case("netmoe", 2, exchange="node", layout="random"), Case("static", 2, True, "node", "random"),
                 Case("netmoe", 4, True, "node"), Case("netmoe", 1, exchange="node", layout="random", nodes=4))]
+# DeepSeek-style options: shared experts and group-limited routing, both exchanges, chunked too
+MODERN_CASES = [Case("netmoe", 2, shared=1, groups=4, group_top=2), Case("static", 2, True, shared=2),
+                Case("netmoe", 4, exchange="node", shared=1, groups=2, group_top=1),
+                Case("netmoe", 2, True, "node", chunks=3, shared=1, groups=4, group_top=2),
+                Case("static", 1, exchange="node", layout="random", chunks=2, groups=4, group_top=1)]
 NODE_CASES_8 = [Case("netmoe", 2, exchange="node", layout="random"), Case("static", 1, True, "node"),
                 Case("netmoe", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", nodes=4)]
 
@@ -896,7 +923,7 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         if case.layout == "random":   # a balanced map of its own per layer
             rng = np.random.default_rng(500 + ci)
             layouts = [rng.permutation(netmoe.default_expert_device(E, world)) for _ in range(2)]
-        params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts)
+        params = _make_params(E, K, empty, seed=1000 + ci, world=world, layouts=layouts, shared=case.shared)
         if weights != torch.float64:   # the reference sees exactly the numbers the layer holds
             params = [{k: v.to(weights).double() for k, v in p.items()} for p in params]
         g = torch.Generator().manual_seed(77 + ci)
@@ -905,6 +932,7 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
 
         def run(exchange):
             layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange, chunks=case.chunks,
+                                      shared_experts=case.shared, route_groups=case.groups, group_top=case.group_top,
                                       expert_device=None if layouts is None else layouts[li]).to(dev, weights)
                       for li in range(len(params))]
             for L, p in zip(layers, params):
@@ -933,14 +961,15 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
                 routes.append(route[torch.argsort(ids)])
         xr = x.clone().requires_grad_()
         ref_params = [{k: v.clone().requires_grad_() for k, v in p.items()} for p in params]
-        y_ref, aux_ref = _reference(xr, ref_params, K, routes)
+        y_ref, aux_ref = _reference(xr, ref_params, K, routes, case.groups, case.group_top)
         ((y_ref * wout).sum() + 0.1 * aux_ref).backward()
         sids = gather(sid)
         y = torch.empty_like(y_ref)
         y[sids] = gather(h.detach())
         errs = {"y": _rel(y, y_ref.detach()), "x.grad": _rel(gather(xl.grad), xr.grad)}
         for li, (L, rp) in enumerate(zip(layers, ref_params)):
-            for name, ours in (("ln_w", L.ln.weight), ("ln_b", L.ln.bias), ("wg", L.gate.weight)):
+            shared = [(n, getattr(L, n)) for n in ("sw1", "sb1", "sw2", "sb2")] if L.shared_experts else []
+            for name, ours in [("ln_w", L.ln.weight), ("ln_b", L.ln.bias), ("wg", L.gate.weight)] + shared:
                 gr = ours.grad.clone()
                 dist.all_reduce(gr)
                 errs[f"{li}.{name}"] = _rel(gr.cpu().double(), rp[name].grad)
@@ -1004,8 +1033,8 @@ def layer_report():
 
 @pytest.fixture(scope="module")
 def layer_report_chunked():
-    """CHUNK_CASES on 4 gloo ranks: the pipelined exchanges."""
-    return _spawn(_layer_worker, 4, CHUNK_CASES, "cpu", None)["cases"]
+    """CHUNK_CASES, then MODERN_CASES, on 4 gloo ranks: the pipelined exchanges, the DeepSeek-style options."""
+    return _spawn(_layer_worker, 4, CHUNK_CASES + MODERN_CASES, "cpu", None)["cases"]
 
 
 @pytest.fixture(scope="module")
@@ -1164,6 +1193,18 @@ def test_the_pipelined_exchanges_equal_the_single_process_model_for_every_chunk_
     outputs and every gradient equal the float64 model, the idle device stays idle, and the rows
     the split sizes sent add up to the modelled volumes, whatever C."""
     r = layer_report_chunked[CHUNK_CASES.index(case)]
+    assert r["worst"][1] <= 1e-10, f"{case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
+    assert not case.empty or r["idle"] == 2
+    assert (r["moved"] > 0) == netmoe.PLACEMENTS[case.placement].moves_samples
+    assert r["sent"] == {"scatter": r["scatter"], "gather": r["gather"]}
+
+
+@pytest.mark.parametrize("case", MODERN_CASES, ids=str)
+def test_shared_experts_and_group_limited_routing_keep_static_netmoe_and_the_model_equal(layer_report_chunked, case):
+    """Shared experts (on each token's first row, where its residual rides) and group-limited
+    routing (groups of expert ids, so the function is the same in every layout): outputs and every
+    gradient equal the float64 model's, under both placements and exchanges, chunked or not."""
+    r = layer_report_chunked[len(CHUNK_CASES) + MODERN_CASES.index(case)]
     assert r["worst"][1] <= 1e-10, f"{case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
     assert not case.empty or r["idle"] == 2
     assert (r["moved"] > 0) == netmoe.PLACEMENTS[case.placement].moves_samples
