@@ -1919,7 +1919,12 @@ def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp
         (train_gpt.cli, ["compare", *job, "--json", str(afile / "x.json")], "is a file"),
         (train_gpt.cli, ["train", *job, "--ckpt", str(afile)], "is a file"),
         (train_gpt.cli, ["train", *job, "--trace", str(afile / "d" / "t.npz")], "is a file"),
-        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot write in"),
+        # /proc exists but takes no new files (ENOENT): the message must not read as a missing folder
+        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot create a file in /proc/1: "),
+        (train_gpt.cli, ["train", *job, "--trace", "/proc/x.npz"], "filesystem takes no new files"),
+        (train_gpt.cli, ["train", *job, "--ckpt", "/proc/ck"], "cannot create a file in /proc: "),
+        (train_gpt.cli, ["train", *job, "--json", "/proc/new/x.json"], "cannot make a folder in /proc: "),
+        (bench.cli, ["solver", "--json", "/proc/x.json"], "cannot create a file in /proc: "),
         (bench.cli, ["solver", "--json", str(tmp_path)], "is a folder"),
         (bench.cli, ["kernels", "--json", str(afile / "k.json")], "is a file"),
         (bench.cli, ["layer", "--virtual-world", "4", "--json", "."], "is a folder"),

@@ -15,6 +15,7 @@ bench.py holds the benchmarks, plots and replays (it imports this file; this fil
 """
 import contextlib
 import dataclasses
+import errno
 import glob
 import importlib
 import json
@@ -197,11 +198,20 @@ def output_problem(path, directory=False, suffix=".json"):
         above = os.path.dirname(above)
     if above and not os.path.isdir(above):
         return f"{above} is a file, so {path} cannot be written; give another path"
+    def refused(e, what):   # /proc and the like exist but refuse new entries with ENOENT: "no such folder"
+        exists = e.errno == errno.ENOENT and os.path.isdir(os.path.dirname(e.filename or "") or ".")
+        return f" (the folder exists, but its filesystem takes no new {what})" if exists else ""
     try:
         os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        return f"cannot write in {folder} ({e.strerror or e}); give another path"
+        where = os.path.dirname(e.filename or folder) or "."
+        return f"cannot make a folder in {where}: {e.strerror or e}{refused(e, 'folders')}; give another path"
+    try:   # the call a save makes: a new file in that folder (atomic_write's .part)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".netmoe-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot create a file in {folder}: {e.strerror or e}{refused(e, 'files')}; give another path"
     return None
 
 
