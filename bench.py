@@ -59,6 +59,25 @@ def cli():
 # ---------------------------------------------------------------------------------------------
 
 
+def load_trace(path):
+    """A routing trace (train --trace's .npz) as a dict of arrays, or a one-line refusal."""
+    not_trace = f"{path} is not a routing trace .npz (train --trace writes one)"
+    try:
+        f = np.load(path, allow_pickle=False)
+        t = dict(f) if isinstance(f, np.lib.npyio.NpzFile) else None
+    except Exception:   # numpy's own words would advise allow_pickle for any file that is not numpy's
+        raise click.ClickException(not_trace) from None
+    if t is None:
+        raise click.ClickException(f"{not_trace}: it holds one array, not a trace's")
+    missing = [k for k in ("route", "route_next_pred", "num_experts") if k not in t]
+    if missing:
+        raise click.ClickException(f"{not_trace}: it lacks {', '.join(missing)}")
+    if t["route"].ndim != 5 or t["route_next_pred"].shape != t["route"].shape:
+        raise click.ClickException(f"{not_trace}: route must be [steps, layers, I, S, K] and "
+                                   f"route_next_pred of its shape")
+    return t
+
+
 def _wire_bytes(trace, exchange, dtype):
     """(scatter, gather) bytes of a row as the exchange sends it at this dtype, for a trace's model."""
     return netmoe.exchange_class(exchange).wire_bytes(int(trace.get("hidden", 768)), getattr(torch, dtype),
@@ -111,13 +130,8 @@ def replay_means(stats, layers, bytes_per_token, compute_ms=None):
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, stages, json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
-    try:
-        t = dict(np.load(trace))
-        steps, L, I, S, K = t["route"].shape
-        if t["route_next_pred"].shape != t["route"].shape:
-            raise ValueError("route and route_next_pred differ in shape")
-    except Exception as e:
-        raise click.ClickException(f"{trace} is not a routing trace (train --trace writes one): {e}") from None
+    t = load_trace(trace)
+    steps, L, I, S, K = t["route"].shape
     topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
@@ -832,7 +846,7 @@ def layouts_cmd(trace, topology, from_step, json_path):
     (b) on one half of the same batch, scored on the other half, (c) on the very batch it is
     scored on (a bound for one layout per layer). Inter-node rows against static EP with the
     flat (expert) exchange, and the Eq. 1 All-to-All time, hops in sequence and overlapped."""
-    t = dict(np.load(trace))
+    t = load_trace(trace)
     route, pred, E = t["route"].astype(np.int64), t["route_next_pred"].astype(np.int64), int(t["num_experts"])
     steps, L, I = route.shape[:3]
     dtype = str(t.get("dtype", "float32"))

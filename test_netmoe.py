@@ -1897,11 +1897,17 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
             (train_gpt.cli, ["train", *TINY, "--data", str(odd), "--json", str(tmp_path / "o.json")], "odd number of bytes"),
             (bench.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
                              "--json", str(tmp_path / "s.json")], "not a routing trace"),
+            # a record given for a trace: no numpy advice to unpickle it
+            (bench.cli, ["simulate", "--trace", str(not_record), "--topology", "2x2"],
+             "r.json is not a routing trace .npz (train --trace writes one)"),
+            (bench.cli, ["layouts", "--trace", str(not_record), "--topology", "2x2"],
+             "r.json is not a routing trace .npz (train --trace writes one)"),
             (bench.cli, ["summary", str(not_record)], "is not a record summary reads"),
             (bench.cli, ["plot", str(not_record)],
              "nothing to plot" if importlib.util.find_spec("matplotlib") else "needs matplotlib")]:
         res = CliRunner().invoke(cli, args)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+        assert "pickle" not in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
 
 
