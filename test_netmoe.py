@@ -1478,7 +1478,7 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
     args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--relayout-every", "2", "--relayout-always",
             "--ckpt", ck, "--ckpt-every", "3", "--exchange", exchange]
     moved = _run(args, tmp_path, "moved")["runs"]["netmoe"]
-    assert [r["step"] for r in moved["relayouts"]] == [2, 4, 6]
+    assert [r["step"] for r in moved["relayouts"]] == [2, 4]   # none after the last step: nothing left to serve
     assert all(r["experts_moved"] > 0 for r in moved["relayouts"])
     np.testing.assert_allclose(moved["loss"], compare_4proc["runs"]["static"]["loss"], rtol=1e-5)
     args = [a if a != ck else str(tmp_path / "ck2") for a in args]
@@ -1752,12 +1752,12 @@ def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp
     """A plan moves experts only when its modelled saving per step, over the steps left in the run
     (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
     cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
-    back by a few thousand 264-byte rows a step: every plan is skipped, the last one with no step
-    left to serve, and the record says why."""
+    back by a few thousand 264-byte rows a step: every plan is skipped, and the record says why.
+    None is made after the last step, which leaves no step for a layout to serve."""
     r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
               "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
-    assert len(r["relayouts"]) == 6 and any(plan["bytes"] > 0 for plan in r["relayouts"])
-    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1, 0]
+    assert len(r["relayouts"]) == 5 and any(plan["bytes"] > 0 for plan in r["relayouts"])
+    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1]
     for plan in r["relayouts"]:
         assert plan["applied"] == (plan["saving_ms_per_step"] * plan["horizon_steps"] > plan["cost_ms"])
         assert not plan["applied"] and plan["experts_moved"] == 0
@@ -2174,6 +2174,33 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
         res = bench_cli("plot", out("solver.json"), out("run.json"), out("sim.json"))
         assert res.exit_code == 0, res.output
         assert all((tmp_path / f"{n}.png").exists() for n in ("solver", "run", "sim"))
+
+
+# ---- what a new user meets (issue 31)
+
+
+def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, capsys):
+    """On the CPU: no row or column of dashes (MFU against a GPU's peak, the experts' time on a
+    GPU), the modelled All-to-All named as Eq. 1 on the modelled cluster's links (beside a
+    measured time of this machine), "1 step" in the singular, each progress line once, and
+    simulate --layout saying why it replays one step fewer than the trace holds."""
+    trace = str(tmp_path / "t.npz")
+    res = CliRunner().invoke(train_gpt.cli, ["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps",
+                                             "2", "--trace", trace], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    table = res.stdout[res.stdout.index("stream; means over"):].splitlines()
+    assert table[0].startswith("stream; means over 1 step after 1"), table[0]
+    rows = [line.split("  ") for line in table[3:] if not line.startswith("loss change")]
+    assert rows and not [r for r in rows if all(c.strip() in ("", "-") for c in r[1:])], table
+    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 on the modelled cluster's links" in res.stdout
+    res = CliRunner().invoke(bench.cli, ["solver", "--repeats", "1", "--max-expanded", "0", "--cpu"])
+    assert res.exit_code == 0 and "GPU" not in res.stdout and "scatter ms (Eq.1)" in res.stdout, res.output
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x2", "--layout"])
+    assert res.exit_code == 0 and "2 steps (1 replayed: the first has no earlier step to learn a layout from)" \
+        in res.stdout, res.output
+    capsys.readouterr()
+    assert list(bench.progress(range(3), "item", every_s=0)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines() == ["item 1/3", "item 2/3", "item 3/3 done"]
 
 
 # ---- kernels: kernels.cu against its torch references (CUDA only)

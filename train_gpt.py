@@ -797,7 +797,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         opt.zero_grad(set_to_none=True)
         # static EP sends every sample home, so no layout changes its volumes: only NetMoE re-lays out
         if cfg.relayout_every and placement == "netmoe" and (step + 1) % cfg.relayout_every == 0:
-            record["relayouts"].append(relayout(model, opt, env, cfg, step, planner, echo))
+            if step + 1 < cfg.steps:   # after the last step no step is left for a layout to serve
+                record["relayouts"].append(relayout(model, opt, env, cfg, step, planner, echo))
         stats = sum((m.pop_stats() for m in model.moe), netmoe.MoEStats())
         if env.device.type == "cuda":   # the step's time includes its GPU work
             torch.cuda.synchronize()
@@ -946,15 +947,17 @@ def summary_table(result, skip):
     names = list(runs)
     rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
             ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
-            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
+            ("All-to-All ms (measured)", "a2a_ms"),
+            ("All-to-All ms, Eq. 1 on the modelled cluster's links", "a2a_model_ms"),   # not this machine's
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
             ("solver exposed ms / step", "solver_exposed_ms"), ("re-layouts applied", "relayouts_applied"),
             ("expert moves, share of run time", "move_share"), ("peak GPU memory GB", "peak_mem_gb")]
-    # rows no run has anything for (memory on the CPU, re-layouts where none was planned) are left out
+    # rows no run has anything for (memory and MFU on the CPU, re-layouts where none was planned) are left out
     planned = any(r.get("relayouts") for r in result["runs"].values())
-    rows = [(label, key) for label, key in rows if any(runs[n][key] is not None for n in names)
+    known = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
+    rows = [(label, key) for label, key in rows if any(known(runs[n][key]) for n in names)
             and (planned or key not in ("relayouts_applied", "move_share"))]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
     if names == ["static", "netmoe"]:
@@ -966,8 +969,8 @@ def summary_table(result, skip):
         names = names + ["change"]
     measured = runs[names[0]]["measured"]
     head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} steps after "
-            f"{runs[names[0]]['steps'] - measured}")
+            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} "
+            f"step{'s' * (measured != 1)} after {runs[names[0]]['steps'] - measured}")
     return head + "\n" + table(["", *names], body)
 
 
