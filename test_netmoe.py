@@ -2203,6 +2203,20 @@ def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, ca
     assert capsys.readouterr().err.splitlines() == ["item 1/3", "item 2/3", "item 3/3 done"]
 
 
+def test_a_small_data_file_trains_without_validation_and_is_refused_with_it_naming_the_fix(tmp_path):
+    """A 200-byte text holds no validation sample (its last 10% is shorter than seq_len + 1): with
+    --eval-batches 0 none is needed and it trains; with validation the refusal names the ways out."""
+    small = tmp_path / "small.txt"
+    small.write_bytes(bytes(range(32, 232)))
+    job = ["train", "--preset", "tiny", "--steps", "2", "--virtual-world", "2", "--cpu", "--data", str(small)]
+    r = _run([*job, "--eval-batches", "0"], tmp_path, "small")["runs"]["netmoe"]
+    assert len(r["loss"]) == 2 and r["val_loss"] is None
+    res = CliRunner().invoke(train_gpt.cli, [*job, "--eval-batches", "1"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "no val document is longer than seq_len+1=65 tokens" in res.output, res.output
+    assert all(fix in res.output for fix in ("--eval-batches 0", "longer file", "--seq-len")), res.output
+
+
 # ---- kernels: kernels.cu against its torch references (CUDA only)
 # Every kernel must return exactly what its reference in netmoe.py returns (int64, bit for bit;
 # the permutations are the *stable* argsort), on fresh random inputs each run (the seed is in

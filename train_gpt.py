@@ -324,7 +324,7 @@ class Corpus:
     Batches are a pure function of (seed, split, step), so every rank can build the whole global
     batch and read targets for whatever samples it holds at the end."""
 
-    def __init__(self, path, seq_len):
+    def __init__(self, path, seq_len, eval_batches=1):
         if path is None:
             root = sysconfig.get_paths()["stdlib"]
             files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
@@ -345,11 +345,15 @@ class Corpus:
             split = {"train": [data[:cut]], "val": [data[cut:]]}
             self.name = os.path.basename(path)
         self.seq_len, self.docs, self.starts = seq_len, {}, {}
+        if not eval_batches:   # no validation: a text too short to hold out a val sample still trains
+            split["val"] = []
         for name, docs in split.items():
             docs = [d for d in docs if len(d) > seq_len + 1]
-            if not docs:
-                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens: "
-                                           f"lower --seq-len or give more text")
+            if not docs and (name == "train" or eval_batches):
+                fix = "lower --seq-len or give more text" if name == "train" else \
+                    "pass --eval-batches 0 (no validation), give a longer file or lower --seq-len"
+                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens "
+                                           f"({self.name}{', the last 10%' if path and name == 'val' else ''}): {fix}")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
         self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
@@ -1042,7 +1046,7 @@ def worker(rank, world, init, cfg, out_path):
     device = start_rank(rank, world, init, cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"))
     try:
         env = Env(rank, world, J, topo, device)
-        corpus = Corpus(cfg.data, mcfg.seq_len)
+        corpus = Corpus(cfg.data, mcfg.seq_len, cfg.eval_batches)
         mcfg.vocab = corpus.vocab
         if len(set(env.gather(corpus.fingerprint))) > 1:
             raise click.ClickException("ranks read different text (different Python installs?); pass --data FILE")
