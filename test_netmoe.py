@@ -2217,6 +2217,25 @@ def test_a_small_data_file_trains_without_validation_and_is_refused_with_it_nami
     assert all(fix in res.output for fix in ("--eval-batches 0", "longer file", "--seq-len")), res.output
 
 
+def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model_is_built(monkeypatch):
+    """With 2 GB free (a small laptop), 6 layers of MoE-GPT-S playing 32 devices in one process
+    (about 1.8e9 parameters, and 128 samples of 1024 tokens) are refused in one line naming what
+    to lower; the main job's 4 tiny ranks fit with room to spare."""
+    monkeypatch.setattr(train_gpt, "available_memory", lambda device: (2e9, "host memory"))
+    res = CliRunner().invoke(train_gpt.cli, ["train", "--preset", "s", "--n-layer", "6", "--virtual-world", "32",
+                                             "--topology", "4x8", "--cpu", "--steps", "1", "--eval-batches", "0"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "needs about" in res.output and "2.0 GB of host memory are free" in res.output, res.output
+    for lever in ("--n-layer", "--experts-per-device", "--batch", "--seq-len", "a smaller --preset",
+                  "a smaller --virtual-world"):
+        assert lever in res.output, (lever, res.output)
+    s6 = train_gpt.memory_estimate(dataclasses.replace(train_gpt.PRESETS["s"], n_layer=6), 32, True, "cpu")
+    assert s6["weights"] > 16 * 1.8e9 and s6["total"] > 50e9   # weights, gradients and AdamW state alone: 29 GB
+    main = train_gpt.TrainConfig(preset="tiny", nproc=4, topology=netmoe.Topology(2, 2), cpu=True)
+    assert train_gpt.memory_problem(main, main.model(), 4, False, torch.device("cpu"), 4) is None
+    assert train_gpt.memory_estimate(main.model(), 4, False, "cpu")["total"] * 4 < 2e9
+
+
 # ---- kernels: kernels.cu against its torch references (CUDA only)
 # Every kernel must return exactly what its reference in netmoe.py returns (int64, bit for bit;
 # the permutations are the *stable* argsort), on fresh random inputs each run (the seed is in

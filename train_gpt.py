@@ -156,6 +156,31 @@ def make_optimizer(model, lr):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
+def memory_estimate(cfg, J, virtual, device_type):
+    """Rough bytes one rank needs (within about 25% of the peaks measured, CPU and H200), known
+    before the model is built: {"weights": ..., "activations": ..., "total": ...}.
+
+    P parameters on the rank (dense ones, and its E/J experts: all E with virtual_world), T = B S
+    tokens of its B samples (I with virtual_world), L layers, n heads, vocabulary V:
+      weights      P * 24 bytes on the CPU (float32 weights, gradients, AdamW's two moments, and
+                   the foreach optimizer's temporaries), P * 18 on CUDA (fused AdamW, no
+                   temporaries; bf16 copies of the expert weights for the grouped products);
+      activations  L T H (6 + 4K) * 4 bytes (attention's and the K expert rows' saved tensors; a
+                   bf16 stream saves little, as autocast keeps float32 copies), + 12 T V (logits,
+                   their float32 copy and gradient), + on the CPU L B n S^2 * 4 (its attention
+                   keeps the S x S weights; CUDA's fused attention does not), + 0.4 GB of runtime."""
+    H, L, E, K, S = cfg.hidden, cfg.n_layer, cfg.experts_per_device * J, cfg.top_k, cfg.seq_len
+    B = cfg.batch * (J if virtual else 1)
+    experts = E if virtual else cfg.experts_per_device
+    dense = (cfg.vocab + S) * H + L * (4 * H * H + 4 * H + 4 * H + H * E) + 2 * H
+    P = dense + L * experts * (8 * H * H + 5 * H)
+    cpu = device_type == "cpu"
+    weights = P * (24 if cpu else 18)
+    T = B * S
+    activations = L * T * H * (6 + 4 * K) * 4 + 12 * T * cfg.vocab + (L * B * cfg.n_head * S * S * 4 if cpu else 0)
+    return dict(weights=weights, activations=activations, total=weights + activations + 0.4e9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------
@@ -1040,6 +1065,35 @@ def resolve(cfg):
     return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw)
 
 
+def available_memory(device):
+    """(bytes free for this rank's device, its name): the GPU's free memory, or the host's
+    (MemAvailable, else all of its memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device.index} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free, "host memory"
+
+
+def memory_problem(cfg, mcfg, J, virtual, device, sharing):
+    """Why this run cannot fit where this rank runs (memory_estimate for `sharing` ranks on one
+    device: the host's processes, or the ranks sharing a GPU), or None: a run that cannot fit is
+    refused before it builds its model, rather than ended by the kernel's OOM killer mid-step."""
+    need = memory_estimate(mcfg, J, virtual, device.type)
+    free, where = available_memory(device)
+    if need["total"] * sharing <= free:
+        return None
+    gb = lambda b: f"{b * sharing / 1e9:.1f} GB"
+    smaller = [f"a smaller {o}" for o, show in (("--preset", cfg.preset != "tiny"), ("--virtual-world", virtual)) if show]
+    return (f"this run needs about {gb(need['total'])}{f' for its {sharing} ranks' if sharing > 1 else ''} but "
+            f"{free / 1e9:.1f} GB of {where} are free: weights and AdamW state {gb(need['weights'])} (lower "
+            f"--n-layer or --experts-per-device), activations {gb(need['activations'])} (lower --batch or --seq-len)"
+            + (f"; or {' or '.join(smaller)}" if smaller else ""))
+
+
 def worker(rank, world, init, cfg, out_path):
     """One rank: trains each requested placement in turn; rank 0 writes the records."""
     mcfg, J, topo = resolve(cfg)
@@ -1050,6 +1104,12 @@ def worker(rank, world, init, cfg, out_path):
         mcfg.vocab = corpus.vocab
         if len(set(env.gather(corpus.fingerprint))) > 1:
             raise click.ClickException("ranks read different text (different Python installs?); pass --data FILE")
+        # the ranks that share this rank's memory: the host's processes, or those sharing its GPU
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        sharing = local if device.type == "cpu" else -(-local // torch.cuda.device_count())
+        failed = [p for p in env.gather(memory_problem(cfg, mcfg, J, env.virtual, device, sharing)) if p]
+        if failed:   # every rank stops, with the first one's reason
+            raise click.ClickException(failed[0])
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
         echo(f"{cfg.preset}: {mcfg.n_layer} layers, H={mcfg.hidden}, S={mcfg.seq_len}, I={mcfg.batch * J}, "
              f"E={mcfg.experts_per_device * J}, K={mcfg.top_k}, J={J} on {topo}"
