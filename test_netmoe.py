@@ -2240,6 +2240,54 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model
     assert train_gpt.memory_estimate(main.model(), 4, False, "cpu")["total"] * 4 < 2e9
 
 
+# The suite's own process (pytest alone, or one xdist worker of several) takes its share of the
+# cores, as every rank it starts does: ranks x threads never exceed the cores, whatever -n says.
+torch.set_num_threads(train_gpt.rank_threads(1))
+
+
+def test_ranks_split_the_cores_among_themselves_and_the_xdist_workers(monkeypatch):
+    """Every rank (training, benchmark, test worker) sets its torch threads through start_rank:
+    the cores this process may use, split among the ranks on the host and the pytest-xdist
+    workers beside it, so ranks x threads x workers never exceed them; at least one thread."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        for workers in (None, "1", "4", "6", "12", "32"):
+            if workers is None:
+                monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+            else:
+                monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+            for ranks in (1, 2, 4, 8):
+                threads = train_gpt.rank_threads(ranks)
+                assert threads >= 1 and (threads == 1 or ranks * threads * int(workers or 1) <= 16), (workers, ranks)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        assert train_gpt.rank_threads(4) == 2 and train_gpt.rank_threads(1) == 8
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        train_gpt.start_rank(0, 1, None, "cpu")   # one process of a host's 4: its share, 16 / 4 / 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _readme():
+    return open(os.path.join(os.path.dirname(os.path.abspath(train_gpt.__file__)), "README.md")).read()
+
+
+def test_the_readmes_test_commands_need_only_what_the_test_extra_installs():
+    """Every pytest line of the README runs with what `pip install -e ".[test]"` brings: a line
+    with -n needs pytest-xdist there, and a small worker count (each worker's ranks share the
+    GPU, and "auto" would start one per core)."""
+    setup = open(os.path.join(os.path.dirname(os.path.abspath(train_gpt.__file__)), "setup.py")).read()
+    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))
+    lines = [line for line in _readme().splitlines() if "python -m pytest" in line]
+    assert lines and any(" -n " in line for line in lines), lines   # the GPU line runs in parallel
+    for line in lines:
+        if " -n " in line:
+            assert "pytest-xdist" in extras["test"], line
+            workers = line.split(" -n ")[1].split()[0]
+            assert workers.isdigit() and 1 < int(workers) <= 4, line
+
+
 # ---- kernels: kernels.cu against its torch references (CUDA only)
 # Every kernel must return exactly what its reference in netmoe.py returns (int64, bit for bit;
 # the permutations are the *stable* argsort), on fresh random inputs each run (the seed is in

@@ -426,6 +426,15 @@ def rank_devices(cpu, local_ranks):
     return "shared"
 
 
+def rank_threads(ranks):
+    """Torch threads for each of `ranks` processes that share this process's cores: the cores it
+    may run on (its affinity, as taskset or a container set it) split among the ranks and among
+    the pytest-xdist workers beside it (PYTEST_XDIST_WORKER_COUNT), at least 1. More threads
+    than cores oversubscribe them, and ranks spinning in each other's way slow down many times."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // ranks // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+
+
 def start_rank(rank, world, init, where):
     """This process as rank `rank` of `world` on the devices rank_devices chose ("cpu", "gpu" or
     "shared"): its device (local rank r on GPU r, or r modulo the GPUs when shared) and, with more
@@ -434,7 +443,7 @@ def start_rank(rank, world, init, where):
     device = torch.device("cpu") if where == "cpu" else torch.device("cuda", local % torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # torch._dynamo (torch.optim imports it) holds on to the default process group when first
     # imported after init_process_group: the group then outlives destroy_process_group, its gloo
     # threads live on into interpreter shutdown, and now and then a rank aborts at exit
