@@ -2288,6 +2288,38 @@ def test_the_readmes_test_commands_need_only_what_the_test_extra_installs():
             assert workers.isdigit() and 1 < int(workers) <= 4, line
 
 
+def _readme_snippet():
+    """The README's Python snippet, verbatim: the first python block under its MoELayer heading."""
+    text = _readme()
+    section = text[text.index("### A MoELayer in your own model"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_python_snippet_runs_as_written_and_computes_what_static_ep_does(monkeypatch, capsys):
+    """Pasted into python, the README's snippet runs in one process and returns every sample, in
+    NetMoE's new order, with gradients reaching every weight; run again with every layer static
+    (same seed, so the same weights and input), each sample's output is the same."""
+    code = _readme_snippet()
+    assert "virtual_world=" in code and "import netmoe" in code
+
+    def run(**force):
+        torch.manual_seed(0)
+        made = netmoe.MoELayer
+        with monkeypatch.context() as m:
+            m.setattr(netmoe, "MoELayer", lambda *a, **kw: made(*a, **{**kw, **force}))
+            names = {}
+            exec(compile(code, "README.md", "exec"), names)
+        return names
+
+    ours, static = run(), run(placement="static")
+    x, y, sid = ours["x"], ours["y"], ours["sid"]
+    assert y.shape == x.shape and sorted(sid.tolist()) == list(range(x.shape[0]))
+    assert str(y.shape) in capsys.readouterr().out   # what it prints
+    assert all(p.grad is not None for layer in ours["layers"] for p in layer.parameters())
+    assert torch.equal(static["sid"], torch.arange(x.shape[0]))   # static EP sends every sample home
+    torch.testing.assert_close(y[torch.argsort(sid)], static["y"], rtol=1e-5, atol=1e-6)
+
+
 # ---- kernels: kernels.cu against its torch references (CUDA only)
 # Every kernel must return exactly what its reference in netmoe.py returns (int64, bit for bit;
 # the permutations are the *stable* argsort), on fresh random inputs each run (the seed is in
