@@ -2197,6 +2197,8 @@ def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, ca
     rows = [line.split("  ") for line in table[3:] if not line.startswith("loss change")]
     assert rows and not [r for r in rows if all(c.strip() in ("", "-") for c in r[1:])], table
     assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 on the modelled cluster's links" in res.stdout
+    # and how to read the loss change: against the spread between seeds, since only rounding differs
+    assert table[-1].startswith("loss change: ") and "--seed" in table[-1], table
     res = CliRunner().invoke(bench.cli, ["solver", "--repeats", "1", "--max-expanded", "0", "--cpu"])
     assert res.exit_code == 0 and "GPU" not in res.stdout and "scatter ms (Eq.1)" in res.stdout, res.output
     res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x2", "--layout"])
@@ -2318,6 +2320,30 @@ def test_the_readmes_python_snippet_runs_as_written_and_computes_what_static_ep_
     assert all(p.grad is not None for layer in ours["layers"] for p in layer.parameters())
     assert torch.equal(static["sid"], torch.arange(x.shape[0]))   # static EP sends every sample home
     torch.testing.assert_close(y[torch.argsort(sid)], static["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_presets_train_on_gpt2s_scaled_init_and_a_warm_up_that_covers_adams_start():
+    """Every preset's recipe: the projections that add into the residual stream (attention's
+    output, every expert's w2) start at GPT-2's 0.02 / sqrt(2 L), every other matrix at 0.02; the
+    learning rate rises linearly over 40 AdamW steps (2 / (1 - beta2)) to GPT-3's rate for the
+    width, 6e-4 for MoE-GPT-S; a rate or warm-up given on the command line wins."""
+    cfg = dataclasses.replace(train_gpt.PRESETS["s"], n_layer=3, hidden=96, n_head=4, seq_len=64)
+    model = train_gpt.GPT(cfg, 2)
+    model.init_weights(0)
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] in ("w1", "w2") or name.endswith("weight") and p.dim() >= 2:   # matrices
+            want = 0.02 / np.sqrt(2 * 3) if name.endswith((".proj.weight", ".w2")) else 0.02
+            assert float(p.detach().std()) == pytest.approx(want, rel=0.1), name
+    s = train_gpt.TrainConfig(preset="s", steps=360)
+    assert (s.lr, s.warmup_steps) == (6e-4, 40)
+    rates = [train_gpt.lr_at(step, s) for step in range(360)]
+    assert rates[:40] == sorted(rates[:40]) and rates[39] == pytest.approx(6e-4) and max(rates) <= 6e-4
+    assert rates[0] <= 6e-4 / 40 * 1.0001
+    widths = [train_gpt.PRESETS[p].hidden for p in train_gpt.PRESETS]
+    peaks = [train_gpt.TrainConfig(preset=p).lr for p in train_gpt.PRESETS]
+    assert all(a >= b for (_, a), (_, b) in zip(sorted(zip(widths, peaks))[:-1], sorted(zip(widths, peaks))[1:]))
+    mine = train_gpt.TrainConfig(preset="s", lr=1e-4, warmup_steps=0)
+    assert (mine.lr, mine.warmup_steps) == (1e-4, 0)
 
 
 # ---- kernels: kernels.cu against its torch references (CUDA only)

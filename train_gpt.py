@@ -70,6 +70,13 @@ PRESETS = {
     "xl": GPTConfig(n_layer=24, n_head=25, hidden=1600),   # MoE-GPT-XL: GPT-2 XL's 48 layers would be 39 GB
     "xxl": GPTConfig(n_layer=4, n_head=32, hidden=4096),   # MoE-GPT-XXL, GPT-3 6.7B width: 0.34B/layer/rank
 }
+# Each preset's training recipe: (peak learning rate, warm-up steps). The rates are GPT-3's at these
+# widths (Brown et al. 2020, Table 2.1: 6e-4 at H = 768 down to 1.2e-4 at 4096). The warm-up is
+# linear over 2 / (1 - beta2) = 40 AdamW steps (beta2 = 0.95), the span its second-moment estimate
+# needs to settle (Ma & Yarats 2021); 10 steps to 1e-3 made MoE-GPT-S's bf16 loss jump at steps 2
+# and 9 on an H200. A run shorter than its warm-up never reaches the peak. The tiny CPU model keeps 10.
+RECIPES = {"tiny": (1e-3, 10), "s": (6e-4, 40), "m": (3e-4, 40), "l": (2.5e-4, 40), "xl": (2e-4, 40),
+           "xxl": (1.2e-4, 40)}
 
 
 class Attention(nn.Module):
@@ -123,9 +130,10 @@ class GPT(nn.Module):
                 if getattr(p, "expert", False):
                     for i, e in enumerate(self.moe[int(name.split(".")[1])].local_experts):
                         g = torch.Generator().manual_seed(seed * 1_000_003 + key * 1009 + int(e))
-                        p[i].copy_(_init_like(p[i], name, g))
+                        p[i].copy_(_init_like(p[i], name, g, self.cfg.n_layer))
                 else:
-                    p.copy_(_init_like(p, name, torch.Generator().manual_seed(seed * 1_000_003 + key)))
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + key)
+                    p.copy_(_init_like(p, name, g, self.cfg.n_layer))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (2 per multiply-add,
@@ -137,12 +145,16 @@ class GPT(nn.Module):
         return 6 * (c.n_layer * per_layer + c.vocab * c.hidden) + 12 * c.n_layer * c.hidden * c.seq_len
 
 
-def _init_like(p, name, g):
+def _init_like(p, name, g, n_layer):
+    """GPT-2's init: matrices N(0, 0.02), biases 0, LayerNorm weights 1; the projections that add
+    into the residual stream (attention's output, the experts' w2) N(0, 0.02 / sqrt(2 L)), so the
+    stream's variance does not grow with depth (2 L residual adds, as GPT-2 counts them)."""
     if name.endswith("bias") or name.split(".")[-1] in ("b1", "b2"):
         return torch.zeros_like(p)
     if p.dim() == 1:   # LayerNorm weight
         return torch.ones_like(p)
-    return torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02
+    residual_out = name.endswith(".proj.weight") or name.endswith(".w2")
+    return torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.02 / math.sqrt(2 * n_layer) if residual_out else 0.02)
 
 
 def make_optimizer(model, lr):
@@ -290,8 +302,8 @@ class TrainConfig:
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
-    lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
-    warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
+    lr: float = _opt(None, POSITIVE, "peak learning rate (AdamW)", shown=PRESET_S)
+    warmup_steps: int = _opt(None, NONNEG, "learning-rate warm-up, linear from 0", shown=PRESET_S)
     # the cosine's length is part of a checkpoint's identity: a run cut short resumes on its schedule
     decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule",
                             shown="--steps; with --resume, the saved schedule's")
@@ -314,6 +326,11 @@ class TrainConfig:
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
     ranks_on: str = None   # "cpu", "gpu" or "shared" (rank_devices), decided at launch
+
+    def __post_init__(self):   # the preset's recipe where no rate or warm-up is given (RECIPES)
+        lr, warmup = RECIPES[self.preset]
+        self.lr = lr if self.lr is None else self.lr
+        self.warmup_steps = warmup if self.warmup_steps is None else self.warmup_steps
 
     def model(self):
         """The GPTConfig: the preset with the overrides given."""
@@ -998,6 +1015,7 @@ def summary_table(result, skip):
     rows = [(label, key) for label, key in rows if any(known(runs[n][key]) for n in names)
             and (planned or key not in ("relayouts_applied", "move_share"))]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+    foot = ""
     if names == ["static", "netmoe"]:
         for r in body:
             a, b = r[1], r[2]
@@ -1005,11 +1023,13 @@ def summary_table(result, skip):
             r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
                      f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
         names = names + ["change"]
+        foot = ("\nloss change: both placements compute the same function, so it is rounding that training "
+                "amplifies (more in bf16); weigh it against the spread between seeds (--seed) of one placement, not 0")
     measured = runs[names[0]]["measured"]
     head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
             f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} "
             f"step{'s' * (measured != 1)} after {runs[names[0]]['steps'] - measured}")
-    return head + "\n" + table(["", *names], body)
+    return head + "\n" + table(["", *names], body) + foot
 
 
 @contextlib.contextmanager
@@ -1134,6 +1154,7 @@ def worker(rank, world, init, cfg, out_path):
                           ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
+                          lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                           exchange=cfg.exchange, dtype=cfg.stream_dtype_name(),
                           wire_bytes_per_row=dict(zip(
                               ("scatter", "gather"), cfg.wire_bytes())))
