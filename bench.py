@@ -40,7 +40,8 @@ def progress(items, label, show=True, every_s=2.0):
     one not noisy. show: on rank 0 only, so the ranks do not repeat each other."""
     items, last = list(items), None
     for i, item in enumerate(items):
-        if show and (last is None or time.perf_counter() - last >= every_s):
+        # the last item's line would come just before its "done" line: only the first is always said
+        if show and (last is None or time.perf_counter() - last >= every_s and i + 1 < len(items)):
             click.echo(f"{label} {i + 1}/{len(items)}", err=True)
             last = time.perf_counter()
         yield item
@@ -57,6 +58,25 @@ def cli():
 # ---------------------------------------------------------------------------------------------
 # Replays of routing traces (simulate) and summaries of runs (summary)
 # ---------------------------------------------------------------------------------------------
+
+
+def load_trace(path):
+    """A routing trace (train --trace's .npz) as a dict of arrays, or a one-line refusal."""
+    not_trace = f"{path} is not a routing trace .npz (train --trace writes one)"
+    try:
+        f = np.load(path, allow_pickle=False)
+        t = dict(f) if isinstance(f, np.lib.npyio.NpzFile) else None
+    except Exception:   # numpy's own words would advise allow_pickle for any file that is not numpy's
+        raise click.ClickException(not_trace) from None
+    if t is None:
+        raise click.ClickException(f"{not_trace}: it holds one array, not a trace's")
+    missing = [k for k in ("route", "route_next_pred", "num_experts") if k not in t]
+    if missing:
+        raise click.ClickException(f"{not_trace}: it lacks {', '.join(missing)}")
+    if t["route"].ndim != 5 or t["route_next_pred"].shape != t["route"].shape:
+        raise click.ClickException(f"{not_trace}: route must be [steps, layers, I, S, K] and "
+                                   f"route_next_pred of its shape")
+    return t
 
 
 def _wire_bytes(trace, exchange, dtype):
@@ -176,13 +196,8 @@ def expert_share(hidden, seq_len, num_experts, top_k, layers, vocab=256):
 def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, compute_ms, layout, exchange, chunks, stages,
              json_path):
     """Replay Algorithm 1 on a recorded routing trace: volumes and Eq. 1 times per placement."""
-    try:
-        t = dict(np.load(trace))
-        steps, L, I, S, K = t["route"].shape
-        if t["route_next_pred"].shape != t["route"].shape:
-            raise ValueError("route and route_next_pred differ in shape")
-    except Exception as e:
-        raise click.ClickException(f"{trace} is not a routing trace (train --trace writes one): {e}") from None
+    t = load_trace(trace)
+    steps, L, I, S, K = t["route"].shape
     topo = dataclasses.replace(topology, intra_bw=intra_bw, inter_bw=inter_bw)
     dtype = dtype or str(t.get("dtype", "float32"))
     bpt = bytes_per_token or _wire_bytes(t, exchange, dtype)
@@ -196,7 +211,9 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
         raise click.UsageError(str(e)) from None
     res = {name: replay_means(st, L, bpt, compute_ms) for name, st in per_step.items()}
     base = res["static"]
-    click.echo(f"trace {trace}: {steps} steps x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
+    # with --layout every placement is scored on the steps after the first, which has no earlier step to learn from
+    skipped = f" ({steps - first} replayed: the first has no earlier step to learn a layout from)" if first else ""
+    click.echo(f"trace {trace}: {steps} steps{skipped} x {L} layers, I={I}, S={S}, K={K}, E={int(t['num_experts'])}; "
                f"on {topo}, {exchange} exchange in {chunks} chunk(s), {dtype} rows of {_show_bytes(bpt)} bytes; "
                f"volumes are rows per iteration (forward); times as built (Eq. 1 per chunk and hop)" +
                (f"; iter = compute + A2A - what the pipeline hides behind the experts' {expert_ms * L:.3g} ms of it"
@@ -367,9 +384,12 @@ def bench_solver(repeats, max_expanded, echo, gpu=True):
                     [fmt(times[m] / times["capacitated"]) if m in times else "-" for m in methods[1:]] +
                     [fmt(r["paper_km_ms"]), fmt(window.get("compute_ms")), fmt(window.get("scatter_model_ms")),
                      fmt(r["paper_window_ms"]), same])
-    echo(table(["topology", "I", "I/J"] + [f"{m} ms" for m in methods] + [f"{m}/capacitated" for m in methods[1:]]
-               + ["paper KM ms", "experts ms (GPU)", "scatter ms (Eq.1)", "paper scatter+compute ms",
-                  "same optimum"], rows))
+    header = (["topology", "I", "I/J"] + [f"{m} ms" for m in methods] + [f"{m}/capacitated" for m in methods[1:]]
+              + ["paper KM ms", "experts ms (GPU)", "scatter ms (Eq.1)", "paper scatter+compute ms", "same optimum"])
+    if not any(r.get("compute_ms") for r in results):   # no GPU timed the experts: no column of dashes
+        gpu = header.index("experts ms (GPU)")
+        header, rows = header[:gpu] + header[gpu + 1:], [r[:gpu] + r[gpu + 1:] for r in rows]
+    echo(table(header, rows))
     return results
 
 
@@ -893,7 +913,7 @@ def layouts_cmd(trace, topology, from_step, chunks, json_path):
     (b) on one half of the same batch, scored on the other half, (c) on the very batch it is
     scored on (a bound for one layout per layer). Inter-node rows against static EP with the
     flat (expert) exchange, and the Eq. 1 All-to-All time as built in `chunks` chunks."""
-    t = dict(np.load(trace))
+    t = load_trace(trace)
     route, pred, E = t["route"].astype(np.int64), t["route_next_pred"].astype(np.int64), int(t["num_experts"])
     steps, L, I = route.shape[:3]
     dtype = str(t.get("dtype", "float32"))

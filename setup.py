@@ -13,6 +13,7 @@ setup(
                           compiler_directives={"language_level": 3}),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "click"],
-    # scipy: a test oracle and benchmark baseline only; matplotlib: `bench.py plot` only (its tests too)
-    extras_require={"test": ["pytest", "scipy", "matplotlib"], "plot": ["matplotlib"]},
+    # scipy: a test oracle and benchmark baseline only; matplotlib: `bench.py plot` only (its tests too);
+    # pytest-xdist: the README's GPU line runs the suite in parallel workers (-n)
+    extras_require={"test": ["pytest", "pytest-xdist", "scipy", "matplotlib"], "plot": ["matplotlib"]},
 )

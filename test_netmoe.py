@@ -1597,7 +1597,7 @@ def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_
     args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--relayout-every", "2", "--relayout-always",
             "--ckpt", ck, "--ckpt-every", "3", "--exchange", exchange]
     moved = _run(args, tmp_path, "moved")["runs"]["netmoe"]
-    assert [r["step"] for r in moved["relayouts"]] == [2, 4, 6]
+    assert [r["step"] for r in moved["relayouts"]] == [2, 4]   # none after the last step: nothing left to serve
     assert all(r["experts_moved"] > 0 for r in moved["relayouts"])
     np.testing.assert_allclose(moved["loss"], compare_4proc["runs"]["static"]["loss"], rtol=1e-5)
     args = [a if a != ck else str(tmp_path / "ck2") for a in args]
@@ -1871,12 +1871,12 @@ def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp
     """A plan moves experts only when its modelled saving per step, over the steps left in the run
     (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
     cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
-    back by a few thousand 264-byte rows a step: every plan is skipped, the last one with no step
-    left to serve, and the record says why."""
+    back by a few thousand 264-byte rows a step: every plan is skipped, and the record says why.
+    None is made after the last step, which leaves no step for a layout to serve."""
     r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
               "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
-    assert len(r["relayouts"]) == 6 and any(plan["bytes"] > 0 for plan in r["relayouts"])
-    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1, 0]
+    assert len(r["relayouts"]) == 5 and any(plan["bytes"] > 0 for plan in r["relayouts"])
+    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1]
     for plan in r["relayouts"]:
         assert plan["applied"] == (plan["saving_ms_per_step"] * plan["horizon_steps"] > plan["cost_ms"])
         assert not plan["applied"] and plan["experts_moved"] == 0
@@ -2016,11 +2016,17 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
             (train_gpt.cli, ["train", *TINY, "--data", str(odd), "--json", str(tmp_path / "o.json")], "odd number of bytes"),
             (bench.cli, ["simulate", "--trace", str(not_trace), "--topology", "2x2",
                              "--json", str(tmp_path / "s.json")], "not a routing trace"),
+            # a record given for a trace: no numpy advice to unpickle it
+            (bench.cli, ["simulate", "--trace", str(not_record), "--topology", "2x2"],
+             "r.json is not a routing trace .npz (train --trace writes one)"),
+            (bench.cli, ["layouts", "--trace", str(not_record), "--topology", "2x2"],
+             "r.json is not a routing trace .npz (train --trace writes one)"),
             (bench.cli, ["summary", str(not_record)], "is not a record summary reads"),
             (bench.cli, ["plot", str(not_record)],
              "nothing to plot" if importlib.util.find_spec("matplotlib") else "needs matplotlib")]:
         res = CliRunner().invoke(cli, args)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+        assert "pickle" not in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
 
 
@@ -2038,7 +2044,12 @@ def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp
         (train_gpt.cli, ["compare", *job, "--json", str(afile / "x.json")], "is a file"),
         (train_gpt.cli, ["train", *job, "--ckpt", str(afile)], "is a file"),
         (train_gpt.cli, ["train", *job, "--trace", str(afile / "d" / "t.npz")], "is a file"),
-        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot write in"),
+        # /proc exists but takes no new files (ENOENT): the message must not read as a missing folder
+        (train_gpt.cli, ["train", *job, "--json", "/proc/1/x.json"], "cannot create a file in /proc/1: "),
+        (train_gpt.cli, ["train", *job, "--trace", "/proc/x.npz"], "filesystem takes no new files"),
+        (train_gpt.cli, ["train", *job, "--ckpt", "/proc/ck"], "cannot create a file in /proc: "),
+        (train_gpt.cli, ["train", *job, "--json", "/proc/new/x.json"], "cannot make a folder in /proc: "),
+        (bench.cli, ["solver", "--json", "/proc/x.json"], "cannot create a file in /proc: "),
         (bench.cli, ["solver", "--json", str(tmp_path)], "is a folder"),
         (bench.cli, ["kernels", "--json", str(afile / "k.json")], "is a file"),
         (bench.cli, ["layer", "--virtual-world", "4", "--json", "."], "is a folder"),
@@ -2233,11 +2244,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
+def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, monkeypatch):
     """Each bench.py subcommand as a user runs it, on tiny shapes, on the CPU and on a GPU where
     there is one: a README command cannot break unnoticed. Each result is checked for what it
-    must say, not only for having been written."""
+    must say, not only for having been written. The CPU case is a machine without CUDA, also
+    where there is a GPU: its GPU-only command must refuse."""
     cpu = ["--cpu"] if device == "cpu" else []
+    if device == "cpu":   # as this process sees it, and the ranks it spawns (told by rank_devices)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     bench_cli = lambda *args: CliRunner().invoke(bench.cli, [str(a) for a in args], catch_exceptions=False)
     out = lambda name: str(tmp_path / name)
 
@@ -2282,6 +2297,172 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device):
         res = bench_cli("plot", out("solver.json"), out("run.json"), out("sim.json"))
         assert res.exit_code == 0, res.output
         assert all((tmp_path / f"{n}.png").exists() for n in ("solver", "run", "sim"))
+
+
+# ---- what a new user meets (issue 31)
+
+
+def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, capsys):
+    """On the CPU: no row or column of dashes (MFU against a GPU's peak, the experts' time on a
+    GPU), the modelled All-to-All named as Eq. 1 on the modelled cluster's links (beside a
+    measured time of this machine), "1 step" in the singular, each progress line once, and
+    simulate --layout saying why it replays one step fewer than the trace holds."""
+    trace = str(tmp_path / "t.npz")
+    res = CliRunner().invoke(train_gpt.cli, ["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps",
+                                             "2", "--trace", trace], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    table = res.stdout[res.stdout.index("stream; means over"):].splitlines()
+    assert table[0].startswith("stream; means over 1 step after 1"), table[0]
+    rows = [line.split("  ") for line in table[3:] if not line.startswith("loss change")]
+    assert rows and not [r for r in rows if all(c.strip() in ("", "-") for c in r[1:])], table
+    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 on the modelled cluster's links" in res.stdout
+    # and how to read the loss change: against the spread between seeds, since only rounding differs
+    assert table[-1].startswith("loss change: ") and "--seed" in table[-1], table
+    res = CliRunner().invoke(bench.cli, ["solver", "--repeats", "1", "--max-expanded", "0", "--cpu"])
+    assert res.exit_code == 0 and "GPU" not in res.stdout and "scatter ms (Eq.1)" in res.stdout, res.output
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x2", "--layout"])
+    assert res.exit_code == 0 and "2 steps (1 replayed: the first has no earlier step to learn a layout from)" \
+        in res.stdout, res.output
+    capsys.readouterr()
+    assert list(bench.progress(range(3), "item", every_s=0)) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines() == ["item 1/3", "item 2/3", "item 3/3 done"]
+
+
+def test_a_small_data_file_trains_without_validation_and_is_refused_with_it_naming_the_fix(tmp_path):
+    """A 200-byte text holds no validation sample (its last 10% is shorter than seq_len + 1): with
+    --eval-batches 0 none is needed and it trains; with validation the refusal names the ways out."""
+    small = tmp_path / "small.txt"
+    small.write_bytes(bytes(range(32, 232)))
+    job = ["train", "--preset", "tiny", "--steps", "2", "--virtual-world", "2", "--cpu", "--data", str(small)]
+    r = _run([*job, "--eval-batches", "0"], tmp_path, "small")["runs"]["netmoe"]
+    assert len(r["loss"]) == 2 and r["val_loss"] is None
+    res = CliRunner().invoke(train_gpt.cli, [*job, "--eval-batches", "1"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "no val document is longer than seq_len+1=65 tokens" in res.output, res.output
+    assert all(fix in res.output for fix in ("--eval-batches 0", "longer file", "--seq-len")), res.output
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model_is_built(monkeypatch):
+    """With 2 GB free (a small laptop), 6 layers of MoE-GPT-S playing 32 devices in one process
+    (about 1.8e9 parameters, and 128 samples of 1024 tokens) are refused in one line naming what
+    to lower; the main job's 4 tiny ranks fit with room to spare."""
+    monkeypatch.setattr(train_gpt, "available_memory", lambda device: (2e9, "host memory"))
+    res = CliRunner().invoke(train_gpt.cli, ["train", "--preset", "s", "--n-layer", "6", "--virtual-world", "32",
+                                             "--topology", "4x8", "--cpu", "--steps", "1", "--eval-batches", "0"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "needs about" in res.output and "2.0 GB of host memory are free" in res.output, res.output
+    for lever in ("--n-layer", "--experts-per-device", "--batch", "--seq-len", "a smaller --preset",
+                  "a smaller --virtual-world"):
+        assert lever in res.output, (lever, res.output)
+    s6 = train_gpt.memory_estimate(dataclasses.replace(train_gpt.PRESETS["s"], n_layer=6), 32, True, "cpu")
+    assert s6["weights"] > 16 * 1.8e9 and s6["total"] > 50e9   # weights, gradients and AdamW state alone: 29 GB
+    main = train_gpt.TrainConfig(preset="tiny", nproc=4, topology=netmoe.Topology(2, 2), cpu=True)
+    assert train_gpt.memory_problem(main, main.model(), 4, False, torch.device("cpu"), 4) is None
+    assert train_gpt.memory_estimate(main.model(), 4, False, "cpu")["total"] * 4 < 2e9
+
+
+# The suite's own process (pytest alone, or one xdist worker of several) takes its share of the
+# cores, as every rank it starts does: ranks x threads never exceed the cores, whatever -n says.
+torch.set_num_threads(train_gpt.rank_threads(1))
+
+
+def test_ranks_split_the_cores_among_themselves_and_the_xdist_workers(monkeypatch):
+    """Every rank (training, benchmark, test worker) sets its torch threads through start_rank:
+    the cores this process may use, split among the ranks on the host and the pytest-xdist
+    workers beside it, so ranks x threads x workers never exceed them; at least one thread."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    try:
+        for workers in (None, "1", "4", "6", "12", "32"):
+            if workers is None:
+                monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+            else:
+                monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+            for ranks in (1, 2, 4, 8):
+                threads = train_gpt.rank_threads(ranks)
+                assert threads >= 1 and (threads == 1 or ranks * threads * int(workers or 1) <= 16), (workers, ranks)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        assert train_gpt.rank_threads(4) == 2 and train_gpt.rank_threads(1) == 8
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        train_gpt.start_rank(0, 1, None, "cpu")   # one process of a host's 4: its share, 16 / 4 / 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _readme():
+    return open(os.path.join(os.path.dirname(os.path.abspath(train_gpt.__file__)), "README.md")).read()
+
+
+def test_the_readmes_test_commands_need_only_what_the_test_extra_installs():
+    """Every pytest line of the README runs with what `pip install -e ".[test]"` brings: a line
+    with -n needs pytest-xdist there, and a small worker count (each worker's ranks share the
+    GPU, and "auto" would start one per core)."""
+    setup = open(os.path.join(os.path.dirname(os.path.abspath(train_gpt.__file__)), "setup.py")).read()
+    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))
+    lines = [line for line in _readme().splitlines() if "python -m pytest" in line]
+    assert lines and any(" -n " in line for line in lines), lines   # the GPU line runs in parallel
+    for line in lines:
+        if " -n " in line:
+            assert "pytest-xdist" in extras["test"], line
+            workers = line.split(" -n ")[1].split()[0]
+            assert workers.isdigit() and 1 < int(workers) <= 4, line
+
+
+def _readme_snippet():
+    """The README's Python snippet, verbatim: the first python block under its MoELayer heading."""
+    text = _readme()
+    section = text[text.index("### A MoELayer in your own model"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_python_snippet_runs_as_written_and_computes_what_static_ep_does(monkeypatch, capsys):
+    """Pasted into python, the README's snippet runs in one process and returns every sample, in
+    NetMoE's new order, with gradients reaching every weight; run again with every layer static
+    (same seed, so the same weights and input), each sample's output is the same."""
+    code = _readme_snippet()
+    assert "virtual_world=" in code and "import netmoe" in code
+
+    def run(**force):
+        torch.manual_seed(0)
+        made = netmoe.MoELayer
+        with monkeypatch.context() as m:
+            m.setattr(netmoe, "MoELayer", lambda *a, **kw: made(*a, **{**kw, **force}))
+            names = {}
+            exec(compile(code, "README.md", "exec"), names)
+        return names
+
+    ours, static = run(), run(placement="static")
+    x, y, sid = ours["x"], ours["y"], ours["sid"]
+    assert y.shape == x.shape and sorted(sid.tolist()) == list(range(x.shape[0]))
+    assert str(y.shape) in capsys.readouterr().out   # what it prints
+    assert all(p.grad is not None for layer in ours["layers"] for p in layer.parameters())
+    assert torch.equal(static["sid"], torch.arange(x.shape[0]))   # static EP sends every sample home
+    torch.testing.assert_close(y[torch.argsort(sid)], static["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_presets_train_on_gpt2s_scaled_init_and_a_warm_up_that_covers_adams_start():
+    """Every preset's recipe: the projections that add into the residual stream (attention's
+    output, every expert's w2) start at GPT-2's 0.02 / sqrt(2 L), every other matrix at 0.02; the
+    learning rate rises linearly over 40 AdamW steps (2 / (1 - beta2)) to GPT-3's rate for the
+    width, 6e-4 for MoE-GPT-S; a rate or warm-up given on the command line wins."""
+    cfg = dataclasses.replace(train_gpt.PRESETS["s"], n_layer=3, hidden=96, n_head=4, seq_len=64)
+    model = train_gpt.GPT(cfg, 2)
+    model.init_weights(0)
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] in ("w1", "w2") or name.endswith("weight") and p.dim() >= 2:   # matrices
+            want = 0.02 / np.sqrt(2 * 3) if name.endswith((".proj.weight", ".w2")) else 0.02
+            assert float(p.detach().std()) == pytest.approx(want, rel=0.1), name
+    s = train_gpt.TrainConfig(preset="s", steps=360)
+    assert (s.lr, s.warmup_steps) == (6e-4, 40)
+    rates = [train_gpt.lr_at(step, s) for step in range(360)]
+    assert rates[:40] == sorted(rates[:40]) and rates[39] == pytest.approx(6e-4) and max(rates) <= 6e-4
+    assert rates[0] <= 6e-4 / 40 * 1.0001
+    widths = [train_gpt.PRESETS[p].hidden for p in train_gpt.PRESETS]
+    peaks = [train_gpt.TrainConfig(preset=p).lr for p in train_gpt.PRESETS]
+    assert all(a >= b for (_, a), (_, b) in zip(sorted(zip(widths, peaks))[:-1], sorted(zip(widths, peaks))[1:]))
+    mine = train_gpt.TrainConfig(preset="s", lr=1e-4, warmup_steps=0)
+    assert (mine.lr, mine.warmup_steps) == (1e-4, 0)
 
 
 # ---- kernels: kernels.cu against its torch references (CUDA only)

@@ -15,6 +15,7 @@ bench.py holds the benchmarks, plots and replays (it imports this file; this fil
 """
 import contextlib
 import dataclasses
+import errno
 import glob
 import importlib
 import json
@@ -69,6 +70,13 @@ PRESETS = {
     "xl": GPTConfig(n_layer=24, n_head=25, hidden=1600),   # MoE-GPT-XL: GPT-2 XL's 48 layers would be 39 GB
     "xxl": GPTConfig(n_layer=4, n_head=32, hidden=4096),   # MoE-GPT-XXL, GPT-3 6.7B width: 0.34B/layer/rank
 }
+# Each preset's training recipe: (peak learning rate, warm-up steps). The rates are GPT-3's at these
+# widths (Brown et al. 2020, Table 2.1: 6e-4 at H = 768 down to 1.2e-4 at 4096). The warm-up is
+# linear over 2 / (1 - beta2) = 40 AdamW steps (beta2 = 0.95), the span its second-moment estimate
+# needs to settle (Ma & Yarats 2021); 10 steps to 1e-3 made MoE-GPT-S's bf16 loss jump at steps 2
+# and 9 on an H200. A run shorter than its warm-up never reaches the peak. The tiny CPU model keeps 10.
+RECIPES = {"tiny": (1e-3, 10), "s": (6e-4, 40), "m": (3e-4, 40), "l": (2.5e-4, 40), "xl": (2e-4, 40),
+           "xxl": (1.2e-4, 40)}
 
 
 class Attention(nn.Module):
@@ -122,9 +130,10 @@ class GPT(nn.Module):
                 if getattr(p, "expert", False):
                     for i, e in enumerate(self.moe[int(name.split(".")[1])].local_experts):
                         g = torch.Generator().manual_seed(seed * 1_000_003 + key * 1009 + int(e))
-                        p[i].copy_(_init_like(p[i], name, g))
+                        p[i].copy_(_init_like(p[i], name, g, self.cfg.n_layer))
                 else:
-                    p.copy_(_init_like(p, name, torch.Generator().manual_seed(seed * 1_000_003 + key)))
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + key)
+                    p.copy_(_init_like(p, name, g, self.cfg.n_layer))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (2 per multiply-add,
@@ -136,12 +145,16 @@ class GPT(nn.Module):
         return 6 * (c.n_layer * per_layer + c.vocab * c.hidden) + 12 * c.n_layer * c.hidden * c.seq_len
 
 
-def _init_like(p, name, g):
+def _init_like(p, name, g, n_layer):
+    """GPT-2's init: matrices N(0, 0.02), biases 0, LayerNorm weights 1; the projections that add
+    into the residual stream (attention's output, the experts' w2) N(0, 0.02 / sqrt(2 L)), so the
+    stream's variance does not grow with depth (2 L residual adds, as GPT-2 counts them)."""
     if name.endswith("bias") or name.split(".")[-1] in ("b1", "b2"):
         return torch.zeros_like(p)
     if p.dim() == 1:   # LayerNorm weight
         return torch.ones_like(p)
-    return torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02
+    residual_out = name.endswith(".proj.weight") or name.endswith(".w2")
+    return torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.02 / math.sqrt(2 * n_layer) if residual_out else 0.02)
 
 
 def make_optimizer(model, lr):
@@ -153,6 +166,31 @@ def make_optimizer(model, lr):
               for d, w in ((True, 0.1), (False, 0.0))]
     fused = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def memory_estimate(cfg, J, virtual, device_type):
+    """Rough bytes one rank needs (within about 25% of the peaks measured, CPU and H200), known
+    before the model is built: {"weights": ..., "activations": ..., "total": ...}.
+
+    P parameters on the rank (dense ones, and its E/J experts: all E with virtual_world), T = B S
+    tokens of its B samples (I with virtual_world), L layers, n heads, vocabulary V:
+      weights      P * 24 bytes on the CPU (float32 weights, gradients, AdamW's two moments, and
+                   the foreach optimizer's temporaries), P * 18 on CUDA (fused AdamW, no
+                   temporaries; bf16 copies of the expert weights for the grouped products);
+      activations  L T H (6 + 4K) * 4 bytes (attention's and the K expert rows' saved tensors; a
+                   bf16 stream saves little, as autocast keeps float32 copies), + 12 T V (logits,
+                   their float32 copy and gradient), + on the CPU L B n S^2 * 4 (its attention
+                   keeps the S x S weights; CUDA's fused attention does not), + 0.4 GB of runtime."""
+    H, L, E, K, S = cfg.hidden, cfg.n_layer, cfg.experts_per_device * J, cfg.top_k, cfg.seq_len
+    B = cfg.batch * (J if virtual else 1)
+    experts = E if virtual else cfg.experts_per_device
+    dense = (cfg.vocab + S) * H + L * (4 * H * H + 4 * H + 4 * H + H * E) + 2 * H
+    P = dense + L * experts * (8 * H * H + 5 * H)
+    cpu = device_type == "cpu"
+    weights = P * (24 if cpu else 18)
+    T = B * S
+    activations = L * T * H * (6 + 4 * K) * 4 + 12 * T * cfg.vocab + (L * B * cfg.n_head * S * S * 4 if cpu else 0)
+    return dict(weights=weights, activations=activations, total=weights + activations + 0.4e9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,11 +235,20 @@ def output_problem(path, directory=False, suffix=".json"):
         above = os.path.dirname(above)
     if above and not os.path.isdir(above):
         return f"{above} is a file, so {path} cannot be written; give another path"
+    def refused(e, what):   # /proc and the like exist but refuse new entries with ENOENT: "no such folder"
+        exists = e.errno == errno.ENOENT and os.path.isdir(os.path.dirname(e.filename or "") or ".")
+        return f" (the folder exists, but its filesystem takes no new {what})" if exists else ""
     try:
         os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        return f"cannot write in {folder} ({e.strerror or e}); give another path"
+        where = os.path.dirname(e.filename or folder) or "."
+        return f"cannot make a folder in {where}: {e.strerror or e}{refused(e, 'folders')}; give another path"
+    try:   # the call a save makes: a new file in that folder (atomic_write's .part)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".netmoe-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot create a file in {folder}: {e.strerror or e}{refused(e, 'files')}; give another path"
     return None
 
 
@@ -259,8 +306,8 @@ class TrainConfig:
     chunks: int = _opt(DEFAULT_CHUNKS, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts "
                        "overlapped")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
-    lr: float = _opt(1e-3, POSITIVE, "peak learning rate (AdamW)")
-    warmup_steps: int = _opt(10, NONNEG, "learning-rate warm-up")
+    lr: float = _opt(None, POSITIVE, "peak learning rate (AdamW)", shown=PRESET_S)
+    warmup_steps: int = _opt(None, NONNEG, "learning-rate warm-up, linear from 0", shown=PRESET_S)
     # the cosine's length is part of a checkpoint's identity: a run cut short resumes on its schedule
     decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule",
                             shown="--steps; with --resume, the saved schedule's")
@@ -285,6 +332,11 @@ class TrainConfig:
     debug: bool = _opt(False, None, "cross-check placements and expert maps across ranks", "--debug")
     placements: tuple = ("netmoe",)   # trained one after the other, same seed and batches
     ranks_on: str = None   # "cpu", "gpu" or "shared" (rank_devices), decided at launch
+
+    def __post_init__(self):   # the preset's recipe where no rate or warm-up is given (RECIPES)
+        lr, warmup = RECIPES[self.preset]
+        self.lr = lr if self.lr is None else self.lr
+        self.warmup_steps = warmup if self.warmup_steps is None else self.warmup_steps
 
     def model(self):
         """The GPTConfig: the preset with the overrides given."""
@@ -320,7 +372,7 @@ class Corpus:
     Batches are a pure function of (seed, split, step), so every rank can build the whole global
     batch and read targets for whatever samples it holds at the end."""
 
-    def __init__(self, path, seq_len):
+    def __init__(self, path, seq_len, eval_batches=1):
         if path is None:
             root = sysconfig.get_paths()["stdlib"]
             files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
@@ -341,11 +393,15 @@ class Corpus:
             split = {"train": [data[:cut]], "val": [data[cut:]]}
             self.name = os.path.basename(path)
         self.seq_len, self.docs, self.starts = seq_len, {}, {}
+        if not eval_batches:   # no validation: a text too short to hold out a val sample still trains
+            split["val"] = []
         for name, docs in split.items():
             docs = [d for d in docs if len(d) > seq_len + 1]
-            if not docs:
-                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens: "
-                                           f"lower --seq-len or give more text")
+            if not docs and (name == "train" or eval_batches):
+                fix = "lower --seq-len or give more text" if name == "train" else \
+                    "pass --eval-batches 0 (no validation), give a longer file or lower --seq-len"
+                raise click.ClickException(f"no {name} document is longer than seq_len+1={seq_len + 1} tokens "
+                                           f"({self.name}{', the last 10%' if path and name == 'val' else ''}): {fix}")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
         self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
@@ -393,6 +449,15 @@ def rank_devices(cpu, local_ranks):
     return "shared"
 
 
+def rank_threads(ranks):
+    """Torch threads for each of `ranks` processes that share this process's cores: the cores it
+    may run on (its affinity, as taskset or a container set it) split among the ranks and among
+    the pytest-xdist workers beside it (PYTEST_XDIST_WORKER_COUNT), at least 1. More threads
+    than cores oversubscribe them, and ranks spinning in each other's way slow down many times."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // ranks // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+
+
 def start_rank(rank, world, init, where):
     """This process as rank `rank` of `world` on the devices rank_devices chose ("cpu", "gpu" or
     "shared"): its device (local rank r on GPU r, or r modulo the GPUs when shared) and, with more
@@ -401,7 +466,7 @@ def start_rank(rank, world, init, where):
     device = torch.device("cpu") if where == "cpu" else torch.device("cuda", local % torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # torch._dynamo (torch.optim imports it) holds on to the default process group when first
     # imported after init_process_group: the group then outlives destroy_process_group, its gloo
     # threads live on into interpreter shutdown, and now and then a rank aborts at exit
@@ -837,7 +902,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         norm = clip_gradients(model, env, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if relayouts and (step + 1) % relayouts == 0:
+        if relayouts and (step + 1) % relayouts == 0 and step + 1 < cfg.steps:   # no step left to serve after the last
             record["relayouts"].append(relayout(model, opt, env, cfg, step, planner, echo))
         stats = sum((m.pop_stats() for m in model.moe), netmoe.MoEStats())
         if env.device.type == "cuda":   # the step's time includes its GPU work
@@ -993,18 +1058,21 @@ def summary_table(result, skip):
     names = list(runs)
     rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
             ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
-            ("All-to-All ms (measured)", "a2a_ms"), ("All-to-All ms (Eq. 1 model)", "a2a_model_ms"),
+            ("All-to-All ms (measured)", "a2a_ms"),
+            ("All-to-All ms, Eq. 1 on the modelled cluster's links", "a2a_model_ms"),   # not this machine's
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
             ("solver exposed ms / step", "solver_exposed_ms"),
             ("dense all-reduce, waited ms / step", "grad_sync_ms"), ("re-layouts applied", "relayouts_applied"),
             ("expert moves, share of run time", "move_share"), ("peak GPU memory GB", "peak_mem_gb")]
-    # rows no run has anything for (memory on the CPU, re-layouts where none was planned) are left out
+    # rows no run has anything for (memory and MFU on the CPU, re-layouts where none was planned) are left out
     planned = any(r.get("relayouts") for r in result["runs"].values())
-    rows = [(label, key) for label, key in rows if any(runs[n][key] is not None for n in names)
+    known = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
+    rows = [(label, key) for label, key in rows if any(known(runs[n][key]) for n in names)
             and (planned or key not in ("relayouts_applied", "move_share"))]
     body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+    foot = ""
     if tuple(names) == COMPARED:
         for r in body:
             a, b = r[1], r[2]
@@ -1012,11 +1080,13 @@ def summary_table(result, skip):
             r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
                      f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
         names = names + ["change"]
+        foot = ("\nloss change: both placements compute the same function, so it is rounding that training "
+                "amplifies (more in bf16); weigh it against the spread between seeds (--seed) of one placement, not 0")
     measured = runs[names[0]]["measured"]
     head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} steps after "
-            f"{runs[names[0]]['steps'] - measured}")
-    return head + "\n" + table(["", *names], body)
+            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} "
+            f"step{'s' * (measured != 1)} after {runs[names[0]]['steps'] - measured}")
+    return head + "\n" + table(["", *names], body) + foot
 
 
 @contextlib.contextmanager
@@ -1081,16 +1151,51 @@ def resolve(cfg):
     return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw)
 
 
+def available_memory(device):
+    """(bytes free for this rank's device, its name): the GPU's free memory, or the host's
+    (MemAvailable, else all of its memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device.index} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return free, "host memory"
+
+
+def memory_problem(cfg, mcfg, J, virtual, device, sharing):
+    """Why this run cannot fit where this rank runs (memory_estimate for `sharing` ranks on one
+    device: the host's processes, or the ranks sharing a GPU), or None: a run that cannot fit is
+    refused before it builds its model, rather than ended by the kernel's OOM killer mid-step."""
+    need = memory_estimate(mcfg, J, virtual, device.type)
+    free, where = available_memory(device)
+    if need["total"] * sharing <= free:
+        return None
+    gb = lambda b: f"{b * sharing / 1e9:.1f} GB"
+    smaller = [f"a smaller {o}" for o, show in (("--preset", cfg.preset != "tiny"), ("--virtual-world", virtual)) if show]
+    return (f"this run needs about {gb(need['total'])}{f' for its {sharing} ranks' if sharing > 1 else ''} but "
+            f"{free / 1e9:.1f} GB of {where} are free: weights and AdamW state {gb(need['weights'])} (lower "
+            f"--n-layer or --experts-per-device), activations {gb(need['activations'])} (lower --batch or --seq-len)"
+            + (f"; or {' or '.join(smaller)}" if smaller else ""))
+
+
 def worker(rank, world, init, cfg, out_path):
     """One rank: trains each requested placement in turn; rank 0 writes the records."""
     mcfg, J, topo = resolve(cfg)
     device = start_rank(rank, world, init, cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"))
     try:
         env = Env(rank, world, J, topo, device)
-        corpus = Corpus(cfg.data, mcfg.seq_len)
+        corpus = Corpus(cfg.data, mcfg.seq_len, cfg.eval_batches)
         mcfg.vocab = corpus.vocab
         if len(set(env.gather(corpus.fingerprint))) > 1:
             raise click.ClickException("ranks read different text (different Python installs?); pass --data FILE")
+        # the ranks that share this rank's memory: the host's processes, or those sharing its GPU
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        sharing = local if device.type == "cpu" else -(-local // torch.cuda.device_count())
+        failed = [p for p in env.gather(memory_problem(cfg, mcfg, J, env.virtual, device, sharing)) if p]
+        if failed:   # every rank stops, with the first one's reason
+            raise click.ClickException(failed[0])
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
         echo(f"{cfg.preset}: {mcfg.n_layer} layers, H={mcfg.hidden}, S={mcfg.seq_len}, I={mcfg.batch * J}, "
              f"E={mcfg.experts_per_device * J}, K={mcfg.top_k}, J={J} on {topo}"
@@ -1106,6 +1211,7 @@ def worker(rank, world, init, cfg, out_path):
                           ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
+                          lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                           exchange=cfg.exchange, chunks=cfg.chunks, dtype=cfg.stream_dtype_name(),
                           wire_bytes_per_row=dict(zip(
                               ("scatter", "gather"), cfg.wire_bytes())))
