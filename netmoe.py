@@ -777,23 +777,27 @@ class Flight:
         self.sent = _Sent.apply(rows, self)
 
     def wait(self):
-        return _Arrived.apply(self.sent, self)
+        # the flight lets go of every tensor and work it held once they are done with, so no
+        # reference cycle through the autograd graph keeps the process group alive
+        sent, self.sent = self.sent, None
+        return _Arrived.apply(sent, self)
 
 
 class _Sent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, flight):
         flight.started = flight.timer.start(rows)
-        flight.out, flight.work = _start_all_to_all(rows, flight.send, flight.recv, flight.group)
-        ctx.flight, ctx.shape = flight, rows.shape
-        return flight.out
+        out, flight.work = _start_all_to_all(rows, flight.send, flight.recv, flight.group)
+        ctx.flight, ctx.like = flight, (rows.shape, rows.dtype, rows.device)
+        return out
 
     @staticmethod
     def backward(ctx, _):
         f = ctx.flight
         if f.back is None:   # nothing downstream of the received rows needed a gradient
-            return f.out.new_zeros(ctx.shape), None
-        out, work, started = f.back
+            shape, dtype, device = ctx.like
+            return torch.zeros(shape, dtype=dtype, device=device), None
+        (out, work, started), f.back = f.back, None
         f.timer.wait(work, started)
         return out, None
 
@@ -802,6 +806,7 @@ class _Arrived(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, flight):
         flight.timer.wait(flight.work, flight.started)
+        flight.work = None
         ctx.flight = flight
         return out.view_as(out)
 
