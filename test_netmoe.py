@@ -1466,6 +1466,19 @@ def test_compare_gives_identical_losses_and_netmoe_moves_fewer_inter_node_tokens
     assert static["loss"][-1] < static["loss"][0]
 
 
+def test_deepseek_style_options_train_the_same_under_both_placements_and_reach_the_record(tmp_path):
+    """Fine-grained and shared experts with group-limited routing, chunked node exchange: static
+    EP and NetMoE train the same model (losses to float32 rounding), and the record says so."""
+    args = ["compare", *TINY, "--steps", "3", "--nproc", "4", "--topology", "2x2", "--exchange", "node",
+            "--expert-hidden", "32", "--shared-experts", "1", "--route-groups", "2", "--group-top", "1", "--chunks", "3"]
+    res = _run(args, tmp_path, "modern")
+    c = res["config"]
+    assert (c["expert_hidden"], c["shared_experts"], c["route_groups"], c["group_top"], c["chunks"]) == (32, 1, 2, 1, 3)
+    static, ours = res["runs"]["static"], res["runs"]["netmoe"]
+    np.testing.assert_allclose(ours["loss"], static["loss"], rtol=1e-5)
+    assert sum(ours["moved_frac"]["node"]) > 0
+
+
 def test_json_record_follows_the_documented_schema(compare_4proc):
     run = compare_4proc["runs"]["netmoe"]
     for key in ("loss", "iter_ms", "a2a_ms", "a2a_model_ms", "solver_ms", "solver_exposed_ms"):

@@ -58,6 +58,14 @@ class GPTConfig:
     top_k: int = 2              # K (paper)
     vocab: int = 256            # byte-level tokens; a nanoGPT .bin sets 50304
     aux_coef: float = 0.01      # Switch load-balance loss weight
+    expert_hidden: int = None   # F, the experts' FFN width: 4H as GPT-2's FFN; fine-grained experts (DeepSeek) less
+    shared_experts: int = 0     # experts every token passes through (DeepSeek-V3: 1)
+    route_groups: int = 1       # group-limited routing: M groups of experts (DeepSeek-V3: 8, its nodes) ...
+    group_top: int = 1          # ... of which a token's K experts come from its best T (DeepSeek-V3: 4)
+
+    @property
+    def ffn(self):
+        return self.expert_hidden or 4 * self.hidden
 
 
 # The paper gives only H (Table 3). Depth and heads follow GPT-2 / GPT-3 at that width, cut where a
@@ -93,55 +101,65 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, S, H))
 
 
+class Block(nn.Module):
+    """x + Attn(LN(x)), then the MoE layer, which holds its own LN and adds the residual on the
+    expert side; samples may change rank inside it."""
+
+    def __init__(self, cfg, E, **moe):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.hidden)
+        self.attn = Attention(cfg)
+        self.moe = netmoe.MoELayer(cfg.hidden, cfg.ffn, E, cfg.top_k, shared_experts=cfg.shared_experts,
+                                   route_groups=cfg.route_groups, group_top=cfg.group_top, **moe)
+
+    def forward(self, x, sid, next_block=None):
+        x = x + self.attn(netmoe.layer_norm(x, self.ln))
+        return self.moe(x, sid, next_layer=next_block.moe if next_block is not None else None)   # for the lookahead
+
+
 class GPT(nn.Module):
-    """Pre-LN GPT; block = x + Attn(LN(x)), then the MoE layer (which holds its own LN and adds
-    the residual on the expert side). Samples may change rank inside every MoE layer: the model
-    returns the ids of the samples whose logits it returns."""
+    """Pre-LN GPT of Blocks. Samples may change rank inside every MoE layer: the model returns the
+    ids of the samples whose logits it returns."""
 
     def __init__(self, cfg, J, dtype=torch.float32, **moe):
         super().__init__()
         self.dtype = dtype   # of the residual stream (and the rows the MoE layers send); weights stay float32
-        E = cfg.experts_per_device * J
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab, cfg.hidden)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.ln1 = nn.ModuleList(nn.LayerNorm(cfg.hidden) for _ in range(cfg.n_layer))
-        self.attn = nn.ModuleList(Attention(cfg) for _ in range(cfg.n_layer))
-        self.moe = nn.ModuleList(netmoe.MoELayer(cfg.hidden, 4 * cfg.hidden, E, cfg.top_k, **moe)
-                                 for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.experts_per_device * J, **moe) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.moe = [b.moe for b in self.blocks]   # the MoE layers, in order (registered through the blocks)
 
     def forward(self, idx, sid):
         x = (self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))).to(self.dtype)
         aux = 0.0
-        for i, (ln, attn, moe) in enumerate(zip(self.ln1, self.attn, self.moe)):
-            x = x + attn(netmoe.layer_norm(x, ln))
-            nxt = self.moe[i + 1] if i + 1 < len(self.moe) else None   # for the lookahead
-            x, sid, a = moe(x, sid, next_layer=nxt)
+        for block, nxt in zip(self.blocks, list(self.blocks[1:]) + [None]):
+            x, sid, a = block(x, sid, nxt)
             aux = aux + a
         return netmoe.layer_norm(x, self.ln_f) @ self.wte.weight.T.to(x.dtype), sid, aux
 
     def init_weights(self, seed):
-        """Independent of how experts are spread: every parameter (each expert separately) is drawn
-        from a generator keyed by its name, so any world size builds the same model."""
+        """Independent of how experts are spread: every parameter (each expert separately, by its
+        global id) is drawn from a generator keyed by its name, so any world size builds the same
+        model."""
         for name, p in self.named_parameters():
             key = zlib.crc32(name.encode())
+            experts = self.blocks[int(name.split(".")[1])].moe.local_experts if getattr(p, "expert", False) else None
             with torch.no_grad():
-                if getattr(p, "expert", False):
-                    for i, e in enumerate(self.moe[int(name.split(".")[1])].local_experts):
-                        g = torch.Generator().manual_seed(seed * 1_000_003 + key * 1009 + int(e))
-                        p[i].copy_(_init_like(p[i], name, g, self.cfg.n_layer))
-                else:
-                    g = torch.Generator().manual_seed(seed * 1_000_003 + key)
-                    p.copy_(_init_like(p, name, g, self.cfg.n_layer))
+                for i, e in enumerate(experts) if experts is not None else [(None, None)]:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + key * (1009 if experts is not None else 1)
+                                                      + (int(e) if experts is not None else 0))
+                    target = p if i is None else p[i]
+                    target.copy_(_init_like(target, name, g, self.cfg.n_layer))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (2 per multiply-add,
         backward twice the forward): attention's four H x H projections, the gate, its K experts'
-        two H x 4H matrices, the LM head; plus attention's scores and weighted sum, 12 L H S
-        (PaLM's count, the causal mask ignored)."""
+        and the shared experts' two H x F matrices, the LM head; plus attention's scores and
+        weighted sum, 12 L H S (PaLM's count, the causal mask ignored)."""
         c, E = self.cfg, self.moe[0].num_experts
-        per_layer = 4 * c.hidden ** 2 + c.hidden * E + c.top_k * 8 * c.hidden ** 2
+        per_layer = 4 * c.hidden ** 2 + c.hidden * E + (c.top_k + c.shared_experts) * 2 * c.hidden * c.ffn
         return 6 * (c.n_layer * per_layer + c.vocab * c.hidden) + 12 * c.n_layer * c.hidden * c.seq_len
 
 
@@ -149,35 +167,36 @@ def _init_like(p, name, g, n_layer):
     """GPT-2's init: matrices N(0, 0.02), biases 0, LayerNorm weights 1; the projections that add
     into the residual stream (attention's output, the experts' w2) N(0, 0.02 / sqrt(2 L)), so the
     stream's variance does not grow with depth (2 L residual adds, as GPT-2 counts them)."""
-    if name.endswith("bias") or name.split(".")[-1] in ("b1", "b2"):
+    if name.endswith("bias") or name.split(".")[-1] in ("b1", "b2", "sb1", "sb2"):
         return torch.zeros_like(p)
     if p.dim() == 1:   # LayerNorm weight
         return torch.ones_like(p)
-    residual_out = name.endswith(".proj.weight") or name.endswith(".w2")
+    residual_out = name.endswith((".proj.weight", ".w2", ".sw2"))
     return torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.02 / math.sqrt(2 * n_layer) if residual_out else 0.02)
 
 
-def make_optimizer(model, lr):
+def make_optimizer(model, lr, betas=(0.9, 0.95)):
     """AdamW; weight decay on matrices (projections, embeddings, gate, expert w1/w2), none on
     biases (expert b1/b2 included) and norms: by role, not by shape. On a GPU the fused kernel:
     one pass over parameters and state instead of one per operation."""
-    decay = lambda n, p: n.split(".")[-1] in ("w1", "w2") or (n.endswith("weight") and p.dim() >= 2)
+    decay = lambda n, p: n.split(".")[-1] in ("w1", "w2", "sw1", "sw2") or (n.endswith("weight") and p.dim() >= 2)
     groups = [dict(params=[p for n, p in model.named_parameters() if decay(n, p) == d], weight_decay=w)
               for d, w in ((True, 0.1), (False, 0.0))]
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def memory_estimate(cfg, J, virtual, device_type):
     """Rough bytes one rank needs (within about 25% of the peaks measured, CPU and H200), known
     before the model is built: {"weights": ..., "activations": ..., "total": ...}.
 
-    P parameters on the rank (dense ones, and its E/J experts: all E with virtual_world), T = B S
+    P parameters on the rank (dense ones with n shared experts, and its E/J experts of width F: all E
+    with virtual_world), T = B S
     tokens of its B samples (I with virtual_world), L layers, n heads, vocabulary V:
       weights      P * 24 bytes on the CPU (float32 weights, gradients, AdamW's two moments, and
                    the foreach optimizer's temporaries), P * 18 on CUDA (fused AdamW, no
                    temporaries; bf16 copies of the expert weights for the grouped products);
-      activations  L T H (6 + 4K) * 4 bytes (attention's and the K expert rows' saved tensors; a
+      activations  L T (6H + (K + n) F) * 4 bytes (attention's, the K expert rows' and n shared experts' saved tensors; a
                    bf16 stream saves little, as autocast keeps float32 copies), + 12 T V (logits,
                    their float32 copy and gradient), + on the CPU L B n S^2 * 4 (its attention
                    keeps the S x S weights; CUDA's fused attention does not), + 0.4 GB of runtime."""
@@ -185,11 +204,12 @@ def memory_estimate(cfg, J, virtual, device_type):
     B = cfg.batch * (J if virtual else 1)
     experts = E if virtual else cfg.experts_per_device
     dense = (cfg.vocab + S) * H + L * (4 * H * H + 4 * H + 4 * H + H * E) + 2 * H
-    P = dense + L * experts * (8 * H * H + 5 * H)
+    F_, n = cfg.ffn, cfg.shared_experts
+    P = dense + L * (experts + n) * (2 * H * F_ + F_ + H)
     cpu = device_type == "cpu"
     weights = P * (24 if cpu else 18)
     T = B * S
-    activations = L * T * H * (6 + 4 * K) * 4 + 12 * T * cfg.vocab + (L * B * cfg.n_head * S * S * 4 if cpu else 0)
+    activations = L * T * (6 * H + (K + n) * F_) * 4 + 12 * T * cfg.vocab + (L * B * cfg.n_head * S * S * 4 if cpu else 0)
     return dict(weights=weights, activations=activations, total=weights + activations + 0.4e9)
 
 
@@ -301,6 +321,11 @@ class TrainConfig:
     n_layer: int = _opt(None, COUNT, "transformer blocks, each with an MoE layer", shown=PRESET_S)
     experts_per_device: int = _opt(None, COUNT, "experts per device, E/J", shown=PRESET_S)
     top_k: int = _opt(None, COUNT, "experts per token, K", shown=PRESET_S)
+    expert_hidden: int = _opt(None, COUNT, "the experts' FFN width, F (fine-grained experts: below 4H)", shown="4H")
+    shared_experts: int = _opt(None, NONNEG, "experts every token passes through, never exchanged", shown=PRESET_S)
+    route_groups: int = _opt(None, COUNT, "group-limited routing: experts in M groups of consecutive ids", shown=PRESET_S)
+    group_top: int = _opt(None, COUNT, "... a token's K experts from its T best groups (by their two highest "
+                          "affinities)", shown=PRESET_S)
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     chunks: int = _opt(DEFAULT_CHUNKS, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts "
@@ -308,6 +333,10 @@ class TrainConfig:
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(None, POSITIVE, "peak learning rate (AdamW)", shown=PRESET_S)
     warmup_steps: int = _opt(None, NONNEG, "learning-rate warm-up, linear from 0", shown=PRESET_S)
+    min_lr: float = _opt(0.1, click.FloatRange(0, 1), "the cosine schedule's floor, a fraction of the peak rate")
+    beta1: float = _opt(0.9, click.FloatRange(0, 1, max_open=True), "AdamW's first-moment decay")
+    beta2: float = _opt(0.95, click.FloatRange(0, 1, max_open=True), "AdamW's second-moment decay (GPT-3's)")
+    clip: float = _opt(1.0, POSITIVE, "clip the global gradient norm to this")
     # the cosine's length is part of a checkpoint's identity: a run cut short resumes on its schedule
     decay_steps: int = _opt(None, COUNT, "length of the cosine learning-rate schedule",
                             shown="--steps; with --resume, the saved schedule's")
@@ -340,7 +369,8 @@ class TrainConfig:
 
     def model(self):
         """The GPTConfig: the preset with the overrides given."""
-        over = {k: getattr(self, k) for k in ("batch", "seq_len", "n_layer", "experts_per_device", "top_k")}
+        over = {k: getattr(self, k) for k in ("batch", "seq_len", "n_layer", "experts_per_device", "top_k",
+                                              "expert_hidden", "shared_experts", "route_groups", "group_top")}
         return dataclasses.replace(PRESETS[self.preset], **{k: v for k, v in over.items() if v is not None})
 
     def stream_dtype_name(self):
@@ -359,7 +389,8 @@ class TrainConfig:
         """What a checkpoint must match to be resumed."""
         return dict(config=dataclasses.asdict(dataclasses.replace(self.model(), vocab=vocab)), J=J,
                     topology=str(self.topology), placement=placement, seed=self.seed, data=self.data,
-                    lr=self.lr, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps or self.steps)
+                    lr=self.lr, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps or self.steps,
+                    min_lr=self.min_lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,7 +679,7 @@ class GradientSync:
 
     def finish(self):
         """Seconds this waited for the all-reduces (the host's view: on gloo, what backward did
-        not hide)."""
+        not hide; NaN in one process)."""
         t = time.perf_counter()
         for p in self.model.parameters():
             if p.grad is None:
@@ -662,7 +693,7 @@ class GradientSync:
                 torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
             torch._foreach_div_([p.grad for p in self.model.parameters()], self.env.world)
         self._reset()
-        return time.perf_counter() - t
+        return time.perf_counter() - t if self.env.world > 1 else float("nan")   # in one process nothing waits
 
 
 def clip_gradients(model, env, max_norm):
@@ -823,7 +854,7 @@ def lr_at(step, cfg):
     if step < warm:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(total - warm, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def forward_loss(model, tokens, env):
@@ -844,7 +875,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                 exchange=cfg.exchange, chunks=cfg.chunks,
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
-    opt = make_optimizer(model, cfg.lr)
+    opt = make_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2))
     sync = GradientSync(model, env, during_backward=cfg.grad_sync == "backward")   # the dense gradients' all-reduce
     ckpt = cfg.ckpt and os.path.join(cfg.ckpt, placement)
     identity = cfg.identity(placement, env.J, corpus.vocab)
@@ -899,7 +930,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                     kept[:] = kept[-(window - 1):] + [torch.from_numpy(route.astype(np.int16))]
         (ce + mcfg.aux_coef * aux).backward()
         sync_s = sync.finish()
-        norm = clip_gradients(model, env, 1.0)
+        norm = clip_gradients(model, env, cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if relayouts and (step + 1) % relayouts == 0 and step + 1 < cfg.steps:   # no step left to serve after the last
