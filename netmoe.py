@@ -1318,6 +1318,21 @@ def _same_everywhere(array, group):
     return len(set(hashes)) == 1
 
 
+def _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top):
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
+    if route_groups < 1 or num_experts % route_groups or not 1 <= group_top <= route_groups:
+        raise ValueError(f"route_groups={route_groups} must divide E={num_experts} and group_top={group_top} "
+                         f"lie in [1, {route_groups}]")
+    if top_k > group_top * (num_experts // route_groups):
+        raise ValueError(f"top_k={top_k} experts cannot come from group_top={group_top} groups of "
+                         f"{num_experts // route_groups}")
+    if shared_experts < 0:
+        raise ValueError(f"shared_experts must be 0 or more, got {shared_experts}")
+
+
 class MoELayer(nn.Module):
     """Expert-parallel MoE block with NetMoE's sample placement: forward(x, sid) -> (y, sid', aux).
 
@@ -1338,20 +1353,8 @@ class MoELayer(nn.Module):
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
                  exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1):
         super().__init__()
-        if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
-            raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
-        self.chunks = int(chunks)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
-        if route_groups < 1 or num_experts % route_groups or not 1 <= group_top <= route_groups:
-            raise ValueError(f"route_groups={route_groups} must divide E={num_experts} and group_top={group_top} "
-                             f"lie in [1, {route_groups}]")
-        if top_k > group_top * (num_experts // route_groups):
-            raise ValueError(f"top_k={top_k} experts cannot come from group_top={group_top} groups of "
-                             f"{num_experts // route_groups}")
-        if shared_experts < 0:
-            raise ValueError(f"shared_experts must be 0 or more, got {shared_experts}")
-        self.route_groups, self.group_top = route_groups, group_top
+        _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top)
+        self.chunks, self.route_groups, self.group_top = int(chunks), route_groups, group_top
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if virtual_world is not None and world != 1:
             raise ValueError(f"virtual_world runs in one process, but the process group has {world} ranks")
@@ -1459,24 +1462,10 @@ class MoELayer(nn.Module):
         learn from the load-balance loss alone."""
         logits = self.logits(x)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-        top, route = self._limited(probs).topk(self.top_k, dim=-1)
+        top, route = group_limited(probs, self.route_groups, self.group_top).topk(self.top_k, dim=-1)
         if self.route_groups > 1:   # the weights of the experts chosen, from the full softmax
             top = probs.gather(-1, route)
         return probs, top / top.sum(-1, keepdim=True) if self.top_k > 1 else top, route
-
-    def _limited(self, probs):
-        """Group-limited routing (DeepSeek-V3's, Megatron's moe_router_group_topk): experts in
-        route_groups groups of consecutive ids; a token may only pick from its group_top best
-        groups, a group scoring the sum of its two highest affinities. The groups are of expert
-        ids, not of devices, so the model computes the same function in every expert layout; a
-        token's experts then sit on at most group_top nodes while each group sits on one node
-        (the contiguous layout with as many groups as nodes), which re-layouts may undo."""
-        if self.route_groups == 1:
-            return probs
-        grouped = probs.unflatten(-1, (self.route_groups, -1))
-        score = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(self.group_top, dim=-1)[1], True)
-        return grouped.masked_fill(~keep[..., None], -1.0).flatten(-2)   # below any probability
 
     def pop_stats(self):
         """Counters since the last call; reading the All-to-All time waits for the GPU."""
@@ -1537,8 +1526,8 @@ class MoELayer(nn.Module):
     def shared(self, x):
         """The shared experts' summed FFN(LN(x)) of rows x [R, H]."""
         h = layer_norm(x, self.ln)
-        w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in (self.sw1, self.sb1, self.sw2, self.sb2))
-        return sum(torch.addmm(b2[j], F.gelu(torch.addmm(b1[j], h, w1[j])), w2[j]) for j in range(len(w1)))
+        weights = [p.to(h.dtype).unbind(0) for p in (self.sw1, self.sb1, self.sw2, self.sb2)]
+        return sum(_ffn(h, *w) for w in zip(*weights))
 
     @staticmethod
     @torch.no_grad()
@@ -1546,7 +1535,7 @@ class MoELayer(nn.Module):
         """The lookahead's routes: the next layer's top-K on this input (its groups' limit included)."""
         logits = next_layer.logits(x)
         if next_layer.route_groups > 1:
-            logits = next_layer._limited(logits.float().softmax(-1))
+            logits = group_limited(logits.float().softmax(-1), next_layer.route_groups, next_layer.group_top)
         return logits.topk(next_layer.top_k, dim=-1)[1]
 
     def _check_input(self, x, sid):
@@ -1609,34 +1598,58 @@ class MoELayer(nn.Module):
         grouped: the rows come grouped by expert already (in one process), so none move."""
         order = None if grouped else torch.argsort(expert, stable=True)
         h = layer_norm(x if grouped else x[order], self.ln)
-        y = self._ffn_grouped(h, counts) if _grouped_mm_ok(h) else self._ffn_loop(h, counts)
+        weights = (self.w1, self.b1, self.w2, self.b2)
+        y = (ffn_grouped if _grouped_mm_ok(h) else ffn_loop)(h, weights, counts)
         return y if grouped else y.new_empty(y.shape).index_copy(0, order, y)
-
-    def _ffn_loop(self, h, counts):
-        # unbind, not self.w1[e]: indexing a stacked parameter makes autograd add a zero gradient
-        # of the whole stack for every expert, O(E x weights) per call
-        w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
-        outs = [torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], chunk, w1[e])), w2[e])
-                for e, chunk in enumerate(h.split(counts))]
-        return torch.cat(outs)
-
-    def _ffn_grouped(self, h, counts):
-        dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
-        ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
-        # each row's expert bias as a product with the one-hot rows x experts matrix: its backward
-        # is a matrix product too, where indexing the biases would add 10^5 rows into E atomically
-        which = torch.repeat_interleave(torch.as_tensor(counts).to(h.device, non_blocking=True),
-                                        output_size=h.shape[0])
-        one_hot = F.one_hot(which, len(counts)).to(dtype)
-        with torch.autocast(h.device.type, enabled=False):
-            mid = F.gelu(torch._grouped_mm(h.to(dtype), self.w1.to(dtype), offs=ends) + one_hot @ self.b1.to(dtype))
-            return torch._grouped_mm(mid, self.w2.to(dtype), offs=ends) + one_hot @ self.b2.to(dtype)
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
         if self.debug and not self.virtual and self.J > 1 and not _same_everywhere(dest, self.group):
             raise RuntimeError("ranks computed different placements; the solver must be deterministic "
                                "and every rank must see the same num")
+
+
+def group_limited(probs, groups, top):
+    """Group-limited routing (DeepSeek-V3's, Megatron's moe_router_group_topk): experts in `groups`
+    groups of consecutive ids; a token may only pick from its `top` best groups, a group scoring
+    the sum of its two highest affinities; the others' probabilities are pushed below any. The
+    groups are of expert ids, not of devices, so the model computes the same function in every
+    expert layout; a token's experts then sit on at most `top` nodes while each group sits on one
+    node (the contiguous layout with as many groups as nodes), which re-layouts may undo."""
+    if groups == 1:
+        return probs
+    grouped = probs.unflatten(-1, (groups, -1))
+    score = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(top, dim=-1)[1], True)
+    return grouped.masked_fill(~keep[..., None], -1.0).flatten(-2)
+
+
+def _ffn(h, w1, b1, w2, b2):
+    """One expert's FFN of rows h: GELU(h w1 + b1) w2 + b2."""
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, h, w1)), w2)
+
+
+def ffn_loop(h, weights, counts):
+    """Each expert's FFN on its counts[e] rows of h (grouped by expert), weights (w1, b1, w2, b2)
+    stacked over experts: the plain reference, and the path on CPU."""
+    # unbind, not w1[e]: indexing a stacked parameter makes autograd add a zero gradient of the
+    # whole stack for every expert, O(E x weights) per call
+    w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in weights)
+    return torch.cat([_ffn(chunk, w1[e], b1[e], w2[e], b2[e]) for e, chunk in enumerate(h.split(counts))])
+
+
+def ffn_grouped(h, weights, counts):
+    """ffn_loop as one grouped matrix product per weight (torch._grouped_mm), bf16."""
+    w1, b1, w2, b2 = weights
+    dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
+    ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
+    # each row's expert bias as a product with the one-hot rows x experts matrix: its backward
+    # is a matrix product too, where indexing the biases would add 10^5 rows into E atomically
+    which = torch.repeat_interleave(torch.as_tensor(counts).to(h.device, non_blocking=True), output_size=h.shape[0])
+    one_hot = F.one_hot(which, len(counts)).to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        mid = F.gelu(torch._grouped_mm(h.to(dtype), w1.to(dtype), offs=ends) + one_hot @ b1.to(dtype))
+        return torch._grouped_mm(mid, w2.to(dtype), offs=ends) + one_hot @ b2.to(dtype)
 
 
 def layer_norm(x, ln):
