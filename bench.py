@@ -29,9 +29,29 @@ import train_gpt
 from train_gpt import COUNT, DTYPE, JSON_OUT, NONNEG, POSITIVE, TOPOLOGY, one_line_errors, table
 
 
-def _write_json(path, obj):
+def _write_json(path, obj, kind):
+    """A record with its kind: a dict's fields beside "kind", a list's rows under "rows"."""
     if path:
+        obj = {"kind": kind, **obj} if isinstance(obj, dict) else {"kind": kind, "rows": obj}
         train_gpt.atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
+
+
+def record_kind(res):
+    """(kind, body) of a record: the kind it names (a list record's body is its rows), or, in a
+    record written before records named their kind, the kind its fields tell."""
+    if isinstance(res, dict) and "kind" in res:
+        return res["kind"], res.get("rows", res)
+    if isinstance(res, list) and res and isinstance(res[0], dict):
+        return ("solver" if "capacitated_ms" in res[0] else "kernels" if "cuda_ms" in res[0] else None), res
+    if not isinstance(res, dict):
+        return None, res
+    if "runs" in res:
+        return ("compare" if tuple(res["runs"]) == train_gpt.COMPARED else "train"), res
+    for kind, fields in (("layer", {"median", "per_rank"}), ("a2a", {"fit", "cases"}), ("layouts", {"from_step"}),
+                         ("simulate", {"exchange"})):
+        if fields <= set(res):
+            return kind, res
+    return None, res
 
 
 def progress(items, label, show=True, every_s=2.0):
@@ -239,7 +259,7 @@ def simulate(trace, topology, intra_bw, inter_bw, dtype, bytes_per_token, comput
                          [[f"{g['steps'][0]}-{g['steps'][1]}", g[base_name]["inter"]] +
                           [_change(g[n]["inter"], g[base_name]["inter"]) for n in others]
                           for g in res["by_stage"]]))
-    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange, chunks=chunks,
+    _write_json(json_path, kind="simulate", obj=dict(trace=os.path.basename(trace), topology=str(topology), exchange=exchange, chunks=chunks,
                                 dtype=dtype, bytes_per_token=int(np.max(bpt)),   # the heavier row, a number
                                 wire_bytes_per_row=dict(zip(("scatter", "gather"), np.broadcast_to(bpt, 2).tolist())),
                                 results=res))
@@ -253,42 +273,46 @@ def _run_rows(name, res, skip):
     model = f"H={c['hidden']} L={c['n_layer']}"
     if tuple(runs) == train_gpt.COMPARED:
         s, n = (runs[p] for p in train_gpt.COMPARED)
-        return "compare", [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
-                            f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
-                            _change(n["intra"], s["intra"]), n["solver_exposed_ms"],
-                            f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
-    return "train", [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
-                      r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
-                     for p, r in runs.items()]
+        return [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
+                 f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
+                 _change(n["intra"], s["intra"]), n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
+    return [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
+             r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
+            for p, r in runs.items()]
 
 
-def _bench_rows(name, res, skip):
-    """The benchmarks' records: a few numbers that say what each measured."""
-    if isinstance(res, list) and "capacitated_ms" in res[0]:
-        return "solver", [[name, r["topology"], r["I"], r["capacitated_ms"], r.get("km_ms"), r.get("scipy_ms"),
-                           r["same_optimum"]] for r in res]
-    if isinstance(res, list) and "cuda_ms" in res[0]:
-        return "kernels", [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]] for r in res]
-    if {"median", "per_rank"} <= set(res):
-        o, base = res["options"], res["median"]["static"]["ms"]
-        return "layer", [[name, f"H={o['hidden']} S={o['seq_len']} on {o['topology']}", o["exchange"], v, m["ms"],
-                          _change(m["ms"], base), m["a2a_ms"], m["exposed_ms"]] for v, m in res["median"].items()]
-    if {"fit", "cases"} <= set(res):
-        err = [abs(c["model_ms"] / c["measured_ms"] - 1) * 100 for c in res["cases"]]
-        fit = lambda tier, k: res["fit"].get(tier, {}).get(k)
-        gbs = lambda tier: fit(tier, "bw") / 1e9 if fit(tier, "bw") not in (None, float("inf")) else None
-        return "a2a", [[name, res["options"]["topology"], fit("intra", "alpha_ms"), gbs("intra"), fit("inter", "alpha_ms"),
-                        gbs("inter"), len(err), f"{np.median(err):.1f}%", f"{np.percentile(err, 90):.1f}%"]]
-    if "from_step" in res:
-        base = lambda key: res["results"]["expert: half batch: static" if "half batch" in key else "expert: static"]
-        return "layouts", [[name, res["topology"], key, r["inter"], _change(r["inter"], base(key)["inter"]), r["a2a_ms"]]
-                           for key, r in res["results"].items()]
-    if "exchange" in res:
-        placements = {k: r for k, r in res["results"].items() if k != "by_stage"}
-        return "simulate", [[name, res["topology"], res["exchange"], p, r["inter"],
-                             _change(r["inter"], placements["static"]["inter"]), r["intra"], r["a2a_ms"]]
-                            for p, r in placements.items()]
-    return None, None
+def _a2a_rows(name, res, skip):
+    err = [abs(c["model_ms"] / c["measured_ms"] - 1) * 100 for c in res["cases"]]
+    fit = lambda tier, k: res["fit"].get(tier, {}).get(k)
+    gbs = lambda tier: fit(tier, "bw") / 1e9 if fit(tier, "bw") not in (None, float("inf")) else None
+    return [[name, res["options"]["topology"], fit("intra", "alpha_ms"), gbs("intra"), fit("inter", "alpha_ms"),
+             gbs("inter"), len(err), f"{np.median(err):.1f}%", f"{np.percentile(err, 90):.1f}%"]]
+
+
+def _layouts_rows(name, res, skip):
+    base = lambda key: res["results"]["expert: half batch: static" if "half batch" in key else "expert: static"]
+    return [[name, res["topology"], key, r["inter"], _change(r["inter"], base(key)["inter"]), r["a2a_ms"]]
+            for key, r in res["results"].items()]
+
+
+def _simulate_rows(name, res, skip):
+    placements = {k: r for k, r in res["results"].items() if k != "by_stage"}
+    return [[name, res["topology"], res["exchange"], p, r["inter"], _change(r["inter"], placements["static"]["inter"]),
+             r["intra"], r["a2a_ms"]] for p, r in placements.items()]
+
+
+ROWS = {   # kind: the rows summary shows of one record of it (its name, its body, --skip-steps)
+    "compare": _run_rows, "train": _run_rows,
+    "solver": lambda name, res, skip: [[name, r["topology"], r["I"], r["capacitated_ms"], r.get("km_ms"),
+                                        r.get("scipy_ms"), r["same_optimum"]] for r in res],
+    "kernels": lambda name, res, skip: [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]]
+                                        for r in res],
+    "layer": lambda name, res, skip: [[name, f"H={res['options']['hidden']} S={res['options']['seq_len']} on "
+                                       f"{res['options']['topology']}", res["options"]["exchange"], v, m["ms"],
+                                       _change(m["ms"], res["median"]["static"]["ms"]), m["a2a_ms"], m["exposed_ms"]]
+                                      for v, m in res["median"].items()],
+    "a2a": _a2a_rows, "layouts": _layouts_rows, "simulate": _simulate_rows,
+}
 
 
 SUMMARIES = {   # kind: (what the table shows, its columns)
@@ -327,9 +351,9 @@ def summary(files, skip_steps):
         try:
             with open(path) as f:
                 res = json.load(f)
-            read = _run_rows if isinstance(res, dict) and "runs" in res else _bench_rows
-            kind, rows = read(os.path.basename(path), res, skip_steps)
-            why = "" if kind else "its fields match none of them"
+            kind, body = record_kind(res)
+            rows = ROWS[kind](os.path.basename(path), body, skip_steps) if kind in ROWS else None
+            why = "" if kind in ROWS else "its fields match none of them"
         except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
             why = f"{type(e).__name__}: {e}"
         if why:
@@ -452,7 +476,8 @@ def plot(files, smooth):
         except ValueError as e:
             raise click.ClickException(f"{path} is not JSON: {e}") from None
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-        if isinstance(res, list) and res and "capacitated_ms" in res[0]:
+        kind, res = record_kind(res)
+        if kind == "solver":
             rows = [dict(r, window_ms=r["compute_ms"] + r["scatter_model_ms"] if r.get("compute_ms") else None)
                     for r in res if r["topology"] == "2x8"]
             I = [r["I"] for r in rows]
@@ -465,7 +490,7 @@ def plot(files, smooth):
                     ax.plot(*zip(*pts), "--" if "window" in label else "-o", label=label, ms=3)
             ax.set(xscale="log", yscale="log", xlabel="I (samples, J = 16 as 2x8)", ylabel="ms",
                    title="Solve time (Table 4)")
-        elif isinstance(res, dict) and "cases" in res and "fit" in res:
+        elif kind == "a2a":
             for kind in sorted({c["kind"] for c in res["cases"]}):
                 pts = [(c["model_ms"], c["measured_ms"]) for c in res["cases"] if c["kind"] == kind]
                 ax.plot(*zip(*pts), "o", ms=3, label=kind)
@@ -474,7 +499,7 @@ def plot(files, smooth):
             ax.set(xlabel="Eq. 1 with fitted alpha and bandwidth, ms", ylabel="measured All-to-All, ms",
                    title=f"Cost model check, {res['options']['nproc']} ranks as "
                          f"{res['options']['topology'] or '1x%d' % res['options']['nproc']}")
-        elif isinstance(res, dict) and "by_stage" in res.get("results", {}):
+        elif kind == "simulate" and "by_stage" in res["results"]:
             stages = res["results"]["by_stage"]
             x = [sum(g["steps"]) / 2 for g in stages]
             for name in res["results"]:
@@ -482,7 +507,7 @@ def plot(files, smooth):
                     ax.plot(x, [g[name]["inter"] for g in stages], "-o", ms=3, label=name)
             ax.set(xlabel="training step (middle of each stage)", ylabel="inter-node tokens / step",
                    title=f"{res['topology']}: inter-node routed tokens, replayed")
-        elif isinstance(res, dict) and "runs" in res:
+        elif kind in ("train", "compare"):
             k = max(1, smooth)
             for name, r in res["runs"].items():
                 v = np.add(r["volume"]["scatter"]["inter"], r["volume"]["gather"]["inter"]).astype(float)
@@ -554,7 +579,7 @@ def _run_bench(worker, o, virtual_world=None):
 def solver_cmd(repeats, max_expanded, cpu, json_path):
     """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4)."""
     click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
-    _write_json(json_path, bench_solver(repeats, max_expanded, click.echo, gpu=not cpu))
+    _write_json(json_path, bench_solver(repeats, max_expanded, click.echo, gpu=not cpu), "solver")
 
 
 @cli.command("kernels", short_help="kernels.cu against the torch code it replaces (CUDA).")
@@ -564,7 +589,7 @@ def kernels_cmd(repeats, json_path):
     """kernels.cu vs the torch code it replaces (paper's per-GPU shape and a large one)."""
     if not torch.cuda.is_available():
         raise click.ClickException("bench kernels needs a CUDA device")
-    _write_json(json_path, bench_kernels(click.echo, reps=repeats))
+    _write_json(json_path, bench_kernels(click.echo, reps=repeats), "kernels")
 
 
 def bench_kernels(echo=print, reps=50, sets=4):
@@ -765,7 +790,7 @@ def bench_a2a_cmd(json_path, **o):
                f"{o['topology']}; |model / measured - 1|:")
     click.echo(table(["matrices", "n", "median", "p90", "max"], rows))
     res["options"] = dict(o, topology=str(o["topology"]))
-    _write_json(json_path, res)
+    _write_json(json_path, res, "a2a")
 
 
 def _layer_bench_worker(rank, world, init, o, out_path):
@@ -894,7 +919,7 @@ def layer_cmd(json_path, virtual_world, **o):
         could = min(med[f"exchange only, C={o['baseline_chunks']}"]["ms"], med["experts only"]["ms"])
         click.echo(f"the pipeline in {o['chunks']} chunks hid {hid:.3g} ms against {o['baseline_chunks']} chunk(s), "
                    f"of min(exchange alone, experts alone) = {could:.3g} ms: {hid / could * 100:.0f}%")
-    _write_json(json_path, dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
+    _write_json(json_path, kind="layer", obj=dict(options=dict(o, topology=str(o["topology"]), virtual_world=virtual_world),
                                 per_rank=per_rank, median=med))
 
 
@@ -950,7 +975,7 @@ def layouts_cmd(trace, topology, from_step, chunks, json_path):
         base = res["expert: half batch: static" if "half batch" in key else "expert: static"]
         rows.append([key, r["inter"], _change(r["inter"], base["inter"]), r["intra"], r["a2a_ms"]])
     click.echo(table(["exchange: placement", "inter", "vs static expert", "intra", f"A2A ms (Eq.1, {chunks} chunks)"], rows))
-    _write_json(json_path, dict(trace=os.path.basename(trace), topology=str(topology), from_step=from_step, chunks=chunks,
+    _write_json(json_path, kind="layouts", obj=dict(trace=os.path.basename(trace), topology=str(topology), from_step=from_step, chunks=chunks,
                                 results=res))
 
 if __name__ == "__main__":

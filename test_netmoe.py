@@ -2115,7 +2115,7 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
     row = single.splitlines()[-1].split()
     assert row[:4] == ["one.json", "H=64", "L=2", "2x2"] and row[4] == "netmoe" and row[5] == str(own["measured"])
     assert row[6] == f"{own['iter_ms']:,.4g}" and row[-2] == f"{own['final_loss']:,.4g}"
-    solver = json.loads((tmp_path / "solver.json").read_text())
+    solver = json.loads((tmp_path / "solver.json").read_text())["rows"]
     assert len(sections["bench.py solver"].splitlines()) == 3 + len(solver)
     assert "18.8" in sections["bench.py kernels"] and "netmoe + lookahead" in sections["bench.py simulate"]
     assert "kept" in sections["bench.py layer"].split("experts only")[0]
@@ -2271,7 +2271,9 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, mo
 
     res = bench_cli("solver", "--repeats", 1, "--max-expanded", 128, *cpu, "--json", out("solver.json"))
     assert res.exit_code == 0, res.output
-    solver = json.loads((tmp_path / "solver.json").read_text())
+    record = json.loads((tmp_path / "solver.json").read_text())
+    assert record["kind"] == "solver"
+    solver = record["rows"]
     assert {r["I"] for r in solver} >= {32, 384, 1024, 8192} and all(r["same_optimum"] == "yes" for r in solver)
     assert all((r.get("compute_ms") or 0) > 0 for r in solver if r["topology"] == "2x8") == (device == "cuda")
 
@@ -2280,14 +2282,16 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, mo
         assert res.exit_code != 0 and "needs a CUDA device" in res.output
     else:
         assert res.exit_code == 0, res.output
-        assert all(r["cuda_ms"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text()))
+        assert all(r["cuda_ms"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text())["rows"])
 
     tiny = ["--hidden", 16, "--seq-len", 8, "--batch", 2, "--warmup-repeats", 1, "--repeats", 2]
     for where in (["--virtual-world", 4, "--topology", "2x2"], ["--nproc", 2, "--topology", "2x1", *cpu]):
         for exchange in netmoe.EXCHANGES:
             res = bench_cli("layer", *where, *tiny, "--exchange", exchange, "--json", out("layer.json"))
             assert res.exit_code == 0, res.output
-            med = json.loads((tmp_path / "layer.json").read_text())["median"]
+            layer = json.loads((tmp_path / "layer.json").read_text())
+            assert layer["kind"] == "layer"
+            med = layer["median"]
             assert med["static"]["moved_device"] == med["kept"]["moved_device"] == 0
             assert all(m["ms"] > 0 for m in med.values())
 

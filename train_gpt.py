@@ -1247,7 +1247,7 @@ def worker(rank, world, init, cfg, out_path):
                           wire_bytes_per_row=dict(zip(
                               ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
-                json.dump(dict(config=config, runs=runs), f)
+                json.dump(dict(kind="compare" if tuple(runs) == COMPARED else "train", config=config, runs=runs), f)
     finally:
         if world > 1:   # gloo's threads must be gone before the interpreter is
             dist.destroy_process_group()
