@@ -1439,6 +1439,9 @@ def test_ranks_that_disagree_fail_together_with_a_clear_error():
 # ---- training: train_gpt.py end to end (4 gloo processes, 2 virtual nodes x 2)
 
 
+# -- numerics: static and NetMoE train the same model, the record says what ran
+
+
 TINY = ["--preset", "tiny", "--steps", "6", "--skip-steps", "1", "--log-every", "100", "--eval-batches", "1",
         "--seq-len", "32", "--warmup-steps", "2", "--cpu"]
 
@@ -1513,6 +1516,45 @@ def test_distributed_training_equals_the_single_process_model(compare_4proc, tmp
     single = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "single")
     np.testing.assert_allclose(single["runs"]["netmoe"]["loss"], compare_4proc["runs"]["netmoe"]["loss"], rtol=1e-5)
     assert single["runs"]["netmoe"]["volume"] == compare_4proc["runs"]["netmoe"]["volume"]
+
+
+def test_weight_decay_is_chosen_by_role_not_shape():
+    model = train_gpt.GPT(train_gpt.PRESETS["tiny"], 2, virtual_world=2)
+    opt = train_gpt.make_optimizer(model, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)].split(".")[-1] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)].split(".")[-1] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed == {"weight", "w1", "w2"} and plain == {"weight", "bias", "b1", "b2"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    for g in opt.param_groups:   # matrices decay; biases (the experts' stacked ones too) and norms do not
+        assert all((p.dim() >= 2 and not names[id(p)].endswith(("b1", "b2"))) == (g["weight_decay"] > 0)
+                   for p in g["params"])
+
+
+def test_corpus_fingerprint_covers_content_not_only_lengths(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    text = "".join(chr(97 + i % 26) for i in range(5000))
+    a.write_text(text)
+    b.write_text(text[:2500] + text[2500:].upper())
+    assert train_gpt.Corpus(str(a), 32).fingerprint != train_gpt.Corpus(str(b), 32).fingerprint
+    assert train_gpt.Corpus(str(a), 32).fingerprint == train_gpt.Corpus(str(a), 32).fingerprint
+
+
+def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
+    r = _run(["train", *TINY, "--virtual-world", "4", "--eval-batches", "0"], tmp_path, "noval")
+    assert r["runs"]["netmoe"]["val_loss"] is None and len(r["runs"]["netmoe"]["loss"]) == 6
+
+
+@pytest.mark.skipif(os.environ.get("NETMOE_SLOW") != "1",
+                    reason="slow (about a minute): the main job end to end; NETMOE_SLOW=1 runs it, as CI does")
+def test_main_job_runs_with_no_arguments():
+    res = subprocess.run([sys.executable, "train_gpt.py"], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "inter-node tokens / step" in res.stdout and "netmoe" in res.stdout
+
+
+# -- checkpoints: resume exactly, never break one
 
 
 def _first_half(args):
@@ -1599,6 +1641,49 @@ def test_resume_with_nothing_to_resume_is_refused_and_a_missing_placement_starts
     assert f"[netmoe] resumed from {ck / 'netmoe'} at step 2" in res.output
 
 
+def test_a_placement_without_a_checkpoint_starts_fresh_and_the_trace_survives_a_resume(tmp_path):
+    """compare stopped during its static run has no netmoe checkpoint: --resume finishes static
+    and starts netmoe from step 0. The routing trace recorded before the stop is kept."""
+    ck, trace = str(tmp_path / "ck"), str(tmp_path / "t.npz")
+    base = [*TINY, "--virtual-world", "4", "--topology", "2x2", "--ckpt", ck, "--trace", trace]
+    whole = _run(["compare", *TINY, "--virtual-world", "4", "--topology", "2x2",
+                  "--trace", str(tmp_path / "whole.npz")], tmp_path, "whole")
+    _run(["train", "--placement", "static", *base], tmp_path, "static")
+    res = _run(["compare", *base, "--resume"], tmp_path, "resumed")
+    assert res["runs"]["static"]["loss"] == whole["runs"]["static"]["loss"]
+    np.testing.assert_allclose(res["runs"]["netmoe"]["loss"], whole["runs"]["netmoe"]["loss"], rtol=1e-6)
+    shutil.rmtree(ck)   # now a netmoe run cut short and resumed: its trace holds every step once
+    _run(_first_half(["train", *base]), tmp_path, "first")
+    _run(["train", *base, "--resume"], tmp_path, "second")
+    got, want = np.load(trace), np.load(str(tmp_path / "whole.npz"))
+    assert got["steps"].tolist() == want["steps"].tolist() == list(range(6))
+    assert np.array_equal(got["route"], want["route"])
+
+
+def test_a_rank_that_cannot_load_its_checkpoint_stops_every_rank(tmp_path):
+    ck = tmp_path / "ck"
+    args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--ckpt", str(ck), "--steps", "2"]
+    _run(args, tmp_path, "a")
+    (ck / "netmoe" / "step0000002" / "rank2.pt").write_bytes(b"garbage")
+    res = CliRunner().invoke(train_gpt.cli, args + ["--resume"])
+    assert res.exit_code != 0 and "unreadable" in res.output and "on rank 2" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
+    ck = tmp_path / "ck"
+    base = ["train", *TINY, "--virtual-world", "4", "--steps", "2", "--ckpt", str(ck)]
+    _run(base, tmp_path, "a")
+    res = CliRunner().invoke(train_gpt.cli, base + ["--resume", "--seed", "1"])
+    assert res.exit_code != 0 and "another configuration" in res.output and "seed" in res.output
+    (ck / "netmoe" / "step0000002" / "dense.pt").write_bytes(b"garbage")
+    res = CliRunner().invoke(train_gpt.cli, base + ["--resume"])
+    assert res.exit_code != 0 and "unreadable" in res.output, res.output
+
+
+# -- re-layout: experts move only where it pays, and every rank moves them alike
+
+
 @pytest.mark.parametrize("exchange", ["expert", "node"])
 def test_expert_relayouts_during_training_change_nothing_but_the_layout(compare_4proc, tmp_path, exchange):
     """Experts (weights and optimizer state) move between the 4 ranks every 2 steps; the losses
@@ -1677,55 +1762,52 @@ def test_rank_zero_plans_each_relayout_so_ranks_cannot_disagree():
     assert applied0 == applied1 == planned0
 
 
-def test_weight_decay_is_chosen_by_role_not_shape():
-    model = train_gpt.GPT(train_gpt.PRESETS["tiny"], 2, virtual_world=2)
-    opt = train_gpt.make_optimizer(model, 1e-3)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)].split(".")[-1] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    plain = {names[id(p)].split(".")[-1] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert decayed == {"weight", "w1", "w2"} and plain == {"weight", "bias", "b1", "b2"}
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
-    for g in opt.param_groups:   # matrices decay; biases (the experts' stacked ones too) and norms do not
-        assert all((p.dim() >= 2 and not names[id(p)].endswith(("b1", "b2"))) == (g["weight_decay"] > 0)
-                   for p in g["params"])
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path, exchange):
+    """A plan moves experts only when its modelled saving per step, over the steps left in the run
+    (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
+    cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
+    back by a few thousand 264-byte rows a step: every plan is skipped, and the record says why.
+    None is made after the last step, which leaves no step for a layout to serve."""
+    r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
+              "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
+    assert len(r["relayouts"]) == 5 and any(plan["bytes"] > 0 for plan in r["relayouts"])
+    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1]
+    for plan in r["relayouts"]:
+        assert plan["applied"] == (plan["saving_ms_per_step"] * plan["horizon_steps"] > plan["cost_ms"])
+        assert not plan["applied"] and plan["experts_moved"] == 0
 
 
-def test_corpus_fingerprint_covers_content_not_only_lengths(tmp_path):
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    text = "".join(chr(97 + i % 26) for i in range(5000))
-    a.write_text(text)
-    b.write_text(text[:2500] + text[2500:].upper())
-    assert train_gpt.Corpus(str(a), 32).fingerprint != train_gpt.Corpus(str(b), 32).fingerprint
-    assert train_gpt.Corpus(str(a), 32).fingerprint == train_gpt.Corpus(str(a), 32).fingerprint
+def test_the_node_exchange_planner_prices_layouts_in_the_rows_the_node_exchange_sends(rng):
+    """Under the node exchange a layout's worth is its (token, node) rows, which per-sample expert
+    counts cannot give: plan_relayout prices it from routes, as the node exchange's replay does,
+    and the planted structure makes that saving differ from the expert exchange's."""
+    topo, E, L = netmoe.Topology(2, 2), 8, 2
+    # samples use experts {0, 5} or {2, 7} (the contiguous layout splits each pair over the nodes)
+    pairs = np.array([[0, 5], [2, 7]])
+    routes = [[pairs[rng.integers(0, 2, size=8)][:, None, :].repeat(6, 1) for _ in range(3)] for _ in range(L)]
+    recent = [[netmoe.count_tokens(r, E).numpy() for r in layer] for layer in routes]
+    current = [netmoe.default_expert_device(E, 4)] * L
+    wire = netmoe.NodeExchange.wire_bytes(16, torch.float32, 2)
+    node = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node", routes)
+    expert = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10)
+    assert node["saving_ms"] > 0 and node["saving_ms"] != pytest.approx(expert["saving_ms"])
+    assert node["horizon"] == 10 and node["apply"] == (node["saving_ms"] * 10 > node["cost_ms"])
+    # by hand: leave-one-out, each batch priced under the layout learned on the other two
+    want = 0.0
+    for k in range(3):
+        trial = netmoe.expert_layout([np.concatenate([recent[l][j] for j in range(3) if j != k]) for l in range(L)],
+                                     topo, current=current)
+        price = lambda lay: netmoe.replay(netmoe.routings([routes[l][k] for l in range(L)], topo, E, lay, "node"),
+                                          topo, wire, netmoe.routings([routes[l][k] for l in range(1, L)], topo, E,
+                                                                      lay[1:], "node")).a2a_model_ms
+        want += (price(current) - price(trial)) / 3
+    assert node["saving_ms"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="prices layouts from routes"):
+        netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node")
 
 
-def test_a_placement_without_a_checkpoint_starts_fresh_and_the_trace_survives_a_resume(tmp_path):
-    """compare stopped during its static run has no netmoe checkpoint: --resume finishes static
-    and starts netmoe from step 0. The routing trace recorded before the stop is kept."""
-    ck, trace = str(tmp_path / "ck"), str(tmp_path / "t.npz")
-    base = [*TINY, "--virtual-world", "4", "--topology", "2x2", "--ckpt", ck, "--trace", trace]
-    whole = _run(["compare", *TINY, "--virtual-world", "4", "--topology", "2x2",
-                  "--trace", str(tmp_path / "whole.npz")], tmp_path, "whole")
-    _run(["train", "--placement", "static", *base], tmp_path, "static")
-    res = _run(["compare", *base, "--resume"], tmp_path, "resumed")
-    assert res["runs"]["static"]["loss"] == whole["runs"]["static"]["loss"]
-    np.testing.assert_allclose(res["runs"]["netmoe"]["loss"], whole["runs"]["netmoe"]["loss"], rtol=1e-6)
-    shutil.rmtree(ck)   # now a netmoe run cut short and resumed: its trace holds every step once
-    _run(_first_half(["train", *base]), tmp_path, "first")
-    _run(["train", *base, "--resume"], tmp_path, "second")
-    got, want = np.load(trace), np.load(str(tmp_path / "whole.npz"))
-    assert got["steps"].tolist() == want["steps"].tolist() == list(range(6))
-    assert np.array_equal(got["route"], want["route"])
-
-
-def test_a_rank_that_cannot_load_its_checkpoint_stops_every_rank(tmp_path):
-    ck = tmp_path / "ck"
-    args = ["train", *TINY, "--nproc", "4", "--topology", "2x2", "--ckpt", str(ck), "--steps", "2"]
-    _run(args, tmp_path, "a")
-    (ck / "netmoe" / "step0000002" / "rank2.pt").write_bytes(b"garbage")
-    res = CliRunner().invoke(train_gpt.cli, args + ["--resume"])
-    assert res.exit_code != 0 and "unreadable" in res.output and "on rank 2" in res.output, res.output
-    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+# -- ranks, Ctrl-C and failures: one line, exit 130, nothing left behind
 
 
 def _one_rank_fails_worker(rank, world, init, out_path):
@@ -1879,113 +1961,8 @@ def test_training_ranks_leave_no_process_group_threads_behind():
     threads = _spawn(_threads_worker, 2, cfg)
     assert not [t for t in threads if "gloo" in t], threads
 
-@pytest.mark.parametrize("exchange", ["expert", "node"])
-def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp_path, exchange):
-    """A plan moves experts only when its modelled saving per step, over the steps left in the run
-    (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
-    cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
-    back by a few thousand 264-byte rows a step: every plan is skipped, and the record says why.
-    None is made after the last step, which leaves no step for a layout to serve."""
-    r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
-              "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
-    assert len(r["relayouts"]) == 5 and any(plan["bytes"] > 0 for plan in r["relayouts"])
-    assert [plan["horizon_steps"] for plan in r["relayouts"]] == [5, 4, 3, 2, 1]
-    for plan in r["relayouts"]:
-        assert plan["applied"] == (plan["saving_ms_per_step"] * plan["horizon_steps"] > plan["cost_ms"])
-        assert not plan["applied"] and plan["experts_moved"] == 0
 
-
-def test_the_node_exchange_planner_prices_layouts_in_the_rows_the_node_exchange_sends(rng):
-    """Under the node exchange a layout's worth is its (token, node) rows, which per-sample expert
-    counts cannot give: plan_relayout prices it from routes, as the node exchange's replay does,
-    and the planted structure makes that saving differ from the expert exchange's."""
-    topo, E, L = netmoe.Topology(2, 2), 8, 2
-    # samples use experts {0, 5} or {2, 7} (the contiguous layout splits each pair over the nodes)
-    pairs = np.array([[0, 5], [2, 7]])
-    routes = [[pairs[rng.integers(0, 2, size=8)][:, None, :].repeat(6, 1) for _ in range(3)] for _ in range(L)]
-    recent = [[netmoe.count_tokens(r, E).numpy() for r in layer] for layer in routes]
-    current = [netmoe.default_expert_device(E, 4)] * L
-    wire = netmoe.NodeExchange.wire_bytes(16, torch.float32, 2)
-    node = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node", routes)
-    expert = netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10)
-    assert node["saving_ms"] > 0 and node["saving_ms"] != pytest.approx(expert["saving_ms"])
-    assert node["horizon"] == 10 and node["apply"] == (node["saving_ms"] * 10 > node["cost_ms"])
-    # by hand: leave-one-out, each batch priced under the layout learned on the other two
-    want = 0.0
-    for k in range(3):
-        trial = netmoe.expert_layout([np.concatenate([recent[l][j] for j in range(3) if j != k]) for l in range(L)],
-                                     topo, current=current)
-        price = lambda lay: netmoe.replay(netmoe.routings([routes[l][k] for l in range(L)], topo, E, lay, "node"),
-                                          topo, wire, netmoe.routings([routes[l][k] for l in range(1, L)], topo, E,
-                                                                      lay[1:], "node")).a2a_model_ms
-        want += (price(current) - price(trial)) / 3
-    assert node["saving_ms"] == pytest.approx(want)
-    with pytest.raises(ValueError, match="prices layouts from routes"):
-        netmoe.plan_relayout(recent, current, topo, wire, 1.0, 10, "node")
-
-
-def test_trace_and_simulate_round_trip(tmp_path):
-    trace = str(tmp_path / "t.npz")
-    _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--trace", trace, "--trace-every", "3"],
-         tmp_path, "tr")
-    t = np.load(trace)
-    assert t["route"].shape == (2, 2, 32, 32, 2) and t["route_next_pred"].shape == t["route"].shape
-    assert (t["route_next_pred"][:, -1] == -1).all() and (t["route_next_pred"][:, 0] >= 0).all()
-    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
-                                             str(tmp_path / "s.json")])
-    assert res.exit_code == 0, res.output
-    whole = json.loads((tmp_path / "s.json").read_text())
-    sim = whole["results"]
-    # Eq. 1 prices the rows as the trace's run sent them: float32 rows of H = 64 and an int32 position
-    assert whole["dtype"] == "float32" and whole["wire_bytes_per_row"] == {"scatter": 4 * 64 + 8, "gather": 4 * 64 + 4}
-    assert whole["bytes_per_token"] == 4 * 64 + 8
-    assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
-    assert sim["static"]["moved_device"] == 0
-    topo = netmoe.Topology(2, 4)   # static EP: scatter and gather both cross what traffic() says
-    direct = [sum(2 * netmoe.traffic(netmoe.count_tokens(t["route"][s, l], 16), netmoe.static_placement(32, 8),
-                                     topo)["inter"] for l in range(2)) for s in range(2)]
-    assert sim["static"]["inter"] == np.mean(direct)
-    assert [g["steps"] for g in sim["by_stage"]] == [[0, 0], [3, 3]]
-    assert [g["static"]["inter"] for g in sim["by_stage"]] == direct
-    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
-                                             "--json", str(tmp_path / "l.json")])
-    assert res.exit_code == 0, res.output
-    sim = json.loads((tmp_path / "l.json").read_text())["results"]
-    assert sim["static + layout"]["moved_device"] == 0 and "netmoe + lookahead + layout" in sim
-
-
-@pytest.mark.parametrize("exchange", ["expert", "node"])
-def test_simulate_replays_exactly_what_the_live_layers_counted(tmp_path, exchange):
-    """The same routing replayed (simulate) and trained (the layers' own counters), step by step:
-    the same placements, so the same rows on every tier, for either exchange."""
-    trace = str(tmp_path / "t.npz")
-    live = _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--exchange", exchange,
-                 "--trace", trace, "--trace-every", "3"], tmp_path, "live")["runs"]["netmoe"]["volume"]
-    out = tmp_path / "s.json"
-    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--exchange", exchange,
-                                             "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    stages = json.loads(out.read_text())["results"]["by_stage"]
-    assert [g["steps"] for g in stages] == [[0, 0], [3, 3]]
-    for g in stages:
-        step, sim = g["steps"][0], g["netmoe + lookahead"]
-        assert sim["scatter_inter"] == live["scatter"]["inter"][step]
-        assert sim["gather_inter"] == live["gather"]["inter"][step]
-        assert sim["intra"] == live["scatter"]["intra"][step] + live["gather"]["intra"][step]
-
-def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
-    pytest.importorskip("matplotlib")
-    solver = tmp_path / "solver.json"
-    solver.write_text(json.dumps([dict(topology="2x8", I=32, capacitated_ms=0.1, km_ms=0.2, paper_km_ms=0.08),
-                                  dict(topology="2x8", I=64, capacitated_ms=0.1, km_ms=0.4, paper_km_ms=0.48)]))
-    _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "run")
-    res = CliRunner().invoke(bench.cli, ["plot", str(solver), str(tmp_path / "run.json"), "--smooth", "2"])
-    assert res.exit_code == 0, res.output
-    for name in ("solver.png", "run.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (tmp_path / "other.json").write_text("{}")
-    res = CliRunner().invoke(bench.cli, ["plot", str(tmp_path / "other.json")])
-    assert res.exit_code != 0 and "nothing to plot" in res.output
+# -- command line: every bad input refused in one line, help that helps
 
 
 BAD_LINES = [
@@ -2085,6 +2062,124 @@ def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp
     assert (out / "traces" / "t.npz").is_file() and (out / "ck" / "ck" / "netmoe" / "latest").is_file()
 
 
+def _help_lines(cli, args):
+    """What --help says of each option of command args[0], one line each: "--opt METAVAR help"."""
+    cmd = cli.commands[args[0]]
+    ctx = click.Context(cmd, info_name=args[0])
+    return {p.opts[0]: " ".join(p.get_help_record(ctx)) for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden}
+
+
+def test_help_says_what_every_command_and_option_does_and_its_default():
+    """The command list gives each command's whole one-line help; every option has help and
+    shows its default; the same thing reads the same in every command."""
+    for cli in (train_gpt.cli, bench.cli):
+        listing = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+        for name, cmd in cli.commands.items():
+            short = cmd.get_short_help_str()
+            assert f"{name} {short}" in listing and not short.endswith("...") and short.endswith("."), (name, short)
+            ctx = click.Context(cmd, info_name=name)
+            for p in cmd.params:
+                if not isinstance(p, click.Option) or p.hidden:
+                    continue
+                assert p.help, (name, p.opts)
+                plain_flag = p.is_flag and not p.secondary_opts   # off unless given
+                if p.default is not None and not plain_flag and not p.required:
+                    assert "default:" in p.get_help_record(ctx)[1], (name, p.opts)
+    train, simulate = _help_lines(train_gpt.cli, ["train"]), _help_lines(bench.cli, ["simulate"])
+    for opt in ("--batch", "--seq-len", "--n-layer", "--top-k", "--experts-per-device"):
+        assert "[default: (the preset's)" in train[opt], train[opt]
+    assert "1xJ; under torchrun, its nodes x local ranks" in train["--topology"]
+    for lines in (train, simulate, _help_lines(bench.cli, ["layer"]), _help_lines(bench.cli, ["a2a"])):
+        assert lines["--topology"].split()[1] == "NxG"
+    for lines in (train, simulate):
+        assert "[default: 400e9" in lines["--intra-bw"] and "[default: 100e9" in lines["--inter-bw"]
+    assert train["--trace"].split()[1] == simulate["--trace"].split()[1] == "FILE"
+    for name in ("layer", "a2a"):   # untimed benchmark repeats are not train's learning-rate warm-up
+        opts = _help_lines(bench.cli, [name])
+        assert "--warmup-repeats" in opts and not [o for o in opts if o in ("--warmup", "--warmup-steps")]
+
+
+def test_plot_names_the_install_the_readme_gives_and_the_test_extra_brings_matplotlib(tmp_path, monkeypatch):
+    record = tmp_path / "r.json"
+    record.write_text("{}")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    res = CliRunner().invoke(bench.cli, ["plot", str(record)])
+    assert res.exit_code == 1 and 'pip install -e ".[plot]"' in res.output, res.output
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "README.md")).read()
+    assert 'pip install -e ".[plot]"' in readme
+    setup = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "setup.py")).read()
+    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
+    assert "matplotlib" in extras["test"]
+
+
+# -- benches, replays and reports
+
+
+def test_trace_and_simulate_round_trip(tmp_path):
+    trace = str(tmp_path / "t.npz")
+    _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--trace", trace, "--trace-every", "3"],
+         tmp_path, "tr")
+    t = np.load(trace)
+    assert t["route"].shape == (2, 2, 32, 32, 2) and t["route_next_pred"].shape == t["route"].shape
+    assert (t["route_next_pred"][:, -1] == -1).all() and (t["route_next_pred"][:, 0] >= 0).all()
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--json",
+                                             str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    whole = json.loads((tmp_path / "s.json").read_text())
+    sim = whole["results"]
+    # Eq. 1 prices the rows as the trace's run sent them: float32 rows of H = 64 and an int32 position
+    assert whole["dtype"] == "float32" and whole["wire_bytes_per_row"] == {"scatter": 4 * 64 + 8, "gather": 4 * 64 + 4}
+    assert whole["bytes_per_token"] == 4 * 64 + 8
+    assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
+    assert sim["static"]["moved_device"] == 0
+    topo = netmoe.Topology(2, 4)   # static EP: scatter and gather both cross what traffic() says
+    direct = [sum(2 * netmoe.traffic(netmoe.count_tokens(t["route"][s, l], 16), netmoe.static_placement(32, 8),
+                                     topo)["inter"] for l in range(2)) for s in range(2)]
+    assert sim["static"]["inter"] == np.mean(direct)
+    assert [g["steps"] for g in sim["by_stage"]] == [[0, 0], [3, 3]]
+    assert [g["static"]["inter"] for g in sim["by_stage"]] == direct
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--layout",
+                                             "--json", str(tmp_path / "l.json")])
+    assert res.exit_code == 0, res.output
+    sim = json.loads((tmp_path / "l.json").read_text())["results"]
+    assert sim["static + layout"]["moved_device"] == 0 and "netmoe + lookahead + layout" in sim
+
+
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_simulate_replays_exactly_what_the_live_layers_counted(tmp_path, exchange):
+    """The same routing replayed (simulate) and trained (the layers' own counters), step by step:
+    the same placements, so the same rows on every tier, for either exchange."""
+    trace = str(tmp_path / "t.npz")
+    live = _run(["train", *TINY, "--virtual-world", "8", "--topology", "2x4", "--exchange", exchange,
+                 "--trace", trace, "--trace-every", "3"], tmp_path, "live")["runs"]["netmoe"]["volume"]
+    out = tmp_path / "s.json"
+    res = CliRunner().invoke(bench.cli, ["simulate", "--trace", trace, "--topology", "2x4", "--exchange", exchange,
+                                             "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    stages = json.loads(out.read_text())["results"]["by_stage"]
+    assert [g["steps"] for g in stages] == [[0, 0], [3, 3]]
+    for g in stages:
+        step, sim = g["steps"][0], g["netmoe + lookahead"]
+        assert sim["scatter_inter"] == live["scatter"]["inter"][step]
+        assert sim["gather_inter"] == live["gather"]["inter"][step]
+        assert sim["intra"] == live["scatter"]["intra"][step] + live["gather"]["intra"][step]
+
+def test_plot_draws_the_solver_table_and_the_volumes_of_a_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    solver = tmp_path / "solver.json"
+    solver.write_text(json.dumps([dict(topology="2x8", I=32, capacitated_ms=0.1, km_ms=0.2, paper_km_ms=0.08),
+                                  dict(topology="2x8", I=64, capacitated_ms=0.1, km_ms=0.4, paper_km_ms=0.48)]))
+    _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2"], tmp_path, "run")
+    res = CliRunner().invoke(bench.cli, ["plot", str(solver), str(tmp_path / "run.json"), "--smooth", "2"])
+    assert res.exit_code == 0, res.output
+    for name in ("solver.png", "run.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "other.json").write_text("{}")
+    res = CliRunner().invoke(bench.cli, ["plot", str(tmp_path / "other.json")])
+    assert res.exit_code != 0 and "nothing to plot" in res.output
+
+
 def test_summary_reads_every_record_that_train_compare_and_the_benches_write(compare_4proc, tmp_path):
     """One table per kind of record: compare side by side, a single placement with its own
     numbers and no static-vs-NetMoE columns, and each benchmark's record; anything else is
@@ -2152,82 +2247,6 @@ def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_pat
         assert res.exit_code == 0, res.output
         lines = res.stderr.splitlines()
         assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
-
-
-def _help_lines(cli, args):
-    """What --help says of each option of command args[0], one line each: "--opt METAVAR help"."""
-    cmd = cli.commands[args[0]]
-    ctx = click.Context(cmd, info_name=args[0])
-    return {p.opts[0]: " ".join(p.get_help_record(ctx)) for p in cmd.params
-            if isinstance(p, click.Option) and not p.hidden}
-
-
-def test_help_says_what_every_command_and_option_does_and_its_default():
-    """The command list gives each command's whole one-line help; every option has help and
-    shows its default; the same thing reads the same in every command."""
-    for cli in (train_gpt.cli, bench.cli):
-        listing = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
-        for name, cmd in cli.commands.items():
-            short = cmd.get_short_help_str()
-            assert f"{name} {short}" in listing and not short.endswith("...") and short.endswith("."), (name, short)
-            ctx = click.Context(cmd, info_name=name)
-            for p in cmd.params:
-                if not isinstance(p, click.Option) or p.hidden:
-                    continue
-                assert p.help, (name, p.opts)
-                plain_flag = p.is_flag and not p.secondary_opts   # off unless given
-                if p.default is not None and not plain_flag and not p.required:
-                    assert "default:" in p.get_help_record(ctx)[1], (name, p.opts)
-    train, simulate = _help_lines(train_gpt.cli, ["train"]), _help_lines(bench.cli, ["simulate"])
-    for opt in ("--batch", "--seq-len", "--n-layer", "--top-k", "--experts-per-device"):
-        assert "[default: (the preset's)" in train[opt], train[opt]
-    assert "1xJ; under torchrun, its nodes x local ranks" in train["--topology"]
-    for lines in (train, simulate, _help_lines(bench.cli, ["layer"]), _help_lines(bench.cli, ["a2a"])):
-        assert lines["--topology"].split()[1] == "NxG"
-    for lines in (train, simulate):
-        assert "[default: 400e9" in lines["--intra-bw"] and "[default: 100e9" in lines["--inter-bw"]
-    assert train["--trace"].split()[1] == simulate["--trace"].split()[1] == "FILE"
-    for name in ("layer", "a2a"):   # untimed benchmark repeats are not train's learning-rate warm-up
-        opts = _help_lines(bench.cli, [name])
-        assert "--warmup-repeats" in opts and not [o for o in opts if o in ("--warmup", "--warmup-steps")]
-
-
-def test_plot_names_the_install_the_readme_gives_and_the_test_extra_brings_matplotlib(tmp_path, monkeypatch):
-    record = tmp_path / "r.json"
-    record.write_text("{}")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
-    res = CliRunner().invoke(bench.cli, ["plot", str(record)])
-    assert res.exit_code == 1 and 'pip install -e ".[plot]"' in res.output, res.output
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "README.md")).read()
-    assert 'pip install -e ".[plot]"' in readme
-    setup = open(os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "setup.py")).read()
-    extras = ast.literal_eval(setup.split("extras_require=")[1].split("\n")[0].rstrip(","))   # CI installs .[test]
-    assert "matplotlib" in extras["test"]
-
-
-def test_no_validation_batches_gives_a_record_without_a_validation_loss(tmp_path):
-    r = _run(["train", *TINY, "--virtual-world", "4", "--eval-batches", "0"], tmp_path, "noval")
-    assert r["runs"]["netmoe"]["val_loss"] is None and len(r["runs"]["netmoe"]["loss"]) == 6
-
-
-def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
-    ck = tmp_path / "ck"
-    base = ["train", *TINY, "--virtual-world", "4", "--steps", "2", "--ckpt", str(ck)]
-    _run(base, tmp_path, "a")
-    res = CliRunner().invoke(train_gpt.cli, base + ["--resume", "--seed", "1"])
-    assert res.exit_code != 0 and "another configuration" in res.output and "seed" in res.output
-    (ck / "netmoe" / "step0000002" / "dense.pt").write_bytes(b"garbage")
-    res = CliRunner().invoke(train_gpt.cli, base + ["--resume"])
-    assert res.exit_code != 0 and "unreadable" in res.output, res.output
-
-
-@pytest.mark.skipif(os.environ.get("NETMOE_SLOW") != "1",
-                    reason="slow (about a minute): the main job end to end; NETMOE_SLOW=1 runs it, as CI does")
-def test_main_job_runs_with_no_arguments():
-    res = subprocess.run([sys.executable, "train_gpt.py"], capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "inter-node tokens / step" in res.stdout and "netmoe" in res.stdout
 
 
 def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
@@ -2316,7 +2335,7 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, mo
         assert all((tmp_path / f"{n}.png").exists() for n in ("solver", "run", "sim"))
 
 
-# ---- what a new user meets (issue 31)
+# ---- what a new user meets: the README as written, the GPU box, messages that are true
 
 
 def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, capsys):
