@@ -1318,6 +1318,12 @@ def _same_everywhere(array, group):
     return len(set(hashes)) == 1
 
 
+def _chunk_bounds(S, chunks):
+    """[(a, b)]: positions [a, b) of each of `chunks` near-equal chunks of S (fewer, where S < chunks)."""
+    edges = np.linspace(0, S, chunks + 1).round().astype(int)
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [(0, S)]
+
+
 def _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top):
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
@@ -1504,7 +1510,9 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         priced = self.exchange.priced
-        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k), len(routing.chunks))
+        # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
+        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k),
+                                    len(_chunk_bounds(S, self.chunks)))
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
     def _expert_side(self, d):
@@ -1567,8 +1575,8 @@ class MoELayer(nn.Module):
         the samples' ids. One all-gather, and the one host sync the layer needs (split sizes are
         host integers)."""
         ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
-        edges = np.linspace(0, S, self.chunks + 1).round().astype(int)
-        bounds = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [(0, S)]   # more chunks than positions: fewer
+        # in one process nothing travels, so nothing is there to overlap: the layer runs in one piece
+        bounds = [(0, S)] if self.virtual else _chunk_bounds(S, self.chunks)
         layers = [(route, self, bounds)] + ([(pred, next_layer, [(0, S)])] if pred is not None else [])
         parts = [[priced.layout(r[:, a:b], layer.expert_device, self.topo, self.num_experts, ops) for a, b in bs]
                  for r, layer, bs in layers]
