@@ -6,14 +6,18 @@ most of that sample's experts, chosen by an exact two-stage assignment (Algorith
 rides on the gather that happens anyway, every device keeps I/J samples, and the maths of
 training is unchanged. This file, in data-flow order:
 
-  1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, placement_costs
-                                (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1)
+  1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, Routing (one
+                                layer's routing as its exchange counts it), placement_costs
+                                (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1, chunked as built)
   2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers),
-                                expert layouts, replays of recorded routing, re-layout plans
-  3. All-to-All                 autograd functions over all_to_all_single with uneven splits
+                                placements (PLACEMENTS by name), expert layouts, replays of
+                                recorded routing, re-layout plans
+  3. All-to-All                 Flight: an All-to-All started and waited on, forward and
+                                backward; pipeline: chunks advanced in turn, hops in flight
   4. exchanges                  Exchange (in one process), ExpertExchange, NodeExchange: what a
                                 scatter sends and how its gather returns it (EXCHANGES by name)
-  5. the layer                  MoELayer (gate, counts, solve, experts with inlined residual)
+  5. the layer                  MoELayer (gate, Routings, solve, exchange.run, experts with
+                                inlined residual, shared experts, group-limited routing)
 
 It starts no processes and writes no files: the scripts (train_gpt.py, bench.py) make the
 process group and hand it to the layers.
