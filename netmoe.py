@@ -792,15 +792,12 @@ class _Sent(torch.autograd.Function):
     def forward(ctx, rows, flight):
         flight.started = flight.timer.start(rows)
         out, flight.work = _start_all_to_all(rows, flight.send, flight.recv, flight.group)
-        ctx.flight, ctx.like = flight, (rows.shape, rows.dtype, rows.device)
+        ctx.flight = flight
         return out
 
     @staticmethod
     def backward(ctx, _):
-        f = ctx.flight
-        if f.back is None:   # nothing downstream of the received rows needed a gradient
-            shape, dtype, device = ctx.like
-            return torch.zeros(shape, dtype=dtype, device=device), None
+        f = ctx.flight   # _Arrived's backward, the only consumer of this one's output, ran first
         (out, work, started), f.back = f.back, None
         f.timer.wait(work, started)
         return out, None
@@ -918,7 +915,9 @@ class Exchange:
             y = experts(d)
             out, keep = yield from self._gather(y, d, solve.result())
             return out, keep
-        done = pipeline([chunk(a, b, r) for (a, b), r in routing.chunks])
+        # one chunk: the whole routing, whose per-device counts the layer has already
+        chunks = routing.chunks if len(routing.chunks) > 1 else [((0, x.shape[1]), routing)]
+        done = pipeline([chunk(a, b, r) for (a, b), r in chunks])
         return torch.cat([out for out, _ in done], 1), done[0][1], solve.result()
 
     def scatter(self, x, g, route, routing):
@@ -1288,17 +1287,19 @@ class _Solve:
     def __init__(self, placement, routing, routing_next, here, order, inline):
         # rows in sample-id order (`order`): ties then break the same way wherever the samples
         # sit, so a replay of the same routing (netmoe.replay) finds the same placements
-        self.args = (routing.by(order), None if routing_next is None else routing_next.by(order), here[order])
         self.placement, self.order, self.inline = placement, order, inline or not placement.solves
+        self.args = (routing, routing_next, here) if not placement.solves else \
+            (routing.by(order), None if routing_next is None else routing_next.by(order), here[order])
         self.future = None if self.inline else _SOLVER.submit(_timed, placement.dest, *self.args)
         self.dest, self.seconds, self.exposed = None, 0.0, 0.0
 
     def result(self):
         if self.dest is not None:
             return self.dest
-        if not self.placement.solves:
-            by_id = self.placement.dest(*self.args)
-        elif self.inline:
+        if not self.placement.solves:   # nothing to tie-break: placed in slot order as it is
+            self.dest = self.placement.dest(*self.args)
+            return self.dest
+        if self.inline:
             queued = torch.cuda.Event()
             queued.record()
             by_id, self.seconds = _timed(self.placement.dest, *self.args)
@@ -1351,8 +1352,9 @@ class MoELayer(nn.Module):
     load-balance loss. Each rank holds E/J experts. placement names where the gather delivers
     samples (PLACEMENTS): "netmoe", Algorithm 1 (lookahead: also pricing the next layer's
     predicted scatter); "static", plain EP, the same code with every sample returned to where it
-    came from; "kept", NetMoE's work and then static's placement (benchmarks). virtual_world=J runs in one process with all
-    E experts, computing placements and volumes exactly as J devices would (the reference model).
+    came from; "kept", NetMoE's work and then static's placement (benchmarks). virtual_world=J
+    runs in one process with all E experts, computing placements and volumes exactly as J
+    devices would (the reference model).
     exchange names how rows travel (EXCHANGES): "expert", one row per (token, expert) straight to
     the expert's device and back; "node", one row per (token, remote node) to the rail peer there,
     which forwards it over NVLink, and back the same way with a token's rows summed inside each node.
@@ -1598,8 +1600,8 @@ class MoELayer(nn.Module):
         for per, (_, layer, bs) in zip(parts, layers):
             kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
             pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
-            out.append(Routing(**kw, **{name: sum(getattr(q, name) for q in pieces) for name in per[0]},
-                               chunks=tuple(zip(bs, pieces))))
+            out.append(Routing(**kw, **{name: functools.reduce(np.add, (getattr(q, name) for q in pieces))
+                                        for name in per[0]}, chunks=tuple(zip(bs, pieces))))
         return out[0], out[1] if pred is not None else None, meta[:, -1]
 
     def experts(self, x, expert, counts, grouped=False):
