@@ -145,13 +145,14 @@ class GPT(nn.Module):
         model."""
         for name, p in self.named_parameters():
             key = zlib.crc32(name.encode())
-            experts = self.blocks[int(name.split(".")[1])].moe.local_experts if getattr(p, "expert", False) else None
             with torch.no_grad():
-                for i, e in enumerate(experts) if experts is not None else [(None, None)]:
-                    g = torch.Generator().manual_seed(seed * 1_000_003 + key * (1009 if experts is not None else 1)
-                                                      + (int(e) if experts is not None else 0))
-                    target = p if i is None else p[i]
-                    target.copy_(_init_like(target, name, g, self.cfg.n_layer))
+                if getattr(p, "expert", False):   # blocks.<layer>.moe.<w>: each local expert by its global id
+                    for i, e in enumerate(self.blocks[int(name.split(".")[1])].moe.local_experts):
+                        g = torch.Generator().manual_seed(seed * 1_000_003 + key * 1009 + int(e))
+                        p[i].copy_(_init_like(p[i], name, g, self.cfg.n_layer))
+                else:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + key)
+                    p.copy_(_init_like(p, name, g, self.cfg.n_layer))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (2 per multiply-add,
@@ -190,14 +191,15 @@ def memory_estimate(cfg, J, virtual, device_type):
     """Rough bytes one rank needs (within about 25% of the peaks measured, CPU and H200), known
     before the model is built: {"weights": ..., "activations": ..., "total": ...}.
 
-    P parameters on the rank (dense ones with n shared experts, and its E/J experts of width F: all E
-    with virtual_world), T = B S
-    tokens of its B samples (I with virtual_world), L layers, n heads, vocabulary V:
+    P parameters on the rank (dense ones with n shared experts, and its E/J experts of width F: all
+    E with virtual_world), T = B S tokens of its B samples (I with virtual_world), L layers, heads,
+    vocabulary V:
       weights      P * 24 bytes on the CPU (float32 weights, gradients, AdamW's two moments, and
                    the foreach optimizer's temporaries), P * 18 on CUDA (fused AdamW, no
                    temporaries; bf16 copies of the expert weights for the grouped products);
-      activations  L T (6H + (K + n) F) * 4 bytes (attention's, the K expert rows' and n shared experts' saved tensors; a
-                   bf16 stream saves little, as autocast keeps float32 copies), + 12 T V (logits,
+      activations  L T (6H + (K + n) F) * 4 bytes (attention's, the K expert rows' and the n shared
+                   experts' saved tensors; a bf16 stream saves little, as autocast keeps float32
+                   copies), + 12 T V (logits,
                    their float32 copy and gradient), + on the CPU L B n S^2 * 4 (its attention
                    keeps the S x S weights; CUDA's fused attention does not), + 0.4 GB of runtime."""
     H, L, E, K, S = cfg.hidden, cfg.n_layer, cfg.experts_per_device * J, cfg.top_k, cfg.seq_len
