@@ -433,14 +433,13 @@ def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
     dev = torch.device("cuda")
     layer = netmoe.MoELayer(hidden, 4 * hidden, 2, K).to(dev)
     n = b * S * K
-    x, local = torch.randn(n, hidden, device=dev), torch.arange(n, device=dev) % 2
-    counts = torch.bincount(local, minlength=2).tolist()
+    x, counts = torch.randn(n, hidden, device=dev), [n // 2, n - n // 2]   # rows grouped by expert
     ts = []
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         for i in range(reps + 5):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            layer.experts(x, local, counts)
+            layer.experts(x, counts)
             end.record()
             torch.cuda.synchronize()
             if i >= 5:
@@ -793,6 +792,13 @@ def bench_a2a_cmd(json_path, **o):
     _write_json(json_path, res, "a2a")
 
 
+class NoExperts(torch.nn.Module):
+    """An Experts stand-in that computes nothing (f = its rows): the layer's exchange and gate alone."""
+
+    def forward(self, h, counts):
+        return h, None, None
+
+
 def _layer_bench_worker(rank, world, init, o, out_path):
     """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike; on
     one process with virtual_world=J, all J devices' work on one device."""
@@ -800,15 +806,18 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     cuda = device.type == "cuda"
     topo, J, H, S, K = o["topology"], o["topology"].world, o["hidden"], o["seq_len"], o["top_k"]
     E, B = o["experts_per_device"] * J, o["batch"] * (J if world == 1 else 1)
+    Fh = o["expert_hidden"] or 4 * H
     virtual = dict(virtual_world=J) if world == 1 else {}
+    model = dict(shared_experts=o["shared_experts"], route_groups=o["route_groups"], group_top=o["group_top"],
+                 expert_bias=o["expert_bias"])
     C, base_c = o["chunks"], o["baseline_chunks"]
 
     def make(placement, chunks, exchange_only=False):
         torch.manual_seed(0)
-        layer = netmoe.MoELayer(H, 4 * H, E, K, placement, topology=topo, exchange=o["exchange"], chunks=chunks,
-                                **virtual).to(device)
+        layer = netmoe.MoELayer(H, Fh, E, K, placement, topology=topo, exchange=o["exchange"], chunks=chunks,
+                                **model, **virtual).to(device)
         if exchange_only:   # the experts' FFN left out: the exchange and the gate alone
-            layer.experts = lambda rows, expert, counts, grouped=False: rows
+            layer.experts = NoExperts()
         return layer
     # static, netmoe, and kept (all of NetMoE's work, then no move) at --chunks; static EP and the
     # exchange alone at --baseline-chunks too: what the pipeline hides
@@ -818,7 +827,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
         layers[f"static, C={base_c}"] = make("static", base_c)
         layers[f"exchange only, C={base_c}"] = make("static", base_c, exchange_only=True)
     torch.manual_seed(1)
-    nxt = netmoe.MoELayer(H, 4 * H, E, K, topology=topo, **virtual).to(device)   # for the lookahead
+    nxt = netmoe.MoELayer(H, Fh, E, K, topology=topo, **model, **virtual).to(device)   # for the lookahead
     g = torch.Generator().manual_seed(rank)
     dtype = getattr(torch, o["dtype"] or ("bfloat16" if cuda else "float32"))
     x = torch.randn(B, S, H, generator=g).to(device, dtype).requires_grad_()
@@ -829,7 +838,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     expert = torch.arange(B * S * K, device=device) * n_local // (B * S * K)
     counts = torch.bincount(expert, minlength=n_local).tolist()
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
-            "experts only": lambda: (layers["static"].experts(rows, expert, counts), None, 0.0)}
+            "experts only": lambda: (layers["static"].experts(rows, counts)[0], None, 0.0)}
     times = {n: [] for n in runs}
     for it in progress(range(o["warmup_repeats"] + o["repeats"]),
                        f"timing round ({o['warmup_repeats']} untimed, then {o['repeats']})", rank == 0):
@@ -849,8 +858,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
         for layer in layers.values():
             if it < o["warmup_repeats"]:
                 layer.pop_stats()
-    # expert FLOPs of forward + backward: 6 per weight per row, two H x 4H matrices, K rows a token
-    flops = 6 * B * S * K * 8 * H * H
+    # expert FLOPs of forward + backward: 6 per weight per row, two H x F matrices, K rows a token
+    flops = 6 * B * S * K * 2 * H * Fh
     out = {}
     for name in runs:
         st = layers[name].pop_stats() if name in layers else netmoe.MoEStats()
@@ -882,6 +891,15 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="experts per token, K")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
+@click.option("--expert-hidden", type=click.IntRange(min=1), default=None, show_default="4H",
+              help="the experts' FFN width, F (fine-grained experts: below 4H)")
+@click.option("--shared-experts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="experts every token passes through")
+@click.option("--route-groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="group-limited routing: experts in M groups of consecutive ids")
+@click.option("--group-top", type=click.IntRange(min=1), default=1, show_default=True,
+              help="... a token's K experts from its T best groups")
+@click.option("--expert-bias/--no-expert-bias", default=True, show_default=True, help="the experts' FFN biases")
 @click.option("--dtype", type=DTYPE, default=None, show_default="bfloat16 on GPUs, float32 on the CPU",
               help="the residual stream and the rows sent")
 @click.option("--warmup-repeats", type=click.IntRange(min=0), default=5, show_default=True,
@@ -903,8 +921,12 @@ def layer_cmd(json_path, virtual_world, **o):
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}
     base = med["static"]["ms"]
     J = o["topology"].world
+    model = ("" if o["expert_bias"] else ", no expert biases") + \
+        (f", {o['shared_experts']} shared" if o["shared_experts"] else "") + \
+        (f", top {o['group_top']} of {o['route_groups']} groups" if o["route_groups"] > 1 else "")
     click.echo(f"MoE layer fwd+bwd, H={o['hidden']}, S={o['seq_len']}, I={o['batch'] * J}, "
-               f"E={o['experts_per_device'] * J}, K={o['top_k']} on {o['topology']}, {o['exchange']} exchange"
+               f"E={o['experts_per_device'] * J}, K={o['top_k']}, F={o['expert_hidden'] or 4 * o['hidden']}{model}"
+               f" on {o['topology']}, {o['exchange']} exchange"
                f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
                f"TFLOP/s counts the experts' matrix products only; {o['chunks']} chunk(s) unless named; kept: all of "
                f"NetMoE's work, then every sample kept in place; exchange only: the layer without its experts' FFN")

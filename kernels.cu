@@ -6,6 +6,17 @@
 //   dispatch_order(route, slot)                -> argsort(slot[route.reshape(-1)], stable=True)
 //   gather_order(src, dest, I)                 -> argsort(dest[src] * I + src, stable=True)
 //
+// and the rows' bytes, equal to their references up to the order of float additions (they
+// accumulate in float32, float64 for float64 rows):
+//
+//   permute_rows(x[T,C], src[R])               -> x[src]                    dispatch's copy
+//   combine(rows, index[Q,k], weight, bias, ends, base, base_scale, perm, seq)
+//                                              -> out[Q,C]                  netmoe.combine
+//   combine_backward(grad, rows, index, ...)   -> grad_rows, grad_weight, grad_base
+//   bias_gelu(pre[R,F], bias[E,F], ends[E])    -> GELU(pre + bias[expert of row])
+//   bias_gelu_backward(grad, pre, bias, ends)  -> grad_pre, grad_bias[E,F]
+//   segment_sum(x[R,C], ends[E])               -> [E,C] sums of each expert's rows
+//
 // Built on first use by netmoe.hot_path("cuda"), i.e.
 //   torch.utils.cpp_extension.load("netmoe_kernels", ["kernels.cu"], extra_cuda_cflags=["-O3"])
 // which compiles for the visible GPU (or TORCH_CUDA_ARCH_LIST); needs sm_70+ (__match_any_sync).
@@ -469,6 +480,548 @@ at::Tensor gather_order(at::Tensor src, at::Tensor dest, int64_t num_samples) {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// Rows: dispatch's copy, combine and the experts' epilogue, forward and backward. Rows are
+// [n, C] row-major with any row stride; each warp moves whole rows in 16-byte packs where the
+// row width, the strides and the pointers allow (else one element a lane), accumulating in
+// float32 (float64 for float64 rows). No atomics: every output element has one writer, so the
+// results are the same bits on every run.
+//   ends[E] (int32): rows of expert e are [ends[e - 1], ends[e]) -- the grouped product's offsets.
+// ------------------------------------------------------------------------------------------
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+
+template <int V, typename T, typename A>
+__device__ __forceinline__ void load_acc(const T* p, A (&a)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) a[i] = static_cast<A>(pk.v[i]);
+}
+
+template <int V, typename T, typename A>
+__device__ __forceinline__ void store_acc(T* p, const A (&a)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(a[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int d = 16; d; d >>= 1) v += __shfl_xor_sync(kFull, v, d);
+  return v;
+}
+
+// The expert of row r: the first e with ends[e] > r (clamped: a row past the last is the last's).
+__device__ __forceinline__ int expert_of(const int* __restrict__ ends, int E, int64_t r) {
+  int lo = 0, hi = E;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (ends[mid] > r) hi = mid; else lo = mid + 1;
+  }
+  return min(lo, E - 1);
+}
+
+// GELU(z) = z * Phi(z), exact (erf), as torch's default; and its derivative Phi(z) + z * phi(z).
+__device__ __forceinline__ float gelu(float z) { return 0.5f * z * (1.f + erff(z * 0.70710678118654752f)); }
+__device__ __forceinline__ double gelu(double z) { return 0.5 * z * (1. + erf(z * 0.70710678118654752)); }
+__device__ __forceinline__ float gelu_grad(float z) {
+  return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
+}
+__device__ __forceinline__ double gelu_grad(double z) {
+  return 0.5 * (1. + erf(z * 0.70710678118654752)) + z * 0.39894228040143268 * exp(-0.5 * z * z);
+}
+
+constexpr int kRowWarps = 8;   // warps (rows) a block of the row kernels
+
+int64_t row_blocks(int64_t rows) { return (rows + kRowWarps - 1) / kRowWarps; }
+
+// out[r] = x[src[r]]; a source id outside [0, T) gives a zero row.
+template <typename T, int V>
+__global__ void permute_rows_kernel(const T* __restrict__ x, int64_t ld, int64_t T_, const int64_t* __restrict__ src,
+                                    int64_t R, int64_t C, T* __restrict__ out) {
+  const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (r >= R) return;
+  const int64_t s = src[r];
+  for (int64_t c = (int64_t)lane * V; c < C; c += 32 * V) {
+    using A = typename AccOf<T>::type;
+    A v[V];
+    if (s >= 0 && s < T_) load_acc<V>(x + s * ld + c, v);
+    else for (int i = 0; i < V; ++i) v[i] = 0;
+    store_acc<V>(out + r * C + c, v);
+  }
+}
+
+// Output row q holds token t = perm[q / seq] * seq + q % seq (t = q without perm):
+// out[q] = base_scale[t] * base[t] + sum_j weight[t, j] * (rows[index[t, j]] + bias[expert of that row]).
+// A warp per output row; lane j < 32 holds choice j's row, weight and expert, broadcast to all.
+template <typename T, int V>
+__global__ void combine_kernel(const T* __restrict__ rows, int64_t ld_rows, int64_t R, const int64_t* __restrict__ index,
+                               int Kc, const typename AccOf<T>::type* __restrict__ weight, const T* __restrict__ bias,
+                               const int* __restrict__ ends, int E, const T* __restrict__ base, int64_t ld_base,
+                               const typename AccOf<T>::type* __restrict__ base_scale,
+                               const int64_t* __restrict__ perm, int64_t seq, int64_t Q, int64_t C,
+                               T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  const int64_t q = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (q >= Q) return;   // whole warps leave: the shuffles below see every lane
+  const int64_t t = perm ? perm[q / seq] * seq + q % seq : q;
+  int64_t my_row = -1;
+  A my_w = 1;
+  int my_e = 0;
+  if (lane < Kc) {
+    my_row = index[t * Kc + lane];
+    if (my_row >= R) my_row = -1;
+    if (weight) my_w = weight[t * Kc + lane];
+    if (bias && my_row >= 0) my_e = expert_of(ends, E, my_row);
+  }
+  const A scale = base_scale ? base_scale[t] : A(1);
+  for (int64_t c0 = 0; c0 < C; c0 += 32 * V) {
+    const int64_t c = c0 + (int64_t)lane * V;
+    const bool on = c < C;
+    A acc[V];
+    if (base && on) {
+      load_acc<V>(base + t * ld_base + c, acc);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] *= scale;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] = 0;
+    }
+    for (int j = 0; j < Kc; ++j) {
+      int64_t row;
+      A w;
+      int e = 0;
+      if (j < 32) {
+        row = __shfl_sync(kFull, my_row, j);
+        w = __shfl_sync(kFull, my_w, j);
+        e = __shfl_sync(kFull, my_e, j);
+      } else {   // beyond 32 choices (no bias there): straight from memory, the same address in every lane
+        row = index[t * Kc + j];
+        if (row >= R) row = -1;
+        w = weight ? weight[t * Kc + j] : A(1);
+      }
+      if (row < 0 || !on) continue;
+      A r[V];
+      load_acc<V>(rows + row * ld_rows + c, r);
+      if (bias) {
+        A b[V];
+        load_acc<V>(bias + (int64_t)e * C + c, b);
+#pragma unroll
+        for (int i = 0; i < V; ++i) r[i] += b[i];
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += w * r[i];
+    }
+    if (on) store_acc<V>(out + q * C + c, acc);
+  }
+}
+
+// The backward of combine, a warp per output row q (token t): grad_base[t] = base_scale[t] * g,
+// grad_rows[index[t, j]] = weight[t, j] * g, grad_weight[t, j] = <g, rows[index[t, j]] + bias>,
+// g = grad_out[q]. The row g is read once per choice, from L1 after the first.
+template <typename T, int V>
+__global__ void combine_backward_kernel(const T* __restrict__ grad, int64_t ld_grad, const T* __restrict__ rows,
+                                        int64_t ld_rows, int64_t R, const int64_t* __restrict__ index, int Kc,
+                                        const typename AccOf<T>::type* __restrict__ weight, const T* __restrict__ bias,
+                                        const int* __restrict__ ends, int E,
+                                        const typename AccOf<T>::type* __restrict__ base_scale,
+                                        const int64_t* __restrict__ perm, int64_t seq, int64_t Q, int64_t C,
+                                        T* __restrict__ grad_rows, typename AccOf<T>::type* __restrict__ grad_weight,
+                                        T* __restrict__ grad_base) {
+  using A = typename AccOf<T>::type;
+  const int64_t q = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (q >= Q) return;
+  const int64_t t = perm ? perm[q / seq] * seq + q % seq : q;
+  const T* g = grad + q * ld_grad;
+  if (grad_base) {
+    const A scale = base_scale ? base_scale[t] : A(1);
+    for (int64_t c = (int64_t)lane * V; c < C; c += 32 * V) {
+      A v[V];
+      load_acc<V>(g + c, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] *= scale;
+      store_acc<V>(grad_base + t * C + c, v);
+    }
+  }
+  for (int j = 0; j < Kc; ++j) {
+    int64_t row = index[t * Kc + j];
+    if (row >= R) row = -1;
+    const A w = weight ? weight[t * Kc + j] : A(1);
+    const int e = bias && row >= 0 ? expert_of(ends, E, row) : 0;
+    A dot = 0;
+    if (row >= 0) {
+      for (int64_t c = (int64_t)lane * V; c < C; c += 32 * V) {
+        A v[V], o[V];
+        load_acc<V>(g + c, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] = w * v[i];
+        store_acc<V>(grad_rows + row * C + c, o);
+        if (grad_weight) {
+          A r[V];
+          load_acc<V>(rows + row * ld_rows + c, r);
+          if (bias) {
+            A b[V];
+            load_acc<V>(bias + (int64_t)e * C + c, b);
+#pragma unroll
+            for (int i = 0; i < V; ++i) r[i] += b[i];
+          }
+#pragma unroll   // each product rounded to T, as autograd rounds those of a bf16 weight * rows
+          for (int i = 0; i < V; ++i) dot += static_cast<A>(static_cast<T>(r[i] * v[i]));
+        }
+      }
+    }
+    if (grad_weight) {   // row is the same in every lane: all reach the shuffles
+      dot = warp_sum(dot);
+      if (lane == 0) grad_weight[t * Kc + j] = dot;
+    }
+  }
+}
+
+// out[r] = GELU(pre[r] + bias[expert of r]): the first product's epilogue, a warp per row.
+template <typename T, int V>
+__global__ void bias_gelu_kernel(const T* __restrict__ pre, int64_t ld, int64_t R, int64_t C, const T* __restrict__ bias,
+                                 const int* __restrict__ ends, int E, T* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  const int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (r >= R) return;
+  const T* b = bias + (int64_t)expert_of(ends, E, r) * C;
+  for (int64_t c = (int64_t)lane * V; c < C; c += 32 * V) {
+    A z[V], bb[V];
+    load_acc<V>(pre + r * ld + c, z);
+    load_acc<V>(b + c, bb);
+#pragma unroll
+    for (int i = 0; i < V; ++i) z[i] = gelu(z[i] + bb[i]);
+    store_acc<V>(out + r * C + c, z);
+  }
+}
+
+// Sums over each expert's rows, deterministic and without atomics: chunk k of kSegRows rows
+// writes the sum of its rows of expert e to partial[k + e] (k and e only grow along the rows, so
+// no two (chunk, expert) pairs share a slot), and segment_reduce adds expert e's chunks in order.
+// With GELU, the rows summed are GELU's backward, grad * GELU'(pre + bias[e]), written to
+// grad_pre on the way: the bias gradient costs no pass of its own.
+constexpr int kSegRows = 64;
+
+template <typename T, int V, bool GELU>
+__global__ void segment_partial_kernel(const T* __restrict__ x, int64_t ld, const T* __restrict__ pre,
+                                       const T* __restrict__ bias, const int* __restrict__ ends, int E, int64_t R,
+                                       int64_t C, T* __restrict__ grad_pre, typename AccOf<T>::type* __restrict__ partial) {
+  using A = typename AccOf<T>::type;
+  const int64_t k = blockIdx.x;
+  const int64_t c = ((int64_t)blockIdx.y * blockDim.x + threadIdx.x) * V;
+  if (c >= C) return;
+  int64_t r = k * kSegRows;
+  const int64_t r1 = min(R, r + kSegRows);
+  int e = expert_of(ends, E, r);
+  while (r < r1 && ends[e] > r) {
+    const int64_t stop = min(r1, (int64_t)ends[e]);
+    A b[V], sum[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum[i] = 0;
+    if (GELU) load_acc<V>(bias + (int64_t)e * C + c, b);
+    for (; r < stop; ++r) {
+      A v[V];
+      load_acc<V>(x + r * ld + c, v);
+      if (GELU) {
+        A p[V];
+        load_acc<V>(pre + r * C + c, p);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] *= gelu_grad(p[i] + b[i]);
+        store_acc<V>(grad_pre + r * C + c, v);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i] += v[i];
+    }
+    A* dst = partial + (k + e) * C + c;
+#pragma unroll
+    for (int i = 0; i < V; ++i) dst[i] = sum[i];
+    while (e < E - 1 && ends[e] <= r) ++e;
+  }
+}
+
+template <typename A>
+__global__ void segment_reduce_kernel(const A* __restrict__ partial, const int* __restrict__ ends, int64_t C,
+                                      A* __restrict__ out) {
+  const int e = blockIdx.y;
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const int64_t lo = e ? ends[e - 1] : 0, hi = ends[e];
+  A s = 0;
+  if (hi > lo)
+    for (int64_t k = lo / kSegRows; k <= (hi - 1) / kSegRows; ++k) s += partial[(k + e) * C + c];
+  out[(int64_t)e * C + c] = s;
+}
+
+// ---- host side of the row kernels
+
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D rows [n, C]");
+}
+
+// Rows with unit column stride (a view of wider rows keeps its row stride); anything else is copied.
+at::Tensor unit_cols(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+int64_t ld_of(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+// Whether C columns move in 16-byte packs: C, every row stride and every pointer in step.
+bool packs_fit(int64_t C, size_t elt, std::initializer_list<std::pair<const void*, int64_t>> ptrs) {
+  const int64_t V = 16 / (int64_t)elt;
+  if (V <= 1 || C % V) return V == 1 && C >= 0;
+  for (const auto& [p, ld] : ptrs)
+    if (p && ((reinterpret_cast<uintptr_t>(p) % 16) || ld % V)) return false;
+  return true;
+}
+
+// Calls f with std::integral_constant<int, V>: V = 16 / sizeof(T) where the packs fit, else 1.
+template <typename T, typename F>
+void with_pack(bool fit, F&& f) {
+  if (fit) f(std::integral_constant<int, 16 / (int)sizeof(T)>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
+#define NETMOE_DISPATCH_ROWS(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (t).scalar_type(), name, __VA_ARGS__)
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_ends(const c10::optional<at::Tensor>& ends, const at::Tensor& rows, const char* op) {
+  TORCH_CHECK(ends.has_value() && ends->device() == rows.device() && ends->scalar_type() == at::kInt &&
+              ends->dim() == 1 && ends->size(0) > 0 && ends->is_contiguous(),
+              op, ": ends must be a non-empty contiguous int32 tensor [E] on the rows' device");
+}
+
+template <typename A>
+const A* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<A>() : nullptr; }
+
+at::Tensor permute_rows(at::Tensor x, at::Tensor src) {
+  check_rows(x, "permute_rows", "x");
+  TORCH_CHECK(src.device() == x.device() && src.scalar_type() == at::kLong && src.dim() == 1,
+              "permute_rows: src must be an int64 tensor [R] on x's device");
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  x = unit_cols(x);
+  src = src.contiguous();
+  const int64_t R = src.size(0), C = x.size(1);
+  auto out = at::empty({R, C}, x.options());
+  if (R == 0 || C == 0) return out;
+  NETMOE_DISPATCH_ROWS(x, "permute_rows", [&] {
+    with_pack<scalar_t>(packs_fit(C, sizeof(scalar_t), {{x.data_ptr(), ld_of(x)}, {out.data_ptr(), C}}), [&](auto v) {
+      permute_rows_kernel<scalar_t, decltype(v)::value><<<row_blocks(R), 32 * kRowWarps, 0, stream()>>>(
+          x.data_ptr<scalar_t>(), ld_of(x), x.size(0), src.data_ptr<int64_t>(), R, C, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// The checks combine and its backward share: index [Q, k] int64, weight [Q, k], base_scale [Q]
+// (the accumulation type), bias [E, C] with ends, perm [Q / seq] int64.
+void check_combine(const char* op, const at::Tensor& rows, const at::Tensor& index,
+                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& ends, const c10::optional<at::Tensor>& base_scale,
+                   const c10::optional<at::Tensor>& perm, int64_t seq) {
+  check_rows(rows, op, "rows");
+  TORCH_CHECK(index.device() == rows.device() && index.scalar_type() == at::kLong && index.dim() == 2 &&
+              index.is_contiguous(), op, ": index must be a contiguous int64 tensor [Q, k] on the rows' device");
+  const auto acc = acc_type(rows.scalar_type());
+  TORCH_CHECK(!weight || (weight->device() == rows.device() && weight->scalar_type() == acc &&
+                          weight->sizes() == index.sizes() && weight->is_contiguous()),
+              op, ": weight must be contiguous, index's shape, float32 (float64 for float64 rows)");
+  TORCH_CHECK(!base_scale || (base_scale->device() == rows.device() && base_scale->scalar_type() == acc &&
+                              base_scale->dim() == 1 && base_scale->size(0) == index.size(0) &&
+                              base_scale->is_contiguous()),
+              op, ": base_scale must be contiguous [Q], float32 (float64 for float64 rows)");
+  if (bias) {
+    check_ends(ends, rows, op);
+    TORCH_CHECK(bias->device() == rows.device() && bias->scalar_type() == rows.scalar_type() && bias->dim() == 2 &&
+                bias->size(0) == ends->size(0) && bias->size(1) == rows.size(1) && bias->is_contiguous(),
+                op, ": bias must be contiguous [E, C] in the rows' dtype");
+    TORCH_CHECK(index.size(1) <= 32, op, ": bias takes at most 32 rows an output");
+  }
+  TORCH_CHECK(seq >= 1 && index.size(0) % seq == 0, op, ": seq must divide the number of output rows");
+  TORCH_CHECK(!perm || (perm->device() == rows.device() && perm->scalar_type() == at::kLong && perm->dim() == 1 &&
+                        perm->size(0) * seq == index.size(0) && perm->is_contiguous()),
+              op, ": perm must be a contiguous int64 tensor [Q / seq]");
+  TORCH_CHECK(index.size(1) < INT_MAX && (!ends || ends->size(0) < INT_MAX), op, ": too many rows an output");
+}
+
+at::Tensor combine(at::Tensor rows, at::Tensor index, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                   c10::optional<at::Tensor> ends, c10::optional<at::Tensor> base,
+                   c10::optional<at::Tensor> base_scale, c10::optional<at::Tensor> perm, int64_t seq) {
+  check_combine("combine", rows, index, weight, bias, ends, base_scale, perm, seq);
+  const at::cuda::OptionalCUDAGuard guard(rows.device());
+  rows = unit_cols(rows);
+  const int64_t Q = index.size(0), C = rows.size(1);
+  if (base) {
+    TORCH_CHECK(base->device() == rows.device() && base->scalar_type() == rows.scalar_type() && base->dim() == 2 &&
+                base->size(0) == Q && base->size(1) == C, "combine: base must be [Q, C] in the rows' dtype");
+    base = unit_cols(*base);
+  }
+  auto out = at::empty({Q, C}, rows.options());
+  if (Q == 0 || C == 0) return out;
+  const int E = ends ? (int)ends->size(0) : 0;
+  NETMOE_DISPATCH_ROWS(rows, "combine", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    const scalar_t* base_ptr = base ? base->data_ptr<scalar_t>() : nullptr;
+    const int64_t ld_base = base ? ld_of(*base) : C;
+    const bool fit = packs_fit(C, sizeof(scalar_t), {{rows.data_ptr(), ld_of(rows)}, {base_ptr, ld_base},
+                                                     {opt_ptr<scalar_t>(bias), C}, {out.data_ptr(), C}});
+    with_pack<scalar_t>(fit, [&](auto v) {
+      combine_kernel<scalar_t, decltype(v)::value><<<row_blocks(Q), 32 * kRowWarps, 0, stream()>>>(
+          rows.data_ptr<scalar_t>(), ld_of(rows), rows.size(0), index.data_ptr<int64_t>(), (int)index.size(1),
+          opt_ptr<A>(weight), opt_ptr<scalar_t>(bias), opt_ptr<int>(ends), E, base_ptr, ld_base, opt_ptr<A>(base_scale),
+          opt_ptr<int64_t>(perm), seq, Q, C, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// covered: every row of rows is named by exactly one index entry, so grad_rows needs no zeroing.
+std::vector<at::Tensor> combine_backward(at::Tensor grad, at::Tensor rows, at::Tensor index,
+                                         c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                                         c10::optional<at::Tensor> ends, c10::optional<at::Tensor> base_scale,
+                                         c10::optional<at::Tensor> perm, int64_t seq, bool need_base,
+                                         bool need_weight, bool covered) {
+  check_combine("combine_backward", rows, index, weight, bias, ends, base_scale, perm, seq);
+  check_rows(grad, "combine_backward", "grad");
+  TORCH_CHECK(grad.scalar_type() == rows.scalar_type() && grad.size(0) == index.size(0) && grad.size(1) == rows.size(1),
+              "combine_backward: grad must be [Q, C] in the rows' dtype");
+  TORCH_CHECK(!need_weight || weight, "combine_backward: need_weight without a weight");
+  const at::cuda::OptionalCUDAGuard guard(rows.device());
+  rows = unit_cols(rows);
+  grad = unit_cols(grad);
+  const int64_t Q = index.size(0), C = rows.size(1), R = rows.size(0);
+  auto grad_rows = covered ? at::empty({R, C}, rows.options()) : at::zeros({R, C}, rows.options());
+  auto grad_weight = need_weight ? at::empty(index.sizes(), weight->options()) : at::Tensor();
+  auto grad_base = need_base ? at::empty({Q, C}, rows.options()) : at::Tensor();
+  if (Q == 0) return {grad_rows, grad_weight, grad_base};
+  if (C == 0) {
+    if (need_weight) grad_weight.zero_();
+    return {grad_rows, grad_weight, grad_base};
+  }
+  const int E = ends ? (int)ends->size(0) : 0;
+  NETMOE_DISPATCH_ROWS(rows, "combine_backward", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    const bool fit = packs_fit(C, sizeof(scalar_t), {{grad.data_ptr(), ld_of(grad)}, {rows.data_ptr(), ld_of(rows)},
+                                                     {opt_ptr<scalar_t>(bias), C}, {grad_rows.data_ptr(), C},
+                                                     {need_base ? grad_base.data_ptr() : nullptr, C}});
+    with_pack<scalar_t>(fit, [&](auto v) {
+      combine_backward_kernel<scalar_t, decltype(v)::value><<<row_blocks(Q), 32 * kRowWarps, 0, stream()>>>(
+          grad.data_ptr<scalar_t>(), ld_of(grad), rows.data_ptr<scalar_t>(), ld_of(rows), R,
+          index.data_ptr<int64_t>(), (int)index.size(1), opt_ptr<A>(weight), opt_ptr<scalar_t>(bias),
+          opt_ptr<int>(ends), E, opt_ptr<A>(base_scale), opt_ptr<int64_t>(perm), seq, Q, C,
+          grad_rows.data_ptr<scalar_t>(), need_weight ? grad_weight.data_ptr<A>() : nullptr,
+          need_base ? grad_base.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {grad_rows, grad_weight, grad_base};
+}
+
+void check_segments(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& ends) {
+  check_rows(x, op, "rows");
+  check_ends(ends, x, op);
+  TORCH_CHECK(x.size(0) < INT_MAX, op, ": more than 2^31 - 1 rows");
+}
+
+at::Tensor bias_gelu(at::Tensor pre, at::Tensor bias, at::Tensor ends) {
+  check_segments("bias_gelu", pre, ends);
+  TORCH_CHECK(bias.device() == pre.device() && bias.scalar_type() == pre.scalar_type() && bias.dim() == 2 &&
+              bias.size(0) == ends.size(0) && bias.size(1) == pre.size(1),
+              "bias_gelu: bias must be [E, F] in pre's dtype");
+  const at::cuda::OptionalCUDAGuard guard(pre.device());
+  pre = unit_cols(pre);
+  bias = bias.contiguous();
+  const int64_t R = pre.size(0), C = pre.size(1);
+  auto out = at::empty({R, C}, pre.options());
+  if (R == 0 || C == 0) return out;
+  NETMOE_DISPATCH_ROWS(pre, "bias_gelu", [&] {
+    const bool fit = packs_fit(C, sizeof(scalar_t), {{pre.data_ptr(), ld_of(pre)}, {bias.data_ptr(), C}, {out.data_ptr(), C}});
+    with_pack<scalar_t>(fit, [&](auto v) {
+      bias_gelu_kernel<scalar_t, decltype(v)::value><<<row_blocks(R), 32 * kRowWarps, 0, stream()>>>(
+          pre.data_ptr<scalar_t>(), ld_of(pre), R, C, bias.data_ptr<scalar_t>(), ends.data_ptr<int>(),
+          (int)ends.size(0), out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// Partial sums over chunks, then each expert's in order: [E, C] in the accumulation type. With
+// pre (and bias), the rows summed are GELU's backward of x, written to grad_pre.
+at::Tensor segments(const at::Tensor& x, const at::Tensor& ends, const at::Tensor* pre, const at::Tensor* bias,
+                    at::Tensor* grad_pre) {
+  const int64_t R = x.size(0), C = x.size(1);
+  const int E = (int)ends.size(0);
+  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
+  auto out = at::empty({E, C}, acc);
+  if (C == 0) return out;
+  if (R == 0) return out.zero_();
+  const int64_t chunks = (R + kSegRows - 1) / kSegRows;
+  auto partial = at::empty({chunks + E, C}, acc);
+  NETMOE_DISPATCH_ROWS(x, "segment_sum", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    const bool fit = packs_fit(C, sizeof(scalar_t), {{x.data_ptr(), ld_of(x)}, {pre ? pre->data_ptr() : nullptr, C},
+                                                     {bias ? bias->data_ptr() : nullptr, C},
+                                                     {grad_pre ? grad_pre->data_ptr() : nullptr, C}});
+    with_pack<scalar_t>(fit, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      const int64_t packs = (C + V - 1) / V;
+      const int threads = (int)std::min<int64_t>(128, (packs + 31) / 32 * 32);
+      const dim3 grid((unsigned)chunks, (unsigned)((packs + threads - 1) / threads));
+      if (pre) {
+        segment_partial_kernel<scalar_t, V, true><<<grid, threads, 0, stream()>>>(
+            x.data_ptr<scalar_t>(), ld_of(x), pre->data_ptr<scalar_t>(), bias->data_ptr<scalar_t>(),
+            ends.data_ptr<int>(), E, R, C, grad_pre->data_ptr<scalar_t>(), partial.data_ptr<A>());
+      } else {
+        segment_partial_kernel<scalar_t, V, false><<<grid, threads, 0, stream()>>>(
+            x.data_ptr<scalar_t>(), ld_of(x), nullptr, nullptr, ends.data_ptr<int>(), E, R, C, nullptr,
+            partial.data_ptr<A>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    segment_reduce_kernel<A><<<dim3((unsigned)((C + 255) / 256), (unsigned)E), 256, 0, stream()>>>(
+        partial.data_ptr<A>(), ends.data_ptr<int>(), C, out.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor segment_sum(at::Tensor x, at::Tensor ends) {
+  check_segments("segment_sum", x, ends);
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  x = unit_cols(x);
+  return segments(x, ends, nullptr, nullptr, nullptr);
+}
+
+std::vector<at::Tensor> bias_gelu_backward(at::Tensor grad, at::Tensor pre, at::Tensor bias, at::Tensor ends) {
+  check_segments("bias_gelu_backward", grad, ends);
+  TORCH_CHECK(pre.sizes() == grad.sizes() && pre.scalar_type() == grad.scalar_type() && pre.device() == grad.device(),
+              "bias_gelu_backward: pre must be grad's shape and dtype");
+  TORCH_CHECK(bias.device() == pre.device() && bias.scalar_type() == pre.scalar_type() && bias.dim() == 2 &&
+              bias.size(0) == ends.size(0) && bias.size(1) == pre.size(1),
+              "bias_gelu_backward: bias must be [E, F] in pre's dtype");
+  const at::cuda::OptionalCUDAGuard guard(grad.device());
+  grad = unit_cols(grad);
+  pre = pre.contiguous();
+  bias = bias.contiguous();
+  auto grad_pre = at::empty(pre.sizes(), pre.options());
+  auto grad_bias = segments(grad, ends, &pre, &bias, &grad_pre);
+  return {grad_pre, grad_bias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -481,4 +1034,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("route"), py::arg("slot"));
   m.def("gather_order", &gather_order, "torch.argsort(dest[src] * num_samples + src, stable=True)",
         py::arg("src"), py::arg("dest"), py::arg("num_samples"));
+  m.def("permute_rows", &permute_rows, "x[src]: rows [T, C] copied to [R, C]", py::arg("x"), py::arg("src"));
+  m.def("combine", &combine, "netmoe.combine: each output row's rows, weighted, with bias and base",
+        py::arg("rows"), py::arg("index"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+        py::arg("ends") = py::none(), py::arg("base") = py::none(), py::arg("base_scale") = py::none(),
+        py::arg("perm") = py::none(), py::arg("seq") = 1);
+  m.def("combine_backward", &combine_backward, "netmoe.combine_backward: grad_rows, grad_weight, grad_base",
+        py::arg("grad"), py::arg("rows"), py::arg("index"), py::arg("weight"), py::arg("bias"), py::arg("ends"),
+        py::arg("base_scale"), py::arg("perm"), py::arg("seq"), py::arg("need_base"), py::arg("need_weight"),
+        py::arg("covered"));
+  m.def("bias_gelu", &bias_gelu, "GELU(pre + bias[expert of row])", py::arg("pre"), py::arg("bias"), py::arg("ends"));
+  m.def("bias_gelu_backward", &bias_gelu_backward, "grad_pre, grad_bias of bias_gelu",
+        py::arg("grad"), py::arg("pre"), py::arg("bias"), py::arg("ends"));
+  m.def("segment_sum", &segment_sum, "[E, C]: the sum of each expert's rows", py::arg("x"), py::arg("ends"));
 }

@@ -169,15 +169,121 @@ def gather_order(src, dest, num_samples):
     return torch.argsort(dest[src] * num_samples + src, stable=True)
 
 
+def permute_rows(x, src):
+    """Dispatch's copy: out[r] = x[src[r]], rows of x [T, C], src [R] in range (the kernel, which
+    checks nothing on the device, writes a zero row for an id out of range)."""
+    return x.index_select(0, src)
+
+
+def _acc(dtype):
+    """The dtype the row kernels accumulate in: float64 for float64 rows, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expert_of(ends, rows):
+    """[rows] the expert of each row, rows of expert e being [ends[e - 1], ends[e])."""
+    at = torch.arange(rows, device=ends.device)
+    return torch.searchsorted(ends.long(), at, right=True).clamp_(max=max(len(ends) - 1, 0))
+
+
+def _choices(rows, index, weight):
+    """index with its out-of-range entries (-1: no row) at 0, and each entry's weight (0 there)."""
+    valid = (index >= 0) & (index < rows.shape[0])
+    acc = _acc(rows.dtype)
+    w = valid.to(acc) if weight is None else weight.to(acc) * valid
+    return torch.where(valid, index, 0), w, valid
+
+
+def _token_order(t, perm, seq):
+    """Rows of t [Q, C] in output order, perm [Q / seq] (output row q holds token
+    perm[q // seq] * seq + q % seq), back in token order."""
+    if perm is None:
+        return t
+    return t.view(len(perm), seq, -1)[torch.argsort(perm)].reshape(t.shape)
+
+
+def combine(rows, index, weight=None, bias=None, ends=None, base=None, base_scale=None, perm=None, seq=1):
+    """Combine, the gather's sum: for token t of index [Q, k] (its rows, -1 for none),
+    out_t = base_scale[t] * base[t] + sum_j weight[t, j] * (rows[index[t, j]] + bias[e]), e the
+    expert of that row (rows grouped by expert, ends [E] their ends); then the output in the
+    order perm gives (row q holds token perm[q // seq] * seq + q % seq). Accumulated in float32
+    (float64 rows: float64), returned in the rows' dtype. Every term is optional. Its kernel sums
+    each output row's k rows in one warp: no atomics, every token's rows being known."""
+    Q, C = index.shape[0], rows.shape[1]
+    acc = _acc(rows.dtype)
+    idx, w, _ = _choices(rows, index, weight)
+    if rows.shape[0]:
+        r = rows.to(acc)[idx]                                   # [Q, k, C]
+        if bias is not None:
+            r = r + bias.to(acc)[_expert_of(ends, rows.shape[0])[idx]]
+        out = (w[..., None] * r).sum(1)
+    else:
+        out = torch.zeros(Q, C, dtype=acc, device=rows.device)
+    if base is not None:
+        out = out + base.to(acc) * (1 if base_scale is None else base_scale.to(acc)[:, None])
+    if perm is not None:
+        out = out.view(len(perm), seq, C)[perm].reshape(Q, C)
+    return out.to(rows.dtype)
+
+
+def combine_backward(grad, rows, index, weight, bias, ends, base_scale, perm, seq, need_base, need_weight, covered):
+    """combine's backward for grad [Q, C] of its output: (grad_rows [R, C], grad_weight [Q, k]
+    or None, grad_base [Q, C] or None). grad_weight sums its products each rounded to the rows'
+    dtype, as autograd rounds those of a bf16 `weight * rows` (a product of bf16 values is exact
+    in float32: the rounding is the one the torch ops this replaces make). covered: every row is
+    named by exactly one entry of index (the kernel then writes grad_rows without zeroing it)."""
+    acc, R = _acc(rows.dtype), rows.shape[0]
+    g = _token_order(grad.to(acc), perm, seq)
+    idx, w, valid = _choices(rows, index, weight)
+    grad_rows = torch.zeros(R, rows.shape[1], dtype=acc, device=rows.device)
+    grad_rows.index_put_((idx[valid],), (w[..., None] * g[:, None])[valid], accumulate=True)
+    grad_weight = grad_base = None
+    if need_weight:
+        r = rows.to(acc)[idx] if R else torch.zeros(idx.shape + (rows.shape[1],), dtype=acc, device=rows.device)
+        if bias is not None and R:
+            r = r + bias.to(acc)[_expert_of(ends, R)[idx]]
+        grad_weight = (r * g[:, None]).to(rows.dtype).to(acc).sum(-1) * valid
+    if need_base:
+        grad_base = (g if base_scale is None else g * base_scale.to(acc)[:, None]).to(rows.dtype)
+    return grad_rows.to(rows.dtype), grad_weight, grad_base
+
+
+def bias_gelu(pre, bias, ends):
+    """The first product's epilogue: GELU(pre + bias[e]) of each row of pre [R, F], e its
+    expert (ends [E]); in float32 (float64 rows: float64), returned in pre's dtype."""
+    z = pre.to(_acc(pre.dtype)) + bias.to(_acc(pre.dtype))[_expert_of(ends, pre.shape[0])]
+    return F.gelu(z).to(pre.dtype)
+
+
+def bias_gelu_backward(grad, pre, bias, ends):
+    """bias_gelu's backward: (grad_pre [R, F] in pre's dtype, grad_bias [E, F] in the
+    accumulation dtype), grad_bias summing each expert's rows of grad_pre before its rounding."""
+    acc = _acc(pre.dtype)
+    expert = _expert_of(ends, pre.shape[0])
+    z = pre.to(acc) + bias.to(acc)[expert]
+    g = grad.to(acc) * (0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) / (2 * np.pi) ** 0.5)
+    return g.to(pre.dtype), torch.zeros(len(ends), pre.shape[1], dtype=acc, device=pre.device).index_add_(0, expert, g)
+
+
+def segment_sum(x, ends):
+    """[E, C]: the sum of each expert's rows of x [R, C] (ends [E]), in the accumulation dtype:
+    an output bias's gradient."""
+    return torch.zeros(len(ends), x.shape[1], dtype=_acc(x.dtype), device=x.device).index_add_(
+        0, _expert_of(ends, x.shape[0]), x.to(_acc(x.dtype)))
+
+
 # kernels.cu's ops in plain torch, under the kernels' names: what each kernel is tested against
 REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, node_counts=node_counts,
-                                      dispatch_order=dispatch_order, gather_order=gather_order)
+                                      dispatch_order=dispatch_order, gather_order=gather_order,
+                                      permute_rows=permute_rows, combine=combine, combine_backward=combine_backward,
+                                      bias_gelu=bias_gelu, bias_gelu_backward=bias_gelu_backward,
+                                      segment_sum=segment_sum)
 _KERNELS = None
 
 
 def hot_path(device):
-    """count_tokens / node_counts / dispatch_order / gather_order for tensors on `device`: the kernels of
-    kernels.cu on CUDA (built on first use), else the torch references above. Same results."""
+    """REFERENCE_OPS' ops for tensors on `device`: the kernels of kernels.cu on CUDA (built on
+    first use), else the torch references above. Same results (the row ops' to float rounding)."""
     global _KERNELS
     if torch.device(device).type != "cuda" or os.environ.get("NETMOE_NO_KERNELS") == "1":
         return REFERENCE_OPS
@@ -844,6 +950,80 @@ def pipeline(chunks):
 # ---------------------------------------------------------------------------------------------
 
 
+def _inverse(order, rows=None):
+    """inv[order[i]] = i, and -1 where order names no entry (rows: the entries, default len(order))."""
+    n = len(order) if rows is None else rows
+    inv = torch.full((n,), -1, dtype=torch.int64, device=order.device) if n != len(order) else torch.empty_like(order)
+    return inv.index_put_((order,), torch.arange(len(order), device=order.device))
+
+
+class _Permute(torch.autograd.Function):
+    """Dispatch: rows[r] = x[src[r]]; inv [T, k] names the rows each row of x went to (-1: none),
+    so backward sums them back into x's row by row (combine), with no atomics."""
+
+    @staticmethod
+    def forward(ctx, x, src, inv):
+        ctx.ops = hot_path(x.device)
+        ctx.save_for_backward(inv)
+        return ctx.ops.permute_rows(x, src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        return ctx.ops.combine(grad, inv, None, None, None, None, None, None, 1), None, None
+
+
+def permute(x, src, inv):
+    """rows x[src] of x [T, C], the gradient summed back through inv (see _Permute)."""
+    return _Permute.apply(x, src, inv)
+
+
+class _Combine(torch.autograd.Function):
+    """netmoe.combine with its gradients (rows, weight, bias, base); see combine."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, base, index, ends, base_scale, perm, seq, covered):
+        ctx.ops, ctx.seq, ctx.covered, ctx.has_base = hot_path(rows.device), seq, covered, base is not None
+        ctx.save_for_backward(rows, weight, bias, index, ends, base_scale, perm)
+        return ctx.ops.combine(rows, index, weight, bias, ends, base, base_scale, perm, seq)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, bias, index, ends, base_scale, perm = ctx.saved_tensors
+        need_weight, need_base = weight is not None and ctx.needs_input_grad[1], ctx.has_base and ctx.needs_input_grad[3]
+        g_rows, g_weight, g_base = ctx.ops.combine_backward(grad, rows, index, weight, bias, ends, base_scale, perm,
+                                                            ctx.seq, need_base, need_weight, ctx.covered)
+        g_bias = ctx.ops.segment_sum(g_rows, ends).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] \
+            else None
+        return (g_rows, g_weight if need_weight else None, g_bias, g_base if need_base else None) + (None,) * 6
+
+
+def combine_rows(rows, index, weight=None, bias=None, ends=None, base=None, base_scale=None, perm=None, seq=1,
+                 covered=False):
+    """combine (the kernel on CUDA) with autograd through rows, weight, bias and base. weight and
+    base_scale are taken in the accumulation dtype, bias and base in the rows'."""
+    acc = _acc(rows.dtype)
+    cast = lambda t, dtype: None if t is None else t.to(dtype)
+    return _Combine.apply(rows, cast(weight, acc), cast(bias, rows.dtype), cast(base, rows.dtype), index, ends,
+                          cast(base_scale, acc), perm, seq, covered)
+
+
+class _BiasGelu(torch.autograd.Function):
+    """bias_gelu with its gradients: one pass each way, the bias's gradient summed in backward's."""
+
+    @staticmethod
+    def forward(ctx, pre, bias, ends):
+        ctx.ops = hot_path(pre.device)
+        ctx.save_for_backward(pre, bias, ends)
+        return ctx.ops.bias_gelu(pre, bias, ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, bias, ends = ctx.saved_tensors
+        g_pre, g_bias = ctx.ops.bias_gelu_backward(grad, pre, bias, ends)
+        return g_pre, g_bias.to(bias.dtype), None
+
+
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
     """What a scatter returns and its gather takes back: the rows on the experts' side, and what
@@ -857,7 +1037,18 @@ class Dispatch:
     shape: tuple               # (B, S, H) of the scattered x
     top_k: int
     routing: Routing
-    grouped: bool = False      # rows in ascending expert order already (in one process)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSide:
+    """What an exchange is handed of a layer's experts: norm (its LayerNorm, rows -> rows), ffn
+    (its Experts: rows of LN(x) grouped by expert -> (f, bias, ends)), shared (rows of LN(x) ->
+    the shared experts' summed FFN; None without them), and h = LN(x) of the layer's own rows as
+    its gate computed it (in one process the rows of h travel, not those of x)."""
+    norm: object
+    ffn: object
+    shared: object = None
+    h: torch.Tensor = None
 
 
 def _with_ints(rows, *ints):
@@ -906,49 +1097,27 @@ class Exchange:
         self.tiers = {}   # a communicator per tier, where the hops hold one of their own
 
     def run(self, x, g, route, routing, experts, solve):
-        """The layer's rows in chunks (routing.chunks: positions [a, b) of every sample and their
-        Routing), pipelined (Tutel's and Megatron's overlap): chunk c + 1's scatter is in flight
-        while chunk c's experts compute, chunk c's gather while chunk c + 1 computes, and in
-        backward the same; every chunk's gather waits for the placement. One chunk: as plain EP."""
-        def chunk(a, b, r):
-            d = yield from self._scatter(x[:, a:b], g[:, a:b], route[:, a:b], r)
-            y = experts(d)
-            out, keep = yield from self._gather(y, d, solve.result())
-            return out, keep
-        # one chunk: the whole routing, whose per-device counts the layer has already
-        chunks = routing.chunks if len(routing.chunks) > 1 else [((0, x.shape[1]), routing)]
-        done = pipeline([chunk(a, b, r) for (a, b), r in chunks])
-        return torch.cat([out for out, _ in done], 1), done[0][1], solve.result()
-
-    def scatter(self, x, g, route, routing):
-        """(token, k) rows to their experts' devices, in one piece: a Dispatch."""
-        return _finish(self._scatter(x, g, route, routing))
-
-    def gather(self, y, d, dest):
-        """Each row back to dest[its sample], in one piece: (out [B, S, H], keep)."""
-        return _finish(self._gather(y, d, dest))
+        """In one process nothing travels, so the layer runs in one piece, fused: one permute puts
+        the (token, k) rows of LN(x) (the gate's, `experts.h`) in expert order, the experts compute,
+        and one combine sums each token's K rows times their gate weights, adds the output bias,
+        the residual and the shared experts, and writes the token into its sample's new slot."""
+        (B, S, H), K = x.shape, route.shape[-1]
+        T, dev = B * S, x.device
+        order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
+        inv = _inverse(order).view(T, K)
+        h = experts.h.reshape(T, H)
+        f, bias, ends = experts.ffn(permute(h, order // K, inv),
+                                    routing.num.sum(0)[self.local_experts(routing)].tolist())
+        base = x.reshape(T, H) if experts.shared is None else x.reshape(T, H) + experts.shared(h)
+        dest = solve.result()
+        keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
+        perm = None if np.array_equal(keep, np.arange(B)) else torch.as_tensor(keep, device=dev)
+        out = combine_rows(f.to(x.dtype), inv, g.reshape(T, K), bias, ends, base, perm=perm, seq=S, covered=True)
+        return out.view(B, S, H), keep, dest
 
     def local_experts(self, routing):
         """The experts this rank holds, in slot order (all E in one process)."""
         return np.argsort(routing.slot, kind="stable")
-
-    def _scatter(self, x, g, route, routing):
-        (B, S, H), K = x.shape, route.shape[-1]
-        slot = torch.as_tensor(routing.slot, device=x.device)
-        order = hot_path(x.device).dispatch_order(route, slot)
-        return Dispatch(x.reshape(-1, H)[order // K], g.reshape(-1)[order].to(x.dtype), slot[route.reshape(-1)[order]],
-                        routing.num.sum(0)[self.local_experts(routing)].tolist(), order // (S * K), order % (S * K),
-                        (B, S, H), K, routing, grouped=True)
-        yield   # unreachable: a generator with no hop to wait on, as the exchanges' steps are
-
-    def _gather(self, y, d, dest):
-        I, (_, S, H) = len(dest), d.shape
-        keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
-        new = np.empty(I, dtype=np.int64)
-        new[keep] = np.arange(I)
-        row = torch.as_tensor(new, device=y.device)[d.src] * S + d.pos // d.top_k
-        return y.new_zeros(I * S, H).index_add(0, row, y).view(I, S, H), keep
-        yield   # unreachable, as above
 
 
 class ExpertExchange(Exchange):
@@ -967,9 +1136,52 @@ class ExpertExchange(Exchange):
         with ops' counts (the kernels, their torch references, or HOST_OPS): num."""
         return dict(num=ops.count_tokens(route, num_experts))
 
+    def run(self, x, g, route, routing, experts, solve):
+        """The layer's rows in chunks (routing.chunks: positions [a, b) of every sample and their
+        Routing), pipelined (Tutel's and Megatron's overlap): chunk c + 1's scatter is in flight
+        while chunk c's experts compute, chunk c's gather while chunk c + 1 computes, and in
+        backward the same; every chunk's gather waits for the placement. One chunk: as plain EP."""
+        def chunk(a, b, r):
+            d = yield from self._scatter(x[:, a:b], g[:, a:b], route[:, a:b], r)
+            y = self._experts(d, experts)
+            out, keep = yield from self._gather(y, d, solve.result())
+            return out, keep
+        # one chunk: the whole routing, whose per-device counts the layer has already
+        chunks = routing.chunks if len(routing.chunks) > 1 else [((0, x.shape[1]), routing)]
+        done = pipeline([chunk(a, b, r) for (a, b), r in chunks])
+        return torch.cat([out for out, _ in done], 1), done[0][1], solve.result()
+
+    def scatter(self, x, g, route, routing):
+        """(token, k) rows to their experts' devices, in one piece: a Dispatch."""
+        return _finish(self._scatter(x, g, route, routing))
+
+    def gather(self, y, d, dest):
+        """Each row back to dest[its sample], in one piece: (out [B, S, H], keep)."""
+        return _finish(self._gather(y, d, dest))
+
     def local_experts(self, routing):
         per = len(routing.slot) // self.J
         return super().local_experts(routing)[self.rank * per:(self.rank + 1) * per]
+
+    @staticmethod
+    def _experts(d, experts):
+        """What the experts send back for the rows of Dispatch d, in their arrival order: rows put in
+        expert order (one permute), LN, the experts' FFN, then one combine that applies the gate
+        weight and the output bias and inlines the residual in exactly one of a token's K rows
+        (App. A.1): x + g * FFN(LN(x)) there, g * FFN(LN(x)) in the others. The shared experts ride
+        with the residual: computed on each token's first row, they need no byte more on the wire and
+        land wherever the sample goes (computed where the token sits, their output would have to
+        follow it to its new device); finding those rows is a host sync on a GPU."""
+        dev, acc = d.rows.device, _acc(d.rows.dtype)
+        order = hot_path(dev).dispatch_order(d.expert.view(1, -1, 1), torch.arange(len(d.counts), device=dev))
+        inv = _inverse(order)[:, None]
+        f, bias, ends = experts.ffn(experts.norm(permute(d.rows, order, inv)), d.counts)
+        first = d.pos % d.top_k == 0
+        y = combine_rows(f.to(d.rows.dtype), inv, d.gate[:, None], bias, ends, d.rows, first.to(acc), covered=True)
+        if experts.shared is not None:
+            at = first.nonzero()[:, 0]
+            y = y.index_add(0, at, experts.shared(experts.norm(d.rows[at])).to(y.dtype))
+        return y
 
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
@@ -981,8 +1193,8 @@ class ExpertExchange(Exchange):
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
         I, dev, local = num.shape[0], x.device, self.local_experts(routing)
         order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
-        payload = _with_ints(torch.cat([x.reshape(-1, H)[order // K], g.reshape(-1, 1)[order].to(x.dtype)], 1),
-                             order % (S * K))
+        rows = permute(x.reshape(-1, H), order // K, _inverse(order).view(-1, K))
+        payload = _with_ints(torch.cat([rows, g.reshape(-1, 1)[order].to(x.dtype)], 1), order % (S * K))
         flight = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
         yield
         recv = flight.wait()
@@ -1010,8 +1222,10 @@ class ExpertExchange(Exchange):
         back = flight.wait()
         reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
-        row = new_slot * S + _ints(back[:, H:], 1)[:, 0] // d.top_k
-        return y.new_zeros(B * S, H).index_add(0, row, back[:, :H]).view(B, S, H), keep
+        # every (token, k) of the samples kept here arrives once: row s * K + k of its new slot
+        index = _inverse(new_slot * (S * d.top_k) + _ints(back[:, H:], 1)[:, 0], B * S * d.top_k)
+        out = combine_rows(back[:, :H], index.view(B * S, d.top_k), covered=True)
+        return out.view(B, S, H), keep
 
     def _send(self, phase, rows, send, recv, tier=None):
         """A Flight of rows, started: send[j] of them to rank j, recv[j] from rank j, on the
@@ -1080,7 +1294,9 @@ class NodeExchange(ExpertExchange):
         send = np.where(rail, per_rank[r, ranks // G], 0)
         recv = np.where(rail, per_rank[:, n], 0)
         mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
-        flight = self._send("scatter", own[mbs[:, 1] * S + mbs[:, 2]], send, recv, "inter")
+        token = mbs[:, 1] * S + mbs[:, 2]
+        rows = permute(own, token, _inverse(token * N + mbs[:, 0], B * S * N).view(B * S, N))
+        flight = self._send("scatter", rows, send, recv, "inter")
         yield
         got = flight.wait().split(recv.tolist())
         # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
@@ -1099,8 +1315,8 @@ class NodeExchange(ExpertExchange):
         order = ops.dispatch_order(meta[None, :, 1:], torch.as_tensor(key, device=dev))
         order = order[:int(per_node[on_rail == gl, n].sum())]
         t = order // K
-        payload = _with_ints(torch.cat([held[t, :H], held[:, H:H + K].reshape(-1, 1)[order]], 1),
-                             meta[t, 0] * K + order % K)
+        rows = permute(held[:, :H], t, _inverse(order, len(held) * K).view(-1, K))
+        payload = _with_ints(torch.cat([rows, held[:, H:H + K].reshape(-1, 1)[order]], 1), meta[t, 0] * K + order % K)
         rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
         np.add.at(rail_dev, on_rail, per_dev)
         node = ranks // G == n
@@ -1155,7 +1371,9 @@ class NodeExchange(ExpertExchange):
         present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
         compact = present.cumsum(0) - 1
         row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
-        summed = y.new_zeros(B * S + n_part, H).index_add(0, row, got[:, :H])
+        # each (token, k) comes once: row's entry k of its K (sum each one's K rows, no atomics)
+        index = _inverse(row * K + _ints(got[:, H:], 1)[:, 0] % K, (B * S + n_part) * K)
+        summed = combine_rows(got[:, :H], index.view(-1, K), covered=True)
         # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
         # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
         # names each row's sample from nc and dest; s travels.
@@ -1166,10 +1384,14 @@ class NodeExchange(ExpertExchange):
                             np.where(rail, nc[keep][:, ranks // G].sum(0), 0), "inter")
         yield
         back = flight.wait()
-        reps = torch.as_tensor(nc[keep][:, ranks[rail] // G].T.reshape(-1), device=dev)   # (source, new slot)
-        new_slot = torch.arange(B, device=dev).repeat(int(rail.sum())).repeat_interleave(
-            reps, output_size=int(reps.sum()))
-        out = summed[:B * S].index_add(0, new_slot * S + _ints(back[:, H:], 1)[:, 0], back[:, :H])
+        per_src = nc[keep][:, ranks[rail] // G].T                    # [source, new slot]: arrival order
+        n_src, dev_counts = len(per_src), torch.as_tensor(per_src.reshape(-1), device=dev)
+        new_slot = torch.arange(B, device=dev).repeat(n_src).repeat_interleave(dev_counts, output_size=int(per_src.sum()))
+        source = torch.arange(n_src, device=dev).repeat_interleave(
+            torch.as_tensor(per_src.sum(1), device=dev), output_size=int(per_src.sum()))
+        # one partial sum per (token, source node): entry `source` of the token's
+        index = _inverse((new_slot * S + _ints(back[:, H:], 1)[:, 0]) * n_src + source, B * S * n_src)
+        out = combine_rows(back[:, :H], index.view(B * S, n_src), base=summed[:B * S], covered=True)
         return out.view(B, S, H), keep
 
 
@@ -1363,7 +1585,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
-                 exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1):
+                 exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1, expert_bias=True):
         super().__init__()
         _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top)
         self.chunks, self.route_groups, self.group_top = int(chunks), route_groups, group_top
@@ -1385,10 +1607,7 @@ class MoELayer(nn.Module):
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
         self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.w1 = nn.Parameter(torch.randn(n_local, hidden, ffn_hidden) * 0.02)
-        self.b1 = nn.Parameter(torch.zeros(n_local, ffn_hidden))
-        self.w2 = nn.Parameter(torch.randn(n_local, ffn_hidden, hidden) * 0.02)
-        self.b2 = nn.Parameter(torch.zeros(n_local, hidden))
+        self.experts = Experts(n_local, hidden, ffn_hidden, expert_bias)
         # shared experts (DeepSeek's): every token passes through them, with weights replicated on
         # every rank as the dense ones are; none when shared_experts = 0
         self.shared_experts = n = shared_experts
@@ -1397,14 +1616,18 @@ class MoELayer(nn.Module):
             self.sb1 = nn.Parameter(torch.zeros(n, ffn_hidden))
             self.sw2 = nn.Parameter(torch.randn(n, ffn_hidden, hidden) * 0.02)
             self.sb2 = nn.Parameter(torch.zeros(n, hidden))
-        for p in (self.w1, self.b1, self.w2, self.b2):
-            p.expert = True   # not averaged over ranks: each rank owns its experts
         self.record = False   # keep (sid, route, predicted next route) of the last call, for traces
         self.last_routes = None
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats = MoEStats()
         self._checked_batch = None   # the batch size every rank was last seen to hold
         self.recent = collections.deque(maxlen=RELAYOUT_WINDOW)   # num of the last batches, for expert_layout
+
+    # the local experts' weights, [n_local, ...] (None: no expert biases)
+    w1 = property(lambda self: self.experts.w1)
+    b1 = property(lambda self: self.experts.b1)
+    w2 = property(lambda self: self.experts.w2)
+    b2 = property(lambda self: self.experts.b2)
 
     def set_expert_device(self, expert_device):
         """Expert e lives on device expert_device[e]; rows are ordered by `slot` = device-major position."""
@@ -1426,7 +1649,7 @@ class MoELayer(nn.Module):
         if distributed and not _same_everywhere(new, self.group):
             raise RuntimeError("ranks passed different expert maps to relayout; compute the map on one rank "
                                "and broadcast it, or weights would move to the wrong places")
-        params = [self.w1, self.b1, self.w2, self.b2]
+        params = [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
         if any(p.grad is not None for p in params):
             raise RuntimeError("relayout moves experts between optimizer steps: clear the gradients first "
                                "(optimizer.zero_grad(set_to_none=True))")
@@ -1463,16 +1686,16 @@ class MoELayer(nn.Module):
                 offset += n
         return changed
 
-    def logits(self, x):
-        """The gate's logits [B, S, E] on LN(x)."""
-        h = layer_norm(x, self.ln)
+    def logits(self, x, h=None):
+        """The gate's logits [B, S, E] on h = LN(x) (computed here unless given)."""
+        h = layer_norm(x, self.ln) if h is None else h
         return F.linear(h, self.gate.weight.to(h.dtype))
 
-    def route(self, x):
+    def route(self, x, h=None):
         """Gate: softmax over E, top-K, weights renormalised over the K. Returns (probs, g, route).
         K = 1 keeps the raw probability (Switch): renormalised it would be 1, and the gate would
-        learn from the load-balance loss alone."""
-        logits = self.logits(x)
+        learn from the load-balance loss alone. h: LN(x), where the caller has it."""
+        logits = self.logits(x, h)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         top, route = group_limited(probs, self.route_groups, self.group_top).topk(self.top_k, dim=-1)
         if self.route_groups > 1:   # the weights of the experts chosen, from the full softmax
@@ -1491,7 +1714,8 @@ class MoELayer(nn.Module):
         B, S, H = self._check_input(x, sid)
         sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
         # 1. Gate; and the lookahead (paper Sec. 3.3): the next layer's gate on this input
-        probs, g, route = self.route(x)
+        h = layer_norm(x, self.ln)
+        probs, g, route = self.route(x, h)
         lookahead = self.placement.lookahead and next_layer is not None
         pred = self._predict(x, next_layer) if next_layer is not None and (lookahead or self.record) else None
         if self.record:
@@ -1510,7 +1734,9 @@ class MoELayer(nn.Module):
         solve = _Solve(self.placement, routing, routing_next, here, by_id, inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices; 5. the experts; 6. join the solve;
         # 7. gather: each row to dest[its sample], the receiver summing a token's K rows
-        out, keep, dest = self.exchange.run(x, g, route, routing, self._expert_side, solve)
+        side = ExpertSide(functools.partial(layer_norm, ln=self.ln), self.experts,
+                          self.shared if self.shared_experts else None, h)
+        out, keep, dest = self.exchange.run(x, g, route, routing, side, solve)
         self._stats.solver_ms += solve.seconds * 1e3
         self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
@@ -1521,25 +1747,8 @@ class MoELayer(nn.Module):
                                     len(_chunk_bounds(S, self.chunks)))
         return out, torch.as_tensor(sid_all[keep], device=x.device), aux
 
-    def _expert_side(self, d):
-        """What the experts send back for the rows of Dispatch d, with the residual inlined in
-        exactly one of a token's K rows (App. A.1): x + g * FFN(LN(x)) there, g * FFN(LN(x)) in
-        the others; one pass, in x's dtype."""
-        first = (d.pos % self.top_k == 0)[:, None]
-        y = torch.addcmul(torch.where(first, d.rows, 0), d.gate[:, None], self.experts(d.rows, d.expert, d.counts, d.grouped))
-        if self.shared_experts:
-            # The shared experts ride with the residual: computed on each token's first row, where
-            # it is inlined, they need no byte more on the wire and land wherever the sample goes
-            # (computed where the token sits, their output would have to follow it to its new
-            # device). Their compute follows the first choices' load; finding the first rows is
-            # a host sync on a GPU.
-            at = first[:, 0].nonzero()[:, 0]
-            y = y.index_add(0, at, self.shared(d.rows[at]))
-        return y
-
-    def shared(self, x):
-        """The shared experts' summed FFN(LN(x)) of rows x [R, H]."""
-        h = layer_norm(x, self.ln)
+    def shared(self, h):
+        """The shared experts' summed FFN of rows h [R, H] of LN(x)."""
         weights = [p.to(h.dtype).unbind(0) for p in (self.sw1, self.sb1, self.sw2, self.sb2)]
         return sum(_ffn(h, *w) for w in zip(*weights))
 
@@ -1604,18 +1813,6 @@ class MoELayer(nn.Module):
                                         for name in per[0]}, chunks=tuple(zip(bs, pieces))))
         return out[0], out[1] if pred is not None else None, meta[:, -1]
 
-    def experts(self, x, expert, counts, grouped=False):
-        """FFN_e(LN(x)) of every row, e = expert[i] a local expert index (counts[e] rows each).
-        Rows are grouped by expert for one grouped matrix product per weight (torch._grouped_mm,
-        bf16 on a Hopper GPU) or a loop over experts (the plain reference, and the path on CPU).
-        Either way expert weights are read, and their gradients written, once per call.
-        grouped: the rows come grouped by expert already (in one process), so none move."""
-        order = None if grouped else torch.argsort(expert, stable=True)
-        h = layer_norm(x if grouped else x[order], self.ln)
-        weights = (self.w1, self.b1, self.w2, self.b2)
-        y = (ffn_grouped if _grouped_mm_ok(h) else ffn_loop)(h, weights, counts)
-        return y if grouped else y.new_empty(y.shape).index_copy(0, order, y)
-
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
         if self.debug and not self.virtual and self.J > 1 and not _same_everywhere(dest, self.group):
@@ -1639,31 +1836,54 @@ def group_limited(probs, groups, top):
 
 
 def _ffn(h, w1, b1, w2, b2):
-    """One expert's FFN of rows h: GELU(h w1 + b1) w2 + b2."""
-    return torch.addmm(b2, F.gelu(torch.addmm(b1, h, w1)), w2)
+    """One expert's FFN of rows h: GELU(h w1 + b1) w2 + b2 (no biases where they are None)."""
+    mid = F.gelu(h @ w1 if b1 is None else torch.addmm(b1, h, w1))
+    return mid @ w2 if b2 is None else torch.addmm(b2, mid, w2)
 
 
 def ffn_loop(h, weights, counts):
     """Each expert's FFN on its counts[e] rows of h (grouped by expert), weights (w1, b1, w2, b2)
-    stacked over experts: the plain reference, and the path on CPU."""
+    stacked over experts (b1, b2 may be None): the plain reference, and the path on CPU."""
     # unbind, not w1[e]: indexing a stacked parameter makes autograd add a zero gradient of the
     # whole stack for every expert, O(E x weights) per call
-    w1, b1, w2, b2 = (p.to(h.dtype).unbind(0) for p in weights)
+    w1, b1, w2, b2 = ([None] * len(counts) if p is None else p.to(h.dtype).unbind(0) for p in weights)
     return torch.cat([_ffn(chunk, w1[e], b1[e], w2[e], b2[e]) for e, chunk in enumerate(h.split(counts))])
 
 
-def ffn_grouped(h, weights, counts):
-    """ffn_loop as one grouped matrix product per weight (torch._grouped_mm), bf16."""
-    w1, b1, w2, b2 = weights
+def ffn_grouped(h, weights, ends):
+    """ffn_loop without its output bias (the caller's combine adds it) as one grouped matrix product
+    per weight (torch._grouped_mm), bf16; ends [E] int32 the rows' ends per expert. The first
+    product's bias and GELU are one pass each way (bias_gelu), with no [rows, E] one-hot product."""
+    w1, b1, w2 = weights
     dtype = torch.bfloat16 if h.is_cuda or torch.is_autocast_enabled("cpu") else h.dtype
-    ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
-    # each row's expert bias as a product with the one-hot rows x experts matrix: its backward
-    # is a matrix product too, where indexing the biases would add 10^5 rows into E atomically
-    which = torch.repeat_interleave(torch.as_tensor(counts).to(h.device, non_blocking=True), output_size=h.shape[0])
-    one_hot = F.one_hot(which, len(counts)).to(dtype)
     with torch.autocast(h.device.type, enabled=False):
-        mid = F.gelu(torch._grouped_mm(h.to(dtype), w1.to(dtype), offs=ends) + one_hot @ b1.to(dtype))
-        return torch._grouped_mm(mid, w2.to(dtype), offs=ends) + one_hot @ b2.to(dtype)
+        pre = torch._grouped_mm(h.to(dtype), w1.to(dtype), offs=ends)
+        mid = F.gelu(pre) if b1 is None else _BiasGelu.apply(pre, b1.to(dtype), ends)
+        return torch._grouped_mm(mid, w2.to(dtype), offs=ends)
+
+
+class Experts(nn.Module):
+    """The experts' FFNs, FFN_e(h) = GELU(h w1_e + b1_e) w2_e + b2_e, of a rank's n experts (no
+    biases with bias=False): the MoE layer's expert component, which a benchmark may swap for any
+    module called the same way. forward(h, counts) takes rows h [R, H] of LN(x) grouped by expert,
+    counts[e] rows of expert e, and returns (f, bias, ends): f = FFN(h), less its output bias where
+    the caller is to add it (the grouped product's path, which fuses b2 into the combine: bias
+    [n, H] and ends [n] int32 the rows' ends per expert; else both None)."""
+
+    def __init__(self, n, hidden, ffn_hidden, bias=True):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n, hidden, ffn_hidden) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(n, ffn_hidden)) if bias else None
+        self.w2 = nn.Parameter(torch.randn(n, ffn_hidden, hidden) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(n, hidden)) if bias else None
+        for p in self.parameters():
+            p.expert = True   # not averaged over ranks: each rank owns its experts
+
+    def forward(self, h, counts):
+        if _grouped_mm_ok(h):
+            ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
+            return ffn_grouped(h, (self.w1, self.b1, self.w2), ends), self.b2, ends
+        return ffn_loop(h, (self.w1, self.b1, self.w2, self.b2), counts), None, None
 
 
 def layer_norm(x, ln):

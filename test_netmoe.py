@@ -1314,12 +1314,16 @@ def _experts_both_ways(device, dtype, autocast, monkeypatch, seed):
     expert = expert[torch.randperm(len(expert), generator=g)].to(device)   # rows in any order
     x = torch.randn(len(expert), 32, generator=g, dtype=torch.float64).to(device, dtype)
     w = torch.randn(len(expert), 32, generator=g, dtype=torch.float64).to(device)
+    order = torch.argsort(expert, stable=True)
     out = {}
     for way in ("grouped", "loop"):
         monkeypatch.setenv("NETMOE_GROUPED_MM", "0" if way == "loop" else "1")
         xi = x.clone().requires_grad_()
         with torch.autocast(device, torch.bfloat16, enabled=autocast):
-            y = layer.experts(xi, expert, counts)
+            f, bias, ends = layer.experts(netmoe.layer_norm(xi[order], layer.ln), counts)
+            if bias is not None:   # the output bias the combine adds on that path
+                f = f + bias.to(f.dtype)[expert[order]]
+            y = torch.empty_like(f).index_copy(0, order, f)
         (y.double() * w).sum().backward()
         out[way] = [y.detach().double(), xi.grad.double()] + [p.grad.double() for p in layer.parameters()
                                                             if p.grad is not None]
@@ -1341,6 +1345,144 @@ def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkey
     out = _experts_both_ways("cuda", torch.float32, True, monkeypatch, seed=4)
     for a, b in zip(out["grouped"], out["loop"]):   # both bf16 products: rounding apart, not more
         assert _rel(a, b) <= 2e-2
+
+# -- the row ops: dispatch's permute, the combine, the experts' bias and GELU, with autograd
+
+def _row_problem(gen, R, Q, Kc, C, E, covered, dtype=torch.float64, device="cpu", seq=1):
+    """Random inputs of combine: rows [R, C]; index [Q, Kc] naming every row once (covered) or
+    rows with repeats, gaps and -1 / out-of-range entries; weight, bias of E experts over ends with
+    empty experts; base, base_scale, and a permutation perm of the Q / seq output blocks."""
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)
+    if covered:
+        assert R <= Q * Kc
+        slots = torch.randperm(Q * Kc, generator=gen)[:R]
+        index = torch.full((Q * Kc,), -1, dtype=torch.int64)
+        index[slots] = torch.arange(R)
+    else:
+        index = torch.randint(-1, R + 2, (Q * Kc,), generator=gen)   # -1 and R, R + 1: no row
+    counts = torch.randint(E, (R,), generator=gen).bincount(minlength=E)
+    if E > 2:
+        counts[1] += counts[0]   # an expert with no rows
+        counts[0] = 0
+    ends = counts.cumsum(0).to(torch.int32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return dict(rows=rnd(R, C), index=index.view(Q, Kc).to(device), weight=rnd(Q, Kc).to(acc), bias=rnd(E, C),
+                ends=ends.to(device), base=rnd(Q, C), base_scale=rnd(Q).to(acc),
+                perm=torch.randperm(Q // seq, generator=gen).to(device), seq=seq)
+
+
+def _plain_combine(rows, index, weight, bias, ends, base, base_scale, perm, seq):
+    """combine by its definition, an output row at a time (autograd through plain torch ops)."""
+    expert = np.searchsorted(ends.cpu().numpy(), np.arange(len(rows)), side="right")
+    out = []
+    for t in range(index.shape[0]):
+        acc = torch.zeros(rows.shape[1], dtype=rows.dtype) if base is None else \
+            base[t] * (1 if base_scale is None else base_scale[t])
+        for j in range(index.shape[1]):
+            r = int(index[t, j])
+            if 0 <= r < len(rows):
+                acc = acc + (1 if weight is None else weight[t, j]) * (rows[r] + (0 if bias is None else bias[expert[r]]))
+        out.append(acc)
+    out = torch.stack(out) if out else torch.zeros(0, rows.shape[1], dtype=rows.dtype)
+    return out if perm is None else out.view(len(perm), seq, -1)[perm].reshape(out.shape)
+
+
+ROW_CASES = [(R, Q, Kc, C, E, covered, seq) for R, Q, Kc, C, E, covered, seq in [
+    (12, 6, 2, 5, 3, True, 1), (24, 8, 4, 3, 4, True, 2), (16, 2, 8, 4, 5, True, 1), (5, 5, 1, 7, 2, True, 5),
+    (7, 6, 2, 3, 3, False, 3), (9, 4, 3, 2, 1, False, 1), (0, 4, 2, 3, 2, False, 2), (6, 3, 3, 4, 3, True, 3),
+    (10, 40, 1, 2, 3, False, 8)]]
+
+
+@pytest.mark.parametrize("R,Q,Kc,C,E,covered,seq", ROW_CASES)
+@pytest.mark.parametrize("terms", ["all", "rows only", "weight and base"])
+def test_combine_and_its_gradients_equal_the_definition(R, Q, Kc, C, E, covered, seq, terms):
+    """combine_rows (the torch references on the CPU) against combine's definition, output and
+    the gradients of rows, weight, bias and base, float64: K = 1, 2, 3, 4, 8 rows an output, rows
+    named once (the exchanges') or with repeats, gaps and out-of-range entries, experts with no
+    rows, no rows at all, permuted outputs."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    p = _row_problem(gen, R, Q, Kc, C, E, covered, seq=seq)
+    if terms != "all":
+        p.update(bias=None, base_scale=None, perm=None)
+        if terms == "rows only":
+            p.update(weight=None, base=None)
+    leaves = {k: v.requires_grad_() for k, v in p.items() if k in ("rows", "weight", "bias", "base") and v is not None}
+    w_out = torch.randn(Q, C, generator=gen, dtype=torch.float64)
+    got = netmoe.combine_rows(**p, covered=covered)
+    want = _plain_combine(**p)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), f"seed={seed}"
+    grads = torch.autograd.grad((got * w_out).sum(), list(leaves.values()), allow_unused=True)
+    ref = torch.autograd.grad((want * w_out).sum(), list(leaves.values()), allow_unused=True) \
+        if want.requires_grad else [None] * len(leaves)   # no rows, no weights: nothing reaches the output
+    for name, a, b in zip(leaves, grads, ref):
+        b = torch.zeros_like(leaves[name]) if b is None else b
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"seed={seed}: {name}"
+
+
+@pytest.mark.parametrize("T,K", [(6, 1), (5, 2), (4, 8), (0, 2)])
+def test_permute_sums_each_rows_gradient_back_into_its_token(T, K):
+    """Dispatch's permute: rows x[order // K] of a stable dispatch order; backward sums the K rows
+    of each token (through inv, no atomics) as indexing's index_add would."""
+    gen = torch.Generator().manual_seed(T * 10 + K)
+    x = torch.randn(T, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(T * K, generator=gen)
+    rows = netmoe.permute(x, order // K, netmoe._inverse(order).view(T, K))
+    want = x[order // K]
+    w = torch.randn(rows.shape, generator=gen, dtype=torch.float64)
+    assert torch.equal(rows, want)
+    g, = torch.autograd.grad((rows * w).sum(), x)
+    g_ref, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g, g_ref, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 7], [4], [0, 2, 0]])
+def test_bias_gelu_and_segment_sums_equal_their_plain_torch(counts):
+    """The first product's epilogue, GELU(pre + b1[expert]), one pass each way with the bias's
+    gradient summed per expert in its backward; and segment_sum, the output bias's gradient."""
+    gen = torch.Generator().manual_seed(sum(counts) * 7 + len(counts))
+    R, E, C = sum(counts), len(counts), 6
+    pre = torch.randn(R, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(E, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    ends = torch.tensor(np.cumsum(counts), dtype=torch.int32)
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    w = torch.randn(R, C, generator=gen, dtype=torch.float64)
+    got = netmoe._BiasGelu.apply(pre, bias, ends)
+    want = F.gelu(pre + bias[expert])
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-13)
+    g = torch.autograd.grad((got * w).sum(), (pre, bias))
+    g_ref = torch.autograd.grad((want * w).sum(), (pre, bias))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    seg = netmoe.segment_sum(w, ends)
+    assert torch.allclose(seg, torch.zeros(E, C, dtype=torch.float64).index_add(0, expert, w), rtol=1e-13, atol=1e-13)
+
+
+def test_one_process_and_distributed_expert_sides_without_expert_biases_equal_the_model():
+    """--no-expert-bias: the layer's experts hold no b1, b2; in one process (the fused combine) its
+    output and gradients are the brute-force model's without biases."""
+    torch.manual_seed(3)
+    layer = netmoe.MoELayer(H_, F_, 8, 2, "netmoe", topology=netmoe.Topology(2, 2), virtual_world=4,
+                            expert_bias=False).double()
+    assert layer.b1 is None and layer.b2 is None and not any("b1" in n or "b2" in n for n, _ in layer.named_parameters())
+    p = _make_params(8, 2, None, seed=11, layers=1)[0]
+    p["b1"], p["b2"] = torch.zeros_like(p["b1"]), torch.zeros_like(p["b2"])
+    with torch.no_grad():
+        layer.ln.weight.copy_(p["ln_w"]); layer.ln.bias.copy_(p["ln_b"]); layer.gate.weight.copy_(p["wg"])
+        layer.w1.copy_(p["w1"][torch.as_tensor(layer.local_experts)])
+        layer.w2.copy_(p["w2"][torch.as_tensor(layer.local_experts)])
+    x = torch.randn(I_, S_, H_, dtype=torch.float64, requires_grad=True)
+    y, sid, aux = layer(x, torch.arange(I_))
+    rp = {k: v.clone().requires_grad_() for k, v in p.items()}
+    xr = x.detach().clone().requires_grad_()
+    y_ref, _ = _reference(xr, [rp], 2)
+    assert _rel(y.detach(), y_ref.detach()[sid]) <= 1e-12
+    w = torch.randn(y.shape, dtype=torch.float64)
+    (y * w).sum().backward()
+    (y_ref[sid] * w).sum().backward()
+    assert _rel(x.grad, xr.grad) <= 1e-12
+    assert _rel(layer.w1.grad, rp["w1"].grad[torch.as_tensor(layer.local_experts)]) <= 1e-12
+
 
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
@@ -2703,3 +2845,131 @@ def test_virtual_moe_layer_same_outputs_and_gradients_with_and_without_kernels(k
     assert torch.equal(fast[1], slow[1]), f"seed={seed}: different sample placement"
     for a, b in zip(fast, slow):   # index_add's float atomics may reorder sums: rounding only
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}: {m}")
+
+
+def _poison_rows(*shapes_dtypes):
+    """_poison for float outputs: blocks of exactly their bytes, filled with NaN, then freed, so an
+    element a row kernel forgets to write reads back as NaN."""
+    blocks = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes]
+    del blocks
+
+
+ROW_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _assert_rows_close(got, want, dtype, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
+    assert not got.isnan().any(), f"{what}: unwritten (NaN) elements"
+    err = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+    assert err <= ROW_TOL[dtype], f"{what}: relative error {err:.2e}"
+
+
+def _wide(t, gen):
+    """t as a view of rows with 3 more columns: a row stride that is not the width (the exchanges
+    read rows of x beside their int32 columns)."""
+    extra = torch.randn(t.shape[0], 3, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+    return torch.cat([t, extra], 1)[:, :t.shape[1]]
+
+
+@cuda_only
+@pytest.mark.parametrize("R,Q,Kc,C,E,covered,seq", ROW_CASES + [
+    (262144, 131072, 2, 768, 64, True, 1024),    # MoE-GPT-S in one process: two rows a token
+    (65536, 8192, 8, 384, 256, True, 1024),      # fine-grained: eight rows a token
+    (3000, 1000, 40, 24, 1, False, 1)])          # more than 32 rows an output (no bias there)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_combine_kernels_equal_their_references(kernels, R, Q, Kc, C, E, covered, seq, dtype):
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    p = _row_problem(gen, R, Q, Kc, C, E, covered, dtype, "cuda", seq)
+    if Kc > 32:
+        p["bias"] = None
+    ref = netmoe.REFERENCE_OPS
+    for layout in ("packed", "strided"):
+        if layout == "strided":
+            p["rows"], p["base"] = _wide(p["rows"], gen), _wide(p["base"], gen)
+        args = [p[k] for k in ("rows", "index", "weight", "bias", "ends", "base", "base_scale", "perm", "seq")]
+        _poison_rows(((Q, C), dtype))
+        _assert_rows_close(kernels.combine(*args), ref.combine(*args), dtype, f"seed={seed} {layout} combine")
+        plain = [p["rows"], p["index"]] + [None] * 6 + [1]   # rows only: the permute's backward and the gathers'
+        _assert_rows_close(kernels.combine(*plain), ref.combine(*plain), dtype, f"seed={seed} {layout} combine of rows")
+        grad = torch.randn(Q, C, generator=gen, dtype=torch.float64).to("cuda", dtype)
+        bwd = [grad] + args[:5] + args[6:] + [True, True, covered]
+        _poison_rows(((R, C), dtype), ((Q, Kc), torch.float64 if dtype == torch.float64 else torch.float32), ((Q, C), dtype))
+        for name, a, b in zip(("grad_rows", "grad_weight", "grad_base"), kernels.combine_backward(*bwd),
+                              ref.combine_backward(*bwd)):
+            _assert_rows_close(a, b.to(a.dtype), dtype if name != "grad_weight" else a.dtype,
+                               f"seed={seed} {layout} {name}")
+
+
+@cuda_only
+@pytest.mark.parametrize("T,R,C", [(1, 1, 1), (7, 13, 5), (4096, 8192, 768), (1000, 0, 8), (333, 2664, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_permute_rows_kernel_copies_the_rows_exactly(kernels, T, R, C, dtype):
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, C, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    src = torch.randint(T, (R,), generator=gen).cuda()
+    for rows in (x, _wide(x, gen)):
+        _poison_rows(((R, C), dtype))
+        assert torch.equal(kernels.permute_rows(rows, src), rows[src]), f"seed={seed}"
+
+
+@cuda_only
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 700], [4], [0, 2, 0], [4096] * 64, [100, 0, 3000, 64, 1]])
+@pytest.mark.parametrize("C", [6, 384, 3072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_bias_gelu_and_segment_sum_kernels_equal_their_references(kernels, counts, C, dtype):
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    R, E = sum(counts), len(counts)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    pre, bias, grad = rnd(R, C), rnd(E, C), rnd(R, C)
+    ends = torch.tensor(np.cumsum(counts), dtype=torch.int32, device="cuda")
+    ref = netmoe.REFERENCE_OPS
+    _poison_rows(((R, C), dtype))
+    _assert_rows_close(kernels.bias_gelu(pre, bias, ends), ref.bias_gelu(pre, bias, ends), dtype, f"seed={seed} fwd")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _poison_rows(((R, C), dtype), ((E, C), acc))
+    (g_pre, g_bias), (r_pre, r_bias) = kernels.bias_gelu_backward(grad, pre, bias, ends), \
+        ref.bias_gelu_backward(grad, pre, bias, ends)
+    _assert_rows_close(g_pre, r_pre, dtype, f"seed={seed} grad_pre")
+    _assert_rows_close(g_bias, r_bias, acc if dtype != torch.bfloat16 else dtype, f"seed={seed} grad_bias")
+    for x in (grad, _wide(grad, gen)):
+        _assert_rows_close(kernels.segment_sum(x, ends), ref.segment_sum(x, ends),
+                           acc if dtype != torch.bfloat16 else dtype, f"seed={seed} segment_sum")
+
+
+@cuda_only
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_virtual_moe_layer_under_bf16_autocast_same_with_and_without_kernels(kernels, monkeypatch, exchange, bias):
+    """The fused one-process path in bf16 (the grouped products, bias_gelu, permute, combine) with
+    the kernels and with their references: outputs and every gradient within bf16 rounding."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("torch._grouped_mm in bf16 needs compute capability 9.0+")
+    gen, seed = _fresh_generator()
+    torch.manual_seed(seed)
+    layer = netmoe.MoELayer(64, 96, num_experts=16, top_k=4, placement="netmoe", topology=netmoe.Topology(2, 4),
+                            virtual_world=8, exchange=exchange, shared_experts=1, expert_bias=bias).cuda()
+    nxt = netmoe.MoELayer(64, 96, num_experts=16, top_k=4, topology=netmoe.Topology(2, 4), virtual_world=8).cuda()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, device="cuda", generator=gen))
+    x = torch.randn(16, 45, 64, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(16, 45, 64, device="cuda", generator=gen)
+    sid = torch.arange(16, device="cuda")
+
+    def run(ops):
+        monkeypatch.setattr(netmoe, "hot_path", lambda device: ops)
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            y, new_sid, aux = layer(xg, sid, next_layer=nxt)
+        ((y.float() * w[: y.shape[0]]).sum() + aux).backward()
+        return [y, xg.grad] + [p.grad for p in layer.parameters()], new_sid
+
+    fast, sid_fast = run(kernels)
+    slow, sid_slow = run(netmoe.REFERENCE_OPS)
+    assert torch.equal(sid_fast, sid_slow), f"seed={seed}: different sample placement"
+    for a, b in zip(fast, slow):
+        _assert_rows_close(a.float().reshape(1, -1), b.float().reshape(1, -1), torch.bfloat16, f"seed={seed}")

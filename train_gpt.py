@@ -62,6 +62,7 @@ class GPTConfig:
     shared_experts: int = 0     # experts every token passes through (DeepSeek-V3: 1)
     route_groups: int = 1       # group-limited routing: M groups of experts (DeepSeek-V3: 8, its nodes) ...
     group_top: int = 1          # ... of which a token's K experts come from its best T (DeepSeek-V3: 4)
+    expert_bias: bool = True    # the experts' FFN biases b1, b2 (GPT-2's FFN has them; DeepSeek's and torchtitan's not)
 
     @property
     def ffn(self):
@@ -110,7 +111,8 @@ class Block(nn.Module):
         self.ln = nn.LayerNorm(cfg.hidden)
         self.attn = Attention(cfg)
         self.moe = netmoe.MoELayer(cfg.hidden, cfg.ffn, E, cfg.top_k, shared_experts=cfg.shared_experts,
-                                   route_groups=cfg.route_groups, group_top=cfg.group_top, **moe)
+                                   route_groups=cfg.route_groups, group_top=cfg.group_top,
+                                   expert_bias=cfg.expert_bias, **moe)
 
     def forward(self, x, sid, next_block=None):
         x = x + self.attn(netmoe.layer_norm(x, self.ln))
@@ -207,7 +209,7 @@ def memory_estimate(cfg, J, virtual, device_type):
     experts = E if virtual else cfg.experts_per_device
     dense = (cfg.vocab + S) * H + L * (4 * H * H + 4 * H + 4 * H + H * E) + 2 * H
     F_, n = cfg.ffn, cfg.shared_experts
-    P = dense + L * (experts + n) * (2 * H * F_ + F_ + H)
+    P = dense + L * (experts * (2 * H * F_ + (F_ + H) * cfg.expert_bias) + n * (2 * H * F_ + F_ + H))
     cpu = device_type == "cpu"
     weights = P * (24 if cpu else 18)
     T = B * S
@@ -328,6 +330,8 @@ class TrainConfig:
     route_groups: int = _opt(None, COUNT, "group-limited routing: experts in M groups of consecutive ids", shown=PRESET_S)
     group_top: int = _opt(None, COUNT, "... a token's K experts from its T best groups (by their two highest "
                           "affinities)", shown=PRESET_S)
+    expert_bias: bool = _opt(True, None, "the experts' FFN biases (GPT-2's FFN has them; torchtitan's and DeepSeek's not)",
+                             "--expert-bias/--no-expert-bias")
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     chunks: int = _opt(DEFAULT_CHUNKS, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts "
@@ -372,7 +376,8 @@ class TrainConfig:
     def model(self):
         """The GPTConfig: the preset with the overrides given."""
         over = {k: getattr(self, k) for k in ("batch", "seq_len", "n_layer", "experts_per_device", "top_k",
-                                              "expert_hidden", "shared_experts", "route_groups", "group_top")}
+                                              "expert_hidden", "shared_experts", "route_groups", "group_top",
+                                              "expert_bias")}
         return dataclasses.replace(PRESETS[self.preset], **{k: v for k, v in over.items() if v is not None})
 
     def stream_dtype_name(self):
@@ -982,8 +987,7 @@ def relayout(model, opt, env, cfg, step, planner, echo):
     the run (the new layout serves until a later plan replaces it) beats the cost of moving the
     weights and optimizer state (at the inter-node bandwidth until a move between ranks has been
     timed). Rank 0 plans and every rank applies its plan: ranks never decide apart."""
-    per_expert = MOVED_BYTES_PER_PARAM * sum(p[0].numel() for p in (model.moe[0].w1, model.moe[0].b1, model.moe[0].w2,
-                                                                   model.moe[0].b2))
+    per_expert = MOVED_BYTES_PER_PARAM * sum(p[0].numel() for p in model.moe[0].experts.parameters())
     rate = planner["ms_per_byte"] or 1e3 / env.topo.inter_bw
     plan = None
     if env.rank == 0:
