@@ -674,12 +674,78 @@ def bench_kernels(echo=print, reps=50, sets=4):
                              torch_ms=t_ref, cuda_ms=t_cuda, speedup=t_ref / t_cuda, bytes=moved[name],
                              gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw, timing="cuda events"))
 
+    rows += _bench_row_kernels(ops, gpu_ms, copy_bw)
     echo(f"{'kernel':<27} | {'shape':<34} | {'torch ms':>9} | {'cuda ms':>8} | {'speedup':>7} | "
          f"{'GB/s':>7} | {'% of copy bw':>12}")
     for r in rows:
         echo(f"{r['kernel']:<27} | {r['shape']:<34} | {r['torch_ms']:>9.4f} | {r['cuda_ms']:>8.4f} | "
              f"{r['speedup']:>6.1f}x | {r['gb_s']:>7.0f} | {100 * r['copy_frac']:>11.1f}%")
     return rows
+
+
+def _bench_row_kernels(ops, gpu_ms, copy_bw):
+    """The row kernels, forward and backward, against the torch code they replace in the layer, on
+    the one-process shapes of MoE-GPT-S (I = 128 samples of 1024 tokens, E 64, K 2, F 4H) and the
+    fine-grained one (I = 64, E 256, K 8, F H/2), bf16:
+      dispatch   x[order // K] and its autograd backward (an accumulating index_put), against
+                 permute_rows and the combine of each token's K rows back;
+      combine    where(first, rows, 0) + g * f, then index_add into the tokens' new slots, and
+                 autograd's backward, against combine (gate weights, output bias, residual,
+                 placement) and combine_backward;
+      bias+GELU  GELU(h w1 + one_hot @ b1)'s bias and GELU (the [rows, E] one-hot product) with
+                 autograd, against bias_gelu and bias_gelu_backward (the bias's gradient in its pass);
+      topk       torch.topk of the gate's [T, E] probabilities, against topk_ids."""
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    out = []
+    for label, T, E, K, H, F_ in (("S", 131072, 64, 2, 768, 3072), ("fine", 65536, 256, 8, 768, 384)):
+        R, shape = T * K, f"{label} T={T} E={E} K={K} F={F_}"
+        g = torch.Generator(device=dev).manual_seed(0)
+        rnd = lambda *s, dtype=bf: torch.randn(*s, device=dev, generator=g).to(dtype)
+        x, grad_rows, grad_tok = rnd(T, H), rnd(R, H), rnd(T, H)
+        order = torch.argsort(torch.randint(E, (R,), device=dev, generator=g), stable=True)
+        inv = netmoe._inverse(order).view(T, K)
+        src_rows = order // K
+        counts = torch.full((E,), R // E, device=dev)
+        ends = counts.cumsum(0).int()
+        expert = torch.repeat_interleave(torch.arange(E, device=dev), counts)
+        gate, b2, f, pre, b1 = rnd(T, K, dtype=torch.float32), rnd(E, H), rnd(R, H), rnd(R, F_), rnd(E, F_)
+        keep = torch.randperm(T // 1024, device=dev, generator=g)
+        grad_mid = rnd(R, F_)
+        first = (order % K == 0)[:, None]
+        slot = (keep.argsort() * 1024)[order // K // 1024] + order // K % 1024   # each row's token's new slot
+
+        def torch_dispatch():
+            xx = x.detach().requires_grad_()
+            xx[src_rows].backward(grad_rows)
+
+        def torch_combine():
+            ff, gg = f.detach().requires_grad_(), gate.detach().requires_grad_()
+            rows = x[src_rows]
+            y = torch.addcmul(torch.where(first, rows, 0), gg.reshape(-1)[order].to(bf)[:, None], ff + b2[expert])
+            y.new_zeros(T, H).index_add(0, slot, y).backward(grad_tok)
+
+        def torch_bias_gelu():
+            pp, bb = pre.detach().requires_grad_(), b1.detach().requires_grad_()
+            torch.nn.functional.gelu(pp + torch.nn.functional.one_hot(expert, E).to(bf) @ bb).backward(grad_mid)
+
+        cases = {
+            "dispatch fwd+bwd": (torch_dispatch, lambda: (ops.permute_rows(x, src_rows), ops.combine(grad_rows, inv)),
+                                 2 * (3 * R * H + T * H)),
+            "combine fwd+bwd": (torch_combine, lambda: (
+                ops.combine(f, inv, gate, b2, ends, x, None, keep, 1024),
+                ops.combine_backward(grad_tok, f, inv, gate, b2, ends, None, keep, 1024, True, True, True)),
+                2 * (3 * R * H + 4 * T * H)),
+            "bias+GELU fwd+bwd": (torch_bias_gelu, lambda: (ops.bias_gelu(pre, b1, ends),
+                                                           ops.bias_gelu_backward(grad_mid, pre, b1, ends)), 5 * R * F_ * 2),
+            "topk": (lambda: probs.topk(K, -1), lambda: ops.topk_ids(probs, K), T * E * 4),
+        }
+        probs = torch.rand(T, E, device=dev, generator=g)
+        for name, (slow, fast, nbytes) in cases.items():
+            t_ref, t_cuda = gpu_ms(slow, [()]), gpu_ms(fast, [()])
+            gbs = nbytes / t_cuda / 1e6
+            out.append(dict(kernel=name, shape=shape, n=R, torch_ms=t_ref, cuda_ms=t_cuda, speedup=t_ref / t_cuda,
+                            bytes=nbytes, gb_s=gbs, copy_frac=gbs / copy_bw, copy_gb_s=copy_bw, timing="cuda events"))
+    return out
 
 
 def _a2a_bench_worker(rank, world, init, o, out_path):

@@ -17,6 +17,10 @@
 //   bias_gelu_backward(grad, pre, bias, ends)  -> grad_pre, grad_bias[E,F]
 //   segment_sum(x[R,C], ends[E])               -> [E,C] sums of each expert's rows
 //
+// and the gate's choice, exactly (int64, bit for bit):
+//
+//   topk_ids(scores[...,E], k)                 -> sort(scores, descending, stable)[1][..., :k]
+//
 // Built on first use by netmoe.hot_path("cuda"), i.e.
 //   torch.utils.cpp_extension.load("netmoe_kernels", ["kernels.cu"], extra_cuda_cflags=["-O3"])
 // which compiles for the visible GPU (or TORCH_CUDA_ARCH_LIST); needs sm_70+ (__match_any_sync).
@@ -695,6 +699,7 @@ __global__ void bias_gelu_kernel(const T* __restrict__ pre, int64_t ld, int64_t 
   const int lane = threadIdx.x & 31;
   if (r >= R) return;
   const T* b = bias + (int64_t)expert_of(ends, E, r) * C;
+#pragma unroll 4   // several packs' loads in flight
   for (int64_t c = (int64_t)lane * V; c < C; c += 32 * V) {
     A z[V], bb[V];
     load_acc<V>(pre + r * ld + c, z);
@@ -729,19 +734,28 @@ __global__ void segment_partial_kernel(const T* __restrict__ x, int64_t ld, cons
 #pragma unroll
     for (int i = 0; i < V; ++i) sum[i] = 0;
     if (GELU) load_acc<V>(bias + (int64_t)e * C + c, b);
-    for (; r < stop; ++r) {
-      A v[V];
-      load_acc<V>(x + r * ld + c, v);
-      if (GELU) {
-        A p[V];
-        load_acc<V>(pre + r * C + c, p);
+    for (; r < stop; r += 2) {   // two rows a step: both rows' loads in flight before either is used
+      const bool two = r + 1 < stop;
+      A v[2][V], p[2][V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) v[i] *= gelu_grad(p[i] + b[i]);
-        store_acc<V>(grad_pre + r * C + c, v);
+      for (int u = 0; u < 2; ++u)
+        if (u == 0 || two) {
+          load_acc<V>(x + (r + u) * ld + c, v[u]);
+          if (GELU) load_acc<V>(pre + (r + u) * C + c, p[u]);
+        }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (u == 1 && !two) break;
+        if (GELU) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[u][i] *= gelu_grad(p[u][i] + b[i]);
+          store_acc<V>(grad_pre + (r + u) * C + c, v[u]);
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) sum[i] += v[u][i];
       }
-#pragma unroll
-      for (int i = 0; i < V; ++i) sum[i] += v[i];
     }
+    r = stop;
     A* dst = partial + (k + e) * C + c;
 #pragma unroll
     for (int i = 0; i < V; ++i) dst[i] = sum[i];
@@ -1022,6 +1036,90 @@ std::vector<at::Tensor> bias_gelu_backward(at::Tensor grad, at::Tensor pre, at::
   return {grad_pre, grad_bias};
 }
 
+// ------------------------------------------------------------------------------------------
+// topk_ids: the ids of the K largest scores of each row [T, E], best first, ties to the lower id
+// (torch's stable descending sort, cut at K). A warp a row: each lane keeps its best K of the
+// ids lane, lane + 32, ... in registers (an unrolled insertion), then K rounds of a warp argmax
+// pop the row's best. No shared memory, one pass over the scores.
+// ------------------------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ bool ahead(A a, int ia, A b, int ib) { return a > b || (a == b && ia < ib); }   // NaN: never
+
+template <typename T, int KMAX>
+__global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_t rows, int E, int K,
+                                int64_t* __restrict__ out) {
+  const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  using A = typename AccOf<T>::type;   // float64 scores compare as float64
+  A bv[KMAX];
+  int bi[KMAX];
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) { bv[i] = -INFINITY; bi[i] = INT_MAX; }
+  const T* s = scores + row * ld;
+  for (int e = lane; e < E; e += 32) {
+    const A v = static_cast<A>(s[e]);
+    if (!ahead(v, e, bv[KMAX - 1], bi[KMAX - 1])) continue;
+#pragma unroll
+    for (int i = KMAX - 1; i > 0; --i) {   // shift the worse ones down, v lands in its place
+      if (ahead(v, e, bv[i - 1], bi[i - 1])) { bv[i] = bv[i - 1]; bi[i] = bi[i - 1]; }
+      else if (ahead(v, e, bv[i], bi[i])) { bv[i] = v; bi[i] = e; }
+    }
+    if (ahead(v, e, bv[0], bi[0])) { bv[0] = v; bi[0] = e; }
+  }
+  for (int k = 0; k < K; ++k) {   // the best head of the 32 lanes' lists, K times
+    A v = bv[0];
+    int i = bi[0];
+#pragma unroll
+    for (int d = 16; d; d >>= 1) {
+      const A ov = __shfl_xor_sync(kFull, v, d);
+      const int oi = __shfl_xor_sync(kFull, i, d);
+      if (ahead(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+    if (bi[0] == i) {   // the winner pops its head (ids are distinct: one lane holds i)
+#pragma unroll
+      for (int j = 0; j < KMAX - 1; ++j) { bv[j] = bv[j + 1]; bi[j] = bi[j + 1]; }
+      bv[KMAX - 1] = -INFINITY;
+      bi[KMAX - 1] = INT_MAX;
+    }
+    if (lane == 0) out[row * K + k] = i;
+  }
+}
+
+template <typename T, int KMAX>
+void launch_topk(const at::Tensor& scores, int64_t rows, int E, int K, at::Tensor& out) {
+  topk_ids_kernel<T, KMAX><<<row_blocks(rows), 32 * kRowWarps, 0, stream()>>>(
+      scores.data_ptr<T>(), ld_of(scores), rows, E, K, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor topk_ids(at::Tensor scores, int64_t k) {
+  TORCH_CHECK(scores.is_cuda() && scores.is_floating_point() && scores.dim() >= 1,
+              "topk_ids: scores must be a floating-point CUDA tensor [..., E]");
+  const int64_t E = scores.size(-1);
+  TORCH_CHECK(k >= 1 && k <= E, "topk_ids: k must lie in [1, E]");
+  const at::cuda::OptionalCUDAGuard guard(scores.device());
+  auto sizes = scores.sizes().vec();
+  sizes.back() = k;
+  if (k > 32 || E >= INT_MAX) {   // beyond the registers' lists: torch's stable sort, cut at k
+    return std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(-1, 0, k).contiguous();
+  }
+  auto flat = unit_cols(scores.reshape({-1, E}));
+  const int64_t rows = flat.size(0);
+  auto out = at::empty({rows, k}, scores.options().dtype(at::kLong));
+  if (rows > 0) {
+    NETMOE_DISPATCH_ROWS(flat, "topk_ids", [&] {
+      const int K = (int)k;
+      if (K <= 2) launch_topk<scalar_t, 2>(flat, rows, (int)E, K, out);
+      else if (K <= 4) launch_topk<scalar_t, 4>(flat, rows, (int)E, K, out);
+      else if (K <= 8) launch_topk<scalar_t, 8>(flat, rows, (int)E, K, out);
+      else if (K <= 16) launch_topk<scalar_t, 16>(flat, rows, (int)E, K, out);
+      else launch_topk<scalar_t, 32>(flat, rows, (int)E, K, out);
+    });
+  }
+  return out.view(sizes);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1047,4 +1145,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_backward", &bias_gelu_backward, "grad_pre, grad_bias of bias_gelu",
         py::arg("grad"), py::arg("pre"), py::arg("bias"), py::arg("ends"));
   m.def("segment_sum", &segment_sum, "[E, C]: the sum of each expert's rows", py::arg("x"), py::arg("ends"));
+  m.def("topk_ids", &topk_ids, "ids of each row's k largest scores, best first, ties to the lower id",
+        py::arg("scores"), py::arg("k"));
 }

@@ -175,6 +175,12 @@ def permute_rows(x, src):
     return x.index_select(0, src)
 
 
+def topk_ids(scores, k):
+    """The ids of the k largest scores of each row [..., E], best first, ties to the lower id: a
+    stable descending sort cut at k (the gate's choice; its kernel never picks a NaN)."""
+    return scores.sort(dim=-1, descending=True, stable=True)[1][..., :k]
+
+
 def _acc(dtype):
     """The dtype the row kernels accumulate in: float64 for float64 rows, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -203,7 +209,8 @@ def _token_order(t, perm, seq):
 
 
 def combine(rows, index, weight=None, bias=None, ends=None, base=None, base_scale=None, perm=None, seq=1):
-    """Combine, the gather's sum: for token t of index [Q, k] (its rows, -1 for none),
+    """Combine, the gather's sum: for token t of index [Q, k] (its rows, -1 for none; no row is
+    named twice: the backward writes each row's gradient once),
     out_t = base_scale[t] * base[t] + sum_j weight[t, j] * (rows[index[t, j]] + bias[e]), e the
     expert of that row (rows grouped by expert, ends [E] their ends); then the output in the
     order perm gives (row q holds token perm[q // seq] * seq + q % seq). Accumulated in float32
@@ -277,7 +284,7 @@ REFERENCE_OPS = types.SimpleNamespace(count_tokens=count_tokens, node_counts=nod
                                       dispatch_order=dispatch_order, gather_order=gather_order,
                                       permute_rows=permute_rows, combine=combine, combine_backward=combine_backward,
                                       bias_gelu=bias_gelu, bias_gelu_backward=bias_gelu_backward,
-                                      segment_sum=segment_sum)
+                                      segment_sum=segment_sum, topk_ids=topk_ids)
 _KERNELS = None
 
 
@@ -950,6 +957,13 @@ def pipeline(chunks):
 # ---------------------------------------------------------------------------------------------
 
 
+def _to(a, device):
+    """A host array on `device`; on CUDA copied from pinned memory without waiting (a copy from
+    pageable memory first waits for every kernel queued before it, idling the GPU after)."""
+    t = torch.as_tensor(a)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
 def _inverse(order, rows=None):
     """inv[order[i]] = i, and -1 where order names no entry (rows: the entries, default len(order))."""
     n = len(order) if rows is None else rows
@@ -1040,6 +1054,14 @@ class Dispatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class LocalRouting:
+    """What the exchange in one process needs of a layer's Routing: the experts' slots (the expert
+    map's order) and each expert's rows in slot order, a tensor on the rows' device (no host sync)."""
+    slot: np.ndarray
+    counts: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
 class ExpertSide:
     """What an exchange is handed of a layer's experts: norm (its LayerNorm, rows -> rows), ffn
     (its Experts: rows of LN(x) grouped by expert -> (f, bias, ends)), shared (rows of LN(x) ->
@@ -1103,15 +1125,14 @@ class Exchange:
         the residual and the shared experts, and writes the token into its sample's new slot."""
         (B, S, H), K = x.shape, route.shape[-1]
         T, dev = B * S, x.device
-        order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
+        order = hot_path(dev).dispatch_order(route, _to(routing.slot, dev))
         inv = _inverse(order).view(T, K)
         h = experts.h.reshape(T, H)
-        f, bias, ends = experts.ffn(permute(h, order // K, inv),
-                                    routing.num.sum(0)[self.local_experts(routing)].tolist())
+        f, bias, ends = experts.ffn(permute(h, order // K, inv), routing.counts)
         base = x.reshape(T, H) if experts.shared is None else x.reshape(T, H) + experts.shared(h)
         dest = solve.result()
         keep = np.argsort(dest, kind="stable")   # new slot q holds old slot keep[q]
-        perm = None if np.array_equal(keep, np.arange(B)) else torch.as_tensor(keep, device=dev)
+        perm = None if np.array_equal(keep, np.arange(B)) else _to(keep, dev)
         out = combine_rows(f.to(x.dtype), inv, g.reshape(T, K), bias, ends, base, perm=perm, seq=S, covered=True)
         return out.view(B, S, H), keep, dest
 
@@ -1192,7 +1213,7 @@ class ExpertExchange(Exchange):
         (B, S, H), K = x.shape, route.shape[-1]
         J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
         I, dev, local = num.shape[0], x.device, self.local_experts(routing)
-        order = hot_path(dev).dispatch_order(route, torch.as_tensor(routing.slot, device=dev))
+        order = hot_path(dev).dispatch_order(route, _to(routing.slot, dev))
         rows = permute(x.reshape(-1, H), order // K, _inverse(order).view(-1, K))
         payload = _with_ints(torch.cat([rows, g.reshape(-1, 1)[order].to(x.dtype)], 1), order % (S * K))
         flight = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
@@ -1200,7 +1221,7 @@ class ExpertExchange(Exchange):
         recv = flight.wait()
         # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
         cnt = num[:, local].reshape(J, B, -1).transpose(0, 2, 1)
-        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        reps = _to(cnt.reshape(-1), dev)
         n_rows, n_local = int(cnt.sum()), len(local)   # output_size: no device sync
         expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
             reps, output_size=n_rows)
@@ -1214,13 +1235,13 @@ class ExpertExchange(Exchange):
         from num and dest (every rank holds both); the payload again carries only s*K+k."""
         (B, S, H), J, r, I = d.shape, self.J, self.rank, len(dest)
         per_dev, dev = d.routing.tokens[0], y.device
-        gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(dest, device=dev), I)
+        gorder = hot_path(dev).gather_order(d.src, _to(dest, dev), I)
         keep = np.flatnonzero(dest == r)                                            # new slots
         flight = self._send("gather", _with_ints(y, d.pos)[gorder],
                             np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
         yield
         back = flight.wait()
-        reps = torch.as_tensor(per_dev[keep].T.reshape(-1), device=dev)             # (source, new slot)
+        reps = _to(per_dev[keep].T.reshape(-1), dev)             # (source, new slot)
         new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         # every (token, k) of the samples kept here arrives once: row s * K + k of its new slot
         index = _inverse(new_slot * (S * d.top_k) + _ints(back[:, H:], 1)[:, 0], B * S * d.top_k)
@@ -1259,7 +1280,7 @@ class NodeExchange(ExpertExchange):
     def layout(route, expert_device, topo, num_experts, ops):
         """num, and the node counts nc of the same routes under expert_device."""
         node = expert_device // topo.gpus_per_node
-        node = torch.as_tensor(node, device=route.device) if torch.is_tensor(route) else node
+        node = _to(node, route.device) if torch.is_tensor(route) else node
         return dict(num=ops.count_tokens(route, num_experts), nc=ops.node_counts(route, node, topo.nodes))
 
     @staticmethod
@@ -1287,7 +1308,7 @@ class NodeExchange(ExpertExchange):
         own = _with_ints(torch.cat([x.reshape(-1, H), g.reshape(-1, K).to(x.dtype)], 1),
                          torch.arange(S, device=dev).repeat(B), *route.reshape(-1, K).unbind(1))
         hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
-        hit.scatter_(2, torch.as_tensor(routing.expert_device // G, device=dev)[route], True)
+        hit.scatter_(2, _to(routing.expert_device // G, dev)[route], True)
         hit[..., n] = False
         rail = (ranks % G == gl) & (ranks // G != n)
         per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
@@ -1312,7 +1333,7 @@ class NodeExchange(ExpertExchange):
         per = len(routing.slot) // J
         key = np.where(routing.expert_device // G == n, routing.slot - n * G * per, G * per)
         on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
-        order = ops.dispatch_order(meta[None, :, 1:], torch.as_tensor(key, device=dev))
+        order = ops.dispatch_order(meta[None, :, 1:], _to(key, dev))
         order = order[:int(per_node[on_rail == gl, n].sum())]
         t = order // K
         rows = permute(held[:, :H], t, _inverse(order, len(held) * K).view(-1, K))
@@ -1328,11 +1349,11 @@ class NodeExchange(ExpertExchange):
         members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
         local = self.local_experts(routing)
         cnt = num[:, local][members].transpose(0, 2, 1)   # [g', local expert, sample]
-        reps = torch.as_tensor(cnt.reshape(-1), device=dev)
+        reps = _to(cnt.reshape(-1), dev)
         n_rows, n_local = int(cnt.sum()), len(local)
         expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
             reps, output_size=n_rows)
-        src = torch.as_tensor(members, device=dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
+        src = _to(members, dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
             reps, output_size=n_rows)
         return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
                         (B, S, H), K, routing)
@@ -1346,7 +1367,7 @@ class NodeExchange(ExpertExchange):
         # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
         # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
         via = m * G + dest % G
-        gorder = hot_path(dev).gather_order(d.src, torch.as_tensor(via, device=dev), I)
+        gorder = hot_path(dev).gather_order(d.src, _to(via, dev), I)
         mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
         node = ranks // G == m
         flight = self._send("gather", _with_ints(y, d.pos)[gorder], np.bincount(via, weights=per_dev[:, r], minlength=J),
@@ -1354,8 +1375,8 @@ class NodeExchange(ExpertExchange):
         yield
         got = flight.wait()
         reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
-        sample = torch.as_tensor(np.tile(mine, G), device=dev).repeat_interleave(
-            torch.as_tensor(reps, device=dev), output_size=int(reps.sum()))
+        sample = _to(np.tile(mine, G), dev).repeat_interleave(
+            _to(reps, dev), output_size=int(reps.sum()))
         # Rows of samples that stay on node m land in the output; the others add up per token into
         # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
         # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
@@ -1364,7 +1385,7 @@ class NodeExchange(ExpertExchange):
         away = away[np.argsort(dest[away], kind="stable")]
         base = np.zeros(I, dtype=np.int64)
         base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
-        key = torch.as_tensor(base, device=dev)[sample] + _ints(got[:, H:], 1)[:, 0] // K
+        key = _to(base, dev)[sample] + _ints(got[:, H:], 1)[:, 0] // K
         is_away = key >= B * S
         n_away, n_part = len(away) * S, int(nc[away, m].sum())
         away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
@@ -1385,10 +1406,10 @@ class NodeExchange(ExpertExchange):
         yield
         back = flight.wait()
         per_src = nc[keep][:, ranks[rail] // G].T                    # [source, new slot]: arrival order
-        n_src, dev_counts = len(per_src), torch.as_tensor(per_src.reshape(-1), device=dev)
+        n_src, dev_counts = len(per_src), _to(per_src.reshape(-1), dev)
         new_slot = torch.arange(B, device=dev).repeat(n_src).repeat_interleave(dev_counts, output_size=int(per_src.sum()))
         source = torch.arange(n_src, device=dev).repeat_interleave(
-            torch.as_tensor(per_src.sum(1), device=dev), output_size=int(per_src.sum()))
+            _to(per_src.sum(1), dev), output_size=int(per_src.sum()))
         # one partial sum per (token, source node): entry `source` of the token's
         index = _inverse((new_slot * S + _ints(back[:, H:], 1)[:, 0]) * n_src + source, B * S * n_src)
         out = combine_rows(back[:, :H], index.view(B * S, n_src), base=summed[:B * S], covered=True)
@@ -1506,25 +1527,31 @@ class _Solve:
     per sample slot); seconds and exposed then say how long it solved and how long the caller
     waited for it."""
 
-    def __init__(self, placement, routing, routing_next, here, order, inline):
-        # rows in sample-id order (`order`): ties then break the same way wherever the samples
-        # sit, so a replay of the same routing (netmoe.replay) finds the same placements
-        self.placement, self.order, self.inline = placement, order, inline or not placement.solves
-        self.args = (routing, routing_next, here) if not placement.solves else \
-            (routing.by(order), None if routing_next is None else routing_next.by(order), here[order])
-        self.future = None if self.inline else _SOLVER.submit(_timed, placement.dest, *self.args)
-        self.dest, self.seconds, self.exposed = None, 0.0, 0.0
+    def __init__(self, placement, routings, here, inline):
+        self.placement, self.routings, self.here = placement, routings, here
+        self.inline = inline or not placement.solves
+        self.dest, self.seconds, self.exposed, self.order = None, 0.0, 0.0, None
+        self.future = None if self.inline else _SOLVER.submit(_timed, placement.dest, *self._by_id())
+
+    def _by_id(self):
+        """The solver's arguments, rows in sample-id order: ties then break the same way wherever
+        the samples sit, so a replay of the same routing (netmoe.replay) finds the same placements."""
+        routing, routing_next, sid_all = self.routings()
+        self.order = np.argsort(sid_all, kind="stable")
+        return routing.by(self.order), None if routing_next is None else routing_next.by(self.order), \
+            self.here[self.order]
 
     def result(self):
         if self.dest is not None:
             return self.dest
         if not self.placement.solves:   # nothing to tie-break: placed in slot order as it is
-            self.dest = self.placement.dest(*self.args)
+            self.dest = self.placement.dest(*self.routings()[:2], self.here)
             return self.dest
         if self.inline:
+            args = self._by_id()   # where the routings' copy to the host was deferred, waited for here
             queued = torch.cuda.Event()
             queued.record()
-            by_id, self.seconds = _timed(self.placement.dest, *self.args)
+            by_id, self.seconds = _timed(self.placement.dest, *args)
             # an upper bound: all of it counts as exposed if the GPU ran dry before it finished
             self.exposed = self.seconds if queued.query() else 0.0
         else:
@@ -1697,9 +1724,9 @@ class MoELayer(nn.Module):
         learn from the load-balance loss alone. h: LN(x), where the caller has it."""
         logits = self.logits(x, h)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
-        top, route = group_limited(probs, self.route_groups, self.group_top).topk(self.top_k, dim=-1)
-        if self.route_groups > 1:   # the weights of the experts chosen, from the full softmax
-            top = probs.gather(-1, route)
+        with torch.no_grad():   # the choice (a kernel on CUDA); its weights, from the full softmax, carry the gradient
+            route = hot_path(x.device).topk_ids(group_limited(probs, self.route_groups, self.group_top), self.top_k)
+        top = probs.gather(-1, route)
         return probs, top / top.sum(-1, keepdim=True) if self.top_k > 1 else top, route
 
     def pop_stats(self):
@@ -1721,22 +1748,28 @@ class MoELayer(nn.Module):
         if self.record:
             self.last_routes = (sid, route, pred)
         # 2. The Routing of every sample of the global batch, this layer's and the predicted next
-        #    one's (Eq. 2, and what else the exchange needs): all split sizes follow from them
-        routing, routing_next, sid_all = self._routings(route, pred if lookahead else None, next_layer, sid)
-        by_id = np.argsort(sid_all, kind="stable")
-        if torch.is_grad_enabled():   # the planner's window: rows by sample id, the same order in every layer
-            self.recent.append(routing.num[by_id])
-        I = len(routing.num)
-        f = torch.as_tensor(routing.num.sum(0) / (I * S * self.top_k), dtype=probs.dtype, device=x.device)
-        aux = self.num_experts * (f * probs.mean((0, 1))).sum()
+        #    one's (Eq. 2, and what else the exchange needs): all split sizes follow from them. In
+        #    one process on a GPU nothing travels and the data path needs no count on the host, so
+        #    their copy to the host only starts here and is read once the layer's GPU work is queued:
+        #    NetMoE's bookkeeping then costs the GPU no idle time
+        routings, num = self._routings(route, pred if lookahead else None, next_layer, sid,
+                                       defer=self.virtual and x.is_cuda)
+        I = B * (1 if self.virtual else self.J)
+        tokens = num.sum(0) if self.virtual else _to(routings()[0].num.sum(0), x.device)
+        aux = self.num_experts * (tokens.to(probs.dtype) / (I * S * self.top_k) * probs.mean((0, 1))).sum()
         # 3. The placement's solve starts, overlapping 4-5
         here = static_placement(I, self.J)
-        solve = _Solve(self.placement, routing, routing_next, here, by_id, inline=x.is_cuda)
+        solve = _Solve(self.placement, routings, here, inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices; 5. the experts; 6. join the solve;
         # 7. gather: each row to dest[its sample], the receiver summing a token's K rows
         side = ExpertSide(functools.partial(layer_norm, ln=self.ln), self.experts,
                           self.shared if self.shared_experts else None, h)
-        out, keep, dest = self.exchange.run(x, g, route, routing, side, solve)
+        local = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)]) \
+            if self.virtual else routings()[0]
+        out, keep, dest = self.exchange.run(x, g, route, local, side, solve)
+        routing, _, sid_all = routings()
+        if torch.is_grad_enabled():   # the planner's window: rows by sample id, the same order in every layer
+            self.recent.append(routing.num[np.argsort(sid_all, kind="stable")])
         self._stats.solver_ms += solve.seconds * 1e3
         self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
@@ -1745,7 +1778,7 @@ class MoELayer(nn.Module):
         # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
         self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k),
                                     len(_chunk_bounds(S, self.chunks)))
-        return out, torch.as_tensor(sid_all[keep], device=x.device), aux
+        return out, _to(sid_all[keep], x.device), aux
 
     def shared(self, h):
         """The shared experts' summed FFN of rows h [R, H] of LN(x)."""
@@ -1759,7 +1792,7 @@ class MoELayer(nn.Module):
         logits = next_layer.logits(x)
         if next_layer.route_groups > 1:
             logits = group_limited(logits.float().softmax(-1), next_layer.route_groups, next_layer.group_top)
-        return logits.topk(next_layer.top_k, dim=-1)[1]
+        return hot_path(x.device).topk_ids(logits, next_layer.top_k)
 
     def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:
@@ -1783,12 +1816,14 @@ class MoELayer(nn.Module):
             self._checked_batch = x.shape[0]
         return x.shape
 
-    def _routings(self, route, pred, next_layer, sid):
+    def _routings(self, route, pred, next_layer, sid, defer=False):
         """The Routing of this layer, whole and per chunk of positions, and of the lookahead's
         predicted next one (or None), under each layer's expert map and with what the exchange
         needs (its layout), for every sample of the global batch in slot order, rank-major; and
-        the samples' ids. One all-gather, and the one host sync the layer needs (split sizes are
-        host integers)."""
+        the samples' ids: (a function that returns those three, this rank's counts num [B, E] on
+        route's device). One all-gather, and the one host sync the layer needs (split sizes are
+        host integers); with defer (one process on a GPU), the copy to the host is started and the
+        function waits for it."""
         ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
         # in one process nothing travels, so nothing is there to overlap: the layer runs in one piece
         bounds = [(0, S)] if self.virtual else _chunk_bounds(S, self.chunks)
@@ -1801,17 +1836,29 @@ class MoELayer(nn.Module):
             gathered = [torch.empty_like(meta) for _ in range(self.J)]
             dist.all_gather(gathered, meta, group=self.group)
             meta = torch.cat(gathered)
-        meta = meta.cpu().numpy()
-        if len(meta) % self.J:
-            raise ValueError(f"I={len(meta)} samples cannot be split over J={self.J} devices; "
+        if defer:
+            host = torch.empty(meta.shape, dtype=meta.dtype, pin_memory=True).copy_(meta, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = meta.cpu(), None
+        if len(host) % self.J:
+            raise ValueError(f"I={len(host)} samples cannot be split over J={self.J} devices; "
                              f"use a global batch divisible by {self.J}")
-        cols, out = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1)), []
-        for per, (_, layer, bs) in zip(parts, layers):
-            kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
-            pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
-            out.append(Routing(**kw, **{name: functools.reduce(np.add, (getattr(q, name) for q in pieces))
-                                        for name in per[0]}, chunks=tuple(zip(bs, pieces))))
-        return out[0], out[1] if pred is not None else None, meta[:, -1]
+
+        @functools.cache
+        def build():
+            if copied is not None:
+                copied.synchronize()
+            meta = host.numpy()
+            cols, out = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1)), []
+            for per, (_, layer, bs) in zip(parts, layers):
+                kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
+                pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
+                out.append(Routing(**kw, **{name: functools.reduce(np.add, (getattr(q, name) for q in pieces))
+                                            for name in per[0]}, chunks=tuple(zip(bs, pieces))))
+            return out[0], out[1] if pred is not None else None, meta[:, -1]
+        return build, parts[0][0]["num"]
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""
@@ -1866,7 +1913,8 @@ class Experts(nn.Module):
     """The experts' FFNs, FFN_e(h) = GELU(h w1_e + b1_e) w2_e + b2_e, of a rank's n experts (no
     biases with bias=False): the MoE layer's expert component, which a benchmark may swap for any
     module called the same way. forward(h, counts) takes rows h [R, H] of LN(x) grouped by expert,
-    counts[e] rows of expert e, and returns (f, bias, ends): f = FFN(h), less its output bias where
+    counts[e] rows of expert e (a list, or a tensor on h's device), and returns (f, bias, ends):
+    f = FFN(h), less its output bias where
     the caller is to add it (the grouped product's path, which fuses b2 into the combine: bias
     [n, H] and ends [n] int32 the rows' ends per expert; else both None)."""
 
@@ -1880,9 +1928,11 @@ class Experts(nn.Module):
             p.expert = True   # not averaged over ranks: each rank owns its experts
 
     def forward(self, h, counts):
-        if _grouped_mm_ok(h):
-            ends = torch.as_tensor(np.cumsum(counts), dtype=torch.int32).to(h.device, non_blocking=True)
+        if _grouped_mm_ok(h):   # counts on the device (one process) need no host sync here
+            ends = counts.cumsum(0).to(torch.int32) if torch.is_tensor(counts) else \
+                _to(np.cumsum(counts).astype(np.int32), h.device)
             return ffn_grouped(h, (self.w1, self.b1, self.w2), ends), self.b2, ends
+        counts = counts.tolist() if torch.is_tensor(counts) else counts
         return ffn_loop(h, (self.w1, self.b1, self.w2, self.b2), counts), None, None
 
 

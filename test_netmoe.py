@@ -1285,6 +1285,7 @@ def test_lookahead_reads_the_next_layers_own_expert_layout():
     price the next layer's scatter with the next layer's map, not its own."""
     topo = netmoe.Topology(2, 2)
     rng = np.random.default_rng(5)
+    torch.manual_seed(5)   # the gates' weights: a case that tells the two maps apart, whichever tests ran first
     a, b = (netmoe.MoELayer(16, 32, 8, 2, topology=topo, virtual_world=4).double() for _ in range(2))
     for layer in (a, b):
         layer.set_expert_device(rng.permutation(np.repeat(np.arange(4), 2)))
@@ -1350,16 +1351,20 @@ def test_grouped_expert_compute_equals_the_per_expert_loop_in_bf16_on_gpu(monkey
 
 def _row_problem(gen, R, Q, Kc, C, E, covered, dtype=torch.float64, device="cpu", seq=1):
     """Random inputs of combine: rows [R, C]; index [Q, Kc] naming every row once (covered) or
-    rows with repeats, gaps and -1 / out-of-range entries; weight, bias of E experts over ends with
-    empty experts; base, base_scale, and a permutation perm of the Q / seq output blocks."""
+    some rows once and the rest never, with -1 and out-of-range entries (combine's contract: no
+    row is named twice); weight, bias of E experts over ends with empty experts; base,
+    base_scale, and a permutation perm of the Q / seq output blocks."""
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device, dtype)
     if covered:
         assert R <= Q * Kc
         slots = torch.randperm(Q * Kc, generator=gen)[:R]
         index = torch.full((Q * Kc,), -1, dtype=torch.int64)
         index[slots] = torch.arange(R)
-    else:
-        index = torch.randint(-1, R + 2, (Q * Kc,), generator=gen)   # -1 and R, R + 1: no row
+    else:   # some rows named once, the others not at all; -1 and R + 1 name no row
+        named = torch.randperm(R, generator=gen)[:min(R, Q * Kc) * 2 // 3]
+        index = torch.cat([named, torch.full((Q * Kc - len(named),), -1)])
+        index[torch.rand(len(index), generator=gen) < 0.2 * (index < 0)] = R + 1
+        index = index[torch.randperm(len(index), generator=gen)]
     counts = torch.randint(E, (R,), generator=gen).bincount(minlength=E)
     if E > 2:
         counts[1] += counts[0]   # an expert with no rows
@@ -1397,9 +1402,9 @@ ROW_CASES = [(R, Q, Kc, C, E, covered, seq) for R, Q, Kc, C, E, covered, seq in 
 @pytest.mark.parametrize("terms", ["all", "rows only", "weight and base"])
 def test_combine_and_its_gradients_equal_the_definition(R, Q, Kc, C, E, covered, seq, terms):
     """combine_rows (the torch references on the CPU) against combine's definition, output and
-    the gradients of rows, weight, bias and base, float64: K = 1, 2, 3, 4, 8 rows an output, rows
-    named once (the exchanges') or with repeats, gaps and out-of-range entries, experts with no
-    rows, no rows at all, permuted outputs."""
+    the gradients of rows, weight, bias and base, float64: K = 1, 2, 3, 4, 8 rows an output, every
+    row named once (the exchanges') or some never, out-of-range entries, experts with no rows, no
+    rows at all, permuted outputs."""
     seed = int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
     p = _row_problem(gen, R, Q, Kc, C, E, covered, seq=seq)
@@ -2534,6 +2539,11 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model
         assert lever in res.output, (lever, res.output)
     s6 = train_gpt.memory_estimate(dataclasses.replace(train_gpt.PRESETS["s"], n_layer=6), 32, True, "cpu")
     assert s6["weights"] > 16 * 1.8e9 and s6["total"] > 50e9   # weights, gradients and AdamW state alone: 29 GB
+    # the K rows of width H a token has in flight count: the fine-grained 6-layer run (E 256, K 8,
+    # F H/2, a shared expert, 64 virtual devices, one sample each) peaked at 34.5 GB on an H200
+    fine = dataclasses.replace(train_gpt.PRESETS["s"], n_layer=6, experts_per_device=4, top_k=8, expert_hidden=384,
+                               shared_experts=1, batch=1)
+    assert 34.5e9 <= train_gpt.memory_estimate(fine, 64, True, "cuda")["total"] <= 1.25 * 34.5e9
     main = train_gpt.TrainConfig(preset="tiny", nproc=4, topology=netmoe.Topology(2, 2), cpu=True)
     assert train_gpt.memory_problem(main, main.model(), 4, False, torch.device("cpu"), 4) is None
     assert train_gpt.memory_estimate(main.model(), 4, False, "cpu")["total"] * 4 < 2e9
@@ -2915,7 +2925,7 @@ def test_permute_rows_kernel_copies_the_rows_exactly(kernels, T, R, C, dtype):
 
 
 @cuda_only
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 700], [4], [0, 2, 0], [4096] * 64, [100, 0, 3000, 64, 1]])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 700], [4], [0, 2, 0], [512] * 64, [100, 0, 3000, 64, 1]])
 @pytest.mark.parametrize("C", [6, 384, 3072])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_bias_gelu_and_segment_sum_kernels_equal_their_references(kernels, counts, C, dtype):
@@ -2973,3 +2983,22 @@ def test_virtual_moe_layer_under_bf16_autocast_same_with_and_without_kernels(ker
     assert torch.equal(sid_fast, sid_slow), f"seed={seed}: different sample placement"
     for a, b in zip(fast, slow):
         _assert_rows_close(a.float().reshape(1, -1), b.float().reshape(1, -1), torch.bfloat16, f"seed={seed}")
+
+
+@cuda_only
+@pytest.mark.parametrize("T,E,K", [(1, 1, 1), (5, 7, 3), (131072, 64, 2), (65536, 256, 8), (300, 2048, 16),
+                                   (40, 100, 33), (9, 40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_topk_ids_kernel_is_the_stable_descending_sort_cut_at_k(kernels, T, E, K, dtype):
+    """The gate's choice, exactly: ties (bf16 scores have many; rows of one repeated value) go to
+    the lower id, as a stable descending sort orders them; K > 32 takes torch's sort."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    scores[: T // 4] = scores[: T // 4].round()                 # many exact ties
+    scores[T // 4: T // 3] = 0.5                                # whole rows of one value
+    scores = scores.to("cuda", dtype)
+    _poison((T, K))
+    got = kernels.topk_ids(scores.view(T, 1, E) if T % 2 else scores, K)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.reshape(T, K), netmoe.topk_ids(scores, K)), f"seed={seed}"
