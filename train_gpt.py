@@ -199,8 +199,10 @@ def memory_estimate(cfg, J, virtual, device_type):
       weights      P * 24 bytes on the CPU (float32 weights, gradients, AdamW's two moments, and
                    the foreach optimizer's temporaries), P * 18 on CUDA (fused AdamW, no
                    temporaries; bf16 copies of the expert weights for the grouped products);
-      activations  L T (6H + (K + n) F) * 4 bytes (attention's, the K expert rows' and the n shared
-                   experts' saved tensors; a bf16 stream saves little, as autocast keeps float32
+      activations  L T (6H + (K + n) F + K H) * 4 bytes (attention's, the K expert rows' and the
+                   n shared experts' saved tensors, and the K rows of width H every token has in
+                   flight: its rows of LN(x) the first product keeps and the experts' outputs the
+                   combine keeps; a bf16 stream saves little, as autocast keeps float32
                    copies), + 12 T V (logits,
                    their float32 copy and gradient), + on the CPU L B n S^2 * 4 (its attention
                    keeps the S x S weights; CUDA's fused attention does not), + 0.4 GB of runtime."""
@@ -213,7 +215,8 @@ def memory_estimate(cfg, J, virtual, device_type):
     cpu = device_type == "cpu"
     weights = P * (24 if cpu else 18)
     T = B * S
-    activations = L * T * (6 * H + (K + n) * F_) * 4 + 12 * T * cfg.vocab + (L * B * cfg.n_head * S * S * 4 if cpu else 0)
+    activations = L * T * (6 * H + (K + n) * F_ + K * H) * 4 + 12 * T * cfg.vocab + \
+        (L * B * cfg.n_head * S * S * 4 if cpu else 0)
     return dict(weights=weights, activations=activations, total=weights + activations + 0.4e9)
 
 
