@@ -2401,6 +2401,24 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     assert res.exit_code != 0 and "does not have 4 devices" in res.output
 
 
+def test_bench_solver_at_scale_gives_the_solve_and_the_metadata_of_each_topology(tmp_path):
+    """solver --topology (repeatable): a row per topology, the solve from stage-sized counts and
+    from [I, E] (the same placement, or it fails), and the metadata a rank receives per layer
+    call: today's [I, E] int64 twice (node exchange: and [I, N]) against the stage-sized design."""
+    out = str(tmp_path / "scale.json")
+    res = CliRunner().invoke(bench.cli, ["solver", "--topology", "2x2", "--topology", "4x2", "--samples", "3",
+                                         "--experts", "4", "--top-k", "2", "--json", out], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "will gather" in res.stdout and "scaling case 2/2 done" in res.stderr
+    record = json.loads(open(out).read())
+    assert record["kind"] == "solver" and record["rows"] == []
+    for r, (N, G) in zip(record["scale"], [(2, 2), (4, 2)]):
+        I, E, J = 3 * N * G, 4 * N * G, N * G
+        assert (r["topology"], r["I"], r["E"], r["K"]) == (f"{N}x{G}", I, E, 2) and r["solve_ms"] > 0
+        assert r["today_expert"] == 2 * I * E * 8 and r["today_node"] == 2 * I * (E + N) * 8
+        assert r["staged"] == I * N * 4 + I // N * G * 4 + I * 4 + J * 8
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
