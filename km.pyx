@@ -66,14 +66,14 @@ def _as_cost(cost, maximize=False, narrow=False):
     if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
         if a.size == 0:
             return np.zeros(a.shape, dtype=np.int64)
+        if narrow and a.dtype == np.int32 and max(a.shape) < 1 << 25:   # always within the limit below
+            return np.ascontiguousarray(a)
         lo, hi = int(a.min()), int(a.max())
         limit = (1 << 62) // (_INT_HEADROOM * (max(a.shape) + 2))
         if hi - lo >= limit:
             raise ValueError(f"integer cost entries span {hi - lo}, too wide for exact int64 "
                              f"arithmetic at shape {a.shape}; scale them down or pass floats")
         if max(hi, -lo) < limit:   # small already: no shift, no copy for int64 input
-            if narrow and a.dtype == np.int32:
-                return np.ascontiguousarray(a)
             a = np.asarray(a, dtype=np.int64)
             return np.ascontiguousarray(-a if maximize else a)
         # Shift by a constant: every solution has the same number of pairs, so the optimum
@@ -241,7 +241,7 @@ ctypedef fused cost_t:
 # and pair, its rows read in order); each column keeps its items in ascending order (members),
 # so a refill reads that column's items alone.
 cdef enum:
-    ROOM = 2       # first size of buf: the fastest of 1, 2, 4, 8 measured on stage 1 at 128 nodes
+    ROOM = 2       # first size of buf (_fill_two): the fastest of 1, 2, 4, 8 on stage 1 at 128 nodes
     PREFETCH = 4   # rows fetched ahead while filling
     NONE = -1
     STALE = -2
@@ -318,6 +318,59 @@ cdef void _fill(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& ite
         if size[b]:
             bound[b] = buf[b][size[b] - 1]
             fcost[b], fitem[b] = buf[b][0].first, buf[b][0].second
+
+
+cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& items,
+                    Py_ssize_t a, move_t** buf, Py_ssize_t* size, char* more, move_t* bound,
+                    num_t* fcost, Py_ssize_t* fitem, num_t* low, num_t* next, Py_ssize_t* one,
+                    Py_ssize_t* two, long long* offers) noexcept nogil:
+    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place
+    (costs low, next and items one, two: k entries of scratch each), no buffer to keep sorted."""
+    cdef Py_ssize_t i, m = items.size(), x, b, ahead, line
+    cdef const cost_t* cx
+    cdef num_t inf = _inf(<num_t>0), ca, v
+    for b in range(k):
+        low[b] = next[b] = inf   # an infinite cost (a forbidden pair) never gets in
+        one[b] = two[b] = -1
+        offers[b] = 0
+    next[a] = -inf
+    for i in range(m):
+        if i + PREFETCH < m:
+            ahead = items[i + PREFETCH] * ld
+            for line in range(0, k * <Py_ssize_t>sizeof(cost_t), 64):
+                __builtin_prefetch(<const char*>(c + ahead) + line)
+        x = items[i]
+        cx = c + x * ld
+        ca = <num_t>cx[a]
+        for b in range(k):
+            v = <num_t>cx[b] - ca
+            if num_t is double:
+                offers[b] += v < inf
+            if v < next[b]:   # items come in ascending order: an equal cost stays behind
+                if v < low[b]:
+                    next[b], two[b] = low[b], one[b]
+                    low[b], one[b] = v, x
+                else:
+                    next[b], two[b] = v, x
+    for b in range(k):
+        more[b] = 0
+        size[b] = 0
+        fcost[b], fitem[b] = _nomove(<num_t>0), NONE
+        if b == a:
+            continue
+        if one[b] >= 0:
+            buf[b][0].first, buf[b][0].second = low[b], one[b]
+            size[b] = 1
+            fcost[b], fitem[b] = low[b], one[b]
+        if two[b] >= 0:
+            buf[b][1].first, buf[b][1].second = next[b], two[b]
+            size[b] = 2
+        if num_t is double:
+            more[b] = offers[b] > 2
+        else:
+            more[b] = m > 2
+        if size[b]:
+            bound[b] = buf[b][size[b] - 1]
 
 
 cdef inline Py_ssize_t _drop_left(vector[move_t]& h, const long long* col,
@@ -398,17 +451,32 @@ cdef long long _start(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
     cdef Py_ssize_t x, j, b
     cdef long long surplus = 0
     cdef num_t r, best
+    cdef cost_t low
     cdef const cost_t* cx
+    cdef bint flat = True   # pi = 0: the row's least entry, in its own type (a loop that vectorises)
     for j in range(k):
         count[j] = 0
+        flat = flat and pi[j] == 0
     for x in range(n):
         cx = c + x * ld
-        b = 0
-        best = <num_t>cx[0] - pi[0]
-        for j in range(1, k):
-            r = <num_t>cx[j] - pi[j]
-            if r < best or (r == best and count[b] >= cap[b] and count[j] < cap[j]):
-                b, best = j, r
+        if flat:
+            low = cx[0]
+            for j in range(1, k):
+                low = cx[j] if cx[j] < low else low
+            b = -1
+            for j in range(k):   # the first column at the least cost with room, else the first at it
+                if cx[j] == low:
+                    if b < 0 or count[j] < cap[j]:
+                        b = j
+                    if count[j] < cap[j]:
+                        break
+        else:
+            b = 0
+            best = <num_t>cx[0] - pi[0]
+            for j in range(1, k):
+                r = <num_t>cx[j] - pi[j]
+                if r < best or (r == best and count[b] >= cap[b] and count[j] < cap[j]):
+                    b, best = j, r
         col[x] = b
         count[b] += 1
     for j in range(k):
@@ -545,7 +613,7 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
     arena_.resize(k * k * ROOM); grown_.resize(k * k); extra_.resize(k * k); buf_.resize(k * k)
     bound_.resize(k * k); head_.resize(k * k, 0); size_.resize(k * k, 0)
     room_.resize(k * k, ROOM); more_.resize(k * k, 0)
-    fcost_.resize(k * k, 0); fitem_.resize(k * k, NONE); thr_.resize(k, 0); offers_.resize(k, 0)
+    fcost_.resize(k * k, 0); fitem_.resize(k * k, NONE); thr_.resize(2 * k, 0); offers_.resize(k, 0)
     members.resize(k)
     cdef vector[move_t]* extra = extra_.data()
     cdef vector[move_t]* grown = grown_.data()
@@ -559,13 +627,17 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
     cdef Py_ssize_t* fitem = fitem_.data()
     cdef num_t* thr = thr_.data()
     cdef long long* offers = offers_.data()
+    cdef vector[Py_ssize_t] scratch_
+    scratch_.resize(2 * k, 0)
+    for a in range(k):
+        members[a].reserve(count[a] + k)
     for x in range(n):
         members[col[x]].push_back(x)
     for a in range(k):
         for b in range(k):
             buf[a * k + b] = arena_.data() + (a * k + b) * ROOM
-        _fill(c, k, ld, members[a], a, buf + a * k, size + a * k, room + a * k, more + a * k,
-              bound + a * k, fcost + a * k, fitem + a * k, 0, k, thr, offers)
+        _fill_two(c, k, ld, members[a], a, buf + a * k, size + a * k, more + a * k, bound + a * k,
+                  fcost + a * k, fitem + a * k, thr, thr + k, scratch_.data(), scratch_.data() + k, offers)
     # Dijkstra over the columns
     cdef vector[num_t] d_, dk_
     cdef vector[Py_ssize_t] pred_col_, pred_item_
