@@ -22,6 +22,10 @@ capacitated_assignments(cost[n, k], capacity[m, k]) -> col[n]
     m capacitated assignments of consecutive blocks of rows in one call (NetMoE's stage 2, a
     block per node), each the same as capacitated_assignment on its block alone.
 
+grown_groups(A[n, n], groups) -> group[n]; best_swap(S[n, k], group[n], cost[n, n]) -> (gain, a, b)
+    The inner loops of netmoe's expert layouts: a balanced partition grown greedily, then the
+    best pair swap between groups, each exactly as its numpy loop computes it.
+
 Integer input is solved in exact int64 arithmetic (int32 costs are read as they are, without a
 copy); anything else in float64 (+inf marks a forbidden pair). Ties are broken by fixed rules
 (lowest index first), never by chance, so equal input gives equal output on every machine.
@@ -824,3 +828,75 @@ def _blocks(a, cap):
         raise ValueError("cost matrix is infeasible: no assignment meets the capacities without "
                          "a forbidden (infinite) entry")
     return col
+
+
+# ---------------------------------------------------------------------------------------------
+# grown_groups and best_swap: the inner loops of netmoe's expert layouts (a balanced partition)
+# ---------------------------------------------------------------------------------------------
+
+def grown_groups(A, groups):
+    """Split the n rows of affinity matrix A [n, n] into `groups` groups of n / groups by greedy
+    growth: each group starts from the free item of the largest summed affinity to the free
+    items, then takes the free item of the largest summed affinity to its members, one at a
+    time; ties to the lowest index. Returns group [n]. Each sum is taken left to right, in
+    index order over the free items and in the order members joined, as numpy sums the columns
+    that A[:, cols].sum(1) gathers, so this is the plain numpy loop's result, without its calls."""
+    cdef double[:, ::1] a = np.ascontiguousarray(A, dtype=np.float64)
+    cdef Py_ssize_t n = a.shape[0], k = groups, size, g, m, x, j, best
+    if a.shape[1] != n or k < 1 or n % k:
+        raise ValueError(f"A must be square with rows divisible into {groups} groups, got {a.shape}")
+    size = n // k
+    group = np.full(n, -1, dtype=np.int64)
+    cdef long long[::1] grp = group
+    cdef double[::1] score = np.zeros(max(n, 1))   # each free item's affinity to the members so far
+    cdef double v, top
+    with nogil:
+        for g in range(k):
+            for m in range(size):
+                best, top = -1, -INFINITY
+                for x in range(n):
+                    if grp[x] >= 0:
+                        continue
+                    if m == 0:   # to every free item, in index order
+                        v = 0.0
+                        for j in range(n):
+                            if grp[j] < 0:
+                                v = v + a[x, j]
+                        score[x] = 0.0
+                    else:
+                        v = score[x]
+                    if best < 0 or v > top:
+                        best, top = x, v
+                grp[best] = g
+                for x in range(n):
+                    score[x] = score[x] + a[x, best]
+    return group
+
+
+def best_swap(S, group, cost):
+    """The best swap of two items between groups: (gain, a, b), the first (a, b) in row-major
+    order of the greatest gain[a, b] = S[a, g_b] + S[b, g_a] - S[a, g_a] - S[b, g_b] - cost[a, b],
+    g = group. S: [n, k] float64 affinities of each item to each group; cost: [n, n] float64,
+    +inf where a swap is no swap (a and b in one group). Each gain is summed in that order, left
+    to right, so it is the value numpy's elementwise operations give: one pass, no [n, n]
+    temporaries. (-inf, 0, 0) when no pair may swap."""
+    cdef double[:, ::1] s = np.ascontiguousarray(S, dtype=np.float64)
+    cdef double[:, ::1] c = np.ascontiguousarray(cost, dtype=np.float64)
+    cdef long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)
+    cdef Py_ssize_t n = g.shape[0], x, y, a = 0, b = 0
+    cdef double best = -INFINITY, v, sx_own
+    if s.shape[0] != n or c.shape[0] != n or c.shape[1] != n:
+        raise ValueError(f"S must be [n, k] and cost [n, n] for the n={n} items of group")
+    if n and (np.min(group) < 0 or np.max(group) >= s.shape[1]):
+        raise ValueError(f"group must name groups in [0, {s.shape[1]})")
+    with nogil:
+        for x in range(n):
+            sx_own = s[x, g[x]]
+            for y in range(n):
+                v = s[x, g[y]] + s[y, g[x]]
+                v = v - sx_own
+                v = v - s[y, g[y]]
+                v = v - c[x, y]
+                if v > best:
+                    best, a, b = v, x, y
+    return best, a, b

@@ -144,12 +144,13 @@ def _count_tokens(route, num_experts):
 
 def _node_counts(route, expert_node, nodes):
     """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the
-    host). A token's k-th choice counts where no earlier choice of it sits on the same node."""
-    at = expert_node[route]
-    I, S, K = at.shape
-    slot = np.arange(I)[:, None, None] * nodes + at              # [I, S, K]: (sample, node) of each choice
-    first = [np.all(at[..., k:k + 1] != at[..., :k], axis=2) for k in range(K)]   # k = 0: always
-    return sum(np.bincount(slot[..., k][first[k]], minlength=I * nodes) for k in range(K)).reshape(I, nodes)
+    host): each token's K nodes sorted, a node counted where it first appears."""
+    at = np.sort(expert_node[route], axis=2)
+    first = np.ones(at.shape, dtype=bool)
+    first[..., 1:] = at[..., 1:] != at[..., :-1]
+    I = route.shape[0]
+    slot = np.arange(I)[:, None, None] * nodes + at          # (sample, node) of each choice
+    return np.bincount(slot[first], minlength=I * nodes).reshape(I, nodes)
 
 
 # the same counts of routes on the host, in numpy (Routing.from_routes)
@@ -661,26 +662,23 @@ def placement_class(placement):
 
 def _partition(A, groups):
     """Split the rows of affinity matrix A into `groups` equal groups with large within-group
-    affinity: greedy growth from the strongest seed, then best-pair swaps while any swap gains."""
-    E = len(A)
-    size, group, free = E // groups, np.full(E, -1), np.ones(E, dtype=bool)
-    for g in range(groups):
-        members = [int(np.argmax(np.where(free, A[:, free].sum(1), -np.inf)))]
-        free[members[0]] = False
-        while len(members) < size:
-            x = int(np.argmax(np.where(free, A[:, members].sum(1), -np.inf)))
-            members.append(x)
-            free[x] = False
-        group[members] = g
+    affinity: greedy growth from the strongest seed (km.grown_groups), then best-pair swaps
+    while any swap gains."""
+    E, group = len(A), km.grown_groups(A, groups)
+    # Swap the pair of the greatest gain, S[a, g_b] + S[b, g_a] - S[a, g_a] - S[b, g_b] - 2 A[a, b],
+    # while one gains (km.best_swap: one pass, no E x E temporaries). cost: 2 A, +inf on pairs in
+    # one group (no swap), updated where a swap moves.
+    twice = 2 * A
+    cost = np.where(group[:, None] == group[None, :], np.inf, twice)
     for _ in range(4 * E):   # each swap strictly gains, so this ends; the bound only caps the time
         S = A @ np.eye(groups)[group]                     # S[x, g]: affinity of x to group g
-        own = S[np.arange(E), group]
-        gain = S[:, group] + S[:, group].T - own[:, None] - own[None, :] - 2 * A
-        gain[group[:, None] == group[None, :]] = 0
-        a, b = np.unravel_index(np.argmax(gain), gain.shape)
-        if gain[a, b] <= 1e-12:
+        gain, a, b = km.best_swap(S, group, cost)
+        if gain <= 1e-12:
             break
         group[a], group[b] = group[b], group[a]
+        for x in (a, b):   # A need not be exactly symmetric: its row and its column
+            cost[x] = np.where(group == group[x], np.inf, twice[x])
+            cost[:, x] = np.where(group == group[x], np.inf, twice[:, x])
     return group
 
 

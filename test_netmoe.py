@@ -851,6 +851,57 @@ def test_expert_layout_is_balanced_on_any_topology_even_without_samples(spec, pe
         assert np.array_equal(np.bincount(layout, minlength=topo.world), np.full(topo.world, per_device))
 
 
+def _plain_partition(A, groups):
+    """expert_layout's partition as plain numpy loops, the reference of km.grown_groups and
+    km.best_swap: greedy growth from the strongest seed, then best-pair swaps while one gains."""
+    E = len(A)
+    size, group, free = E // groups, np.full(E, -1), np.ones(E, dtype=bool)
+    for g in range(groups):
+        members = [int(np.argmax(np.where(free, A[:, free].sum(1), -np.inf)))]
+        free[members[0]] = False
+        while len(members) < size:
+            x = int(np.argmax(np.where(free, A[:, members].sum(1), -np.inf)))
+            members.append(x)
+            free[x] = False
+        group[members] = g
+    grown = group.copy()
+    for _ in range(4 * E):
+        S = A @ np.eye(groups)[group]
+        own = S[np.arange(E), group]
+        gain = S[:, group] + S[:, group].T - own[:, None] - own[None, :] - 2 * A
+        gain[group[:, None] == group[None, :]] = 0
+        a, b = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[a, b] <= 1e-12:
+            break
+        group[a], group[b] = group[b], group[a]
+    return grown, group
+
+
+def test_expert_layout_partition_is_its_plain_numpy_loops(rng):
+    """km.grown_groups and km.best_swap in _partition give exactly the plain loops' groups: the
+    same seeds, members and swaps in the same order, ties included (affinities of few samples,
+    unused experts, integer-valued ones)."""
+    for _ in range(150):
+        E = int(rng.choice([1, 4, 8, 12, 32, 64, 96, 256]))
+        groups = int(rng.choice([g for g in (1, 2, 3, 4, 8, 32) if E % g == 0]))
+        kind = rng.integers(3)
+        if kind == 0:   # as expert_layout builds it, from counts of few samples: many ties
+            num = rng.integers(0, 4, size=(int(rng.integers(0, 40)), E)) * (rng.random((1, E)) < 0.7)
+            p = num / np.maximum(num.sum(1, keepdims=True), 1)
+            d = p - p.mean(0) if len(p) else p
+            A = d.T @ d
+        else:
+            A = rng.integers(-3, 4, size=(E, E)).astype(float) if kind == 1 else rng.normal(size=(E, E))
+        np.fill_diagonal(A, 0.0)
+        grown, swapped = _plain_partition(A, groups)
+        assert np.array_equal(km.grown_groups(A, groups), grown), (E, groups, kind)
+        assert np.array_equal(netmoe._partition(A, groups), swapped), (E, groups, kind)
+    with pytest.raises(ValueError, match="divisible into 3 groups"):
+        km.grown_groups(np.zeros((4, 4)), 3)
+    with pytest.raises(ValueError, match="for the n=2 items"):
+        km.best_swap(np.zeros((3, 2)), [0, 1], np.zeros((2, 2)))
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: netmoe.expert_layout([], netmoe.Topology(2, 2)), "at least one layer"),
     (lambda: netmoe.expert_layout([np.ones((4, 8), np.int64), np.ones((5, 8), np.int64)], netmoe.Topology(2, 2)),
