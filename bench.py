@@ -1,6 +1,7 @@
 """netmoe benchmarks, plots and reports: the paper's tables measured on this machine.
 
   python bench.py solver                      # Algorithm 1's Solve (paper Table 4), CPU
+  python bench.py solver --scale              # the solve and its metadata at 4x8 .. 128x8
   python bench.py kernels                     # kernels.cu against the torch code it replaces (CUDA)
   python bench.py layer --virtual-world 32 --topology 4x8   # one MoE-GPT-S layer on one GPU
   python bench.py layer --nproc 2             # the same over 2 GPUs (or CPU processes), static vs NetMoE
@@ -417,6 +418,67 @@ def bench_solver(repeats, max_expanded, echo, gpu=True):
     return results
 
 
+SCALE_TOPOLOGIES = ("4x8", "16x8", "32x8", "128x8")
+
+
+def metadata_bytes(I, E, topo, lookahead=True):
+    """Routing metadata one rank receives per layer call (sample ids aside): what the layer gathers
+    today, every rank's [I/J, E] int64 counts (and, for the node exchange, its [I/J, N] node
+    counts) for this layer and the lookahead's, so every rank holds [I, E] twice; and what a
+    layer gathers in the stage-sized design, O(I N + J): stage 1's summed [I, N] int32 cost
+    all-gathered, its node's [I/N, G] int32 stage-2 cost among the node's G ranks, the I
+    destinations (int32) shared and a [J] int64 exchange of split sizes."""
+    N, G, J, layers = topo.nodes, topo.gpus_per_node, topo.world, 2 if lookahead else 1
+    return dict(today_expert=layers * I * E * 8, today_node=layers * I * (E + N) * 8,
+                staged=I * N * 4 + I // N * G * 4 + I * 4 + J * 8)
+
+
+def bench_scale(topologies, samples, experts, top_k, echo, S=1024, repeats=3):
+    """The solve at cluster scale (issue 37's target: I = 16384 on 128x8, E = 2048, K = 8 with
+    lookahead in at most 20 ms), per topology: solve_placement with lookahead from the
+    stage-sized counts a rank holds (Routing.of_reach: int32 [I, N] per node, [I, N, G] per
+    device; the layer counts them from its routes on the GPU), and the same from [I, E] int64
+    counts (Routing.of, the per-device sums included), each the min of `repeats` after a warm
+    call; and the routing metadata per rank per layer, today's and the stage-sized design's."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for topo in progress(topologies, "scaling case"):
+        J = topo.world
+        I, E = samples * J, experts * J
+        num, nxt = (routed_num(rng, I, E, S=S, K=top_k) for _ in range(2))
+
+        def held(counts):
+            node, device = netmoe.Routing.of(counts, topo).reach
+            return netmoe.Routing.of_reach(node.astype(np.int32), device.astype(np.int32), topo)
+
+        def best_ms(solve):
+            dest = solve()
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                solve()
+                ts.append(time.perf_counter() - t)
+            return dest, min(ts) * 1e3
+        a, b = held(num), held(nxt)
+        dest, held_ms = best_ms(lambda: netmoe.solve_placement(a, topo, num_next=b))
+        again, counts_ms = best_ms(lambda: netmoe.solve_placement(num, topo, num_next=nxt))
+        if not np.array_equal(dest, again):
+            raise RuntimeError(f"{topo}: the solve from stage-sized counts differs from the one from [I, E]")
+        rows.append(dict(topology=str(topo), I=I, E=E, K=top_k, solve_ms=held_ms, solve_from_counts_ms=counts_ms,
+                         **metadata_bytes(I, E, topo)))
+    echo(table(["topology", "I", "E", "K", "solve ms", "from [I, E] ms", "today: expert", "today: node",
+                "will gather", "today / will"],
+               [[r["topology"], r["I"], r["E"], r["K"], r["solve_ms"], r["solve_from_counts_ms"],
+                 _bytes(r["today_expert"]), _bytes(r["today_node"]), _bytes(r["staged"]),
+                 f"{r['today_expert'] / r['staged']:,.0f}x"] for r in rows]))
+    return rows
+
+
+def _bytes(n):
+    return next(f"{n / 2 ** (10 * p):,.4g} {unit}" for p, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB"), (0, "B"))
+                if n >= 2 ** (10 * p) or not p)
+
+
 def solver_window(b, topo, measure, hidden=768, S=1024, K=2, reps=30):
     """The window the solver hides in (Table 4's last column) at I/J = b for MoE-GPT-S on this GPU:
     one device's expert compute, measured (E/J = 2 experts, b * S * K rows split evenly, forward,
@@ -568,15 +630,35 @@ def _run_bench(worker, o, virtual_world=None):
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
-@cli.command("solver", short_help="Algorithm 1's Solve against KM and scipy (paper Table 4).")
+@cli.command("solver", short_help="Algorithm 1's Solve against KM and scipy (paper Table 4), or at cluster scale.")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True,
               help="solves timed per case (a tenth for the large I x I baselines)")
 @click.option("--max-expanded", type=click.IntRange(min=0), default=1024, show_default=True,
               help="largest I for the I x I baselines")
 @click.option("--cpu", is_flag=True, help="no GPU window (the experts' time the solver hides in), even where CUDA is present")
+@click.option("--scale", is_flag=True, help=f"the solve at cluster scale instead: ms and routing metadata on "
+                                            f"{', '.join(SCALE_TOPOLOGIES)} (or --topology)")
+@click.option("--topology", "topologies", type=TOPOLOGY, multiple=True,
+              help="at scale on this topology (repeatable; implies --scale)")
+@click.option("--samples", type=COUNT, default=16, show_default=True, help="at scale: samples per device, I / J")
+@click.option("--experts", type=COUNT, default=2, show_default=True, help="at scale: experts per device, E / J")
+@click.option("--top-k", type=COUNT, default=8, show_default=True, help="at scale: experts per token, K")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
-def solver_cmd(repeats, max_expanded, cpu, json_path):
-    """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4)."""
+def solver_cmd(repeats, max_expanded, cpu, scale, topologies, samples, experts, top_k, json_path):
+    """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4).
+    With --scale or --topology: the solve with lookahead at cluster scale and the routing metadata a
+    rank receives per layer call, today's [I, E] counts against the stage-sized design."""
+    if scale or topologies:
+        click.echo(f"solve_placement with lookahead on routed counts with locality (S=1024, K={top_k}), min of 3\n"
+                   f"after a warm call: from the stage-sized counts a rank holds (int32 [I, N] and [I, N, G], which\n"
+                   f"the layer counts on the GPU), and from [I, E] int64 counts. Routing metadata per rank per\n"
+                   f"layer call, sample ids aside: today every rank gathers [I, E] int64 twice (and [I, N] twice\n"
+                   f"for the node exchange); the layer will gather stage 1's [I, N] int32 cost, its node's\n"
+                   f"[I/N, G] stage-2 cost, the I destinations and [J] split sizes")
+        scale_rows = bench_scale(topologies or [netmoe.Topology.parse(t) for t in SCALE_TOPOLOGIES], samples,
+                                 experts, top_k, click.echo)
+        _write_json(json_path, {"rows": [], "scale": scale_rows}, "solver")
+        return
     click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
     _write_json(json_path, bench_solver(repeats, max_expanded, click.echo, gpu=not cpu), "solver")
 

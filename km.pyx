@@ -18,9 +18,17 @@ capacitated_assignment(cost[n, k], capacity[k]) -> col[n]
     k columns, column potentials) to columns with room. About O(n k + surplus k^2); the surplus
     is typically O(sqrt(n k)), and a warm start keeps it there when costs are skewed.
 
-Integer input is solved in exact int64 arithmetic; anything else in float64 (+inf marks a
-forbidden pair). Ties are broken by fixed rules (lowest index first), never by chance, so equal
-input gives equal output on every machine.
+capacitated_assignments(cost[n, k], capacity[m, k]) -> col[n]
+    m capacitated assignments of consecutive blocks of rows in one call (NetMoE's stage 2, a
+    block per node), each the same as capacitated_assignment on its block alone.
+
+grown_groups(A[n, n], groups) -> group[n]; best_swap(S[n, k], group[n], cost[n, n]) -> (gain, a, b)
+    The inner loops of netmoe's expert layouts: a balanced partition grown greedily, then the
+    best pair swap between groups, each exactly as its numpy loop computes it.
+
+Integer input is solved in exact int64 arithmetic (int32 costs are read as they are, without a
+copy); anything else in float64 (+inf marks a forbidden pair). Ties are broken by fixed rules
+(lowest index first), never by chance, so equal input gives equal output on every machine.
 """
 import numpy as np
 from libc.math cimport INFINITY
@@ -34,13 +42,8 @@ ctypedef fused num_t:
 # The std heap algorithms do not throw for these element types; declared here without
 # `except +` so that they can be called from `noexcept nogil` code.
 cdef extern from "<algorithm>" namespace "std" nogil:
-    void push_heap[It](It first, It last) noexcept
     void push_heap[It, Cmp](It first, It last, Cmp comp) noexcept
-    void pop_heap[It](It first, It last) noexcept
     void pop_heap[It, Cmp](It first, It last, Cmp comp) noexcept
-    void sort_heap[It](It first, It last) noexcept
-    void make_heap[It](It first, It last) noexcept
-    void sort[It](It first, It last) noexcept
 
 # "Unreached" for integer distances: only ever compared, and far above any reachable value
 # (see _INT_HEADROOM), so finite sums never come near it.
@@ -58,14 +61,17 @@ cdef inline num_t _inf(num_t x) noexcept nogil:
         return INT_INF
 
 
-def _as_cost(cost, maximize=False):
-    """cost as a C-contiguous int64 (integer input) or float64 matrix, negated for maximize."""
+def _as_cost(cost, maximize=False, narrow=False):
+    """cost as a C-contiguous int64 (integer input) or float64 matrix, negated for maximize;
+    narrow: int32 input that needs no shift stays int32 (the capacitated solver reads it so)."""
     a = np.asarray(cost)
     if a.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got {a.ndim}-D input of shape {a.shape}")
     if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
         if a.size == 0:
             return np.zeros(a.shape, dtype=np.int64)
+        if narrow and a.dtype == np.int32 and max(a.shape) < 1 << 25:   # always within the limit below
+            return np.ascontiguousarray(a)
         lo, hi = int(a.min()), int(a.max())
         limit = (1 << 62) // (_INT_HEADROOM * (max(a.shape) + 2))
         if hi - lo >= limit:
@@ -217,6 +223,13 @@ def linear_sum_assignment(cost, maximize=False):
 # capacitated_assignment
 # ---------------------------------------------------------------------------------------------
 
+# Costs are read in their own type and summed in num_t: int32 input (what netmoe's stages build)
+# is read as it is, half the memory traffic of int64 and no copy, every sum in int64.
+ctypedef fused cost_t:
+    int
+    long long
+    double
+
 # Moves between columns. For each ordered pair (a, b) the candidates for moving an item from a
 # to b are ordered by (cost, item), cost = c[x, b] - c[x, a], lowest item first on ties:
 #   buf    the `room` best of the items in a when the pair was (re)filled, sorted ascending;
@@ -225,13 +238,23 @@ def linear_sum_assignment(cost, maximize=False):
 #   bound  with `more` set (items were left out of buf), no item in a that is in neither
 #          is better than bound.
 # So the cheapest move is the better of the two fronts, and a pair is refilled (with twice the
-# room) only when both run dry while `more` is set. A fill is one pass over the column with about
-# one compare per item, and pops are O(1): much cheaper than heaps over every item.
+# room) only when both run dry while `more` is set. Every pair's cheapest move is kept in front
+# (its cost and item), brought up to date where items move, so that Dijkstra reads one entry a
+# pair: NONE, no item of a can move to b; STALE, a refill is due, done when Dijkstra needs it.
+# Every pair is filled once, a column at a time, before the first search (one compare per item
+# and pair, its rows read in order); each column keeps its items in ascending order (members),
+# so a refill reads that column's items alone.
 cdef enum:
-    ROOM = 4   # first size of buf: the fastest of 1..16 measured for n = 384..8192, k = 2..64
+    ROOM = 2       # first size of buf (_fill_two): the fastest of 1, 2, 4, 8 on stage 1 at 128 nodes
+    PREFETCH = 4   # rows fetched ahead while filling
+    NONE = -1
+    STALE = -2
 
 ctypedef pair[num_t, Py_ssize_t] move_t   # (cost of the move, item)
-ctypedef move_t* move_p
+ctypedef vector[Py_ssize_t] items_t
+
+cdef extern from *:
+    void __builtin_prefetch(const void* p) noexcept nogil
 
 cdef extern from "<functional>" namespace "std" nogil:
     cdef cppclass greater[T]:
@@ -239,43 +262,117 @@ cdef extern from "<functional>" namespace "std" nogil:
 
 
 cdef inline void _offer(move_t* buf, Py_ssize_t* size, Py_ssize_t room,
-                        num_t cost, Py_ssize_t x, char* more) noexcept nogil:
-    """Keep the `room` best (cost, x) offered in buf, a max-heap with the worst kept on top."""
-    cdef Py_ssize_t s = size[0]
-    if s < room:   # not full yet: collect, heapify once it is
-        buf[s].first, buf[s].second = cost, x
+                        num_t cost, Py_ssize_t x, num_t* thr) noexcept nogil:
+    """Keep the `room` best (cost, x) offered in buf, sorted ascending. Items are offered in
+    ascending order, so (cost, x) goes behind every kept move of equal cost, and once buf is
+    full only a cost below the worst kept, thr, gets in (the caller checks)."""
+    cdef Py_ssize_t s = size[0], i
+    if s == room:
+        s -= 1   # the worst kept drops out
+    else:
         size[0] = s + 1
-        if s + 1 == room:
-            make_heap(buf, buf + room)
-        return
-    more[0] = 1
-    if cost < buf[0].first or (cost == buf[0].first and x < buf[0].second):
-        pop_heap(buf, buf + s)
-        buf[s - 1].first, buf[s - 1].second = cost, x
-        push_heap(buf, buf + s)
+    i = s
+    while i > 0 and cost < buf[i - 1].first:
+        buf[i] = buf[i - 1]
+        i -= 1
+    buf[i].first, buf[i].second = cost, x
+    if size[0] == room:
+        thr[0] = buf[room - 1].first
 
 
-cdef void _fill(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld, const long long* col,
-                Py_ssize_t a, Py_ssize_t b0, Py_ssize_t b1, move_p* buf, Py_ssize_t* head,
-                Py_ssize_t* size, Py_ssize_t* room, char* more, move_t* bound) noexcept nogil:
-    """Fill the buffers of pairs (a, b0), ..., (a, b1 - 1) from the items now in column a.
-    The per-pair arrays are passed offset to row a, so they are indexed by b."""
-    cdef Py_ssize_t x, b
-    cdef const num_t* cx
-    cdef num_t inf = _inf(<num_t>0)
+cdef void _fill(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& items, Py_ssize_t a,
+                move_t** buf, Py_ssize_t* size, Py_ssize_t* room, char* more, move_t* bound,
+                num_t* fcost, Py_ssize_t* fitem, Py_ssize_t b0, Py_ssize_t b1,
+                num_t* thr, long long* offers) noexcept nogil:
+    """Fill pairs (a, b0), ..., (a, b1 - 1) from the items of column a, and set their cheapest
+    moves. The per-pair arrays are passed offset to row a, so they are indexed by b; thr and
+    offers are k entries of scratch."""
+    cdef Py_ssize_t i, m = items.size(), x, b, ahead
+    cdef const cost_t* cx
+    cdef num_t inf = _inf(<num_t>0), ca, v
     for b in range(b0, b1):
-        head[b] = size[b] = more[b] = 0
-    for x in range(n):
-        if col[x] == a:
-            cx = c + x * ld
-            for b in range(b0, b1):
-                if b != a and cx[b] < inf:
-                    _offer(buf[b], &size[b], room[b], cx[b] - cx[a], x, &more[b])
+        size[b] = 0
+        thr[b] = inf   # an infinite cost (a forbidden pair) never gets in
+        offers[b] = 0
+    if b0 <= a < b1:
+        thr[a] = -inf
+    for i in range(m):
+        if i + PREFETCH < m:
+            ahead = items[i + PREFETCH] * ld + b0
+            for b in range(0, (b1 - b0) * <Py_ssize_t>sizeof(cost_t), 64):
+                __builtin_prefetch(<const char*>(c + ahead) + b)
+        x = items[i]
+        cx = c + x * ld
+        ca = <num_t>cx[a]
+        for b in range(b0, b1):
+            v = <num_t>cx[b] - ca
+            if num_t is double:
+                offers[b] += v < inf
+            if v < thr[b]:
+                _offer(buf[b], &size[b], room[b], v, x, &thr[b])
     for b in range(b0, b1):
-        if size[b] == room[b]:
-            sort_heap(buf[b], buf[b] + size[b])
+        more[b] = 0
+        fcost[b], fitem[b] = _nomove(<num_t>0), NONE
+        if b == a:
+            continue
+        if num_t is double:
+            more[b] = offers[b] > room[b]
         else:
-            sort(buf[b], buf[b] + size[b])
+            more[b] = m > room[b]
+        if size[b]:
+            bound[b] = buf[b][size[b] - 1]
+            fcost[b], fitem[b] = buf[b][0].first, buf[b][0].second
+
+
+cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& items,
+                    Py_ssize_t a, move_t** buf, Py_ssize_t* size, char* more, move_t* bound,
+                    num_t* fcost, Py_ssize_t* fitem, num_t* low, num_t* next, Py_ssize_t* one,
+                    Py_ssize_t* two, long long* offers) noexcept nogil:
+    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place
+    (costs low, next and items one, two: k entries of scratch each), no buffer to keep sorted."""
+    cdef Py_ssize_t i, m = items.size(), x, b, ahead, line
+    cdef const cost_t* cx
+    cdef num_t inf = _inf(<num_t>0), ca, v
+    for b in range(k):
+        low[b] = next[b] = inf   # an infinite cost (a forbidden pair) never gets in
+        one[b] = two[b] = -1
+        offers[b] = 0
+    next[a] = -inf
+    for i in range(m):
+        if i + PREFETCH < m:
+            ahead = items[i + PREFETCH] * ld
+            for line in range(0, k * <Py_ssize_t>sizeof(cost_t), 64):
+                __builtin_prefetch(<const char*>(c + ahead) + line)
+        x = items[i]
+        cx = c + x * ld
+        ca = <num_t>cx[a]
+        for b in range(k):
+            v = <num_t>cx[b] - ca
+            if num_t is double:
+                offers[b] += v < inf
+            if v < next[b]:   # items come in ascending order: an equal cost stays behind
+                if v < low[b]:
+                    next[b], two[b] = low[b], one[b]
+                    low[b], one[b] = v, x
+                else:
+                    next[b], two[b] = v, x
+    for b in range(k):
+        more[b] = 0
+        size[b] = 0
+        fcost[b], fitem[b] = _nomove(<num_t>0), NONE
+        if b == a:
+            continue
+        if one[b] >= 0:
+            buf[b][0].first, buf[b][0].second = low[b], one[b]
+            size[b] = 1
+            fcost[b], fitem[b] = low[b], one[b]
+        if two[b] >= 0:
+            buf[b][1].first, buf[b][1].second = next[b], two[b]
+            size[b] = 2
+        if num_t is double:
+            more[b] = offers[b] > 2
+        else:
+            more[b] = m > 2
         if size[b]:
             bound[b] = buf[b][size[b] - 1]
 
@@ -291,7 +388,65 @@ cdef inline Py_ssize_t _drop_left(vector[move_t]& h, const long long* col,
     return s
 
 
-cdef long long _start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
+cdef void _front(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const long long* col,
+                 const items_t& items, Py_ssize_t a, Py_ssize_t b, bint refill, move_t** buf,
+                 Py_ssize_t* head, Py_ssize_t* size, Py_ssize_t* room, char* more, move_t* bound,
+                 vector[move_t]* extra, vector[move_t]* grown, num_t* fcost, Py_ssize_t* fitem,
+                 num_t* thr, long long* offers) noexcept nogil:
+    """Bring pair (a, b)'s cheapest move up to date: drop the items that left a, refill the pair
+    if both fronts ran dry while `more` is set (or, without `refill`, leave it STALE)."""
+    cdef Py_ssize_t ab = a * k + b, es
+    cdef move_t move
+    while True:
+        while head[ab] < size[ab] and col[buf[ab][head[ab]].second] != a:
+            head[ab] += 1
+        es = _drop_left(extra[ab], col, a)
+        if head[ab] < size[ab] or es or not more[ab]:
+            break
+        if not refill:
+            fcost[ab], fitem[ab] = _stale(<num_t>0), STALE
+            return
+        room[ab] *= 2
+        grown[ab].resize(room[ab])
+        buf[ab] = grown[ab].data()
+        head[ab] = 0
+        _fill(c, k, ld, items, a, buf + a * k, size + a * k, room + a * k, more + a * k,
+              bound + a * k, fcost + a * k, fitem + a * k, b, b + 1, thr, offers)
+    if head[ab] < size[ab] and (es == 0 or buf[ab][head[ab]] < extra[ab][0]):
+        move = buf[ab][head[ab]]
+    elif es:
+        move = extra[ab][0]
+    else:
+        fcost[ab], fitem[ab] = _nomove(<num_t>0), NONE
+        return
+    fcost[ab], fitem[ab] = move.first, move.second
+
+
+cdef inline void _join(items_t& items, Py_ssize_t x) noexcept nogil:
+    """Insert x into the ascending items."""
+    cdef Py_ssize_t i = items.size()
+    items.push_back(x)
+    while i > 0 and items[i - 1] > x:
+        items[i] = items[i - 1]
+        i -= 1
+    items[i] = x
+
+
+cdef inline void _leave(items_t& items, Py_ssize_t x) noexcept nogil:
+    """Remove x from the ascending items (which hold it)."""
+    cdef Py_ssize_t lo = 0, hi = items.size() - 1, mid
+    while lo < hi:   # binary search for x
+        mid = (lo + hi) // 2
+        if items[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    for mid in range(lo, <Py_ssize_t>items.size() - 1):
+        items[mid] = items[mid + 1]
+    items.pop_back()
+
+
+cdef long long _start(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
                       const long long* cap, const num_t* pi, long long* col,
                       long long* count) noexcept nogil:
     """Every item in its cheapest column under potentials pi, which satisfies the invariant of
@@ -300,17 +455,32 @@ cdef long long _start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
     cdef Py_ssize_t x, j, b
     cdef long long surplus = 0
     cdef num_t r, best
-    cdef const num_t* cx
+    cdef cost_t low
+    cdef const cost_t* cx
+    cdef bint flat = True   # pi = 0: the row's least entry, in its own type (a loop that vectorises)
     for j in range(k):
         count[j] = 0
+        flat = flat and pi[j] == 0
     for x in range(n):
         cx = c + x * ld
-        b = 0
-        best = cx[0] - pi[0]
-        for j in range(1, k):
-            r = cx[j] - pi[j]
-            if r < best or (r == best and count[b] >= cap[b] and count[j] < cap[j]):
-                b, best = j, r
+        if flat:
+            low = cx[0]
+            for j in range(1, k):
+                low = cx[j] if cx[j] < low else low
+            b = -1
+            for j in range(k):   # the first column at the least cost with room, else the first at it
+                if cx[j] == low:
+                    if b < 0 or count[j] < cap[j]:
+                        b = j
+                    if count[j] < cap[j]:
+                        break
+        else:
+            b = 0
+            best = <num_t>cx[0] - pi[0]
+            for j in range(1, k):
+                r = <num_t>cx[j] - pi[j]
+                if r < best or (r == best and count[b] >= cap[b] and count[j] < cap[j]):
+                    b, best = j, r
         col[x] = b
         count[b] += 1
     for j in range(k):
@@ -327,7 +497,7 @@ cdef enum:
     WARM_STRIDE = 8
 
 
-cdef void _warm_start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
+cdef void _warm_start(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
                       const long long* cap, num_t* pi) noexcept nogil:
     """Set pi to the potentials of the problem on items 0, WARM_STRIDE, 2 WARM_STRIDE, ..."""
     cdef Py_ssize_t m = (n + WARM_STRIDE - 1) // WARM_STRIDE, j, b
@@ -352,7 +522,65 @@ cdef void _warm_start(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
             pi[j] = 0
 
 
-cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
+cdef inline num_t _nomove(num_t x) noexcept nogil:
+    """The cost of a NONE pair: above any path (and any potential), so never a way."""
+    if num_t is double:
+        return INFINITY
+    else:
+        return INT_INF + (INT_INF >> 1)
+
+
+cdef inline num_t _stale(num_t x) noexcept nogil:
+    """The cost of a STALE pair: below any path, so that Dijkstra stops at it to refill it."""
+    if num_t is double:
+        return -INFINITY
+    else:
+        return -INT_INF
+
+
+cdef inline Py_ssize_t _closest(const num_t* dk, const char* full, Py_ssize_t k) noexcept nogil:
+    """The column of least dk, on ties one with room (full 0), then the lowest; -1 if none is
+    reached (dk infinite)."""
+    cdef Py_ssize_t j, a = -1
+    cdef num_t low = _inf(<num_t>0)
+    cdef char f = 2
+    for j in range(k):
+        if dk[j] < low or (dk[j] == low and full[j] < f):
+            a, low, f = j, dk[j], full[j]
+    return a if low < _inf(<num_t>0) else -1
+
+
+cdef Py_ssize_t _relax(Py_ssize_t a, Py_ssize_t b0, Py_ssize_t k, const num_t* fcost,
+                       const Py_ssize_t* fitem, const num_t* pi, num_t* d, num_t* dk,
+                       const char* full, const char* done, Py_ssize_t* pred_col,
+                       Py_ssize_t* pred_item, Py_ssize_t* nxt, num_t* low, char* low_full) noexcept nogil:
+    """Dijkstra's step from the column a just settled, over b = b0 .. k - 1 (fcost and fitem:
+    a's row of pairs): each b's distance through a's cheapest move to it, and the closest
+    column not settled yet so far (nxt, its dk and full, as _closest picks). A settled b is
+    never improved (reduced costs are >= 0), so only a STALE pair's sentinel cost gets past
+    the first test for one. Returns k, or the b of a STALE pair (refill it, call again from b)."""
+    cdef Py_ssize_t b, nx = nxt[0]
+    cdef num_t base = d[a] + pi[a], cand, lo = low[0]
+    cdef char lf = low_full[0]
+    for b in range(b0, k):
+        if num_t is double:   # summed in the order it always was: the same rounding
+            cand = d[a] + fcost[b] + pi[a] - pi[b]
+        else:
+            cand = base + fcost[b] - pi[b]
+        if cand < d[b] and not done[b]:
+            if fitem[b] == STALE:
+                nxt[0], low[0], low_full[0] = nx, lo, lf
+                return b
+            d[b] = dk[b] = cand
+            pred_col[b] = a
+            pred_item[b] = fitem[b]
+        if dk[b] < lo or (dk[b] == lo and full[b] < lf):
+            nx, lo, lf = b, dk[b], full[b]
+    nxt[0], low[0], low_full[0] = nx, lo, lf
+    return k
+
+
+cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
                       const long long* cap, long long* col, num_t* pi) noexcept nogil:
     """Min-cost flow of items (rows c[x * ld : x * ld + k]) into columns by successive shortest
     paths between the columns. pi: column potentials, in (any start) and out.
@@ -360,8 +588,9 @@ cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
     Invariant: every item x in column a has c[x, a] - pi[a] <= c[x, b] - pi[b] for all b, i.e.
     every residual edge a -> b has reduced cost >= 0. Returns -1 if forbidden (+inf) entries
     make the capacities unreachable."""
-    cdef Py_ssize_t j, a, b, x, t, ab, es
-    cdef num_t inf = _inf(<num_t>0), cand, D, low
+    cdef Py_ssize_t j, a, b, x, t, ab, es, nxt
+    cdef num_t inf = _inf(<num_t>0), D, low
+    cdef char low_full
     cdef long long surplus
     cdef move_t move
     cdef vector[long long] count_
@@ -372,87 +601,88 @@ cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
     if surplus * surplus > n * k * WARM_STRIDE and n >= 2 * WARM_STRIDE * k:
         _warm_start(c, n, k, ld, cap, pi)
         surplus = _start(c, n, k, ld, cap, pi, col, count)
+    if surplus == 0:
+        return 0
 
     # per pair (a * k + b): see the comment above _offer
-    cdef vector[vector[move_t]] arena_, grown_, extra_
-    cdef vector[move_p] buf_
+    cdef vector[move_t] arena_
+    cdef vector[vector[move_t]] grown_, extra_
+    cdef vector[move_t*] buf_
     cdef vector[move_t] bound_
-    cdef vector[Py_ssize_t] head_, size_, room_
-    cdef vector[char] more_, built_
-    arena_.resize(k); grown_.resize(k * k); extra_.resize(k * k); buf_.resize(k * k)
+    cdef vector[num_t] fcost_, thr_
+    cdef vector[Py_ssize_t] head_, size_, room_, fitem_
+    cdef vector[long long] offers_
+    cdef vector[char] more_
+    cdef vector[items_t] members   # each column's items, ascending
+    arena_.resize(k * k * ROOM); grown_.resize(k * k); extra_.resize(k * k); buf_.resize(k * k)
     bound_.resize(k * k); head_.resize(k * k, 0); size_.resize(k * k, 0)
-    room_.resize(k * k, ROOM); more_.resize(k * k, 0); built_.resize(k, 0)
+    room_.resize(k * k, ROOM); more_.resize(k * k, 0)
+    fcost_.resize(k * k, 0); fitem_.resize(k * k, NONE); thr_.resize(2 * k, 0); offers_.resize(k, 0)
+    members.resize(k)
     cdef vector[move_t]* extra = extra_.data()
-    cdef move_p* buf = buf_.data()
+    cdef vector[move_t]* grown = grown_.data()
+    cdef move_t** buf = buf_.data()
     cdef move_t* bound = bound_.data()
     cdef Py_ssize_t* head = head_.data()
     cdef Py_ssize_t* size = size_.data()
     cdef Py_ssize_t* room = room_.data()
     cdef char* more = more_.data()
-    cdef char* built = built_.data()   # a column's buffers are filled when it is first scanned
+    cdef num_t* fcost = fcost_.data()
+    cdef Py_ssize_t* fitem = fitem_.data()
+    cdef num_t* thr = thr_.data()
+    cdef long long* offers = offers_.data()
+    cdef vector[Py_ssize_t] scratch_
+    scratch_.resize(2 * k, 0)
+    for a in range(k):
+        members[a].reserve(count[a] + k)
+    for x in range(n):
+        members[col[x]].push_back(x)
+    for a in range(k):
+        for b in range(k):
+            buf[a * k + b] = arena_.data() + (a * k + b) * ROOM
+        _fill_two(c, k, ld, members[a], a, buf + a * k, size + a * k, more + a * k, bound + a * k,
+                  fcost + a * k, fitem + a * k, thr, thr + k, scratch_.data(), scratch_.data() + k, offers)
     # Dijkstra over the columns
-    cdef vector[num_t] d_
+    cdef vector[num_t] d_, dk_
     cdef vector[Py_ssize_t] pred_col_, pred_item_
-    cdef vector[char] done_
-    d_.resize(k, 0); pred_col_.resize(k, -1); pred_item_.resize(k, -1); done_.resize(k, 0)
+    cdef vector[char] done_, full_
+    d_.resize(k, 0); dk_.resize(k, 0); pred_col_.resize(k, -1); pred_item_.resize(k, -1)
+    done_.resize(k, 0); full_.resize(k, 0)
     cdef num_t* d = d_.data()
+    cdef num_t* dk = dk_.data()
+    cdef char* full = full_.data()
     cdef Py_ssize_t* pred_col = pred_col_.data()
     cdef Py_ssize_t* pred_item = pred_item_.data()
     cdef char* done = done_.data()
 
     while surplus > 0:
-        # Dijkstra from all over-full columns at once to the nearest column with room.
+        # Dijkstra from all over-full columns at once to the nearest column with room. Settled
+        # next: the closest column (dk: d of the columns not settled yet); on ties one with
+        # room (it ends the search), then the lowest index.
         for j in range(k):
             done[j] = 0
             pred_col[j] = -1
-            d[j] = 0 if count[j] > cap[j] else inf
+            full[j] = count[j] >= cap[j]
+            d[j] = dk[j] = 0 if count[j] > cap[j] else inf
+        a = _closest(dk, full, k)
         while True:
-            # Settle the closest column; on ties one with room (it ends the search), then the
-            # lowest index. Dense selection: k is small.
-            a = -1
-            for j in range(k):
-                if not done[j] and d[j] < inf and (
-                        a < 0 or d[j] < d[a]
-                        or (d[j] == d[a] and count[j] < cap[j] and count[a] >= cap[a])):
-                    a = j
             if a < 0:
                 return -1
             done[a] = 1
-            if count[a] < cap[a]:
+            dk[a] = inf
+            if not full[a]:
                 break
-            if not built[a]:
-                built[a] = 1
-                arena_[a].resize(k * ROOM)
-                for b in range(k):
-                    buf[a * k + b] = arena_[a].data() + b * ROOM
-                _fill(c, n, k, ld, col, a, 0, k, buf + a * k, head + a * k, size + a * k,
-                      room + a * k, more + a * k, bound + a * k)
-            for b in range(k):
-                if done[b]:
-                    continue
-                ab = a * k + b
-                while True:   # the cheapest move a -> b: drop items that left a, refill if dry
-                    while head[ab] < size[ab] and col[buf[ab][head[ab]].second] != a:
-                        head[ab] += 1
-                    es = _drop_left(extra[ab], col, a)
-                    if head[ab] < size[ab] or es or not more[ab]:
-                        break
-                    room[ab] *= 2
-                    grown_[ab].resize(room[ab])
-                    buf[ab] = grown_[ab].data()
-                    _fill(c, n, k, ld, col, a, b, b + 1, buf + a * k, head + a * k,
-                          size + a * k, room + a * k, more + a * k, bound + a * k)
-                if head[ab] < size[ab] and (es == 0 or buf[ab][head[ab]] < extra[ab][0]):
-                    move = buf[ab][head[ab]]
-                elif es:
-                    move = extra[ab][0]
-                else:
-                    continue
-                cand = d[a] + move.first + pi[a] - pi[b]
-                if cand < d[b]:
-                    d[b] = cand
-                    pred_col[b] = a
-                    pred_item[b] = move.second
+            # Relax every pair a -> b, and find the next column to settle on the way; stop at a
+            # STALE pair to refill it, then go on from there.
+            nxt, low, low_full, b = -1, inf, 2, 0
+            while True:
+                b = _relax(a, b, k, fcost + a * k, fitem + a * k, pi, d, dk, full, done, pred_col,
+                           pred_item, &nxt, &low, &low_full)
+                if b == k:
+                    break
+                _front(c, k, ld, col, members[a], a, b, True, buf, head, size, room, more, bound,
+                       extra, grown, fcost, fitem, thr, offers)
+            a = nxt if low < inf else -1
         # New potentials pi + min(d, D) keep every reduced cost >= 0 and make the path's 0, so its
         # reverse edges are usable next time. Subtracting the minimum keeps the values small.
         D = d[a]
@@ -465,27 +695,46 @@ cdef int _capacitated(const num_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
         for j in range(k):
             pi[j] -= low
         # Augment: each edge's item moves one column forward, one unit of surplus is used up.
+        # The pairs whose cheapest move an item was move on; those of its new column may get it.
         count[a] += 1
         b = a
         while pred_col[b] >= 0:
             t = pred_col[b]
             x = pred_item[b]
             col[x] = b
-            if built[b]:
-                for j in range(k):
-                    if j == b or c[x * ld + j] >= inf:
-                        continue
-                    ab = b * k + j
-                    move.first, move.second = c[x * ld + j] - c[x * ld + b], x
-                    if more[ab] and not move < bound[ab]:
-                        continue   # no better than items left out: a refill will find it
-                    es = extra[ab].size()
-                    extra[ab].push_back(move)
-                    push_heap(extra[ab].data(), extra[ab].data() + es + 1, greater[move_t]())
+            _leave(members[t], x)
+            _join(members[b], x)
+            for j in range(k):
+                if fitem[t * k + j] == x:
+                    _front(c, k, ld, col, members[t], t, j, False, buf, head, size, room, more,
+                           bound, extra, grown, fcost, fitem, thr, offers)
+            for j in range(k):
+                if j == b or c[x * ld + j] >= inf:
+                    continue
+                ab = b * k + j
+                move.first, move.second = <num_t>c[x * ld + j] - <num_t>c[x * ld + b], x
+                if more[ab] and not move < bound[ab]:
+                    continue   # no better than items left out: a refill will find it
+                es = extra[ab].size()
+                extra[ab].push_back(move)
+                push_heap(extra[ab].data(), extra[ab].data() + es + 1, greater[move_t]())
+                if fitem[ab] != STALE and (move.first < fcost[ab] or (move.first == fcost[ab] and x < fitem[ab])):
+                    fcost[ab], fitem[ab] = move.first, x   # NONE's cost is above any move
             b = t
         count[b] -= 1
         surplus -= 1
     return 0
+
+
+def _capacities(cap, k):
+    """capacity as int64 after the checks both entry points make (rows of one entry per column)."""
+    if not (cap.dtype == np.bool_ or np.issubdtype(cap.dtype, np.integer)):
+        whole = np.issubdtype(cap.dtype, np.floating) and np.all(np.isfinite(cap) & (cap % 1 == 0))
+        if not whole:
+            raise ValueError(f"capacity must hold whole numbers, got {cap.tolist()}")
+    if (cap < 0).any():
+        raise ValueError(f"capacity must be non-negative, got {cap.tolist()}")
+    return np.ascontiguousarray(cap, dtype=np.int64)
 
 
 def capacitated_assignment(cost, capacity):
@@ -494,23 +743,43 @@ def capacitated_assignment(cost, capacity):
     cost: [n, k] matrix; +inf forbids a pair, but every row needs a finite entry.
     capacity: [k] non-negative integers summing to n.
     Returns col, int64 [n]: item i goes to column col[i] and sum(cost[i, col[i]]) is minimal.
-    Exact (integer input stays in int64); ties go to the lowest index, so it is deterministic."""
-    a = _as_cost(cost)
+    Exact (integer input stays in int64 arithmetic); ties go to the lowest index, so it is
+    deterministic."""
+    a = _as_cost(cost, narrow=True)
     n, k = a.shape
     cap = np.asarray(capacity)
     if cap.ndim != 1 or cap.shape[0] != k:
         raise ValueError(f"capacity must be 1-D with one entry per cost column ({k}), "
                          f"got shape {cap.shape}")
-    if not (cap.dtype == np.bool_ or np.issubdtype(cap.dtype, np.integer)):
-        whole = np.issubdtype(cap.dtype, np.floating) and np.all(np.isfinite(cap) & (cap % 1 == 0))
-        if not whole:
-            raise ValueError(f"capacity must hold whole numbers, got {cap.tolist()}")
-    if (cap < 0).any():
-        raise ValueError(f"capacity must be non-negative, got {cap.tolist()}")
-    cap = cap.astype(np.int64)
+    cap = _capacities(cap, k)
     if int(cap.sum()) != n:
         raise ValueError(f"capacities sum to {int(cap.sum())} but cost has {n} rows (items); "
                          f"every item needs exactly one place")
+    return _blocks(a, cap[None])
+
+
+def capacitated_assignments(cost, capacity):
+    """Many capacitated assignments in one call, the GIL released through all of them: cost
+    [n, k] is m blocks of consecutive rows, block i the capacity[i].sum() rows after the blocks
+    before it, each solved on its own with column j taking capacity[i, j] of its rows.
+    capacity: [m, k]. Returns col, int64 [n], each block's part what capacitated_assignment
+    gives for that block alone (NetMoE's stage 2: one block per node)."""
+    a = _as_cost(cost, narrow=True)
+    n, k = a.shape
+    cap = np.asarray(capacity)
+    if cap.ndim != 2 or cap.shape[1] != k:
+        raise ValueError(f"capacity must be 2-D with one row per block and one entry per cost column "
+                         f"({k}), got shape {cap.shape}")
+    cap = _capacities(cap, k)
+    if int(cap.sum()) != n:
+        raise ValueError(f"the blocks' capacities sum to {int(cap.sum())} but cost has {n} rows (items); "
+                         f"every item needs exactly one place")
+    return _blocks(a, cap)
+
+
+def _blocks(a, cap):
+    """col [n] of the checked cost a [n, k] in blocks of rows, capacities cap [m, k]."""
+    n, k = a.shape
     if a.dtype == np.float64 and n and not np.isfinite(a).all():
         stuck = np.flatnonzero(np.isinf(a).all(axis=1))
         if len(stuck):
@@ -519,23 +788,115 @@ def capacitated_assignment(cost, capacity):
     col = np.zeros(n, dtype=np.int64)
     if n == 0:
         return col
-    pi = np.zeros(k, dtype=a.dtype)   # column potentials, the dual solution
-    cdef long long[::1] out = col, capv = np.ascontiguousarray(cap)
-    cdef long long[:, ::1] ci
+    pi = np.zeros(k, dtype=np.float64 if a.dtype == np.float64 else np.int64)   # column potentials
+    cdef long long[::1] out = col, capv = cap.reshape(-1)
+    cdef int[:, ::1] c32
+    cdef long long[:, ::1] c64
     cdef long long[::1] pii
     cdef double[:, ::1] cf
     cdef double[::1] pif
-    cdef Py_ssize_t nn = n, kk = k
-    cdef int status
-    if a.dtype == np.int64:
-        ci, pii = a, pi
-        with nogil:
-            status = _capacitated(&ci[0, 0], nn, kk, kk, &capv[0], &out[0], &pii[0])
-    else:
+    cdef Py_ssize_t kk = k, m = cap.shape[0], i, j, start = 0, rows
+    cdef int status = 0, kind = 2 if a.dtype == np.float64 else 1 if a.dtype == np.int64 else 0
+    if kind == 2:
         cf, pif = a, pi
-        with nogil:
-            status = _capacitated(&cf[0, 0], nn, kk, kk, &capv[0], &out[0], &pif[0])
+    else:
+        pii = pi
+        if kind == 0:
+            c32 = a
+        else:
+            c64 = a
+    with nogil:
+        for i in range(m):
+            rows = 0
+            for j in range(kk):
+                rows += capv[i * kk + j]
+            if rows and kind == 2:
+                for j in range(kk):
+                    pif[j] = 0
+                status = _capacitated(&cf[start, 0], rows, kk, kk, &capv[i * kk], &out[start], &pif[0])
+            elif rows:
+                for j in range(kk):
+                    pii[j] = 0
+                if kind == 0:
+                    status = _capacitated(&c32[start, 0], rows, kk, kk, &capv[i * kk], &out[start], &pii[0])
+                else:
+                    status = _capacitated(&c64[start, 0], rows, kk, kk, &capv[i * kk], &out[start], &pii[0])
+            if status < 0:
+                break
+            start += rows
     if status < 0:
         raise ValueError("cost matrix is infeasible: no assignment meets the capacities without "
                          "a forbidden (infinite) entry")
     return col
+
+
+# ---------------------------------------------------------------------------------------------
+# grown_groups and best_swap: the inner loops of netmoe's expert layouts (a balanced partition)
+# ---------------------------------------------------------------------------------------------
+
+def grown_groups(A, groups):
+    """Split the n rows of affinity matrix A [n, n] into `groups` groups of n / groups by greedy
+    growth: each group starts from the free item of the largest summed affinity to the free
+    items, then takes the free item of the largest summed affinity to its members, one at a
+    time; ties to the lowest index. Returns group [n]. Each sum is taken left to right, in
+    index order over the free items and in the order members joined, as numpy sums the columns
+    that A[:, cols].sum(1) gathers, so this is the plain numpy loop's result, without its calls."""
+    cdef double[:, ::1] a = np.ascontiguousarray(A, dtype=np.float64)
+    cdef Py_ssize_t n = a.shape[0], k = groups, size, g, m, x, j, best
+    if a.shape[1] != n or k < 1 or n % k:
+        raise ValueError(f"A must be square with rows divisible into {groups} groups, got {a.shape}")
+    size = n // k
+    group = np.full(n, -1, dtype=np.int64)
+    cdef long long[::1] grp = group
+    cdef double[::1] score = np.zeros(max(n, 1))   # each free item's affinity to the members so far
+    cdef double v, top
+    with nogil:
+        for g in range(k):
+            for m in range(size):
+                best, top = -1, -INFINITY
+                for x in range(n):
+                    if grp[x] >= 0:
+                        continue
+                    if m == 0:   # to every free item, in index order
+                        v = 0.0
+                        for j in range(n):
+                            if grp[j] < 0:
+                                v = v + a[x, j]
+                        score[x] = 0.0
+                    else:
+                        v = score[x]
+                    if best < 0 or v > top:
+                        best, top = x, v
+                grp[best] = g
+                for x in range(n):
+                    score[x] = score[x] + a[x, best]
+    return group
+
+
+def best_swap(S, group, cost):
+    """The best swap of two items between groups: (gain, a, b), the first (a, b) in row-major
+    order of the greatest gain[a, b] = S[a, g_b] + S[b, g_a] - S[a, g_a] - S[b, g_b] - cost[a, b],
+    g = group. S: [n, k] float64 affinities of each item to each group; cost: [n, n] float64,
+    +inf where a swap is no swap (a and b in one group). Each gain is summed in that order, left
+    to right, so it is the value numpy's elementwise operations give: one pass, no [n, n]
+    temporaries. (-inf, 0, 0) when no pair may swap."""
+    cdef double[:, ::1] s = np.ascontiguousarray(S, dtype=np.float64)
+    cdef double[:, ::1] c = np.ascontiguousarray(cost, dtype=np.float64)
+    cdef long long[::1] g = np.ascontiguousarray(group, dtype=np.int64)
+    cdef Py_ssize_t n = g.shape[0], x, y, a = 0, b = 0
+    cdef double best = -INFINITY, v, sx_own
+    if s.shape[0] != n or c.shape[0] != n or c.shape[1] != n:
+        raise ValueError(f"S must be [n, k] and cost [n, n] for the n={n} items of group")
+    if n and (np.min(group) < 0 or np.max(group) >= s.shape[1]):
+        raise ValueError(f"group must name groups in [0, {s.shape[1]})")
+    with nogil:
+        for x in range(n):
+            sx_own = s[x, g[x]]
+            for y in range(n):
+                v = s[x, g[y]] + s[y, g[x]]
+                v = v - sx_own
+                v = v - s[y, g[y]]
+                v = v - c[x, y]
+                if v > best:
+                    best, a, b = v, x, y
+    return best, a, b

@@ -144,12 +144,13 @@ def _count_tokens(route, num_experts):
 
 def _node_counts(route, expert_node, nodes):
     """node_counts of numpy routes, without its checks: [I, S, K] -> [I, N] (the planner's, on the
-    host). A token's k-th choice counts where no earlier choice of it sits on the same node."""
-    at = expert_node[route]
-    I, S, K = at.shape
-    slot = np.arange(I)[:, None, None] * nodes + at              # [I, S, K]: (sample, node) of each choice
-    first = [np.all(at[..., k:k + 1] != at[..., :k], axis=2) for k in range(K)]   # k = 0: always
-    return sum(np.bincount(slot[..., k][first[k]], minlength=I * nodes) for k in range(K)).reshape(I, nodes)
+    host): each token's K nodes sorted, a node counted where it first appears."""
+    at = np.sort(expert_node[route], axis=2)
+    first = np.ones(at.shape, dtype=bool)
+    first[..., 1:] = at[..., 1:] != at[..., :-1]
+    I = route.shape[0]
+    slot = np.arange(I)[:, None, None] * nodes + at          # (sample, node) of each choice
+    return np.bincount(slot[first], minlength=I * nodes).reshape(I, nodes)
 
 
 # the same counts of routes on the host, in numpy (Routing.from_routes)
@@ -379,7 +380,9 @@ class Routing:
     expert_device on topo. Every split size of every All-to-All, and every cost Algorithm 1
     prices, follows from it and a placement. A layer holds one for itself and one for the
     lookahead's predicted next layer (under that layer's map) alike. Build one with
-    Routing.of(counts) or Routing.from_routes(routes); the exchange says what it needs (layout)."""
+    Routing.of(counts) or Routing.from_routes(routes); the exchange says what it needs (layout).
+    The solve and the cost model read only its reach, in the size of Algorithm 1's stages:
+    Routing.of_reach holds that alone, as a rank can (no num, no expert map)."""
     num: np.ndarray            # [I, E] (token, k) pairs of sample i routed to expert e (Eq. 2)
     topo: Topology
     expert_device: np.ndarray  # [E] device of expert e
@@ -411,6 +414,31 @@ class Routing:
         return cls(num, topo, ed, ex, nc)
 
     @classmethod
+    def of_reach(cls, node, device, topo, exchange="expert"):
+        """A checked Routing that holds only its reach (see there): node [I, N] and device
+        [I, N, G] integer counts, or [I, G] where they do not depend on the node (the node
+        exchange's). What the solve and the cost model read, without [I, E] counts."""
+        ex = exchange_class(exchange)
+        if not isinstance(topo, Topology):
+            raise ValueError(f"topo must be a netmoe.Topology, got {type(topo).__name__}")
+        node, device = np.asarray(node), np.asarray(device)   # any integer type: int32 is what the solve reads
+        N, G = topo.nodes, topo.gpus_per_node
+        if node.ndim != 2 or device.ndim not in (2, 3) or node.shape[1] != N or device.shape[0] != len(node) \
+                or device.shape[-1] != G or (device.ndim == 3 and device.shape[1] != N):
+            raise ValueError(f"node must be [I, N={N}] and device [I, N={N}, G={G}] (or [I, G]) for the same "
+                             f"I samples, got {node.shape} and {device.shape}")
+        for name, a in (("node", node), ("device", device)):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{name} must hold integers (token counts), got dtype {a.dtype}")
+            if a.size and a.min() < 0:
+                raise ValueError(f"{name} holds negative token counts")
+        if device.ndim == 2:
+            device = np.broadcast_to(device[:, None], (len(device), N, G))
+        r = cls(None, topo, None, ex)
+        r.__dict__["reach"] = Reach(node, device)   # the cached property's value, given
+        return r
+
+    @classmethod
     def from_routes(cls, route, topo, num_experts, expert_device=None, exchange="expert"):
         """The Routing of routes [I, S, K] (numpy or torch; counted on the host), with whatever
         counts the exchange needs (its `layout`)."""
@@ -427,10 +455,18 @@ class Routing:
         return _device_tokens(self.num, self.topo, self.expert_device)
 
     @functools.cached_property
-    def rows(self):
-        """What the exchange sends per tier for every place a sample could sit: inter [I, N],
-        intra [I, J], local [I, J] (the exchange's rows; Eq. 8's costs are the first two)."""
-        return self.exchange.rows(self.tokens, self.topo, self.nc)
+    def reach(self):
+        """Reach(node [I, N], device [I, N, G]): the rows sample i sends to node n's devices, and
+        of them those that stay on device (n, g) if the sample sits there (the exchange's reach).
+        If it sits on (n, g), node.sum(1) - node[n] rows cross nodes (Eq. 8's c) and
+        device[n].sum() - device[n, g] cross devices inside n (c_intra): every cost of
+        Algorithm 1 and every volume of Eq. 3-4, in the size of its stages."""
+        return self.exchange.reach(self.tokens, self.topo, self.nc)
+
+    @property
+    def samples(self):
+        """I, the samples of the global batch."""
+        return len(self.reach.node) if self.num is None else len(self.num)
 
     @functools.cached_property
     def slot(self):
@@ -441,6 +477,10 @@ class Routing:
 
     def by(self, order):
         """The same routing with its samples in `order` (rows permuted)."""
+        if self.num is None:
+            node, device = self.reach
+            device = device[:, 0] if device.strides[1] == 0 else device   # the same on every node: [I, G]
+            return Routing.of_reach(node[order], device[order], self.topo, self.exchange.name)
         return dataclasses.replace(self, num=self.num[order], nc=None if self.nc is None else self.nc[order], chunks=())
 
 
@@ -457,29 +497,32 @@ def _routing(num, topo, expert_device=None, name="num"):
         return Routing.of(num, topo, expert_device, name=name)
     if not isinstance(topo, Topology) or (num.topo.nodes, num.topo.gpus_per_node) != (topo.nodes, topo.gpus_per_node):
         raise ValueError(f"{name} is a Routing on {num.topo}, not on {topo}")
-    if expert_device is not None and not np.array_equal(np.asarray(expert_device), num.expert_device):
+    if expert_device is not None and num.expert_device is not None \
+            and not np.array_equal(np.asarray(expert_device), num.expert_device):
         raise ValueError(f"{name} is a Routing under its own expert map: build it with that expert_device")
     return num
 
 
-def _expert_rows(tokens, topo, nc=None):
-    """Rows sample i sends, for every place it could sit: inter [I, N] across nodes if it sits on
-    node n, intra [I, J] across devices inside a node if it sits on device j, local [I, J] that
-    stay on j. Eq. 8's costs are the first two; Eq. 3-4's volumes are all three read where the
-    sample sits (scatter and gather move the same rows, in opposite directions).
-    The expert exchange: one row per (token, expert) straight to the expert's device."""
-    per_dev, per_node, total = tokens
-    return total[:, None] - per_node, np.repeat(per_node, topo.gpus_per_node, axis=1) - per_dev, per_dev
+# Algorithm 1's and Eq. 3-4's view of a Routing (Routing.reach)
+Reach = collections.namedtuple("Reach", "node device")
 
 
-def _node_rows(tokens, topo, nc):
-    """_expert_rows for the node exchange (nc = node_counts [I, N]): one rail row per (token, other
-    node it needs), then from (m, g) on every node m one NVLink row per (token, k) to the expert's
-    device; a sample on rail g keeps on device only the rows of experts on (m, g), for every m."""
-    per_dev, per_node, total = tokens
-    G = topo.gpus_per_node
-    local = np.tile(sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes)), topo.nodes)
-    return nc.sum(1)[:, None] - nc, total[:, None] - local, local
+def _expert_reach(tokens, topo, nc=None):
+    """Routing.reach of the expert exchange, one row per (token, expert) straight to the
+    expert's device: node [I, N] the tokens with experts on node n, device [I, N, G] those with
+    experts on device (n, g)."""
+    per_dev, per_node, _ = tokens
+    return Reach(per_node, per_dev.reshape(len(per_dev), topo.nodes, topo.gpus_per_node))
+
+
+def _node_reach(tokens, topo, nc):
+    """Routing.reach of the node exchange (nc = node_counts [I, N]): one rail row per (token,
+    node) it needs, then from (m, g) on every node m one NVLink row per (token, k) to the
+    expert's device; a sample on rail g keeps on device only the rows of experts on (m, g), for
+    every m: device [I, N, G] is the same for every node (a view)."""
+    per_dev, G = tokens[0], topo.gpus_per_node
+    rail = sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes))
+    return Reach(nc, np.broadcast_to(rail[:, None], (len(rail), topo.nodes, G)))
 
 
 def placement_costs(num, topo, expert_device=None):
@@ -487,8 +530,11 @@ def placement_costs(num, topo, expert_device=None):
     that cross devices inside a node if it sits on device j. num: [I, E] counts (the expert
     exchange: tokens whose experts are NOT on node n, and on Node(j) but not on j), or a Routing
     of any exchange (the node exchange: one row per (token, node other than n) it needs, and the
-    rows the NVLink hops move on every node, see _node_rows)."""
-    return _routing(num, topo, expert_device).rows[:2]
+    rows the NVLink hops move on every node, see _node_reach). Dense, for reading: the solve
+    itself prices each stage in its own size (_node_costs, _device_costs)."""
+    node, device = _routing(num, topo, expert_device).reach
+    I = len(node)
+    return node.sum(1)[:, None] - node, (device.sum(2)[:, :, None] - device).reshape(I, topo.world)
 
 
 def _check_sample_device(sd, I, topo, name="sample_device"):
@@ -504,14 +550,16 @@ def traffic(num, sample_device, topo, expert_device=None):
     Routing; for the node exchange inter counts its rail rows, intra and local its NVLink rows
     (forwarding included)."""
     r = _routing(num, topo, expert_device)
-    return _traffic(r.rows, _check_sample_device(sample_device, r.num.shape[0], topo), topo)
+    return _traffic(r.reach, _check_sample_device(sample_device, r.samples, topo), topo)
 
 
-def _traffic(volumes, sample_device, topo):
-    inter, intra, local = volumes
-    rows = np.arange(len(inter))
-    return {"local": int(local[rows, sample_device].sum()), "intra": int(intra[rows, sample_device].sum()),
-            "inter": int(inter[rows, topo.node_of(sample_device)].sum())}
+def _traffic(reach, sample_device, topo):
+    (node, device), rows = reach, np.arange(len(sample_device))
+    n, g = np.divmod(sample_device, topo.gpus_per_node)
+    here = device[rows, n]                                   # [I, G]: what stays on each device of its node
+    local = here[rows, g]
+    return {"local": int(local.sum()), "intra": int((here.sum(1) - local).sum()),
+            "inter": int((node.sum(1) - node[rows, n]).sum())}
 
 
 def _hops(volume, topo, bytes_per_token, cls, chunks):
@@ -582,7 +630,7 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
     each under its own layer's expert map (the node exchange's needs routes: Routing.from_routes).
     Integer input and fixed tie-breaking make every rank compute the same dest."""
     r = _routing(num, topo, expert_device)
-    I, J = r.num.shape[0], topo.world
+    I, J = r.samples, topo.world
     if I == 0 or I % J:
         raise ValueError(f"I={I} samples cannot be split over J={J} devices; "
                          f"use a global batch divisible by {J}")
@@ -592,8 +640,9 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
     if num_next is not None:
         nxt = _routing(num_next, topo, r.expert_device if expert_device_next is None and not isinstance(num_next, Routing)
                        else expert_device_next, "num_next")
-        if nxt.num.shape != r.num.shape:
-            raise ValueError(f"num_next has shape {nxt.num.shape}, num has {r.num.shape}")
+        if nxt.samples != I or (nxt.num is not None and r.num is not None and nxt.num.shape != r.num.shape):
+            shape = lambda q: q.reach.node.shape if q.num is None else q.num.shape
+            raise ValueError(f"num_next has shape {shape(nxt)}, num has {shape(r)}")
         if nxt.exchange is not r.exchange:
             raise ValueError(f"num_next must be counted for the {r.exchange.name} exchange as num is "
                              f"(a Routing of the next layer's routes, Routing.from_routes)")
@@ -601,18 +650,72 @@ def solve_placement(num, topo, num_next=None, expert_device=None, method="capaci
 
 
 def _solve(routing, routing_next=None, method="capacitated"):
-    """solve_placement without the checks, for callers that built valid Routings themselves."""
-    c, c_intra, _ = routing.rows
-    if routing_next is not None:
-        cn, cn_intra, _ = routing_next.rows
-        c, c_intra = c + cn, c_intra + cn_intra
-    topo, G = routing.topo, routing.topo.gpus_per_node
-    node = _assign(c, topo.nodes, method)
-    dest = np.empty(len(c), dtype=np.int64)
-    for n in range(topo.nodes):
-        members = np.flatnonzero(node == n)
-        dest[members] = n * G + _assign(c_intra[members, n * G:(n + 1) * G], G, method)
+    """solve_placement without the checks, for callers that built valid Routings themselves: each
+    stage priced in its own size from the Routings' reach, [I, N] for stage 1 and [I, G] (a node's
+    own devices) for stage 2, never [I, J] or [I, E]."""
+    routings = [routing] + ([routing_next] if routing_next is not None else [])
+    topo = routing.topo
+    node = _solve_nodes(_node_costs(routings), topo.nodes, method)
+    # each node's samples together, ascending (node ids as int16: numpy sorts them by radix)
+    order = np.argsort(node.astype(np.int16) if topo.nodes < 2 ** 15 else node, kind="stable")
+    dest = np.empty(len(node), dtype=np.int64)
+    dest[order] = node[order] * topo.gpus_per_node + _solve_devices(_device_costs(routings, order, node[order]),
+                                                                    topo.nodes, method)
     return dest
+
+
+def _solve_nodes(c, nodes, method="capacitated"):
+    """Algorithm 1's stage 1: each sample's node, I/N samples a node, minimum summed c [I, N]
+    (_node_costs: this gather's c plus, with lookahead, the next layer's scatter's)."""
+    return _assign(c, nodes, method)
+
+
+def _solve_devices(c_intra, nodes=1, method="capacitated"):
+    """Algorithm 1's stage 2: each sample's device on its node. c_intra [M, G]: the costs of
+    `nodes` nodes' samples on their node's G devices (_device_costs), in equal blocks of
+    consecutive rows, one a node (a node's ranks pass their own node's alone); M / (nodes G)
+    samples a device, minimum summed cost in every block. Returns the device's index on its node."""
+    M, G = c_intra.shape
+    if G == 1:
+        return np.zeros(M, dtype=np.int64)
+    if method == "capacitated":   # every node in one call, the GIL released throughout
+        return km.capacitated_assignments(c_intra, np.full((nodes, G), M // (nodes * G), dtype=np.int64))
+    return np.concatenate([_assign(block, G, method) for block in np.split(c_intra, nodes)])
+
+
+def _stage_cost(parts):
+    """-(sum of parts), int32 where it fits (what km reads fastest), else int64: a stage's cost up
+    to a constant per sample. Every sample takes one place in a stage, so adding a constant to
+    all of its costs moves no assignment: Eq. 8's c is the rows a sample sends less those that
+    stay (on its node, on its device), and only the rows that stay need pricing."""
+    big = sum(int(p.max()) for p in parts if p.size)
+    dtype = np.int32 if big < 2 ** 31 else np.int64   # int64: no sum of counts overflows it
+    c = np.negative(parts[0], dtype=dtype, casting="unsafe")
+    for p in parts[1:]:
+        np.subtract(c, p, out=c, casting="unsafe")
+    return c
+
+
+def _node_costs(routings):
+    """Stage 1's cost [I, N]: Eq. 8's c of every routing summed (this gather's and the
+    lookahead's next scatter's: the objective reads only the sum), up to a constant per sample:
+    minus the rows each sample sends to node n."""
+    return _stage_cost([r.reach.node for r in routings])
+
+
+def _device_costs(routings, order, node):
+    """Stage 2's cost [I, G]: Eq. 8's c_intra of every routing summed, for sample order[q] on the
+    G devices of its node node[q] (row q), up to a constant per sample: minus the rows that stay
+    on each device."""
+    return _stage_cost([_on_own_node(r.reach.device, order, node) for r in routings])
+
+
+def _on_own_node(device, order, node):
+    """device[order, node] of a reach's device [I, N, G]: [I, G] (one take of rows, ~10x faster
+    than numpy's fancy indexing of two axes; a view the same on every node takes no indexing by node)."""
+    if device.strides[1] == 0:
+        return np.take(device[:, 0], order, axis=0)
+    return np.take(device.reshape(-1, device.shape[2]), order * device.shape[1] + node, axis=0)
 
 
 def static_placement(I, J):
@@ -672,26 +775,23 @@ def placement_class(placement):
 
 def _partition(A, groups):
     """Split the rows of affinity matrix A into `groups` equal groups with large within-group
-    affinity: greedy growth from the strongest seed, then best-pair swaps while any swap gains."""
-    E = len(A)
-    size, group, free = E // groups, np.full(E, -1), np.ones(E, dtype=bool)
-    for g in range(groups):
-        members = [int(np.argmax(np.where(free, A[:, free].sum(1), -np.inf)))]
-        free[members[0]] = False
-        while len(members) < size:
-            x = int(np.argmax(np.where(free, A[:, members].sum(1), -np.inf)))
-            members.append(x)
-            free[x] = False
-        group[members] = g
+    affinity: greedy growth from the strongest seed (km.grown_groups), then best-pair swaps
+    while any swap gains."""
+    E, group = len(A), km.grown_groups(A, groups)
+    # Swap the pair of the greatest gain, S[a, g_b] + S[b, g_a] - S[a, g_a] - S[b, g_b] - 2 A[a, b],
+    # while one gains (km.best_swap: one pass, no E x E temporaries). cost: 2 A, +inf on pairs in
+    # one group (no swap), updated where a swap moves.
+    twice = 2 * A
+    cost = np.where(group[:, None] == group[None, :], np.inf, twice)
     for _ in range(4 * E):   # each swap strictly gains, so this ends; the bound only caps the time
         S = A @ np.eye(groups)[group]                     # S[x, g]: affinity of x to group g
-        own = S[np.arange(E), group]
-        gain = S[:, group] + S[:, group].T - own[:, None] - own[None, :] - 2 * A
-        gain[group[:, None] == group[None, :]] = 0
-        a, b = np.unravel_index(np.argmax(gain), gain.shape)
-        if gain[a, b] <= 1e-12:
+        gain, a, b = km.best_swap(S, group, cost)
+        if gain <= 1e-12:
             break
         group[a], group[b] = group[b], group[a]
+        for x in (a, b):   # A need not be exactly symmetric: its row and its column
+            cost[x] = np.where(group == group[x], np.inf, twice[x])
+            cost[:, x] = np.where(group == group[x], np.inf, twice[:, x])
     return group
 
 
@@ -1149,7 +1249,7 @@ class ExpertExchange(Exchange):
     name = "expert"
     needs_routes = False        # its rows follow from num alone
     hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
-    rows = staticmethod(_expert_rows)
+    reach = staticmethod(_expert_reach)
 
     @staticmethod
     def layout(route, expert_device, topo, num_experts, ops):
@@ -1274,7 +1374,7 @@ class NodeExchange(ExpertExchange):
     name = "node"
     needs_routes = True         # one rail row per (token, node): node_counts of the routes, not num, say how many
     hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
-    rows = staticmethod(_node_rows)
+    reach = staticmethod(_node_reach)
 
     @staticmethod
     def layout(route, expert_device, topo, num_experts, ops):
@@ -1490,14 +1590,14 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, chunk
     layer's expert compute, forward and backward (backward twice forward), for what the pipeline
     hides behind it (a2a_hidden_ms)."""
     r = _routing(num, topo, expert_device)
-    cur = _check_sample_device(cur, r.num.shape[0], topo, "cur")
-    dest = _check_sample_device(dest, r.num.shape[0], topo, "dest")
+    cur = _check_sample_device(cur, r.samples, topo, "cur")
+    dest = _check_sample_device(dest, r.samples, topo, "dest")
     return _layer_stats(r, cur, dest, bytes_per_token, chunks, expert_ms)
 
 
 def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None):
     topo = routing.topo
-    scatter, gather = _traffic(routing.rows, cur, topo), _traffic(routing.rows, dest, topo)
+    scatter, gather = _traffic(routing.reach, cur, topo), _traffic(routing.reach, dest, topo)
     per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
     hops = [_hops(v, topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
     alone = [_pipelined(h, chunks) for h in hops]

@@ -315,6 +315,21 @@ def test_solvers_release_the_gil_while_they_solve():
         assert turns >= 20, f"the other thread ran {turns} times during a {end - start:.3f} s solve"
 
 
+def test_capacitated_assignments_solve_each_block_as_capacitated_assignment_alone():
+    for rng, why in _fresh_cases(60):
+        m, k = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        cap = np.stack([rng.multinomial(int(rng.integers(0, 40)), rng.dirichlet(np.ones(k))) for _ in range(m)])
+        n = int(cap.sum())            # blocks of no rows happen too
+        kind = rng.integers(3)
+        c = rng.integers(0, 3, size=(n, k)) if kind == 0 else rng.integers(-50, 50, size=(n, k)) if kind == 1 \
+            else rng.normal(size=(n, k))
+        ends = np.cumsum(cap.sum(1))
+        alone = [km.capacitated_assignment(b, cp) for b, cp in zip(np.split(c, ends[:-1]), cap)]
+        for cost in ([c, c.astype(np.int32)] if kind < 2 else [c]):
+            col = km.capacitated_assignments(cost, cap)
+            assert col.dtype == np.int64 and np.array_equal(col, np.concatenate(alone)), why
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: km.linear_sum_assignment(np.zeros(3)), "2-D"),
     (lambda: km.linear_sum_assignment(np.zeros((2, 2, 2))), "2-D"),
@@ -335,10 +350,16 @@ def test_solvers_release_the_gil_while_they_solve():
     (lambda: km.capacitated_assignment(np.zeros((4, 2)), [2, 1]), "sum to 3 but cost has 4 rows"),
     (lambda: km.capacitated_assignment(np.zeros((4, 2)), [2.5, 1.5]), "whole numbers"),
     (lambda: km.capacitated_assignment(np.zeros((4, 2)), ["2", "2"]), "whole numbers"),
+    (lambda: km.capacitated_assignments(np.zeros((4, 2)), [2, 2]), "2-D with one row per block"),
+    (lambda: km.capacitated_assignments(np.zeros((4, 2)), [[1, 1], [1, 2]]), "sum to 5 but cost has 4 rows"),
+    (lambda: km.capacitated_assignments(np.zeros((4, 2)), [[3, -1], [1, 1]]), "non-negative"),
+    (lambda: km.capacitated_assignments(np.array([[1.0, 2.0], [np.inf, np.inf]]), [[1, 0], [0, 1]]),
+     "row 1 of cost has no finite entry"),
 ], ids=["lsap-1-D", "lsap-3-D", "lsap-nan", "lsap-strings", "lsap-complex", "lsap-minus-inf",
         "lsap-max-plus-inf", "lsap-too-wide-ints", "cap-1-D-cost", "cap-nan", "cap-strings",
         "cap-row-all-inf", "cap-2-D-capacity", "cap-wrong-length", "cap-negative", "cap-bad-sum",
-        "cap-fractional", "cap-string-capacity"])
+        "cap-fractional", "cap-string-capacity", "caps-1-D-capacity", "caps-bad-sum", "caps-negative",
+        "caps-row-all-inf"])
 def test_bad_solver_input_raises_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -665,6 +686,114 @@ def test_bad_node_exchange_input_raises_a_clear_value_error(call, message):
         call()
 
 
+def _dense_solve(c, ci, topo):
+    """Algorithm 1's Solve the plain way, the reference of the staged one: stage 1 on the dense
+    [I, N] cost c, then each node's samples (ascending) on that node's columns of the dense
+    [I, J] cost ci, one capacitated assignment per node."""
+    I, N, G = len(c), topo.nodes, topo.gpus_per_node
+    node = np.zeros(I, dtype=np.int64) if N == 1 else km.capacitated_assignment(c, np.full(N, I // N))
+    dest = np.empty(I, dtype=np.int64)
+    for n in range(N):
+        m = np.flatnonzero(node == n)
+        dest[m] = n * G + (0 if G == 1 else km.capacitated_assignment(ci[m, n * G:(n + 1) * G], np.full(G, len(m) // G)))
+    return dest
+
+
+def _random_routing(rng, topo, exchange, I, E, S=6, K=2):
+    """A Routing of random routes under a random balanced expert layout; some samples route every
+    token to one expert and some route nothing at all (counted as if empty), so ties abound."""
+    route = _random_route(rng, I, S, min(K, E), E)
+    route[rng.random(I) < 0.2] = route[0]
+    r = netmoe.Routing.from_routes(route, topo, E, rng.permutation(np.arange(E) // (E // topo.world)), exchange)
+    empty = rng.random(I) < 0.2
+    num = np.where(empty[:, None], 0, r.num)
+    nc = None if r.nc is None else np.where(empty[:, None], 0, r.nc)
+    return netmoe.Routing.of(num, topo, r.expert_device, exchange, nc)
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES + ["3x2", "1x8", "8x1", "4x8"])
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_the_solve_in_the_size_of_its_stages_equals_the_dense_solve(spec, exchange, lookahead, rng):
+    """Stage 1 priced on [I, N], stage 2 on each node's [M, G] and every node solved in one call
+    (what solve_placement does), against the plain dense solve on Eq. 8's exact costs: the same
+    placement, ties broken the same way, and the stages as a node's ranks call them alone."""
+    topo = netmoe.Topology.parse(spec)
+    J, N, G = topo.world, topo.nodes, topo.gpus_per_node
+    for _ in range(4):
+        I, E = J * int(rng.integers(1, 5)), J * int(rng.integers(1, 4))
+        routing = _random_routing(rng, topo, exchange, I, E)
+        following = _random_routing(rng, topo, exchange, I, E) if lookahead else None
+        c, ci = netmoe.placement_costs(routing, topo)
+        if lookahead:
+            cn, cin = netmoe.placement_costs(following, topo)
+            c, ci = c + cn, ci + cin
+        dest = netmoe.solve_placement(routing, topo, num_next=following)
+        assert np.array_equal(dest, _dense_solve(c, ci, topo))
+        # as the layer calls them: stage 1 on the summed [I, N] cost, then every node alone on
+        # its own samples' [M, G] cost (exact or up to a constant per sample: the same placement)
+        rs = [routing] + ([following] if lookahead else [])
+        shifted = netmoe._node_costs(rs)
+        assert shifted.dtype == np.int32 and np.array_equal(shifted - shifted[:, :1], c - c[:, :1])
+        node = netmoe._solve_nodes(shifted, N)
+        assert np.array_equal(node, netmoe._solve_nodes(c, N)) and np.array_equal(node, dest // G)
+        for n in range(N):
+            m = np.flatnonzero(node == n)
+            local = netmoe._device_costs(rs, m, node[m])
+            assert np.array_equal(local - local[:, :1], ci[m, n * G:(n + 1) * G] - ci[m, n * G:n * G + 1])
+            assert np.array_equal(n * G + netmoe._solve_devices(local), dest[m])
+            assert np.array_equal(netmoe._solve_devices(ci[m, n * G:(n + 1) * G]), dest[m] - n * G)
+
+
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_a_routing_of_its_reach_alone_solves_and_prices_as_the_routing_of_counts(exchange, rng):
+    """Routing.of_reach holds what the solve and the cost model read, as a rank can: int32
+    counts per node [I, N] and per device [I, N, G] (or [I, G], the node exchange's), no [I, E]."""
+    topo = netmoe.Topology(3, 2)
+    I, E = 12, 12
+    routing, following = (_random_routing(rng, topo, exchange, I, E) for _ in range(2))
+    held = [netmoe.Routing.of_reach(r.reach.node.astype(np.int32), r.reach.device.astype(np.int32), topo, exchange)
+            for r in (routing, following)]
+    assert held[0].num is None and held[0].reach.node.dtype == np.int32
+    dest = netmoe.solve_placement(routing, topo, num_next=following)
+    assert np.array_equal(netmoe.solve_placement(held[0], topo, num_next=held[1]), dest)
+    sd = rng.integers(0, topo.world, size=I)
+    assert netmoe.traffic(held[0], sd, topo) == netmoe.traffic(routing, sd, topo)
+    assert all(np.array_equal(a, b) for a, b in zip(netmoe.placement_costs(held[0], topo),
+                                                    netmoe.placement_costs(routing, topo)))
+    if exchange == "node":   # the same counts on every node: [I, G] is enough
+        rail = netmoe.Routing.of_reach(routing.reach.node, routing.reach.device[:, 0], topo, exchange)
+        assert np.array_equal(netmoe.solve_placement(rail, topo), netmoe.solve_placement(routing, topo))
+    order = rng.permutation(I)
+    assert np.array_equal(netmoe.solve_placement(held[0].by(order), topo), netmoe.solve_placement(routing.by(order), topo))
+
+
+def test_counts_too_large_for_int32_costs_are_solved_in_int64(rng):
+    """Stage costs are int32 where every sum fits and int64 where one would not: the same
+    placement as the dense solve either way."""
+    topo = netmoe.Topology(2, 2)
+    for scale in (1, 2 ** 29):
+        num, nxt = (_random_num(rng, 16, 8) * scale for _ in range(2))
+        rs = [netmoe.Routing.of(x, topo) for x in (num, nxt)]
+        assert netmoe._node_costs(rs).dtype == (np.int32 if scale == 1 else np.int64)
+        c, ci = (a + b for a, b in zip(netmoe.placement_costs(num, topo), netmoe.placement_costs(nxt, topo)))
+        assert np.array_equal(netmoe.solve_placement(num, topo, num_next=nxt), _dense_solve(c, ci, topo))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 3)), np.ones((4, 2, 2)), _T), "node must be"),
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 2)), np.ones((4, 2, 3)), _T), "node must be"),
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 2)), np.ones((3, 2)), _T), "node must be"),
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 2)), np.ones((4, 2)), _T), "must hold integers"),
+    (lambda: netmoe.Routing.of_reach(-np.ones((4, 2), int), np.ones((4, 2), int), _T), "negative"),
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 2), int), np.ones((4, 2), int), "2x2"), "netmoe.Topology"),
+    (lambda: netmoe.Routing.of_reach(np.ones((4, 2), int), np.ones((4, 2), int), _T, "tree"), "exchange must be"),
+], ids=["node-shape", "device-shape", "samples", "floats", "negative", "topology", "exchange"])
+def test_bad_reach_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def test_expert_layout_is_balanced_and_recovers_hidden_expert_groups(rng):
     """Samples use the experts of one hidden group of 4, the groups scattered over the contiguous
     blocks: the learned layout puts each group on one node, so NetMoE keeps every token inside."""
@@ -720,6 +849,57 @@ def test_expert_layout_is_balanced_on_any_topology_even_without_samples(spec, pe
         layouts = netmoe.expert_layout(nums, topo)
     for layout in layouts:
         assert np.array_equal(np.bincount(layout, minlength=topo.world), np.full(topo.world, per_device))
+
+
+def _plain_partition(A, groups):
+    """expert_layout's partition as plain numpy loops, the reference of km.grown_groups and
+    km.best_swap: greedy growth from the strongest seed, then best-pair swaps while one gains."""
+    E = len(A)
+    size, group, free = E // groups, np.full(E, -1), np.ones(E, dtype=bool)
+    for g in range(groups):
+        members = [int(np.argmax(np.where(free, A[:, free].sum(1), -np.inf)))]
+        free[members[0]] = False
+        while len(members) < size:
+            x = int(np.argmax(np.where(free, A[:, members].sum(1), -np.inf)))
+            members.append(x)
+            free[x] = False
+        group[members] = g
+    grown = group.copy()
+    for _ in range(4 * E):
+        S = A @ np.eye(groups)[group]
+        own = S[np.arange(E), group]
+        gain = S[:, group] + S[:, group].T - own[:, None] - own[None, :] - 2 * A
+        gain[group[:, None] == group[None, :]] = 0
+        a, b = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[a, b] <= 1e-12:
+            break
+        group[a], group[b] = group[b], group[a]
+    return grown, group
+
+
+def test_expert_layout_partition_is_its_plain_numpy_loops(rng):
+    """km.grown_groups and km.best_swap in _partition give exactly the plain loops' groups: the
+    same seeds, members and swaps in the same order, ties included (affinities of few samples,
+    unused experts, integer-valued ones)."""
+    for _ in range(150):
+        E = int(rng.choice([1, 4, 8, 12, 32, 64, 96, 256]))
+        groups = int(rng.choice([g for g in (1, 2, 3, 4, 8, 32) if E % g == 0]))
+        kind = rng.integers(3)
+        if kind == 0:   # as expert_layout builds it, from counts of few samples: many ties
+            num = rng.integers(0, 4, size=(int(rng.integers(0, 40)), E)) * (rng.random((1, E)) < 0.7)
+            p = num / np.maximum(num.sum(1, keepdims=True), 1)
+            d = p - p.mean(0) if len(p) else p
+            A = d.T @ d
+        else:
+            A = rng.integers(-3, 4, size=(E, E)).astype(float) if kind == 1 else rng.normal(size=(E, E))
+        np.fill_diagonal(A, 0.0)
+        grown, swapped = _plain_partition(A, groups)
+        assert np.array_equal(km.grown_groups(A, groups), grown), (E, groups, kind)
+        assert np.array_equal(netmoe._partition(A, groups), swapped), (E, groups, kind)
+    with pytest.raises(ValueError, match="divisible into 3 groups"):
+        km.grown_groups(np.zeros((4, 4)), 3)
+    with pytest.raises(ValueError, match="for the n=2 items"):
+        km.best_swap(np.zeros((3, 2)), [0, 1], np.zeros((2, 2)))
 
 
 @pytest.mark.parametrize("call, message", [
@@ -2417,6 +2597,24 @@ def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
         assert c["measured_ms"] > 0 and c["model_ms"] > 0 and c["intra_bytes"] + c["inter_bytes"] <= 4 * 64 * 32
     res = CliRunner().invoke(bench.cli, ["a2a", "--nproc", "4", "--topology", "2x4"])
     assert res.exit_code != 0 and "does not have 4 devices" in res.output
+
+
+def test_bench_solver_at_scale_gives_the_solve_and_the_metadata_of_each_topology(tmp_path):
+    """solver --topology (repeatable): a row per topology, the solve from stage-sized counts and
+    from [I, E] (the same placement, or it fails), and the metadata a rank receives per layer
+    call: today's [I, E] int64 twice (node exchange: and [I, N]) against the stage-sized design."""
+    out = str(tmp_path / "scale.json")
+    res = CliRunner().invoke(bench.cli, ["solver", "--topology", "2x2", "--topology", "4x2", "--samples", "3",
+                                         "--experts", "4", "--top-k", "2", "--json", out], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "will gather" in res.stdout and "scaling case 2/2 done" in res.stderr
+    record = json.loads(open(out).read())
+    assert record["kind"] == "solver" and record["rows"] == []
+    for r, (N, G) in zip(record["scale"], [(2, 2), (4, 2)]):
+        I, E, J = 3 * N * G, 4 * N * G, N * G
+        assert (r["topology"], r["I"], r["E"], r["K"]) == (f"{N}x{G}", I, E, 2) and r["solve_ms"] > 0
+        assert r["today_expert"] == 2 * I * E * 8 and r["today_node"] == 2 * I * (E + N) * 8
+        assert r["staged"] == I * N * 4 + I // N * G * 4 + I * 4 + J * 8
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
