@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1960,6 +1961,107 @@ def test_training_ranks_leave_no_process_group_threads_behind():
                                 eval_batches=1, log_every=100)
     threads = _spawn(_threads_worker, 2, cfg)
     assert not [t for t in threads if "gloo" in t], threads
+
+
+
+def _in_repo(cmd, env=None, timeout=300):
+    """A command run from the repository's folder as a user runs it there; its CompletedProcess."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+
+
+# the memory check refuses it on every rank alike, after the ranks made their process group
+TOO_BIG = ["train", "--preset", "tiny", "--batch", "100000", "--steps", "1", "--cpu"]
+
+
+@pytest.mark.parametrize("launch", ["spawned", "torchrun"])
+def test_a_jobs_error_is_said_once_however_its_ranks_start(launch):
+    """An error every rank raises alike reaches the user once: from the launcher, which spawned
+    the ranks, or under torchrun from rank 0, the others leaving it to rank 0 (torchrun's own
+    report of the failed ranks follows it)."""
+    cmd = ([sys.executable, "train_gpt.py", *TOO_BIG, "--nproc", "2"] if launch == "spawned" else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_gpt.py", *TOO_BIG])
+    res = _in_repo(cmd)
+    out = res.stdout + res.stderr
+    said = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert res.returncode == 1 and len(said) == 1 and "this run needs about" in said[0], out
+    assert out.count("this run needs about") == 1, out
+
+
+def test_under_torchrun_a_shared_error_is_said_by_local_rank_0_and_a_ranks_own_by_that_rank(monkeypatch):
+    """Errors every rank raises alike (a bad option, a check made together) are said by each
+    node's local rank 0 alone, with the same exit status on every rank; what torch raised on one
+    rank (its own trouble, perhaps the root cause) is said by that rank, naming it."""
+    monkeypatch.setattr(train_gpt, "QUIET_RANK_WAIT_S", 0)
+
+    @click.group(cls=train_gpt.Cli)
+    def cli():
+        pass
+
+    @cli.command()
+    @click.option("--own", is_flag=True)
+    def job(own):
+        with train_gpt.one_line_errors():
+            if own:
+                raise RuntimeError("Connection closed by peer")
+            raise click.ClickException("every rank refuses this")
+
+    for rank, args, code, said in [("0", [], 1, "Error: every rank refuses this"), ("3", [], 1, ""),
+                                   ("3", ["--bogus"], 2, ""), ("0", ["--bogus"], 2, "No such option '--bogus'"),
+                                   ("3", ["--own"], 1, "Error: rank 3: RuntimeError: Connection closed by peer")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        res = CliRunner().invoke(cli, ["job", *args])
+        assert res.exit_code == code and (said in res.output if said else res.output == ""), (rank, args, res.output)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_cluster.sh is a bash script")
+def test_run_cluster_gives_up_on_a_master_it_cannot_reach_in_one_line_naming_it(tmp_path):
+    """Before any torchrun (which would retry for minutes, printing C++ stack frames, deaf to
+    Ctrl-C): MASTER_ADDR must resolve, name this host on node 0, and answer within WAIT seconds
+    on the other nodes; else one line naming the host, and no result."""
+    port = str(_free_port())
+    for env, message in [
+            (dict(NNODES="4", NODE_RANK="1", MASTER_ADDR="node0.invalid"), "MASTER_ADDR=node0.invalid does not resolve"),
+            (dict(NNODES="4", NODE_RANK="0", MASTER_ADDR="node0.invalid"), "MASTER_ADDR=node0.invalid does not resolve"),
+            (dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="192.0.2.1"), "MASTER_ADDR=192.0.2.1 (192.0.2.1) is not this host"),
+            (dict(NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WAIT="1"),
+             f"node 0 at MASTER_ADDR=127.0.0.1 port {port} did not answer within 1 s")]:
+        res = _in_repo(["bash", "run_cluster.sh", "tiny"], dict(env, NPROC_PER_NODE="1", OUT=str(tmp_path)), timeout=120)
+        assert res.returncode == 1 and res.stdout == "", (env, res.stdout, res.stderr)
+        assert res.stderr.startswith("run_cluster.sh: ") and message in res.stderr, (env, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, (env, res.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_cluster.sh is a bash script")
+def test_ctrl_c_stops_run_cluster_while_torchrun_waits_for_the_other_nodes():
+    """Node 0 of 2, the other never coming: torchrun waits in its rendezvous (WAIT=600 s here),
+    where it takes no signal; Ctrl-C at the terminal still stops the script at once, with one
+    line and status 130, and leaves no torchrun behind (its rendezvous port is closed again)."""
+    port = _free_port()
+    env = dict(os.environ, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WAIT="600",
+               NPROC_PER_NODE="1", CHECK_A2A="0")
+    p = subprocess.Popen(["bash", "run_cluster.sh", "tiny", "--", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True, cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    listening = lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0
+    try:
+        while not listening():   # torchrun's rendezvous is up: it waits for node 1
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)   # as a terminal sends Ctrl-C: to the script's process group
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "run_cluster.sh: interrupted", (out, err)
+    assert not listening()
 
 
 # -- command line: every bad input refused in one line, help that helps

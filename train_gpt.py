@@ -1133,8 +1133,15 @@ def one_line_errors():
     except (ValueError, RuntimeError, OSError) as e:
         if os.environ.get("NETMOE_TRACEBACK") == "1":
             raise
-        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
-                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+        raise OwnError(f"{rank}{type(e).__name__}: {str(e).strip().splitlines()[0]} "
+                       f"(NETMOE_TRACEBACK=1 shows where)") from None
+
+
+class OwnError(click.ClickException):
+    """An error this torchrun rank met on its own (what torch or numpy raised), which it says
+    itself; every other error of a job is one that its ranks raise alike, from the same input
+    or from a check they made together, and a node's local rank 0 alone says it (Cli)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1299,11 +1306,13 @@ def shown_value(value):
 
 
 INTERRUPTED = 130   # the shell's exit status for Ctrl-C
+QUIET_RANK_WAIT_S = 5   # a torchrun rank that leaves a job's error to rank 0 waits this long before it exits
 
 
 class Cli(click.Group):
     """Commands that exit 130 on Ctrl-C with one line, where click would print "Aborted!" and
-    exit 1: a script can tell an interrupted run from a failed or a finished one."""
+    exit 1: a script can tell an interrupted run from a failed or a finished one. Under torchrun
+    a job's error is said once on each node, by its local rank 0."""
 
     def invoke(self, ctx):
         try:
@@ -1311,6 +1320,13 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted (Ctrl-C): every rank stopped", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
+        except click.ClickException as e:
+            if isinstance(e, OwnError) or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                raise
+            # under torchrun every rank raised it alike: the node's local rank 0 says it, once.
+            # torchrun ends the other ranks as soon as one exits: this one gives rank 0 the time.
+            time.sleep(QUIET_RANK_WAIT_S)
+            raise click.exceptions.Exit(e.exit_code) from None
 
 
 @click.group(cls=Cli, invoke_without_command=True)
