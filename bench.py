@@ -307,8 +307,9 @@ ROWS = {   # kind: the rows summary shows of one record of it (its name, its bod
                                         r.get("scipy_ms"), r["same_optimum"]] for r in res],
     "kernels": lambda name, res, skip: [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]]
                                         for r in res],
+    # a layer record from before --exchange ran the expert exchange
     "layer": lambda name, res, skip: [[name, f"H={res['options']['hidden']} S={res['options']['seq_len']} on "
-                                       f"{res['options']['topology']}", res["options"]["exchange"], v, m["ms"],
+                                       f"{res['options']['topology']}", res["options"].get("exchange", "expert"), v, m["ms"],
                                        _change(m["ms"], res["median"]["static"]["ms"]), m["a2a_ms"], m["exposed_ms"]]
                                       for v, m in res["median"].items()],
     "a2a": _a2a_rows, "layouts": _layouts_rows, "simulate": _simulate_rows,

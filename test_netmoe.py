@@ -2325,6 +2325,24 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
         assert "bench.py solver, kernels, layer, a2a, layouts and simulate" in res.output
 
 
+
+def test_summary_and_plot_read_every_record_the_repository_ships(tmp_path):
+    """`bench.py summary results/*.json` and `bench.py plot results/*.json`, as the README runs
+    them: every shipped record is read (each file named in a table, or drawn or skipped by plot)."""
+    results = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "results")
+    files = sorted(os.path.join(results, f) for f in os.listdir(results) if f.endswith(".json"))
+    res = CliRunner().invoke(bench.cli, ["summary", *files])
+    assert res.exit_code == 0, res.output
+    assert not [f for f in files if os.path.basename(f) not in res.stdout], res.stdout
+    if importlib.util.find_spec("matplotlib"):   # beside copies: plot writes a PNG beside each JSON
+        copies = [shutil.copy(f, tmp_path) for f in files]
+        res = CliRunner().invoke(bench.cli, ["plot", *copies])
+        assert res.exit_code == 0, res.output
+        skipped = res.output.split("skipped (")[1] if "skipped (" in res.output else ""
+        for f in copies:
+            drawn = os.path.exists(os.path.splitext(f)[0] + ".png")
+            assert drawn != (os.path.basename(f) in skipped), (f, res.output)
+
 def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_path):
     """layer, solver, layouts and simulate report progress on stderr (the table stays alone on
     stdout): a first line at once and a last one at the end; with spawned ranks, rank 0 alone."""
