@@ -2122,6 +2122,30 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
 
 
+
+def test_a_data_file_is_checked_before_any_rank_starts(tmp_path, monkeypatch):
+    """--data is read once as the job starts, before any rank: a nanoGPT-style uint16 .bin
+    holding a token id past the vocabulary (a rank would meet it as an IndexError inside the
+    embedding), 32-bit ids, a .npy array, a file too short to train on: each refused in one line
+    that names what is wrong. A good .bin passes."""
+    monkeypatch.setattr(train_gpt, "spawn_ranks", lambda *a: pytest.fail("the ranks started"))
+    ids = np.random.default_rng(0).integers(0, 50257, 20000).astype(np.uint16)
+    files = {"good.bin": ids, "past.bin": np.where(np.arange(len(ids)) == 12345, 60000, ids).astype(np.uint16),
+             "wide.bin": ids.astype(np.int32), "short.bin": ids[:40]}
+    for name, a in files.items():
+        a.tofile(tmp_path / name)
+    np.save(tmp_path / "array.npy", ids)
+    os.rename(tmp_path / "array.npy", tmp_path / "array.bin")
+    assert train_gpt.Corpus.file_problem(str(tmp_path / "good.bin")) is None
+    for name, message in [("past.bin", "holds token id 60,000 (token 12,345 of 20,000), outside the vocabulary of "
+                                       "50,304 ids"),
+                          ("wide.bin", "looks like 32- or 64-bit token ids"), ("array.bin", "is a .npy array"),
+                          ("short.bin", "no train document is longer than seq_len+1=65 tokens")]:
+        res = CliRunner().invoke(train_gpt.cli, ["train", "--preset", "tiny", "--nproc", "2", "--cpu",
+                                                 "--data", str(tmp_path / name)])
+        assert res.exit_code == 1 and message in res.output, (name, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, (name, res.output)
+
 def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp_path):
     """A path that cannot be written (a folder given for a file, a file for a folder, a file in
     the way of the folder, a place nobody may write) is refused in one line when the command

@@ -16,6 +16,7 @@ bench.py holds the benchmarks, plots and replays (it imports this file; this fil
 import contextlib
 import dataclasses
 import errno
+import functools
 import glob
 import importlib
 import json
@@ -418,9 +419,6 @@ class Corpus:
             self.vocab, self.name = 256, f"python {sys.version.split()[0]} stdlib ({len(docs)} files)"
         else:
             self.vocab = self.vocab_of(path)
-            if path.endswith(".bin") and os.path.getsize(path) % 2:
-                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file "
-                                           f"(a text file must not end in .bin)")
             data = np.memmap(path, dtype=np.uint16, mode="r") if path.endswith(".bin") else np.fromfile(path, np.uint8)
             cut = int(len(data) * 0.9)
             split = {"train": [data[:cut]], "val": [data[cut:]]}
@@ -437,13 +435,47 @@ class Corpus:
                                            f"({self.name}{', the last 10%' if path and name == 'val' else ''}): {fix}")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
-        self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
-        for d in self.docs["train"] + self.docs["val"]:   # every byte (about a second per GB)
-            self.fingerprint = zlib.crc32(d, self.fingerprint)
+
+    @functools.cached_property
+    def fingerprint(self):
+        """What ranks compare: the same text, or targets would not match inputs (every byte,
+        about a second per GB)."""
+        crc = 0
+        for d in self.docs["train"] + self.docs["val"]:
+            crc = zlib.crc32(d, crc)
+        return crc
 
     @staticmethod
     def vocab_of(path):
         return 50304 if path and path.endswith(".bin") else 256
+
+    @staticmethod
+    def file_problem(path):
+        """Why the tokens of --data FILE cannot feed the model, or None. A text file is bytes (any
+        will do); a .bin must be nanoGPT's: raw uint16 token ids, each below the vocabulary (a rank
+        would meet a larger id as an IndexError inside the embedding). Reads the file once."""
+        if not path.endswith(".bin"):
+            return None
+        size, vocab, fix = os.path.getsize(path), Corpus.vocab_of(path), "np.asarray(ids, np.uint16).tofile(FILE)"
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                return f"{path} is a .npy array, not a raw token file: write the ids as nanoGPT does, {fix}"
+        if size % 2:
+            return f"{path} has an odd number of bytes: not a uint16 token file (a text file must not end in .bin)"
+        ids = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)
+        head = ids[:1 << 20]
+        if len(head) > 1 and head[0::2].any() and not head[1::2].any():
+            return (f"{path} looks like 32- or 64-bit token ids (every second uint16 of its first "
+                    f"{len(head):,} is 0); a .bin holds uint16 ids: {fix}")
+        block = 1 << 26   # tokens a pass reads: a few hundred MB at most in memory
+        for start in range(0, len(ids), block):
+            part = ids[start:start + block]
+            if int(part.max()) >= vocab:
+                at = start + int(np.argmax(part >= vocab))
+                return (f"{path} holds token id {int(ids[at]):,} (token {at:,} of {len(ids):,}), outside the "
+                        f"vocabulary of {vocab:,} ids: a .bin holds GPT-2 token ids, as nanoGPT's prepare.py "
+                        f"writes them")
+        return None
 
     def batch(self, split, step, I, seed):
         rng = np.random.default_rng([seed, step, split == "val"])
@@ -1264,6 +1296,11 @@ def worker(rank, world, init, cfg, out_path):
 
 def launch(cfg):
     mcfg, J, topo = resolve(cfg)
+    if cfg.data:   # read once here, before any rank starts: its tokens, and enough of them to train on
+        problem = Corpus.file_problem(cfg.data)
+        if problem:
+            raise click.ClickException(problem)
+        Corpus(cfg.data, mcfg.seq_len, cfg.eval_batches)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
         cfg = dataclasses.replace(cfg, ranks_on=rank_devices(cfg.cpu, local), topology=topo)
