@@ -547,10 +547,11 @@ def _pngs_writable(files):
     return files
 
 
-def _run_bench(worker, o, virtual_world=None):
+def _run_bench(worker, o, virtual_world=None, on_the_cpu=None):
     """worker(rank, world, init, o, out_path) on o["nproc"] ranks (spawned, or torchrun's, whose
     world and nodes x local ranks then give --nproc and the default topology), or on this one
-    process playing virtual_world devices; rank 0's JSON, None on the other torchrun ranks."""
+    process playing virtual_world devices; rank 0's JSON, None on the other torchrun ranks.
+    on_the_cpu(o): called first (on rank 0) where the ranks run on the CPU, the options checked."""
     if virtual_world and (o["nproc"] != 1 or "RANK" in os.environ):
         raise click.UsageError("--virtual-world runs in one process; drop --nproc / torchrun")
     if "RANK" in os.environ:
@@ -567,6 +568,8 @@ def _run_bench(worker, o, virtual_world=None):
                                f"or give a topology of {devices} device{'s' * (devices > 1)}")
     with one_line_errors():
         o["ranks_on"] = train_gpt.rank_devices(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
+        if on_the_cpu and o["ranks_on"] == "cpu" and os.environ.get("RANK", "0") == "0":
+            on_the_cpu(o)
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
@@ -869,6 +872,30 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             json.dump(per_rank, f)
 
 
+# A CPU timing round over its variants' expert products alone: the gate, LayerNorm, GELU, row
+# gathers, the exchange and the variants without experts add this much (measured 1.4-1.5x on 2
+# cores: bench.py layer --nproc 4 --topology 2x2 --exchange node --hidden 256 --seq-len 512).
+CPU_LAYER_OVERHEAD = 1.5
+
+
+def cpu_layer_estimate(o, J):
+    """(seconds, FLOP/s): how long `bench.py layer` with options o takes on this host's CPU. The
+    experts' products of every variant in every round, for all J devices' rows (spawned ranks
+    share the host's cores), over the rate a float32 product of the layer's width reaches here
+    (timed now, in about 0.1 s), times CPU_LAYER_OVERHEAD."""
+    H, rows = o["hidden"], o["batch"] * J * o["seq_len"] * o["top_k"]
+    variants = len(netmoe.PLACEMENTS) + 1 + (o["baseline_chunks"] != o["chunks"])   # + experts alone, + static at C'
+    flops = (o["warmup_repeats"] + o["repeats"]) * variants * 6 * rows * 2 * H * 4 * H   # two H x 4H, fwd + bwd
+    a, b = torch.randn(2048, H), torch.randn(H, 4 * H)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * 2048 * H * 4 * H / best
+    return flops / rate * CPU_LAYER_OVERHEAD, rate
+
+
 @cli.command("layer", short_help="One MoE layer forward + backward: static vs NetMoE.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs (or CPU processes) to spawn")
 @click.option("--virtual-world", type=click.IntRange(min=1), default=None,
@@ -898,7 +925,15 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 def layer_cmd(json_path, virtual_world, **o):
     """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
     and the experts' matrix products alone; bf16 autocast on a GPU."""
-    per_rank = _run_bench(_layer_bench_worker, o, virtual_world)
+    def on_the_cpu(o):   # a GPU's shapes: said before the first timing round, not after 15 silent minutes
+        J = o["topology"].world
+        seconds, rate = cpu_layer_estimate(o, J)
+        if seconds > 60:
+            click.echo(f"note: {o['batch'] * J} samples of S={o['seq_len']} at H={o['hidden']} on the CPU: about "
+                       f"{seconds / 60:.0f} min ({rate / 1e9:.0f} GFLOP/s measured here for the experts' products, "
+                       f"x {CPU_LAYER_OVERHEAD} for the rest of the layer); lower --hidden, --seq-len, --batch or "
+                       f"--repeats for less", err=True)
+    per_rank = _run_bench(_layer_bench_worker, o, virtual_world, on_the_cpu)
     if per_rank is None:
         return
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}

@@ -2393,6 +2393,24 @@ def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_pat
         assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
 
 
+
+@pytest.mark.parametrize("where, J", [(["--virtual-world", "32", "--topology", "4x8"], 32),
+                                      (["--nproc", "4", "--topology", "2x2", "--exchange", "node"], 4)],
+                         ids=["32 virtual devices", "4 processes"])
+def test_a_layer_bench_of_a_gpus_shapes_on_the_cpu_says_so_first_with_how_long_it_takes(monkeypatch, where, J):
+    """The README's GPU layer lines run on a CPU say so in their first line, before any work,
+    with the time FLOPs give: the experts' products of 5 variants (static, netmoe, kept, static
+    in one chunk, the experts alone) in 35 rounds, over the rate this CPU was just measured at,
+    times the rest of the layer. Tiny shapes say nothing (the progress test's first line)."""
+    monkeypatch.setattr(train_gpt, "run_ranks", lambda *a: None)   # the estimate alone: the run would take hours
+    res = CliRunner().invoke(bench.cli, ["layer", *where, "--cpu"])
+    assert res.exit_code == 0, res.output
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"note: {4 * J} samples of S=1024 at H=768 on the CPU: about "), first
+    minutes, rate = int(first.split("about ")[1].split(" min")[0]), float(first.split("(")[1].split(" GFLOP/s")[0])
+    flops = 35 * 5 * 6 * (4 * J * 1024 * 2) * 2 * 768 * 4 * 768
+    assert minutes == pytest.approx(flops / (rate * 1e9) * bench.CPU_LAYER_OVERHEAD / 60, rel=0.05, abs=1)
+
 def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     """Eq. 1's check on 4 gloo processes as 2 nodes x 2: every timed exchange must deliver each row
     from the rank its split sizes name (the worker raises otherwise), both tiers get a fit, and
