@@ -274,11 +274,15 @@ def _run_rows(name, res, skip):
     if tuple(runs) == train_gpt.COMPARED:
         s, n = (runs[p] for p in train_gpt.COMPARED)
         return [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
-                 f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
+                 f"{s['iter_ms'] / n['iter_ms']:.2f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
                  _change(n["intra"], s["intra"]), n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
     return [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
-             r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
+             r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], *map(_loss, (r["final_loss"], r["val_loss"]))]
             for p, r in runs.items()]
+
+
+def _loss(v):
+    return None if v is None else f"{v:.4f}"   # the digits a loss change between runs is read in
 
 
 def _a2a_rows(name, res, skip):

@@ -1481,6 +1481,9 @@ def test_deepseek_style_options_train_the_same_under_both_placements_and_reach_t
     static, ours = res["runs"]["static"], res["runs"]["netmoe"]
     np.testing.assert_allclose(ours["loss"], static["loss"], rtol=1e-5)
     assert sum(ours["moved_frac"]["node"]) > 0
+    head = train_gpt.summary_table(res, 1).splitlines()[0]   # the table names what changed the model and the exchange
+    assert head.startswith("tiny: 2 layers, H=64, S=32, I=16, E=8, K=2, F=32, 1 shared expert, a token's K from 1 of "
+                           "2 groups; J=4 on 2x2; node exchange in 3 chunks, float32 stream, lookahead; means"), head
 
 
 def test_json_record_follows_the_documented_schema(compare_4proc):
@@ -2335,7 +2338,7 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
     own = train_gpt.summarize(one["runs"]["netmoe"], 1)
     row = single.splitlines()[-1].split()
     assert row[:4] == ["one.json", "H=64", "L=2", "2x2"] and row[4] == "netmoe" and row[5] == str(own["measured"])
-    assert row[6] == f"{own['iter_ms']:,.4g}" and row[-2] == f"{own['final_loss']:,.4g}"
+    assert row[6] == train_gpt.cell(own["iter_ms"]) and row[-2] == f"{own['final_loss']:.4f}"
     solver = json.loads((tmp_path / "solver.json").read_text())["rows"]
     assert len(sections["bench.py solver"].splitlines()) == 3 + len(solver)
     assert "18.8" in sections["bench.py kernels"] and "netmoe + lookahead" in sections["bench.py simulate"]
@@ -2502,18 +2505,19 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, mo
 
 def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, capsys):
     """On the CPU: no row or column of dashes (MFU against a GPU's peak, the experts' time on a
-    GPU), the modelled All-to-All named as Eq. 1 on the modelled cluster's links (beside a
-    measured time of this machine), "1 step" in the singular, each progress line once, and
+    GPU, a measured All-to-All in one process), the modelled All-to-All named as Eq. 1 at the
+    modelled links' bandwidths, "1 step" in the singular, each progress line once, and
     simulate --layout saying why it replays one step fewer than the trace holds."""
     trace = str(tmp_path / "t.npz")
     res = CliRunner().invoke(train_gpt.cli, ["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps",
                                              "2", "--trace", trace], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    table = res.stdout[res.stdout.index("stream; means over"):].splitlines()
-    assert table[0].startswith("stream; means over 1 step after 1"), table[0]
+    table = res.stdout[res.stdout.index("lookahead; means over"):].splitlines()
+    assert table[0].startswith("lookahead; means over 1 step after 1"), table[0]
     rows = [line.split("  ") for line in table[3:] if not line.startswith("loss change")]
     assert rows and not [r for r in rows if all(c.strip() in ("", "-") for c in r[1:])], table
-    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 on the modelled cluster's links" in res.stdout
+    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 at 400 GB/s in a node, 100 between" in res.stdout
+    assert "All-to-All ms (measured)" not in res.stdout   # one process: nothing travels
     # and how to read the loss change: against the spread between seeds, since only rounding differs
     assert table[-1].startswith("loss change: ") and "--seed" in table[-1], table
     res = CliRunner().invoke(bench.cli, ["solver", "--repeats", "1", "--max-expanded", "0", "--cpu"])
@@ -2525,6 +2529,44 @@ def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, ca
     assert list(bench.progress(range(3), "item", every_s=0)) == [0, 1, 2]
     assert capsys.readouterr().err.splitlines() == ["item 1/3", "item 2/3", "item 3/3 done"]
 
+
+
+def test_a_runs_means_are_of_the_steps_it_logged_and_its_rates_agree_with_them(compare_4proc):
+    """The table's iteration ms is the mean of the logged (recorded) steps after the skipped
+    ones, beside their median; tokens / s and TFLOP/s are those steps' work over their time, so
+    rate x mean time is one step's work. (A mean of per-step rates weighs fast steps more: on a
+    shared CPU, where a few steps take 10x the others, it disagreed with the mean time 2x.)"""
+    c = compare_4proc["config"]
+    for run in compare_4proc["runs"].values():
+        skip = 1
+        s = train_gpt.summarize(run, skip)
+        logged = run["iter_ms"][skip:]
+        assert s["iter_ms"] == pytest.approx(np.mean(logged)) and s["iter_ms_median"] == pytest.approx(np.median(logged))
+        assert s["tokens_per_s"] * s["iter_ms"] / 1e3 == pytest.approx(c["batch"] * c["J"] * c["seq_len"])
+        assert s["tflops"] * s["iter_ms"] * 1e9 == pytest.approx(run["flops_per_step"])
+    slow = dict(compare_4proc["runs"]["static"], iter_ms=[1000.0, 100.0, 100.0, 100.0, 1000.0, 100.0],
+                tokens_per_s=[1e3, 1e4, 1e4, 1e4, 1e3, 1e4], tflops=[1.0] * 6)
+    s = train_gpt.summarize(slow, 1)   # one slow step in five
+    assert (s["iter_ms"], s["iter_ms_median"], s["tokens_per_s"]) == pytest.approx((280, 100, 1000 / 0.28))
+    table = train_gpt.summary_table(compare_4proc, 1)
+    assert f"iteration ms, median " in table and train_gpt.cell(
+        train_gpt.summarize(compare_4proc["runs"]["static"], 1)["iter_ms"]) in table.split("iteration ms")[1]
+
+
+def test_a_runs_header_names_every_option_that_changes_the_model_or_the_exchange():
+    """The first line of a run and of its table: the model (F, shared experts, group-limited
+    routing included), the exchange with its chunks, the stream's dtype, the lookahead and the
+    re-layouts; the modelled links are named with their bandwidths; figures keep 3 significant
+    digits (whole numbers from 100), losses 4 decimals."""
+    c = dict(dataclasses.asdict(train_gpt.PRESETS["tiny"]), expert_hidden=32, shared_experts=1, route_groups=2,
+             group_top=1, J=4, topology="2x2", world=4, exchange="node", chunks=3, dtype="bfloat16", lookahead=False,
+             relayout_every=20, intra_bw=200e9, inter_bw=25e9)
+    assert train_gpt.describe(c, "tiny") == ("tiny: 2 layers, H=64, S=64, I=16, E=8, K=2, F=32, 1 shared expert, "
+                                            "a token's K from 1 of 2 groups; J=4 on 2x2; node exchange in 3 chunks, "
+                                            "bfloat16 stream, no lookahead, re-layout every 20 steps")
+    assert train_gpt.links(c) == "200 GB/s in a node, 25 between"
+    assert [train_gpt.cell(v) for v in (0.009607, 0.02148, 12.345, 3505.3, 2.0, 4100, None, float("nan"))] == \
+        ["0.00961", "0.0215", "12.3", "3,505", "2", "4,100", "-", "-"]
 
 def test_a_small_data_file_trains_without_validation_and_is_refused_with_it_naming_the_fix(tmp_path):
     """A 200-byte text holds no validation sample (its last 10% is shorter than seq_len + 1): with

@@ -1087,15 +1087,21 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A8
 
 
 def summarize(run, skip, device_name=""):
-    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
+    """Means over the steps after the first `skip` (the paper reports means over 50 iterations).
+    Rates are the measured steps' work over their time, so tokens / s times the mean iteration
+    time is a step's tokens (a mean of per-step rates would weigh the fast steps more)."""
     n = len(run["loss"])
-    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
+    first = min(skip, max(n - 1, 0))
+    m = lambda xs: float(np.mean(xs[first:])) if xs else float("nan")
+    ms = np.asarray(run["iter_ms"][first:], dtype=float)
+    rate = lambda xs: float(np.dot(xs[first:], ms) / ms.sum()) if len(xs) == n and n else float("nan")
     vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-    tflops = m(run.get("tflops", []))
+    tflops = rate(run.get("tflops", []))
     moves = run.get("relayouts", [])
-    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
-                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
+    return dict(steps=n, measured=n - first, final_loss=run["loss"][-1] if n else float("nan"),
+                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]),
+                iter_ms_median=float(np.median(ms)) if n else float("nan"), tokens_per_s=rate(run.get("tokens_per_s", [])),
                 tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
                 a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
                 solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
@@ -1108,13 +1114,48 @@ def summarize(run, skip, device_name=""):
                 move_share=sum(r["cost_ms"] for r in moves if r["applied"]) / max(sum(run["iter_ms"]), 1e-9))
 
 
+def cell(c):
+    """A table cell: a measured number to the digits it means (3 significant, whole above 100:
+    3,505 ms, 0.0961 TFLOP/s, 0.45 of the samples), an integer whole, a string as it is."""
+    if c is None or isinstance(c, float) and math.isnan(c):
+        return "-"
+    if isinstance(c, float):
+        return f"{c:,.0f}" if abs(c) >= 100 else f"{c:.3g}"
+    return c if isinstance(c, str) else f"{c:,}"
+
+
 def table(header, rows):
-    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
-                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
-    cells = [header] + [[fmt(c) for c in r] for r in rows]
+    cells = [header] + [[cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def describe(c, preset=None):
+    """A job in one line from its record's config: the model and every option that changes it or
+    the exchange (a record written before an option existed ran without it)."""
+    J, F, chunks = c["J"], c.get("expert_hidden") or 4 * c["hidden"], c.get("chunks", 1)
+    model = [f"{c['n_layer']} layers", f"H={c['hidden']}", f"S={c['seq_len']}", f"I={c['batch'] * J}",
+             f"E={c['experts_per_device'] * J}", f"K={c['top_k']}", f"F={F}"]
+    if c.get("shared_experts"):
+        model.append(f"{c['shared_experts']} shared expert{'s' * (c['shared_experts'] > 1)}")
+    if c.get("route_groups", 1) > 1:
+        model.append(f"a token's K from {c['group_top']} of {c['route_groups']} groups")
+    job = [f"{c.get('exchange', 'expert')} exchange in {chunks} chunk{'s' * (chunks != 1)}",
+           f"{c.get('dtype', 'float32')} stream", "lookahead" if c.get("lookahead", True) else "no lookahead"]
+    if c.get("relayout_every"):
+        job.append(f"re-layout every {c['relayout_every']} steps")
+    return (f"{preset + ': ' if preset else ''}{', '.join(model)}; J={J} on {c['topology']}"
+            f"{' (virtual, one process)' if c.get('world') == 1 and J > 1 else ''}; {', '.join(job)}")
+
+
+def links(c):
+    """Eq. 1's links as a record's config names them (the defaults, paper Table 2, before it did)."""
+    return (f"{c.get('intra_bw', TrainConfig.intra_bw) / 1e9:g} GB/s in a node, "
+            f"{c.get('inter_bw', TrainConfig.inter_bw) / 1e9:g} between")
+
+
+LOSS_ROWS = ("final train loss", "validation loss")
 
 
 def summary_table(result, skip):
@@ -1122,9 +1163,10 @@ def summary_table(result, skip):
     runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
     names = list(runs)
     rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
+            ("iteration ms, median", "iter_ms_median"),
             ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
             ("All-to-All ms (measured)", "a2a_ms"),
-            ("All-to-All ms, Eq. 1 on the modelled cluster's links", "a2a_model_ms"),   # not this machine's
+            (f"All-to-All ms, Eq. 1 at {links(c)}", "a2a_model_ms"),   # the modelled cluster's, not this machine's
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
@@ -1135,22 +1177,24 @@ def summary_table(result, skip):
     planned = any(r.get("relayouts") for r in result["runs"].values())
     known = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
     rows = [(label, key) for label, key in rows if any(known(runs[n][key]) for n in names)
-            and (planned or key not in ("relayouts_applied", "move_share"))]
-    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+            and (planned or key not in ("relayouts_applied", "move_share"))
+            and not (key == "a2a_ms" and c.get("world") == 1)]   # in one process nothing travels
+    # losses to 4 decimals: the digits a loss change between runs is read in
+    shown = lambda label, v: f"{v:.4f}" if label in LOSS_ROWS and known(v) else v
+    body = [[label] + [shown(label, runs[n][key]) for n in names] for label, key in rows]
     foot = ""
     if tuple(names) == COMPARED:
-        for r in body:
-            a, b = r[1], r[2]
-            losses = r[0] in ("final train loss", "validation loss")
-            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
-                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
+        for r, (label, key) in zip(body, rows):
+            a, b = (runs[n][key] for n in names)
+            r.append(f"{abs(b - a):.1e}" if label in LOSS_ROWS and known(a) and known(b) else
+                     f"{(b - a) / a * 100:+.1f}%" if label not in LOSS_ROWS and isinstance(a, float) and a
+                     and math.isfinite(a) else "")
         names = names + ["change"]
         foot = ("\nloss change: both placements compute the same function, so it is rounding that training "
                 "amplifies (more in bf16); weigh it against the spread between seeds (--seed) of one placement, not 0")
     measured = runs[names[0]]["measured"]
-    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} "
-            f"step{'s' * (measured != 1)} after {runs[names[0]]['steps'] - measured}")
+    head = (f"{describe(c, c.get('preset'))}; means over {measured} step{'s' * (measured != 1)} after "
+            f"{runs[names[0]]['steps'] - measured}")
     return head + "\n" + table(["", *names], body) + foot
 
 
@@ -1268,10 +1312,16 @@ def worker(rank, world, init, cfg, out_path):
         failed = [p for p in env.gather(memory_problem(cfg, mcfg, J, env.virtual, device, sharing)) if p]
         if failed:   # every rank stops, with the first one's reason
             raise click.ClickException(failed[0])
+        config = dict(dataclasses.asdict(mcfg), preset=cfg.preset, J=J, topology=str(topo), world=world,
+                      device=device.type, ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
+                      device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
+                      lr=cfg.lr, warmup_steps=cfg.warmup_steps, exchange=cfg.exchange, chunks=cfg.chunks,
+                      relayout_every=cfg.relayout_every, grad_sync=cfg.grad_sync, intra_bw=topo.intra_bw,
+                      inter_bw=topo.inter_bw, dtype=cfg.stream_dtype_name(),
+                      wire_bytes_per_row=dict(zip(("scatter", "gather"), cfg.wire_bytes())))
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
-        echo(f"{cfg.preset}: {mcfg.n_layer} layers, H={mcfg.hidden}, S={mcfg.seq_len}, I={mcfg.batch * J}, "
-             f"E={mcfg.experts_per_device * J}, K={mcfg.top_k}, J={J} on {topo}"
-             f"{' (virtual, one process)' if env.virtual else ''}, {device.type}, data: {corpus.name}")
+        echo(f"{describe(config, cfg.preset)}; {device.type}, data: {corpus.name}")
         runs = {}
         with stop_on_sigint():
             for placement in cfg.placements:
@@ -1279,14 +1329,6 @@ def worker(rank, world, init, cfg, out_path):
                 if runs[placement].get("interrupted"):
                     break
         if rank == 0:
-            config = dict(dataclasses.asdict(mcfg), J=J, topology=str(topo), world=world, device=device.type,
-                          ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
-                          device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
-                          lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                          exchange=cfg.exchange, chunks=cfg.chunks, dtype=cfg.stream_dtype_name(),
-                          wire_bytes_per_row=dict(zip(
-                              ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
                 json.dump(dict(kind="compare" if tuple(runs) == COMPARED else "train", config=config, runs=runs), f)
     finally:
