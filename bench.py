@@ -883,20 +883,22 @@ CPU_LAYER_OVERHEAD = 1.5
 
 
 def cpu_layer_estimate(o, J):
-    """(seconds, FLOP/s): how long `bench.py layer` with options o takes on this host's CPU. The
-    experts' products of every variant in every round, for all J devices' rows (spawned ranks
-    share the host's cores), over the rate a float32 product of the layer's width reaches here
-    (timed now, in about 0.1 s), times CPU_LAYER_OVERHEAD."""
+    """(seconds, FLOP/s): how long `bench.py layer` with options o takes on this host's CPU at
+    least. The experts' products of every variant in every round, for all J devices' rows
+    (spawned ranks share the host's cores), over the rate a float32 product of the layer's width
+    (at least 512, where the BLAS runs at its rate) reaches here, timed now in about 0.2 s, times
+    CPU_LAYER_OVERHEAD. Small layers take longer than their FLOPs say: they never reach a minute."""
     H, rows = o["hidden"], o["batch"] * J * o["seq_len"] * o["top_k"]
     variants = len(netmoe.PLACEMENTS) + 1 + (o["baseline_chunks"] != o["chunks"])   # + experts alone, + static at C'
     flops = (o["warmup_repeats"] + o["repeats"]) * variants * 6 * rows * 2 * H * 4 * H   # two H x 4H, fwd + bwd
-    a, b = torch.randn(2048, H), torch.randn(H, 4 * H)
-    best = float("inf")
-    for _ in range(3):
+    w = max(H, 512)
+    a, b = torch.randn(1024, w), torch.randn(w, 4 * w)
+    times = []
+    for _ in range(4):   # the first call starts the thread pool: the best of the others
         t = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t)
-    rate = 2 * 2048 * H * 4 * H / best
+        times.append(time.perf_counter() - t)
+    rate = 2 * 1024 * w * 4 * w / min(times[1:])
     return flops / rate * CPU_LAYER_OVERHEAD, rate
 
 
@@ -933,8 +935,9 @@ def layer_cmd(json_path, virtual_world, **o):
         J = o["topology"].world
         seconds, rate = cpu_layer_estimate(o, J)
         if seconds > 60:
+            span = f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
             click.echo(f"note: {o['batch'] * J} samples of S={o['seq_len']} at H={o['hidden']} on the CPU: about "
-                       f"{seconds / 60:.0f} min ({rate / 1e9:.0f} GFLOP/s measured here for the experts' products, "
+                       f"{span} ({rate / 1e9:.3g} GFLOP/s measured here for the experts' products, "
                        f"x {CPU_LAYER_OVERHEAD} for the rest of the layer); lower --hidden, --seq-len, --batch or "
                        f"--repeats for less", err=True)
     per_rank = _run_bench(_layer_bench_worker, o, virtual_world, on_the_cpu)
