@@ -19,6 +19,8 @@ import json
 import os
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: see train_gpt.py
+
 import click
 import numpy as np
 import torch

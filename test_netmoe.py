@@ -19,6 +19,8 @@ import tempfile
 import time
 import warnings
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP, as train_gpt.py does: see there
+
 import numpy as np
 import pytest
 import torch
@@ -2607,6 +2609,20 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model
 # cores, as every rank it starts does: ranks x threads never exceed the cores, whatever -n says.
 torch.set_num_threads(train_gpt.rank_threads(1))
 
+
+
+def test_waiting_openmp_threads_sleep_unless_the_user_says_otherwise():
+    """Every process that imports train_gpt.py (or bench.py) has torch's OpenMP threads sleep while
+    they wait, set before torch loads OpenMP; spinning, a one-process CPU step took 5-20x longer
+    with another job on the host. OMP_WAIT_POLICY given by the user stands."""
+    for given, seen in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update({"OMP_WAIT_POLICY": given} if given else {})
+        for module in ("train_gpt", "bench"):
+            res = subprocess.run([sys.executable, "-c", f"import os, {module}, torch; print(os.environ['OMP_WAIT_POLICY'])"],
+                                 capture_output=True, text=True, env=env, timeout=120,
+                                 cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+            assert res.returncode == 0 and res.stdout.strip() == seen, (module, given, res.stdout, res.stderr)
 
 def test_ranks_split_the_cores_among_themselves_and_the_xdist_workers(monkeypatch):
     """Every rank (training, benchmark, test worker) sets its torch threads through start_rank:

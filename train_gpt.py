@@ -33,6 +33,12 @@ import time
 import zlib
 from multiprocessing import resource_tracker
 
+# Torch's OpenMP threads wait for each other by spinning: on a host whose cores another job
+# shares, a one-process CPU run then took 5-20x longer a step (10-24 s steps among 2 s ones), and
+# the spinning takes the cores from the other jobs. Waiting threads sleep instead; set before
+# torch loads OpenMP, in every process that imports this file (OMP_WAIT_POLICY=ACTIVE spins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import click
 import numpy as np
 import torch
