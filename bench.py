@@ -20,6 +20,8 @@ import json
 import os
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP: see train_gpt.py
+
 import click
 import numpy as np
 import torch
@@ -275,11 +277,15 @@ def _run_rows(name, res, skip):
     if tuple(runs) == train_gpt.COMPARED:
         s, n = (runs[p] for p in train_gpt.COMPARED)
         return [[name, model, c["topology"], s["measured"], s["iter_ms"], n["iter_ms"],
-                 f"{s['iter_ms'] / n['iter_ms']:.3f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
+                 f"{s['iter_ms'] / n['iter_ms']:.2f}x", s["a2a_ms"], n["a2a_ms"], _change(n["inter"], s["inter"]),
                  _change(n["intra"], s["intra"]), n["solver_exposed_ms"], f"{abs(n['final_loss'] - s['final_loss']):.1e}"]]
     return [[name, model, c["topology"], p, r["measured"], r["iter_ms"], r["tokens_per_s"], r["a2a_ms"],
-             r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], r["final_loss"], r["val_loss"]]
+             r["a2a_model_ms"], r["inter"], r["intra"], r["solver_exposed_ms"], *map(_loss, (r["final_loss"], r["val_loss"]))]
             for p, r in runs.items()]
+
+
+def _loss(v):
+    return None if v is None else f"{v:.4f}"   # the digits a loss change between runs is read in
 
 
 def _a2a_rows(name, res, skip):
@@ -308,8 +314,9 @@ ROWS = {   # kind: the rows summary shows of one record of it (its name, its bod
                                         r.get("scipy_ms"), r["same_optimum"]] for r in res],
     "kernels": lambda name, res, skip: [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]]
                                         for r in res],
+    # a layer record from before --exchange ran the expert exchange
     "layer": lambda name, res, skip: [[name, f"H={res['options']['hidden']} S={res['options']['seq_len']} on "
-                                       f"{res['options']['topology']}", res["options"]["exchange"], v, m["ms"],
+                                       f"{res['options']['topology']}", res["options"].get("exchange", "expert"), v, m["ms"],
                                        _change(m["ms"], res["median"]["static"]["ms"]), m["a2a_ms"], m["exposed_ms"]]
                                       for v, m in res["median"].items()],
     "a2a": _a2a_rows, "layouts": _layouts_rows, "simulate": _simulate_rows,
@@ -607,10 +614,11 @@ def _pngs_writable(files):
     return files
 
 
-def _run_bench(worker, o, virtual_world=None):
+def _run_bench(worker, o, virtual_world=None, on_the_cpu=None):
     """worker(rank, world, init, o, out_path) on o["nproc"] ranks (spawned, or torchrun's, whose
     world and nodes x local ranks then give --nproc and the default topology), or on this one
-    process playing virtual_world devices; rank 0's JSON, None on the other torchrun ranks."""
+    process playing virtual_world devices; rank 0's JSON, None on the other torchrun ranks.
+    on_the_cpu(o): called first (on rank 0) where the ranks run on the CPU, the options checked."""
     if virtual_world and (o["nproc"] != 1 or "RANK" in os.environ):
         raise click.UsageError("--virtual-world runs in one process; drop --nproc / torchrun")
     if "RANK" in os.environ:
@@ -627,6 +635,8 @@ def _run_bench(worker, o, virtual_world=None):
                                f"or give a topology of {devices} device{'s' * (devices > 1)}")
     with one_line_errors():
         o["ranks_on"] = train_gpt.rank_devices(o["cpu"], int(os.environ.get("LOCAL_WORLD_SIZE", o["nproc"])))
+        if on_the_cpu and o["ranks_on"] == "cpu" and os.environ.get("RANK", "0") == "0":
+            on_the_cpu(o)
         return train_gpt.run_ranks(worker, o["nproc"], (o,))
 
 
@@ -1025,6 +1035,32 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             json.dump(per_rank, f)
 
 
+# A CPU timing round over its variants' expert products alone: the gate, LayerNorm, GELU, row
+# gathers, the exchange and the variants without experts add this much (measured 1.4-1.5x on 2
+# cores: bench.py layer --nproc 4 --topology 2x2 --exchange node --hidden 256 --seq-len 512).
+CPU_LAYER_OVERHEAD = 1.5
+
+
+def cpu_layer_estimate(o, J):
+    """(seconds, FLOP/s): how long `bench.py layer` with options o takes on this host's CPU at
+    least. The experts' products of every variant in every round, for all J devices' rows
+    (spawned ranks share the host's cores), over the rate a float32 product of the layer's width
+    (at least 512, where the BLAS runs at its rate) reaches here, timed now in about 0.2 s, times
+    CPU_LAYER_OVERHEAD. Small layers take longer than their FLOPs say: they never reach a minute."""
+    H, rows = o["hidden"], o["batch"] * J * o["seq_len"] * o["top_k"]
+    variants = len(netmoe.PLACEMENTS) + 1 + (o["baseline_chunks"] != o["chunks"])   # + experts alone, + static at C'
+    flops = (o["warmup_repeats"] + o["repeats"]) * variants * 6 * rows * 2 * H * 4 * H   # two H x 4H, fwd + bwd
+    w = max(H, 512)
+    a, b = torch.randn(1024, w), torch.randn(w, 4 * w)
+    times = []
+    for _ in range(4):   # the first call starts the thread pool: the best of the others
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    rate = 2 * 1024 * w * 4 * w / min(times[1:])
+    return flops / rate * CPU_LAYER_OVERHEAD, rate
+
+
 @cli.command("layer", short_help="One MoE layer forward + backward: static vs NetMoE.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs (or CPU processes) to spawn")
 @click.option("--virtual-world", type=click.IntRange(min=1), default=None,
@@ -1063,7 +1099,16 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 def layer_cmd(json_path, virtual_world, **o):
     """One MoE layer forward + backward: static vs NetMoE vs NetMoE that keeps samples in place,
     and the experts' matrix products alone; bf16 autocast on a GPU."""
-    per_rank = _run_bench(_layer_bench_worker, o, virtual_world)
+    def on_the_cpu(o):   # a GPU's shapes: said before the first timing round, not after 15 silent minutes
+        J = o["topology"].world
+        seconds, rate = cpu_layer_estimate(o, J)
+        if seconds > 60:
+            span = f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.0f} min"
+            click.echo(f"note: {o['batch'] * J} samples of S={o['seq_len']} at H={o['hidden']} on the CPU: about "
+                       f"{span} ({rate / 1e9:.3g} GFLOP/s measured here for the experts' products, "
+                       f"x {CPU_LAYER_OVERHEAD} for the rest of the layer); lower --hidden, --seq-len, --batch or "
+                       f"--repeats for less", err=True)
+    per_rank = _run_bench(_layer_bench_worker, o, virtual_world, on_the_cpu)
     if per_rank is None:
         return
     med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}

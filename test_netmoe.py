@@ -12,11 +12,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads OpenMP, as train_gpt.py does: see there
 
 import numpy as np
 import pytest
@@ -1807,6 +1810,9 @@ def test_deepseek_style_options_train_the_same_under_both_placements_and_reach_t
     static, ours = res["runs"]["static"], res["runs"]["netmoe"]
     np.testing.assert_allclose(ours["loss"], static["loss"], rtol=1e-5)
     assert sum(ours["moved_frac"]["node"]) > 0
+    head = train_gpt.summary_table(res, 1).splitlines()[0]   # the table names what changed the model and the exchange
+    assert head.startswith("tiny: 2 layers, H=64, S=32, I=16, E=8, K=2, F=32, 1 shared expert, a token's K from 1 of "
+                           "2 groups; J=4 on 2x2; node exchange in 3 chunks, float32 stream, lookahead; means"), head
 
 
 def test_json_record_follows_the_documented_schema(compare_4proc):
@@ -2289,6 +2295,107 @@ def test_training_ranks_leave_no_process_group_threads_behind():
     assert not [t for t in threads if "gloo" in t], threads
 
 
+
+def _in_repo(cmd, env=None, timeout=300):
+    """A command run from the repository's folder as a user runs it there; its CompletedProcess."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+
+
+# the memory check refuses it on every rank alike, after the ranks made their process group
+TOO_BIG = ["train", "--preset", "tiny", "--batch", "100000", "--steps", "1", "--cpu"]
+
+
+@pytest.mark.parametrize("launch", ["spawned", "torchrun"])
+def test_a_jobs_error_is_said_once_however_its_ranks_start(launch):
+    """An error every rank raises alike reaches the user once: from the launcher, which spawned
+    the ranks, or under torchrun from rank 0, the others leaving it to rank 0 (torchrun's own
+    report of the failed ranks follows it)."""
+    cmd = ([sys.executable, "train_gpt.py", *TOO_BIG, "--nproc", "2"] if launch == "spawned" else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_gpt.py", *TOO_BIG])
+    res = _in_repo(cmd)
+    out = res.stdout + res.stderr
+    said = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert res.returncode == 1 and len(said) == 1 and "this run needs about" in said[0], out
+    assert out.count("this run needs about") == 1, out
+
+
+def test_under_torchrun_a_shared_error_is_said_by_local_rank_0_and_a_ranks_own_by_that_rank(monkeypatch):
+    """Errors every rank raises alike (a bad option, a check made together) are said by each
+    node's local rank 0 alone, with the same exit status on every rank; what torch raised on one
+    rank (its own trouble, perhaps the root cause) is said by that rank, naming it."""
+    monkeypatch.setattr(train_gpt, "QUIET_RANK_WAIT_S", 0)
+
+    @click.group(cls=train_gpt.Cli)
+    def cli():
+        pass
+
+    @cli.command()
+    @click.option("--own", is_flag=True)
+    def job(own):
+        with train_gpt.one_line_errors():
+            if own:
+                raise RuntimeError("Connection closed by peer")
+            raise click.ClickException("every rank refuses this")
+
+    for rank, args, code, said in [("0", [], 1, "Error: every rank refuses this"), ("3", [], 1, ""),
+                                   ("3", ["--bogus"], 2, ""), ("0", ["--bogus"], 2, "No such option '--bogus'"),
+                                   ("3", ["--own"], 1, "Error: rank 3: RuntimeError: Connection closed by peer")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        res = CliRunner().invoke(cli, ["job", *args])
+        assert res.exit_code == code and (said in res.output if said else res.output == ""), (rank, args, res.output)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_cluster.sh is a bash script")
+def test_run_cluster_gives_up_on_a_master_it_cannot_reach_in_one_line_naming_it(tmp_path):
+    """Before any torchrun (which would retry for minutes, printing C++ stack frames, deaf to
+    Ctrl-C): MASTER_ADDR must resolve, name this host on node 0, and answer within WAIT seconds
+    on the other nodes; else one line naming the host, and no result."""
+    port = str(_free_port())
+    for env, message in [
+            (dict(NNODES="4", NODE_RANK="1", MASTER_ADDR="node0.invalid"), "MASTER_ADDR=node0.invalid does not resolve"),
+            (dict(NNODES="4", NODE_RANK="0", MASTER_ADDR="node0.invalid"), "MASTER_ADDR=node0.invalid does not resolve"),
+            (dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="192.0.2.1"), "MASTER_ADDR=192.0.2.1 (192.0.2.1) is not this host"),
+            (dict(NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WAIT="1"),
+             f"node 0 at MASTER_ADDR=127.0.0.1 port {port} did not answer within 1 s")]:
+        res = _in_repo(["bash", "run_cluster.sh", "tiny"], dict(env, NPROC_PER_NODE="1", OUT=str(tmp_path)), timeout=120)
+        assert res.returncode == 1 and res.stdout == "", (env, res.stdout, res.stderr)
+        assert res.stderr.startswith("run_cluster.sh: ") and message in res.stderr, (env, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, (env, res.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_cluster.sh is a bash script")
+def test_ctrl_c_stops_run_cluster_while_torchrun_waits_for_the_other_nodes():
+    """Node 0 of 2, the other never coming: torchrun waits in its rendezvous (WAIT=600 s here),
+    where it takes no signal; Ctrl-C at the terminal still stops the script at once, with one
+    line and status 130, and leaves no torchrun behind (its rendezvous port is closed again)."""
+    port = _free_port()
+    env = dict(os.environ, NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WAIT="600",
+               NPROC_PER_NODE="1", CHECK_A2A="0")
+    p = subprocess.Popen(["bash", "run_cluster.sh", "tiny", "--", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True, cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+    listening = lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0
+    try:
+        while not listening():   # torchrun's rendezvous is up: it waits for node 1
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)   # as a terminal sends Ctrl-C: to the script's process group
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "run_cluster.sh: interrupted", (out, err)
+    assert not listening()
+
+
 # -- command line: every bad input refused in one line, help that helps
 
 
@@ -2346,6 +2453,30 @@ def test_bad_files_get_one_clear_error_and_leave_no_output_behind(tmp_path):
         assert "pickle" not in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.bin", "r.json", "x.npz"]
 
+
+
+def test_a_data_file_is_checked_before_any_rank_starts(tmp_path, monkeypatch):
+    """--data is read once as the job starts, before any rank: a nanoGPT-style uint16 .bin
+    holding a token id past the vocabulary (a rank would meet it as an IndexError inside the
+    embedding), 32-bit ids, a .npy array, a file too short to train on: each refused in one line
+    that names what is wrong. A good .bin passes."""
+    monkeypatch.setattr(train_gpt, "spawn_ranks", lambda *a: pytest.fail("the ranks started"))
+    ids = np.random.default_rng(0).integers(0, 50257, 20000).astype(np.uint16)
+    files = {"good.bin": ids, "past.bin": np.where(np.arange(len(ids)) == 12345, 60000, ids).astype(np.uint16),
+             "wide.bin": ids.astype(np.int32), "short.bin": ids[:40]}
+    for name, a in files.items():
+        a.tofile(tmp_path / name)
+    np.save(tmp_path / "array.npy", ids)
+    os.rename(tmp_path / "array.npy", tmp_path / "array.bin")
+    assert train_gpt.Corpus.file_problem(str(tmp_path / "good.bin")) is None
+    for name, message in [("past.bin", "holds token id 60,000 (token 12,345 of 20,000), outside the vocabulary of "
+                                       "50,304 ids"),
+                          ("wide.bin", "looks like 32- or 64-bit token ids"), ("array.bin", "is a .npy array"),
+                          ("short.bin", "no train document is longer than seq_len+1=65 tokens")]:
+        res = CliRunner().invoke(train_gpt.cli, ["train", "--preset", "tiny", "--nproc", "2", "--cpu",
+                                                 "--data", str(tmp_path / name)])
+        assert res.exit_code == 1 and message in res.output, (name, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, (name, res.output)
 
 def test_every_output_path_is_checked_before_any_work_and_its_folder_is_made(tmp_path):
     """A path that cannot be written (a folder given for a file, a file for a folder, a file in
@@ -2536,7 +2667,7 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
     own = train_gpt.summarize(one["runs"]["netmoe"], 1)
     row = single.splitlines()[-1].split()
     assert row[:4] == ["one.json", "H=64", "L=2", "2x2"] and row[4] == "netmoe" and row[5] == str(own["measured"])
-    assert row[6] == f"{own['iter_ms']:,.4g}" and row[-2] == f"{own['final_loss']:,.4g}"
+    assert row[6] == train_gpt.cell(own["iter_ms"]) and row[-2] == f"{own['final_loss']:.4f}"
     solver = json.loads((tmp_path / "solver.json").read_text())["rows"]
     assert len(sections["bench.py solver"].splitlines()) == 3 + len(solver)
     assert "18.8" in sections["bench.py kernels"] and "netmoe + lookahead" in sections["bench.py simulate"]
@@ -2549,6 +2680,24 @@ def test_summary_reads_every_record_that_train_compare_and_the_benches_write(com
         assert f"{bad} is not a record summary reads" in res.output and "train / compare --json" in res.output
         assert "bench.py solver, kernels, layer, a2a, layouts and simulate" in res.output
 
+
+
+def test_summary_and_plot_read_every_record_the_repository_ships(tmp_path):
+    """`bench.py summary results/*.json` and `bench.py plot results/*.json`, as the README runs
+    them: every shipped record is read (each file named in a table, or drawn or skipped by plot)."""
+    results = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "results")
+    files = sorted(os.path.join(results, f) for f in os.listdir(results) if f.endswith(".json"))
+    res = CliRunner().invoke(bench.cli, ["summary", *files])
+    assert res.exit_code == 0, res.output
+    assert not [f for f in files if os.path.basename(f) not in res.stdout], res.stdout
+    if importlib.util.find_spec("matplotlib"):   # beside copies: plot writes a PNG beside each JSON
+        copies = [shutil.copy(f, tmp_path) for f in files]
+        res = CliRunner().invoke(bench.cli, ["plot", *copies])
+        assert res.exit_code == 0, res.output
+        skipped = res.output.split("skipped (")[1] if "skipped (" in res.output else ""
+        for f in copies:
+            drawn = os.path.exists(os.path.splitext(f)[0] + ".png")
+            assert drawn != (os.path.basename(f) in skipped), (f, res.output)
 
 def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_path):
     """layer, solver, layouts and simulate report progress on stderr (the table stays alone on
@@ -2575,6 +2724,26 @@ def test_long_benchmarks_say_how_far_they_got_on_stderr_from_rank_0_only(tmp_pat
         lines = res.stderr.splitlines()
         assert lines[0] == f"{label} 1/{n}" and lines[-1] == f"{label} {n}/{n} done", res.stderr
 
+
+
+@pytest.mark.parametrize("where, J", [(["--virtual-world", "32", "--topology", "4x8"], 32),
+                                      (["--nproc", "4", "--topology", "2x2", "--exchange", "node"], 4)],
+                         ids=["32 virtual devices", "4 processes"])
+def test_a_layer_bench_of_a_gpus_shapes_on_the_cpu_says_so_first_with_how_long_it_takes(monkeypatch, where, J):
+    """The README's GPU layer lines run on a CPU say so in their first line, before any work,
+    with the time FLOPs give: the experts' products of 5 variants (static, netmoe, kept, static
+    in one chunk, the experts alone) in 35 rounds, over the rate this CPU was just measured at,
+    times the rest of the layer. Tiny shapes say nothing (the progress test's first line)."""
+    monkeypatch.setattr(train_gpt, "run_ranks", lambda *a: None)   # the estimate alone: the run would take hours
+    res = CliRunner().invoke(bench.cli, ["layer", *where, "--cpu"])
+    assert res.exit_code == 0, res.output
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"note: {4 * J} samples of S=1024 at H=768 on the CPU: about "), first
+    amount, unit = first.split("about ")[1].split(" (")[0].split()
+    rate = float(first.split(" (")[1].split(" GFLOP/s")[0]) * 1e9
+    flops = 35 * 5 * 6 * (4 * J * 1024 * 2) * 2 * 768 * 4 * 768
+    seconds = float(amount) * {"min": 60, "h": 3600}[unit]
+    assert seconds == pytest.approx(flops / rate * bench.CPU_LAYER_OVERHEAD, rel=0.05, abs=60)
 
 def test_bench_a2a_checks_every_exchange_and_fits_both_tiers(tmp_path):
     """Eq. 1's check on 4 gloo processes as 2 nodes x 2: every timed exchange must deliver each row
@@ -2685,18 +2854,19 @@ def test_every_bench_command_runs_end_to_end_on_tiny_shapes(tmp_path, device, mo
 
 def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, capsys):
     """On the CPU: no row or column of dashes (MFU against a GPU's peak, the experts' time on a
-    GPU), the modelled All-to-All named as Eq. 1 on the modelled cluster's links (beside a
-    measured time of this machine), "1 step" in the singular, each progress line once, and
+    GPU, a measured All-to-All in one process), the modelled All-to-All named as Eq. 1 at the
+    modelled links' bandwidths, "1 step" in the singular, each progress line once, and
     simulate --layout saying why it replays one step fewer than the trace holds."""
     trace = str(tmp_path / "t.npz")
     res = CliRunner().invoke(train_gpt.cli, ["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--steps",
                                              "2", "--trace", trace], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    table = res.stdout[res.stdout.index("stream; means over"):].splitlines()
-    assert table[0].startswith("stream; means over 1 step after 1"), table[0]
+    table = res.stdout[res.stdout.index("lookahead; means over"):].splitlines()
+    assert table[0].startswith("lookahead; means over 1 step after 1"), table[0]
     rows = [line.split("  ") for line in table[3:] if not line.startswith("loss change")]
     assert rows and not [r for r in rows if all(c.strip() in ("", "-") for c in r[1:])], table
-    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 on the modelled cluster's links" in res.stdout
+    assert "MFU" not in res.stdout and "All-to-All ms, Eq. 1 at 400 GB/s in a node, 100 between" in res.stdout
+    assert "All-to-All ms (measured)" not in res.stdout   # one process: nothing travels
     # and how to read the loss change: against the spread between seeds, since only rounding differs
     assert table[-1].startswith("loss change: ") and "--seed" in table[-1], table
     res = CliRunner().invoke(bench.cli, ["solver", "--repeats", "1", "--max-expanded", "0", "--cpu"])
@@ -2708,6 +2878,44 @@ def test_tables_show_only_what_was_measured_and_say_each_thing_once(tmp_path, ca
     assert list(bench.progress(range(3), "item", every_s=0)) == [0, 1, 2]
     assert capsys.readouterr().err.splitlines() == ["item 1/3", "item 2/3", "item 3/3 done"]
 
+
+
+def test_a_runs_means_are_of_the_steps_it_logged_and_its_rates_agree_with_them(compare_4proc):
+    """The table's iteration ms is the mean of the logged (recorded) steps after the skipped
+    ones, beside their median; tokens / s and TFLOP/s are those steps' work over their time, so
+    rate x mean time is one step's work. (A mean of per-step rates weighs fast steps more: on a
+    shared CPU, where a few steps take 10x the others, it disagreed with the mean time 2x.)"""
+    c = compare_4proc["config"]
+    for run in compare_4proc["runs"].values():
+        skip = 1
+        s = train_gpt.summarize(run, skip)
+        logged = run["iter_ms"][skip:]
+        assert s["iter_ms"] == pytest.approx(np.mean(logged)) and s["iter_ms_median"] == pytest.approx(np.median(logged))
+        assert s["tokens_per_s"] * s["iter_ms"] / 1e3 == pytest.approx(c["batch"] * c["J"] * c["seq_len"])
+        assert s["tflops"] * s["iter_ms"] * 1e9 == pytest.approx(run["flops_per_step"])
+    slow = dict(compare_4proc["runs"]["static"], iter_ms=[1000.0, 100.0, 100.0, 100.0, 1000.0, 100.0],
+                tokens_per_s=[1e3, 1e4, 1e4, 1e4, 1e3, 1e4], tflops=[1.0] * 6)
+    s = train_gpt.summarize(slow, 1)   # one slow step in five
+    assert (s["iter_ms"], s["iter_ms_median"], s["tokens_per_s"]) == pytest.approx((280, 100, 1000 / 0.28))
+    table = train_gpt.summary_table(compare_4proc, 1)
+    assert f"iteration ms, median " in table and train_gpt.cell(
+        train_gpt.summarize(compare_4proc["runs"]["static"], 1)["iter_ms"]) in table.split("iteration ms")[1]
+
+
+def test_a_runs_header_names_every_option_that_changes_the_model_or_the_exchange():
+    """The first line of a run and of its table: the model (F, shared experts, group-limited
+    routing included), the exchange with its chunks, the stream's dtype, the lookahead and the
+    re-layouts; the modelled links are named with their bandwidths; figures keep 3 significant
+    digits (whole numbers from 100), losses 4 decimals."""
+    c = dict(dataclasses.asdict(train_gpt.PRESETS["tiny"]), expert_hidden=32, shared_experts=1, route_groups=2,
+             group_top=1, J=4, topology="2x2", world=4, exchange="node", chunks=3, dtype="bfloat16", lookahead=False,
+             relayout_every=20, intra_bw=200e9, inter_bw=25e9)
+    assert train_gpt.describe(c, "tiny") == ("tiny: 2 layers, H=64, S=64, I=16, E=8, K=2, F=32, 1 shared expert, "
+                                            "a token's K from 1 of 2 groups; J=4 on 2x2; node exchange in 3 chunks, "
+                                            "bfloat16 stream, no lookahead, re-layout every 20 steps")
+    assert train_gpt.links(c) == "200 GB/s in a node, 25 between"
+    assert [train_gpt.cell(v) for v in (0.009607, 0.02148, 12.345, 3505.3, 2.0, 4100, None, float("nan"))] == \
+        ["0.00961", "0.0215", "12.3", "3,505", "2", "4,100", "-", "-"]
 
 def test_a_small_data_file_trains_without_validation_and_is_refused_with_it_naming_the_fix(tmp_path):
     """A 200-byte text holds no validation sample (its last 10% is shorter than seq_len + 1): with
@@ -2751,6 +2959,20 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_before_its_model
 # cores, as every rank it starts does: ranks x threads never exceed the cores, whatever -n says.
 torch.set_num_threads(train_gpt.rank_threads(1))
 
+
+
+def test_waiting_openmp_threads_sleep_unless_the_user_says_otherwise():
+    """Every process that imports train_gpt.py (or bench.py) has torch's OpenMP threads sleep while
+    they wait, set before torch loads OpenMP; spinning, a one-process CPU step took 5-20x longer
+    with another job on the host. OMP_WAIT_POLICY given by the user stands."""
+    for given, seen in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update({"OMP_WAIT_POLICY": given} if given else {})
+        for module in ("train_gpt", "bench"):
+            res = subprocess.run([sys.executable, "-c", f"import os, {module}, torch; print(os.environ['OMP_WAIT_POLICY'])"],
+                                 capture_output=True, text=True, env=env, timeout=120,
+                                 cwd=os.path.dirname(os.path.abspath(train_gpt.__file__)))
+            assert res.returncode == 0 and res.stdout.strip() == seen, (module, given, res.stdout, res.stderr)
 
 def test_ranks_split_the_cores_among_themselves_and_the_xdist_workers(monkeypatch):
     """Every rank (training, benchmark, test worker) sets its torch threads through start_rank:

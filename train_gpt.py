@@ -16,6 +16,7 @@ bench.py holds the benchmarks, plots and replays (it imports this file; this fil
 import contextlib
 import dataclasses
 import errno
+import functools
 import glob
 import importlib
 import json
@@ -31,6 +32,12 @@ import tempfile
 import time
 import zlib
 from multiprocessing import resource_tracker
+
+# Torch's OpenMP threads wait for each other by spinning: on a host whose cores another job
+# shares, a one-process CPU run then took 5-20x longer a step (10-24 s steps among 2 s ones), and
+# the spinning takes the cores from the other jobs. Waiting threads sleep instead; set before
+# torch loads OpenMP, in every process that imports this file (OMP_WAIT_POLICY=ACTIVE spins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 import numpy as np
@@ -426,9 +433,6 @@ class Corpus:
             self.vocab, self.name = 256, f"python {sys.version.split()[0]} stdlib ({len(docs)} files)"
         else:
             self.vocab = self.vocab_of(path)
-            if path.endswith(".bin") and os.path.getsize(path) % 2:
-                raise click.ClickException(f"{path} has an odd number of bytes: not a uint16 token file "
-                                           f"(a text file must not end in .bin)")
             data = np.memmap(path, dtype=np.uint16, mode="r") if path.endswith(".bin") else np.fromfile(path, np.uint8)
             cut = int(len(data) * 0.9)
             split = {"train": [data[:cut]], "val": [data[cut:]]}
@@ -445,13 +449,47 @@ class Corpus:
                                            f"({self.name}{', the last 10%' if path and name == 'val' else ''}): {fix}")
             self.docs[name] = docs
             self.starts[name] = np.cumsum([0] + [len(d) - seq_len - 1 for d in docs])
-        self.fingerprint = 0   # ranks compare it: the same text, or targets would not match inputs
-        for d in self.docs["train"] + self.docs["val"]:   # every byte (about a second per GB)
-            self.fingerprint = zlib.crc32(d, self.fingerprint)
+
+    @functools.cached_property
+    def fingerprint(self):
+        """What ranks compare: the same text, or targets would not match inputs (every byte,
+        about a second per GB)."""
+        crc = 0
+        for d in self.docs["train"] + self.docs["val"]:
+            crc = zlib.crc32(d, crc)
+        return crc
 
     @staticmethod
     def vocab_of(path):
         return 50304 if path and path.endswith(".bin") else 256
+
+    @staticmethod
+    def file_problem(path):
+        """Why the tokens of --data FILE cannot feed the model, or None. A text file is bytes (any
+        will do); a .bin must be nanoGPT's: raw uint16 token ids, each below the vocabulary (a rank
+        would meet a larger id as an IndexError inside the embedding). Reads the file once."""
+        if not path.endswith(".bin"):
+            return None
+        size, vocab, fix = os.path.getsize(path), Corpus.vocab_of(path), "np.asarray(ids, np.uint16).tofile(FILE)"
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                return f"{path} is a .npy array, not a raw token file: write the ids as nanoGPT does, {fix}"
+        if size % 2:
+            return f"{path} has an odd number of bytes: not a uint16 token file (a text file must not end in .bin)"
+        ids = np.memmap(path, dtype=np.uint16, mode="r") if size else np.zeros(0, np.uint16)
+        head = ids[:1 << 20]
+        if len(head) > 1 and head[0::2].any() and not head[1::2].any():
+            return (f"{path} looks like 32- or 64-bit token ids (every second uint16 of its first "
+                    f"{len(head):,} is 0); a .bin holds uint16 ids: {fix}")
+        block = 1 << 26   # tokens a pass reads: a few hundred MB at most in memory
+        for start in range(0, len(ids), block):
+            part = ids[start:start + block]
+            if int(part.max()) >= vocab:
+                at = start + int(np.argmax(part >= vocab))
+                return (f"{path} holds token id {int(ids[at]):,} (token {at:,} of {len(ids):,}), outside the "
+                        f"vocabulary of {vocab:,} ids: a .bin holds GPT-2 token ids, as nanoGPT's prepare.py "
+                        f"writes them")
+        return None
 
     def batch(self, split, step, I, seed):
         rng = np.random.default_rng([seed, step, split == "val"])
@@ -1062,15 +1100,21 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A8
 
 
 def summarize(run, skip, device_name=""):
-    """Means over the steps after the first `skip` (the paper reports means over 50 iterations)."""
+    """Means over the steps after the first `skip` (the paper reports means over 50 iterations).
+    Rates are the measured steps' work over their time, so tokens / s times the mean iteration
+    time is a step's tokens (a mean of per-step rates would weigh the fast steps more)."""
     n = len(run["loss"])
-    m = lambda xs: float(np.mean(xs[min(skip, max(n - 1, 0)):])) if xs else float("nan")
+    first = min(skip, max(n - 1, 0))
+    m = lambda xs: float(np.mean(xs[first:])) if xs else float("nan")
+    ms = np.asarray(run["iter_ms"][first:], dtype=float)
+    rate = lambda xs: float(np.dot(xs[first:], ms) / ms.sum()) if len(xs) == n and n else float("nan")
     vol = {p: {k: m(run["volume"][p][k]) for k in ("local", "intra", "inter")} for p in ("scatter", "gather")}
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-    tflops = m(run.get("tflops", []))
+    tflops = rate(run.get("tflops", []))
     moves = run.get("relayouts", [])
-    return dict(steps=n, measured=n - min(skip, max(n - 1, 0)), final_loss=run["loss"][-1] if n else float("nan"),
-                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]), tokens_per_s=m(run.get("tokens_per_s", [])),
+    return dict(steps=n, measured=n - first, final_loss=run["loss"][-1] if n else float("nan"),
+                val_loss=run["val_loss"], iter_ms=m(run["iter_ms"]),
+                iter_ms_median=float(np.median(ms)) if n else float("nan"), tokens_per_s=rate(run.get("tokens_per_s", [])),
                 tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
                 a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
                 solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
@@ -1083,13 +1127,48 @@ def summarize(run, skip, device_name=""):
                 move_share=sum(r["cost_ms"] for r in moves if r["applied"]) / max(sum(run["iter_ms"]), 1e-9))
 
 
+def cell(c):
+    """A table cell: a measured number to the digits it means (3 significant, whole above 100:
+    3,505 ms, 0.0961 TFLOP/s, 0.45 of the samples), an integer whole, a string as it is."""
+    if c is None or isinstance(c, float) and math.isnan(c):
+        return "-"
+    if isinstance(c, float):
+        return f"{c:,.0f}" if abs(c) >= 100 else f"{c:.3g}"
+    return c if isinstance(c, str) else f"{c:,}"
+
+
 def table(header, rows):
-    fmt = lambda c: (c if isinstance(c, str) else "-" if c is None or (isinstance(c, float) and math.isnan(c))
-                     else f"{c:,.4g}" if isinstance(c, float) else f"{c:,}")
-    cells = [header] + [[fmt(c) for c in r] for r in rows]
+    cells = [header] + [[cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def describe(c, preset=None):
+    """A job in one line from its record's config: the model and every option that changes it or
+    the exchange (a record written before an option existed ran without it)."""
+    J, F, chunks = c["J"], c.get("expert_hidden") or 4 * c["hidden"], c.get("chunks", 1)
+    model = [f"{c['n_layer']} layers", f"H={c['hidden']}", f"S={c['seq_len']}", f"I={c['batch'] * J}",
+             f"E={c['experts_per_device'] * J}", f"K={c['top_k']}", f"F={F}"]
+    if c.get("shared_experts"):
+        model.append(f"{c['shared_experts']} shared expert{'s' * (c['shared_experts'] > 1)}")
+    if c.get("route_groups", 1) > 1:
+        model.append(f"a token's K from {c['group_top']} of {c['route_groups']} groups")
+    job = [f"{c.get('exchange', 'expert')} exchange in {chunks} chunk{'s' * (chunks != 1)}",
+           f"{c.get('dtype', 'float32')} stream", "lookahead" if c.get("lookahead", True) else "no lookahead"]
+    if c.get("relayout_every"):
+        job.append(f"re-layout every {c['relayout_every']} steps")
+    return (f"{preset + ': ' if preset else ''}{', '.join(model)}; J={J} on {c['topology']}"
+            f"{' (virtual, one process)' if c.get('world') == 1 and J > 1 else ''}; {', '.join(job)}")
+
+
+def links(c):
+    """Eq. 1's links as a record's config names them (the defaults, paper Table 2, before it did)."""
+    return (f"{c.get('intra_bw', TrainConfig.intra_bw) / 1e9:g} GB/s in a node, "
+            f"{c.get('inter_bw', TrainConfig.inter_bw) / 1e9:g} between")
+
+
+LOSS_ROWS = ("final train loss", "validation loss")
 
 
 def summary_table(result, skip):
@@ -1097,9 +1176,10 @@ def summary_table(result, skip):
     runs = {p: summarize(r, skip, c.get("device_name", "")) for p, r in result["runs"].items()}
     names = list(runs)
     rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
+            ("iteration ms, median", "iter_ms_median"),
             ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
             ("All-to-All ms (measured)", "a2a_ms"),
-            ("All-to-All ms, Eq. 1 on the modelled cluster's links", "a2a_model_ms"),   # not this machine's
+            (f"All-to-All ms, Eq. 1 at {links(c)}", "a2a_model_ms"),   # the modelled cluster's, not this machine's
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
             ("samples moved across devices", "moved_device"), ("solver ms / step", "solver_ms"),
@@ -1110,22 +1190,24 @@ def summary_table(result, skip):
     planned = any(r.get("relayouts") for r in result["runs"].values())
     known = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
     rows = [(label, key) for label, key in rows if any(known(runs[n][key]) for n in names)
-            and (planned or key not in ("relayouts_applied", "move_share"))]
-    body = [[label] + [runs[n][key] for n in names] for label, key in rows]
+            and (planned or key not in ("relayouts_applied", "move_share"))
+            and not (key == "a2a_ms" and c.get("world") == 1)]   # in one process nothing travels
+    # losses to 4 decimals: the digits a loss change between runs is read in
+    shown = lambda label, v: f"{v:.4f}" if label in LOSS_ROWS and known(v) else v
+    body = [[label] + [shown(label, runs[n][key]) for n in names] for label, key in rows]
     foot = ""
     if tuple(names) == COMPARED:
-        for r in body:
-            a, b = r[1], r[2]
-            losses = r[0] in ("final train loss", "validation loss")
-            r.append(f"{abs(b - a):.1e}" if losses and a is not None and b is not None else
-                     f"{(b - a) / a * 100:+.1f}%" if not losses and isinstance(a, float) and a and math.isfinite(a) else "")
+        for r, (label, key) in zip(body, rows):
+            a, b = (runs[n][key] for n in names)
+            r.append(f"{abs(b - a):.1e}" if label in LOSS_ROWS and known(a) and known(b) else
+                     f"{(b - a) / a * 100:+.1f}%" if label not in LOSS_ROWS and isinstance(a, float) and a
+                     and math.isfinite(a) else "")
         names = names + ["change"]
         foot = ("\nloss change: both placements compute the same function, so it is rounding that training "
                 "amplifies (more in bf16); weigh it against the spread between seeds (--seed) of one placement, not 0")
     measured = runs[names[0]]["measured"]
-    head = (f"{c['n_layer']} layers, H={c['hidden']}, I={c['batch'] * c['J']}, E={c['experts_per_device'] * c['J']},"
-            f" K={c['top_k']} on {c['topology']}, {c.get('dtype', 'float32')} stream; means over {measured} "
-            f"step{'s' * (measured != 1)} after {runs[names[0]]['steps'] - measured}")
+    head = (f"{describe(c, c.get('preset'))}; means over {measured} step{'s' * (measured != 1)} after "
+            f"{runs[names[0]]['steps'] - measured}")
     return head + "\n" + table(["", *names], body) + foot
 
 
@@ -1140,8 +1222,15 @@ def one_line_errors():
     except (ValueError, RuntimeError, OSError) as e:
         if os.environ.get("NETMOE_TRACEBACK") == "1":
             raise
-        raise click.ClickException(f"{type(e).__name__}: {str(e).strip().splitlines()[0]} "
-                                   f"(NETMOE_TRACEBACK=1 shows where)") from None
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+        raise OwnError(f"{rank}{type(e).__name__}: {str(e).strip().splitlines()[0]} "
+                       f"(NETMOE_TRACEBACK=1 shows where)") from None
+
+
+class OwnError(click.ClickException):
+    """An error this torchrun rank met on its own (what torch or numpy raised), which it says
+    itself; every other error of a job is one that its ranks raise alike, from the same input
+    or from a check they made together, and a node's local rank 0 alone says it (Cli)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1236,10 +1325,16 @@ def worker(rank, world, init, cfg, out_path):
         failed = [p for p in env.gather(memory_problem(cfg, mcfg, J, env.virtual, device, sharing)) if p]
         if failed:   # every rank stops, with the first one's reason
             raise click.ClickException(failed[0])
+        config = dict(dataclasses.asdict(mcfg), preset=cfg.preset, J=J, topology=str(topo), world=world,
+                      device=device.type, ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
+                      device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
+                      lr=cfg.lr, warmup_steps=cfg.warmup_steps, exchange=cfg.exchange, chunks=cfg.chunks,
+                      relayout_every=cfg.relayout_every, grad_sync=cfg.grad_sync, intra_bw=topo.intra_bw,
+                      inter_bw=topo.inter_bw, dtype=cfg.stream_dtype_name(),
+                      wire_bytes_per_row=dict(zip(("scatter", "gather"), cfg.wire_bytes())))
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
-        echo(f"{cfg.preset}: {mcfg.n_layer} layers, H={mcfg.hidden}, S={mcfg.seq_len}, I={mcfg.batch * J}, "
-             f"E={mcfg.experts_per_device * J}, K={mcfg.top_k}, J={J} on {topo}"
-             f"{' (virtual, one process)' if env.virtual else ''}, {device.type}, data: {corpus.name}")
+        echo(f"{describe(config, cfg.preset)}; {device.type}, data: {corpus.name}")
         runs = {}
         with stop_on_sigint():
             for placement in cfg.placements:
@@ -1247,14 +1342,6 @@ def worker(rank, world, init, cfg, out_path):
                 if runs[placement].get("interrupted"):
                     break
         if rank == 0:
-            config = dict(dataclasses.asdict(mcfg), J=J, topology=str(topo), world=world, device=device.type,
-                          ranks_on=cfg.ranks_on or ("cpu" if cfg.cpu else "gpu"),
-                          device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
-                          lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                          exchange=cfg.exchange, chunks=cfg.chunks, dtype=cfg.stream_dtype_name(),
-                          wire_bytes_per_row=dict(zip(
-                              ("scatter", "gather"), cfg.wire_bytes())))
             with open(out_path, "w") as f:
                 json.dump(dict(kind="compare" if tuple(runs) == COMPARED else "train", config=config, runs=runs), f)
     finally:
@@ -1264,6 +1351,11 @@ def worker(rank, world, init, cfg, out_path):
 
 def launch(cfg):
     mcfg, J, topo = resolve(cfg)
+    if cfg.data:   # read once here, before any rank starts: its tokens, and enough of them to train on
+        problem = Corpus.file_problem(cfg.data)
+        if problem:
+            raise click.ClickException(problem)
+        Corpus(cfg.data, mcfg.seq_len, cfg.eval_batches)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     with one_line_errors():
         cfg = dataclasses.replace(cfg, ranks_on=rank_devices(cfg.cpu, local), topology=topo)
@@ -1306,11 +1398,13 @@ def shown_value(value):
 
 
 INTERRUPTED = 130   # the shell's exit status for Ctrl-C
+QUIET_RANK_WAIT_S = 5   # a torchrun rank that leaves a job's error to rank 0 waits this long before it exits
 
 
 class Cli(click.Group):
     """Commands that exit 130 on Ctrl-C with one line, where click would print "Aborted!" and
-    exit 1: a script can tell an interrupted run from a failed or a finished one."""
+    exit 1: a script can tell an interrupted run from a failed or a finished one. Under torchrun
+    a job's error is said once on each node, by its local rank 0."""
 
     def invoke(self, ctx):
         try:
@@ -1318,6 +1412,13 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted (Ctrl-C): every rank stopped", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
+        except click.ClickException as e:
+            if isinstance(e, OwnError) or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                raise
+            # under torchrun every rank raised it alike: the node's local rank 0 says it, once.
+            # torchrun ends the other ranks as soon as one exits: this one gives rank 0 the time.
+            time.sleep(QUIET_RANK_WAIT_S)
+            raise click.exceptions.Exit(e.exit_code) from None
 
 
 @click.group(cls=Cli, invoke_without_command=True)
