@@ -639,7 +639,7 @@ def _run_bench(worker, o, virtual_world=None):
 @click.option("--cpu", is_flag=True, help="no GPU window (the experts' time the solver hides in), even where CUDA is present")
 @click.option("--scale", is_flag=True, help=f"the solve at cluster scale instead: ms and routing metadata on "
                                             f"{', '.join(SCALE_TOPOLOGIES)} (or --topology)")
-@click.option("--topology", "topologies", type=TOPOLOGY, multiple=True,
+@click.option("--topology", "topologies", type=TOPOLOGY, multiple=True, show_default=", ".join(SCALE_TOPOLOGIES),
               help="at scale on this topology (repeatable; implies --scale)")
 @click.option("--samples", type=COUNT, default=16, show_default=True, help="at scale: samples per device, I / J")
 @click.option("--experts", type=COUNT, default=2, show_default=True, help="at scale: experts per device, E / J")
