@@ -7,9 +7,11 @@ rides on the gather that happens anyway, every device keeps I/J samples, and the
 training is unchanged. This file, in data-flow order:
 
   1. topology and cost model    Topology, count_tokens (Eq. 2), node_counts, Routing (one
-                                layer's routing as its exchange counts it), placement_costs
-                                (Eq. 8), traffic (Eq. 3-4), a2a_time (Eq. 1, chunked as built)
-  2. the solver                 solve_placement (Algorithm 1's Solve, on km's exact solvers),
+                                layer's routing as its exchange counts it; its reach, what
+                                the cost model reads), placement_costs (Eq. 8), traffic
+                                (Eq. 3-4), a2a_time (Eq. 1, chunked as built)
+  2. the solver                 solve_placement (Algorithm 1's Solve, each stage in its own
+                                size: _solve_nodes, _solve_devices, on km's exact solvers),
                                 placements (PLACEMENTS by name), expert layouts, replays of
                                 recorded routing, re-layout plans
   3. All-to-All                 Flight: an All-to-All started and waited on, forward and
