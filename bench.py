@@ -308,10 +308,15 @@ def _simulate_rows(name, res, skip):
              r["intra"], r["a2a_ms"]] for p, r in placements.items()]
 
 
+SCALE_COLUMNS = ["topology", "I", "E", "K", "solve ms", "(CPU ms)", "from [I, E] ms", "today: expert", "today: node",
+                 "will gather", "today / will"]
+
+
 ROWS = {   # kind: the rows summary shows of one record of it (its name, its body, --skip-steps)
     "compare": _run_rows, "train": _run_rows,
     "solver": lambda name, res, skip: [[name, r["topology"], r["I"], r["capacitated_ms"], r.get("km_ms"),
                                         r.get("scipy_ms"), r["same_optimum"]] for r in res],
+    "solver_scale": lambda name, res, skip: _scale_rows(name, res),
     "kernels": lambda name, res, skip: [[name, r["kernel"], r["shape"], r["torch_ms"], r["cuda_ms"], r["speedup"]]
                                         for r in res],
     # a layer record from before --exchange ran the expert exchange
@@ -332,6 +337,8 @@ SUMMARIES = {   # kind: (what the table shows, its columns)
                "inter tokens", "intra tokens", "solver exposed ms", "final loss", "val loss"]),
     "solver": ("bench.py solver: median ms of the two-stage Solve",
                ["run", "topology", "I", "capacitated ms", "KM ms", "scipy ms", "same optimum"]),
+    "solver_scale": ("bench.py solver --scale: the solve with lookahead and the routing metadata per rank per layer",
+                     ["run"] + SCALE_COLUMNS),
     "kernels": ("bench.py kernels: kernels.cu against the torch code it replaces",
                 ["run", "kernel", "shape", "torch ms", "CUDA ms", "speedup"]),
     "layer": ("bench.py layer: one MoE layer, forward + backward, median ms",
@@ -473,12 +480,16 @@ def bench_scale(topologies, samples, experts, top_k, echo, S=1024, repeats=3):
             raise RuntimeError(f"{topo}: the solve from stage-sized counts differs from the one from [I, E]")
         rows.append(dict(topology=str(topo), I=I, E=E, K=top_k, solve_ms=held_ms, solve_cpu_ms=held_cpu,
                          solve_from_counts_ms=counts_ms, **metadata_bytes(I, E, topo)))
-    echo(table(["topology", "I", "E", "K", "solve ms", "(CPU ms)", "from [I, E] ms", "today: expert", "today: node",
-                "will gather", "today / will"],
-               [[r["topology"], r["I"], r["E"], r["K"], r["solve_ms"], r["solve_cpu_ms"], r["solve_from_counts_ms"],
-                 _bytes(r["today_expert"]), _bytes(r["today_node"]), _bytes(r["staged"]),
-                 f"{r['today_expert'] / r['staged']:,.0f}x"] for r in rows]))
+    echo(table(SCALE_COLUMNS, _scale_rows(None, rows)))
     return rows
+
+
+def _scale_rows(name, rows):
+    """bench.py solver --scale's table rows (led by the record's name where summary shows them)."""
+    return [([name] if name else []) +
+            [r["topology"], r["I"], r["E"], r["K"], r["solve_ms"], r["solve_cpu_ms"], r["solve_from_counts_ms"],
+             _bytes(r["today_expert"]), _bytes(r["today_node"]), _bytes(r["staged"]),
+             f"{r['today_expert'] / r['staged']:,.0f}x"] for r in rows]
 
 
 def _bytes(n):
@@ -667,7 +678,7 @@ def solver_cmd(repeats, max_expanded, cpu, scale, topologies, samples, experts, 
                    f"[I/N, G] stage-2 cost, the I destinations and [J] split sizes")
         scale_rows = bench_scale(topologies or [netmoe.Topology.parse(t) for t in SCALE_TOPOLOGIES], samples,
                                  experts, top_k, click.echo)
-        _write_json(json_path, {"rows": [], "scale": scale_rows}, "solver")
+        _write_json(json_path, scale_rows, "solver_scale")
         return
     click.echo("two-stage Solve with lookahead, routed counts with locality (S=1024, K=2, E=2J); median ms")
     _write_json(json_path, bench_solver(repeats, max_expanded, click.echo, gpu=not cpu), "solver")

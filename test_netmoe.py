@@ -2778,8 +2778,9 @@ def test_bench_solver_at_scale_gives_the_solve_and_the_metadata_of_each_topology
     assert res.exit_code == 0, res.output
     assert "will gather" in res.stdout and "scaling case 2/2 done" in res.stderr
     record = json.loads(open(out).read())
-    assert record["kind"] == "solver" and record["rows"] == []
-    for r, (N, G) in zip(record["scale"], [(2, 2), (4, 2)]):
+    assert record["kind"] == "solver_scale" and len(record["rows"]) == 2
+    assert "2x2" in CliRunner().invoke(bench.cli, ["summary", out]).stdout
+    for r, (N, G) in zip(record["rows"], [(2, 2), (4, 2)]):
         I, E, J = 3 * N * G, 4 * N * G, N * G
         assert (r["topology"], r["I"], r["E"], r["K"]) == (f"{N}x{G}", I, E, 2) and r["solve_ms"] > 0
         assert r["today_expert"] == 2 * I * E * 8 and r["today_node"] == 2 * I * (E + N) * 8
