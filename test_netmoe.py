@@ -1758,6 +1758,88 @@ def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(
     assert collections.Counter(calls["first"]) == {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()}
 
 
+def _schedule_worker(rank, world, init_file, exchange, chunks, serial, out_file):
+    """The forward's events in the order they happened on this rank: every hop's All-to-All
+    started and waited on, and every expert call, each tagged with its chunk. `serial` runs the
+    chunks one after another (each to its end before the next starts), as a pipeline must not."""
+    train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
+    topo = netmoe.Topology(2, 2) if world == 4 else netmoe.Topology(1, world)
+    layer = netmoe.MoELayer(H_, F_, 2 * world, 2, "static", topology=topo, exchange=exchange, chunks=chunks).double()
+    events, chunk_of, now = [], {}, [None]
+    if serial:
+        one_by_one = netmoe.pipeline
+        netmoe.pipeline = lambda steps: [one_by_one([s])[0] for s in steps]
+
+    def tagged(method, orig):   # a chunk is known by its Routing; the steps it runs are tagged with it
+        def steps(self, *a):
+            c = chunk_of.setdefault(id(a[1].routing if method == "_gather" else a[3]), len(chunk_of))
+            gen = orig(self, *a)
+            while True:
+                now[0] = (method[1:], c)
+                try:
+                    next(gen)
+                except StopIteration as done:
+                    return done.value
+                yield
+        return steps
+    for method in ("_scatter", "_gather"):
+        for cls in (netmoe.ExpertExchange, netmoe.NodeExchange):
+            setattr(cls, method, tagged(method, vars(cls)[method]))
+    experts = netmoe.ExpertExchange._experts
+
+    def logged_experts(d, e):
+        events.append(("experts", chunk_of[id(d.routing)]))
+        return experts(d, e)
+    netmoe.ExpertExchange._experts = staticmethod(logged_experts)
+    start, wait = netmoe.Flight.__init__, netmoe.Flight.wait
+
+    def logged_start(self, *a):
+        events.append((now[0][0] + " start", now[0][1]))
+        start(self, *a)
+
+    def logged_wait(self):
+        events.append((now[0][0] + " wait", now[0][1]))
+        return wait(self)
+    netmoe.Flight.__init__, netmoe.Flight.wait = logged_start, logged_wait
+    with torch.no_grad():
+        layer(torch.randn(2, S_, H_, dtype=torch.float64), torch.arange(2 * rank, 2 * rank + 2))
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(events, f)
+
+
+def _overlap_faults(events, chunks):
+    """What a pipeline must do that `events` (from _schedule_worker) did not, one line each: chunk
+    c + 1's scatter starts before chunk c's experts run, and chunk c's gather is in flight (started,
+    its last hop not yet waited on) while chunk c + 1's experts run."""
+    at = lambda kind, c, pick=min: pick(i for i, e in enumerate(events) if e == [kind, c])
+    faults = []
+    for c in range(chunks - 1):
+        if not at("scatter start", c + 1) < at("experts", c):
+            faults.append(f"chunk {c + 1}'s scatter starts after chunk {c}'s experts")
+        if not at("gather start", c) < at("experts", c + 1) < at("gather wait", c, max):
+            faults.append(f"chunk {c}'s gather is not in flight while chunk {c + 1} computes")
+    return faults
+
+
+@pytest.mark.parametrize("exchange, world", [("expert", 2), ("node", 4)])
+def test_the_pipeline_overlaps_each_chunks_hops_with_the_next_chunks_experts(exchange, world):
+    """The schedule, as it ran: in forward, chunk c + 1's rows are on their way before chunk c's
+    experts compute, and chunk c's rows travel back while chunk c + 1's experts compute. The same
+    layer with its chunks run one after another has every result and collective the same (the
+    equality and collective tests pass on it) and fails this."""
+    chunks = 3
+    events = _spawn(_schedule_worker, world, exchange, chunks, False)
+    hops = 1 if exchange == "expert" else 2
+    assert sorted(map(tuple, events)) == sorted([(f"{p} {e}", c) for c in range(chunks) for p in ("scatter", "gather")
+                                                 for e in ("start", "wait") for _ in range(hops)]
+                                                + [("experts", c) for c in range(chunks)])
+    assert _overlap_faults(events, chunks) == []
+    serial = _spawn(_schedule_worker, world, exchange, chunks, True)
+    assert sorted(map(tuple, serial)) == sorted(map(tuple, events))
+    assert len(_overlap_faults(serial, chunks)) == 2 * (chunks - 1)
+
+
 def test_ranks_that_disagree_fail_together_with_a_clear_error():
     report = _spawn(_disagreement_worker, 2)
     assert report["batch"] == "every rank must hold the same number of samples; per rank: [2, 3]"
