@@ -1117,11 +1117,14 @@ class _Combine(torch.autograd.Function):
 def combine_rows(rows, index, weight=None, bias=None, ends=None, base=None, base_scale=None, perm=None, seq=1,
                  covered=False):
     """combine (the kernel on CUDA) with autograd through rows, weight, bias and base. weight and
-    base_scale are taken in the accumulation dtype, bias and base in the rows'."""
+    base_scale are taken in the accumulation dtype, bias and base in the rows'. The kernel reads
+    rows and base with any row stride, weight and base_scale packed (a gate weight received beside
+    its row is a strided column)."""
     acc = _acc(rows.dtype)
     cast = lambda t, dtype: None if t is None else t.to(dtype)
-    return _Combine.apply(rows, cast(weight, acc), cast(bias, rows.dtype), cast(base, rows.dtype), index, ends,
-                          cast(base_scale, acc), perm, seq, covered)
+    packed = lambda t: None if t is None else t.to(acc).contiguous()
+    return _Combine.apply(rows, packed(weight), cast(bias, rows.dtype), cast(base, rows.dtype), index, ends,
+                          packed(base_scale), perm, seq, covered)
 
 
 class _BiasGelu(torch.autograd.Function):
