@@ -212,7 +212,7 @@ def expert_share(hidden, seq_len, num_experts, top_k, layers, vocab=256):
 @click.option("--layout", is_flag=True, help="also regroup experts by co-activation learned on earlier steps")
 @click.option("--exchange", type=click.Choice(list(netmoe.EXCHANGES)), default="expert", show_default=True,
               help="what the All-to-Alls send: a row per (token, expert), or per (token, node)")
-@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+@click.option("--chunks", type=train_gpt.CHUNKS, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
               help="the exchange pipelined in C chunks, as train --chunks runs it")
 @click.option("--stages", type=COUNT, default=6, show_default=True, help="rows of the by-stage-of-training table")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
@@ -1036,7 +1036,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
         out[name] = dict(ms=ms, tflops=flops / ms / 1e9, a2a_ms=st.a2a_ms / o["repeats"],
                          solver_ms=st.solver_ms / o["repeats"], exposed_ms=st.solver_exposed_ms / o["repeats"],
                          gather_inter=st.gather["inter"] / o["repeats"], gather_intra=st.gather["intra"] / o["repeats"],
-                         moved_device=st.moved_device / max(st.samples, 1))
+                         moved_device=st.moved_device / max(st.samples, 1),
+                         chunks=sum(C * n for C, n in st.chunks.items()) / max(sum(st.chunks.values()), 1))
     per_rank = [out] * world
     if world > 1:
         dist.all_gather_object(per_rank, out)
@@ -1101,7 +1102,7 @@ def cpu_layer_estimate(o, J):
               help="untimed repeats first (allocator, caches, clocks)")
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
               help="timed rounds of every variant (the median counts)")
-@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+@click.option("--chunks", type=train_gpt.CHUNKS, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
               help="the exchange pipelined in C chunks, as train --chunks runs it")
 @click.option("--baseline-chunks", type=COUNT, default=1, show_default=True,
               help="static EP and the exchange alone also in this many chunks: what the pipeline hides")
@@ -1134,10 +1135,10 @@ def layer_cmd(json_path, virtual_world, **o):
                f"{' (virtual, one process)' if virtual_world else ''}; median of {o['repeats']} (ranks' median); "
                f"TFLOP/s counts the experts' matrix products only; {o['chunks']} chunk(s) unless named; kept: all of "
                f"NetMoE's work, then every sample kept in place; exchange only: the layer without its experts' FFN")
-    click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "solver ms",
+    click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "chunks", "solver ms",
                       "solver exposed ms", "gather inter", "gather intra", "moved dev"],
-                     [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["solver_ms"],
-                       m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
+                     [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m.get("chunks", "-"),
+                       m["solver_ms"], m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
                       for n, m in med.items()]))
     other = f"static, C={o['baseline_chunks']}"
     if other in med:   # what the pipeline hid, against what it could: min(communication, compute)
@@ -1155,7 +1156,7 @@ def layer_cmd(json_path, virtual_world, **o):
               help="a routing trace (train --trace writes one)")
 @click.option("--topology", required=True, type=TOPOLOGY, help="N nodes of G devices to replay on, e.g. 4x8")
 @click.option("--from-step", type=NONNEG, default=0, show_default=True, help="replay recorded steps from here on")
-@click.option("--chunks", type=COUNT, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
+@click.option("--chunks", type=train_gpt.CHUNKS, default=train_gpt.DEFAULT_CHUNKS, show_default=True,
               help="the exchange pipelined in C chunks, as train --chunks runs it")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help="write the results here")
 def layouts_cmd(trace, topology, from_step, chunks, json_path):

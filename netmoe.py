@@ -877,7 +877,8 @@ def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe", chunks
     where the data loader put them and follow each layer's gather. nexts[l]: what layer l's gather
     prices the next layer's scatter with (the predicted or true routing of layer l + 1, under its
     map; the last layer's is not read); None: no lookahead. routings() builds them from routes.
-    chunks and expert_ms price the exchanges as layer_stats does."""
+    chunks and expert_ms price the exchanges as layer_stats does; chunks="auto" prices each layer
+    in the C best_chunks finds for it (its routing and placement beside expert_ms)."""
     policy = placement_class(placement)(lookahead=nexts is not None)
     layers = [_routing(r, topo, name="layers") for r in layers]
     L = len(layers)
@@ -892,7 +893,8 @@ def replay(layers, topo, bytes_per_token, nexts=None, placement="netmoe", chunks
     cur, acc = static_placement(len(layers[0].num), topo.world), MoEStats()
     for l, r in enumerate(layers):
         dest = policy.dest(r, nexts[l] if nexts is not None and l + 1 < L else None, cur)
-        acc += _layer_stats(r, cur, dest, bytes_per_token, chunks, expert_ms)
+        C = best_chunks(r, cur, dest, bytes_per_token, expert_ms, max(CHUNK_CHOICES)) if chunks == "auto" else chunks
+        acc += dataclasses.replace(_layer_stats(r, cur, dest, bytes_per_token, C, expert_ms), chunks={C: 1})
         cur = dest
     return acc
 
@@ -1052,6 +1054,101 @@ def pipeline(chunks):
                 results[c] = done.value
                 del live[c]
     return results
+
+
+CHUNK_CHOICES = (1, 2, 4, 8)   # what --chunks auto picks from
+_LINKS = {}
+
+
+def _measured_links(topo, group, device):
+    """measure_links, once per process's ranks, topology and device type: every layer of a model
+    shares it. (Keyed by ranks, not the group: a group held here would outlive its destruction,
+    and its threads the process.)"""
+    key = (tuple(dist.get_process_group_ranks(group or dist.group.WORLD)), str(topo), torch.device(device).type)
+    if key not in _LINKS:
+        _LINKS[key] = measure_links(topo, group, device)
+    return _LINKS[key]
+
+
+class _Stopwatch:
+    """Times the calls made through it, fn(*args) as _Stopwatch()(fn, *args); pop_ms() gives their
+    time since the last pop: on a GPU, CUDA events read once done (a layer reads its last call's)."""
+
+    def __init__(self):
+        self.spans, self.seconds = [], 0.0
+
+    def __call__(self, fn, x, *args):
+        if not x.is_cuda:
+            t = time.perf_counter()
+            out = fn(x, *args)
+            self.seconds += time.perf_counter() - t
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(x, *args)
+        end.record()
+        self.spans.append((start, end))
+        return out
+
+    def pop_ms(self):
+        for _, end in self.spans:
+            end.synchronize()
+        ms = self.seconds * 1e3 + sum(s.elapsed_time(e) for s, e in self.spans)
+        self.spans, self.seconds = [], 0.0
+        return ms
+
+
+def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=5):
+    """Eq. 1's alpha and bandwidth of each tier as they are on `group` (a short probe, a collective
+    every rank calls): each rank sends n bytes to every peer of the tier in one All-to-All (intra:
+    the devices of its node; inter: its rail peers, the same local index on other nodes), for n in
+    `sizes`, the median of `repeats` after a warm call. alpha is the small one's time, the
+    bandwidth the cluster-wide bytes the large one adds over the time it adds, as Eq. 1 counts
+    them. The slowest rank's times count (all-reduced), so every rank gets the same Topology. A
+    tier without peers (one node: no rail) keeps topo's values, and a bandwidth the large message
+    could not tell from alpha (no slower than the small one: noise) keeps topo's bandwidth."""
+    J, rank, G = topo.world, dist.get_rank(group), topo.gpus_per_node
+    ranks = np.arange(J)
+    same = topo.node_of(ranks) == topo.node_of(rank)
+    peers = dict(intra=same & (ranks != rank), inter=~same & (ranks % G == rank % G))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    for tier in ("intra", "inter"):
+        for n in sizes:
+            split = np.where(peers[tier], n, 0).tolist()
+            x = torch.randint(0, 256, (sum(split),), dtype=torch.uint8, device=device)
+            ts = []
+            for _ in range(repeats + 1):
+                sync()
+                t = time.perf_counter()
+                _all_to_all(x, split, split, group)
+                sync()
+                ts.append(time.perf_counter() - t)
+            times.append(float(np.median(ts[1:])))
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    links = {}
+    for tier, (small, big) in zip(("intra", "inter"), t.view(2, 2).tolist()):
+        if peers[tier].any():
+            links[f"{tier}_lat"] = small
+            if big > small:
+                links[f"{tier}_bw"] = J * int(peers[tier].sum()) * (sizes[1] - sizes[0]) / (big - small)
+    return dataclasses.replace(topo, **links)
+
+
+def best_chunks(routing, cur, dest, bytes_per_token, expert_ms, positions, links=None):
+    """The C of CHUNK_CHOICES (at most `positions`, the tokens a sample has) in which Eq. 1 as
+    built on `links` (default: the routing's topology) leaves the least All-to-All time exposed
+    beside expert_ms of the experts' compute (forward and backward), for a layer routed as
+    `routing` whose samples go from cur to dest: the smallest C of equals. Without compute to hide
+    behind, the expert exchange's chunks only add alphas (C = 1); the node exchange's overlap its
+    rail hop with its NVLink hop."""
+    exposed = {}
+    for C in CHUNK_CHOICES:
+        if C <= positions:
+            s = _layer_stats(routing, cur, dest, bytes_per_token, C, expert_ms, links)
+            exposed[C] = s.a2a_model_ms - s.a2a_hidden_ms
+    return min(exposed, key=lambda C: (exposed[C], C))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1577,12 +1674,13 @@ class MoEStats:
     a2a_ms: float = 0.0       # measured All-to-All time, forward and backward
     a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges as built (rows as sent: wire_bytes; chunks)
     a2a_hidden_ms: float = 0.0  # of which the chunked pipeline hides behind the experts' compute (given its time)
+    chunks: dict = dataclasses.field(default_factory=dict)   # layer calls run in C chunks, by C
 
     def __add__(self, other):
         out = MoEStats()
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            setattr(out, f.name, {k: a[k] + b[k] for k in a} if isinstance(a, dict) else a + b)
+            setattr(out, f.name, {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}} if isinstance(a, dict) else a + b)
         return out
 
 
@@ -1600,11 +1698,11 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, chunk
     return _layer_stats(r, cur, dest, bytes_per_token, chunks, expert_ms)
 
 
-def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None):
+def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None, links=None):
     topo = routing.topo
     scatter, gather = _traffic(routing.reach, cur, topo), _traffic(routing.reach, dest, topo)
     per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
-    hops = [_hops(v, topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
+    hops = [_hops(v, links or topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
     alone = [_pipelined(h, chunks) for h in hops]
     hidden = 0.0
     if expert_ms:   # forward: scatter, experts, gather; backward the same reversed, twice the compute
@@ -1684,8 +1782,8 @@ def _chunk_bounds(S, chunks):
 
 
 def _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top):
-    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
-        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if chunks != "auto" and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1):
+        raise ValueError(f"chunks must be a positive integer or 'auto', got {chunks!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}]")
     if route_groups < 1 or num_experts % route_groups or not 1 <= group_top <= route_groups:
@@ -1717,10 +1815,19 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
-                 exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1, expert_bias=True):
+                 exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1, expert_bias=True,
+                 links=None):
         super().__init__()
         _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top)
-        self.chunks, self.route_groups, self.group_top = int(chunks), route_groups, group_top
+        self.route_groups, self.group_top = route_groups, group_top
+        # chunks="auto": each call runs in the C that Eq. 1, on `links` (a Topology with each tier's
+        # alpha and bandwidth; None: measured on the group at the first call, in one process the
+        # topology's), found best for the layer's previous call (its routing, placement and the
+        # busiest rank's expert time); the first call runs in one chunk
+        self.chunks, self.links = chunks, links
+        self.next_chunks = 1 if chunks == "auto" else int(chunks)
+        self._clock = _Stopwatch()   # the experts' time, for chunks="auto"
+        self._expert_ms = 0.0        # the busiest rank's, in the last call's experts
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if virtual_world is not None and world != 1:
             raise ValueError(f"virtual_world runs in one process, but the process group has {world} ranks")
@@ -1857,7 +1964,10 @@ class MoELayer(nn.Module):
         #    one process on a GPU nothing travels and the data path needs no count on the host, so
         #    their copy to the host only starts here and is read once the layer's GPU work is queued:
         #    NetMoE's bookkeeping then costs the GPU no idle time
-        routings, num = self._routings(route, pred if lookahead else None, next_layer, sid,
+        C, auto = self.next_chunks, self.chunks == "auto"
+        if auto and self.links is None:
+            self.links = self.topo if self.virtual or self.J == 1 else _measured_links(self.topo, self.group, x.device)
+        routings, num = self._routings(route, pred if lookahead else None, next_layer, sid, C,
                                        defer=self.virtual and x.is_cuda)
         I = B * (1 if self.virtual else self.J)
         tokens = num.sum(0) if self.virtual else _to(routings()[0].num.sum(0), x.device)
@@ -1867,7 +1977,8 @@ class MoELayer(nn.Module):
         solve = _Solve(self.placement, routings, here, inline=x.is_cuda)
         # 4. Scatter: (token, k) rows to their experts' devices; 5. the experts; 6. join the solve;
         # 7. gather: each row to dest[its sample], the receiver summing a token's K rows
-        side = ExpertSide(functools.partial(layer_norm, ln=self.ln), self.experts,
+        side = ExpertSide(functools.partial(layer_norm, ln=self.ln),
+                          functools.partial(self._clock, self.experts) if auto else self.experts,
                           self.shared if self.shared_experts else None, h)
         local = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)]) \
             if self.virtual else routings()[0]
@@ -1879,10 +1990,12 @@ class MoELayer(nn.Module):
         self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
         self.last_dest = dest
-        priced = self.exchange.priced
+        per_row = self.exchange.priced.wire_bytes(H, x.dtype, self.top_k)
         # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
-        self._stats += _layer_stats(routing, here, dest, priced.wire_bytes(H, x.dtype, self.top_k),
-                                    len(_chunk_bounds(S, self.chunks)))
+        C = len(_chunk_bounds(S, C))
+        self._stats += dataclasses.replace(_layer_stats(routing, here, dest, per_row, C), chunks={C: 1})
+        if auto:   # forward measured, backward twice its compute
+            self.next_chunks = best_chunks(routing, here, dest, per_row, 3 * self._expert_ms, S, self.links)
         return out, _to(sid_all[keep], x.device), aux
 
     def shared(self, h):
@@ -1921,22 +2034,24 @@ class MoELayer(nn.Module):
             self._checked_batch = x.shape[0]
         return x.shape
 
-    def _routings(self, route, pred, next_layer, sid, defer=False):
+    def _routings(self, route, pred, next_layer, sid, chunks, defer=False):
         """The Routing of this layer, whole and per chunk of positions, and of the lookahead's
         predicted next one (or None), under each layer's expert map and with what the exchange
         needs (its layout), for every sample of the global batch in slot order, rank-major; and
         the samples' ids: (a function that returns those three, this rank's counts num [B, E] on
         route's device). One all-gather, and the one host sync the layer needs (split sizes are
         host integers); with defer (one process on a GPU), the copy to the host is started and the
-        function waits for it."""
+        function waits for it. The gather also carries each rank's expert time in its last call
+        (chunks="auto" prices the busiest rank's; in one process, a device's share)."""
         ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
         # in one process nothing travels, so nothing is there to overlap: the layer runs in one piece
-        bounds = [(0, S)] if self.virtual else _chunk_bounds(S, self.chunks)
+        bounds = [(0, S)] if self.virtual else _chunk_bounds(S, chunks)
         layers = [(route, self, bounds)] + ([(pred, next_layer, [(0, S)])] if pred is not None else [])
         parts = [[priced.layout(r[:, a:b], layer.expert_device, self.topo, self.num_experts, ops) for a, b in bs]
                  for r, layer, bs in layers]
         flat = [t for per in parts for p in per for t in p.values()]
-        meta = torch.cat(flat + [sid[:, None]], 1)
+        spent = torch.full_like(sid[:, None], round(self._clock.pop_ms() * 1e3))   # microseconds
+        meta = torch.cat(flat + [spent, sid[:, None]], 1)
         if not self.virtual and self.J > 1:
             gathered = [torch.empty_like(meta) for _ in range(self.J)]
             dist.all_gather(gathered, meta, group=self.group)
@@ -1962,6 +2077,7 @@ class MoELayer(nn.Module):
                 pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
                 out.append(Routing(**kw, **{name: functools.reduce(np.add, (getattr(q, name) for q in pieces))
                                             for name in per[0]}, chunks=tuple(zip(bs, pieces))))
+            self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / (self.J if self.virtual else 1)
             return out[0], out[1] if pred is not None else None, meta[:, -1]
         return build, parts[0][0]["num"]
 

@@ -1806,6 +1806,7 @@ def _schedule_worker(rank, world, init_file, exchange, chunks, serial, out_file)
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(events, f)
+    dist.destroy_process_group()
 
 
 def _overlap_faults(events, chunks):
@@ -1838,6 +1839,82 @@ def test_the_pipeline_overlaps_each_chunks_hops_with_the_next_chunks_experts(exc
     serial = _spawn(_schedule_worker, world, exchange, chunks, True)
     assert sorted(map(tuple, serial)) == sorted(map(tuple, events))
     assert len(_overlap_faults(serial, chunks)) == 2 * (chunks - 1)
+
+
+def test_auto_chunks_pick_the_c_eq1_exposes_least_time_for():
+    """best_chunks: without compute to hide behind, the expert exchange's chunks only add alphas
+    (C = 1); with free
+    messages and compute, the most chunks the positions allow; with messages dearer than the
+    compute, one; and always a C no other choice beats under Eq. 1 as built."""
+    rng = np.random.default_rng(0)
+    topo = netmoe.Topology(2, 2)
+    r = netmoe.Routing.of(rng.integers(0, 50, (8, 8)), topo)
+    here = netmoe.static_placement(8, 4)
+    dest = netmoe.solve_placement(r.num, topo)
+    pick = lambda ms, S=1024, links=None: netmoe.best_chunks(r, here, dest, 1000.0, ms, S, links)
+    assert pick(0.0) == 1 and pick(None) == 1
+    assert pick(50.0) == max(netmoe.CHUNK_CHOICES) and pick(50.0, S=6) == 4 and pick(50.0, S=1) == 1
+    assert pick(1.0, links=dataclasses.replace(topo, intra_lat=1.0, inter_lat=1.0)) == 1
+    for ms in (0.01, 0.1, 1.0):
+        links = dataclasses.replace(topo, intra_lat=1e-4, inter_lat=2e-4, intra_bw=2e9, inter_bw=1e9)
+        exposed = {C: (lambda s: s.a2a_model_ms - s.a2a_hidden_ms)(
+            netmoe.layer_stats(r.num, here, dest, links, 1000.0, chunks=C, expert_ms=ms)) for C in netmoe.CHUNK_CHOICES}
+        assert exposed[pick(ms, links=links)] == min(exposed.values())
+
+
+def _auto_chunks_worker(rank, world, init_file, exchange, out_file):
+    """Layers with chunks="auto" over 4 gloo ranks: the links each measured, the C of each call,
+    and how far their outputs and input gradients fall from the same layers in one chunk."""
+    train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
+    topo = netmoe.Topology(2, 2)
+    def make(chunks, links=None):   # the same weights every time
+        torch.manual_seed(0)
+        return [netmoe.MoELayer(H_, F_, 8, 2, topology=topo, exchange=exchange, chunks=chunks, links=links).double()
+                for _ in range(2)]
+    auto, one = make("auto"), make(1)
+    free = make("auto", dataclasses.replace(topo, intra_lat=0.0, inter_lat=0.0))   # messages cost nothing
+    used, worst = {"auto": [], "free": []}, 0.0
+    for step in range(4):
+        x = torch.randn(2, S_, H_, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + rank))
+        outs = {}
+        for name, layers in (("auto", auto), ("free", free), ("one", one)):
+            h, sid = x.clone().requires_grad_(), torch.arange(2 * rank, 2 * rank + 2)
+            y, s = h, sid
+            for L, nxt in zip(layers, layers[1:] + [None]):
+                y, s, _ = L(y, s, next_layer=nxt)
+            y.square().sum().backward()
+            outs[name] = (y.detach(), s, h.grad)
+            if name in used:
+                used[name].append(sum(sum(L.pop_stats().chunks) for L in layers))
+        for name in ("auto", "free"):
+            assert torch.equal(outs[name][1], outs["one"][1])
+            for a, b in zip(outs[name][::2], outs["one"][::2]):
+                worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    report = dict(links=train_gpt.links_of(auto[0].links), free=train_gpt.links_of(free[0].links), used=used,
+                  worst=worst, next=[L.next_chunks for L in auto + free])
+    every = [None] * world
+    dist.all_gather_object(every, report)
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(every, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_auto_chunks_measure_the_links_once_and_every_rank_runs_the_same_chunks(exchange):
+    """--chunks auto on 4 gloo ranks: the links are measured at the first call (every rank the
+    same alphas and bandwidths, all positive) and shared by the layers; every rank runs every
+    call in the same C (else the All-to-Alls would not match), the first in one chunk; with
+    messages that cost nothing the layers then run in the most chunks S_ positions allow; and
+    the results equal the same layers' in one chunk."""
+    every = _spawn(_auto_chunks_worker, 4, exchange)
+    agreed = [{k: v for k, v in r.items() if k != "worst"} for r in every]
+    assert all(r == agreed[0] for r in agreed[1:])   # links, chunks, next choices: one answer everywhere
+    r = every[0]
+    assert all(v > 0 for v in r["links"].values()) and r["free"]["intra_lat"] == r["free"]["inter_lat"] == 0
+    assert r["used"]["auto"][0] == r["used"]["free"][0] == 2   # 2 layers, 1 chunk each
+    assert r["used"]["free"][2:] == [2 * 4, 2 * 4]   # C = 4: the most of CHUNK_CHOICES within S_ = 6
+    assert max(r["worst"] for r in every) <= 1e-10
 
 
 def test_ranks_that_disagree_fail_together_with_a_clear_error():

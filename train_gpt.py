@@ -245,6 +245,24 @@ class TopologyType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class ChunksType(click.ParamType):
+    name = "C|auto"
+
+    def get_metavar(self, param, ctx=None):
+        return self.name
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        try:
+            C = int(value)
+        except ValueError:
+            C = 0
+        if C < 1:
+            self.fail(f"{value!r} is neither a positive number of chunks nor 'auto'", param, ctx)
+        return C
+
+
 class PositiveType(click.FloatRange):
     def __init__(self):
         super().__init__(min=0, min_open=True)
@@ -301,10 +319,10 @@ class OutputPath(click.ParamType):
         return value
 
 
-TOPOLOGY, POSITIVE = TopologyType(), PositiveType()
+TOPOLOGY, POSITIVE, CHUNKS = TopologyType(), PositiveType(), ChunksType()
 JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
-DEFAULT_CHUNKS = 2   # chunks of each layer's exchange: see the README's pipeline measurements
+DEFAULT_CHUNKS = "auto"   # chunks of each layer's exchange: Eq. 1's best on the links measured at start-up
 COMPARED = (netmoe.Placement.name, netmoe.NetMoE.name)   # compare's runs: static EP, then NetMoE
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
@@ -344,8 +362,9 @@ class TrainConfig:
                              "--expert-bias/--no-expert-bias")
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
-    chunks: int = _opt(DEFAULT_CHUNKS, COUNT, "pipeline each layer's exchange in C chunks of positions, hops and experts "
-                       "overlapped")
+    chunks: object = _opt(DEFAULT_CHUNKS, CHUNKS, "pipeline each layer's exchange in C chunks of positions, hops and "
+                          "experts overlapped; auto: the C Eq. 1 finds best for each layer's last call, on the links "
+                          "measured at start-up (in one process, the modelled ones)")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(None, POSITIVE, "peak learning rate (AdamW)", shown=PRESET_S)
     warmup_steps: int = _opt(None, NONNEG, "learning-rate warm-up, linear from 0", shown=PRESET_S)
@@ -367,6 +386,9 @@ class TrainConfig:
     resume: bool = _opt(False, None, "continue from the newest checkpoint in --ckpt", "--resume")
     relayout_every: int = _opt(0, NONNEG, "every T steps regroup experts by co-activation where it pays (0: never)")
     relayout_always: bool = _opt(False, None, "tests: apply every re-layout plan", "--relayout-always", hidden=True)
+    alpha: float = _opt(None, click.FloatRange(min=0), "seconds an All-to-All's message costs in either tier, Eq. 1's "
+                        "alpha; given, --chunks auto prices on --alpha, --intra-bw and --inter-bw instead of measuring",
+                        shown="measured on the ranks' links at start-up; 0 in one process")
     intra_bw: float = _opt(400e9, POSITIVE, "bytes/s inside a node, for Eq. 1 (paper Table 2)")
     inter_bw: float = _opt(100e9, POSITIVE, "bytes/s between nodes, for Eq. 1")
     dtype: str = _opt(None, DTYPE, "the residual stream and the rows every All-to-All sends; weights and AdamW "
@@ -920,7 +942,7 @@ def forward_loss(model, tokens, env):
 def train(env, mcfg, cfg, placement, corpus, echo):
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg, env.J, cfg.stream_dtype(), placement=placement, lookahead=cfg.lookahead, topology=env.topo,
-                exchange=cfg.exchange, chunks=cfg.chunks,
+                exchange=cfg.exchange, chunks=cfg.chunks, links=env.topo if cfg.alpha is not None else None,
                 virtual_world=env.J if env.virtual else None, debug=cfg.debug).to(env.device)
     model.init_weights(cfg.seed)
     opt = make_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2))
@@ -1014,6 +1036,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         record["peak_mem_gb"] = float(env.all_reduce(peak, dist.ReduceOp.MAX)) / 1e9
     record["val_loss"] = evaluate(model, corpus, env, mcfg, cfg) if cfg.eval_batches else None
     record["layouts"] = [m.expert_device.tolist() for m in model.moe]
+    if model.moe[0].links is not None:   # what --chunks auto priced on
+        record["links"] = links_of(model.moe[0].links)
     if trace:
         trace.save(**meta)
     return record
@@ -1085,6 +1109,7 @@ def append_step(record, stats, **values):
     for k, v in values.items():
         record.setdefault(k, []).append(v)   # setdefault: a record resumed from before a field existed
     record["a2a_model_ms"].append(stats.a2a_model_ms)
+    record.setdefault("chunks", []).append(sum(C * n for C, n in stats.chunks.items()) / max(sum(stats.chunks.values()), 1))
     for phase in ("scatter", "gather"):
         for k in ("local", "intra", "inter"):
             record["volume"][phase][k].append(getattr(stats, phase)[k])
@@ -1118,7 +1143,7 @@ def summarize(run, skip, device_name=""):
                 tflops=tflops, mfu=tflops * 1e12 / peak if peak else float("nan"),
                 a2a_ms=m(run["a2a_ms"]), a2a_model_ms=m(run["a2a_model_ms"]),
                 solver_ms=m(run["solver_ms"]), solver_exposed_ms=m(run["solver_exposed_ms"]),
-                grad_sync_ms=m(run.get("grad_sync_ms", [])),
+                grad_sync_ms=m(run.get("grad_sync_ms", [])), chunks=m(run.get("chunks", [])),
                 inter=vol["scatter"]["inter"] + vol["gather"]["inter"], gather_inter=vol["gather"]["inter"],
                 intra=vol["scatter"]["intra"] + vol["gather"]["intra"],
                 moved_node=m(run["moved_frac"]["node"]), moved_device=m(run["moved_frac"]["device"]),
@@ -1154,12 +1179,24 @@ def describe(c, preset=None):
         model.append(f"{c['shared_experts']} shared expert{'s' * (c['shared_experts'] > 1)}")
     if c.get("route_groups", 1) > 1:
         model.append(f"a token's K from {c['group_top']} of {c['route_groups']} groups")
-    job = [f"{c.get('exchange', 'expert')} exchange in {chunks} chunk{'s' * (chunks != 1)}",
+    job = [f"{c.get('exchange', 'expert')} exchange in " +
+           ("the chunks Eq. 1 finds best (auto)" if chunks == "auto" else f"{chunks} chunk{'s' * (chunks != 1)}"),
            f"{c.get('dtype', 'float32')} stream", "lookahead" if c.get("lookahead", True) else "no lookahead"]
     if c.get("relayout_every"):
         job.append(f"re-layout every {c['relayout_every']} steps")
     return (f"{preset + ': ' if preset else ''}{', '.join(model)}; J={J} on {c['topology']}"
             f"{' (virtual, one process)' if c.get('world') == 1 and J > 1 else ''}; {', '.join(job)}")
+
+
+def links_of(topo):
+    """A Topology's links as a record holds them: each tier's alpha (s) and bandwidth (bytes/s)."""
+    return {k: getattr(topo, k) for k in ("intra_lat", "intra_bw", "inter_lat", "inter_bw")}
+
+
+def show_links(links):
+    """Links in one phrase: 'in a node 0.21 ms + 3.1 GB/s, between nodes ...'."""
+    return ", ".join(f"{where} {links[t + '_lat'] * 1e3:.3g} ms + {links[t + '_bw'] / 1e9:.3g} GB/s"
+                     for t, where in (("intra", "in a node"), ("inter", "between nodes")))
 
 
 def links(c):
@@ -1178,7 +1215,7 @@ def summary_table(result, skip):
     rows = [("final train loss", "final_loss"), ("validation loss", "val_loss"), ("iteration ms", "iter_ms"),
             ("iteration ms, median", "iter_ms_median"),
             ("tokens / s", "tokens_per_s"), ("model TFLOP/s", "tflops"), ("MFU (bf16 peak)", "mfu"),
-            ("All-to-All ms (measured)", "a2a_ms"),
+            ("All-to-All ms (measured)", "a2a_ms"), ("chunks a layer call ran in, mean", "chunks"),
             (f"All-to-All ms, Eq. 1 at {links(c)}", "a2a_model_ms"),   # the modelled cluster's, not this machine's
             ("inter-node tokens / step", "inter"), ("  of which gather", "gather_inter"),
             ("intra-node tokens / step", "intra"), ("samples moved across nodes", "moved_node"),
@@ -1208,6 +1245,11 @@ def summary_table(result, skip):
     measured = runs[names[0]]["measured"]
     head = (f"{describe(c, c.get('preset'))}; means over {measured} step{'s' * (measured != 1)} after "
             f"{runs[names[0]]['steps'] - measured}")
+    probed = next((r["links"] for r in result["runs"].values() if r.get("links")), None)
+    if probed and c.get("chunks") == "auto":
+        how = "given" if c.get("alpha") is not None else "modelled, one process" if c.get("world") == 1 else "measured"
+        head += f"\nthe links --chunks auto priced on ({how}): " \
+                f"{show_links(probed)}"
     return head + "\n" + table(["", *names], body) + foot
 
 
@@ -1277,7 +1319,8 @@ def resolve(cfg):
                                    f"{' or '.join(cfg.placements)} there; drop --resume to start fresh")
     if (cfg.decay_steps or cfg.steps) < cfg.warmup_steps and cfg.decay_steps:
         raise click.UsageError("--decay-steps must not be shorter than --warmup-steps")
-    return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw)
+    alpha = cfg.alpha or 0.0
+    return mcfg, J, dataclasses.replace(topo, intra_bw=cfg.intra_bw, inter_bw=cfg.inter_bw, intra_lat=alpha, inter_lat=alpha)
 
 
 def available_memory(device):
@@ -1330,7 +1373,7 @@ def worker(rank, world, init, cfg, out_path):
                       device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       data=corpus.name, steps=cfg.steps, skip_steps=cfg.skip_steps, lookahead=cfg.lookahead,
                       lr=cfg.lr, warmup_steps=cfg.warmup_steps, exchange=cfg.exchange, chunks=cfg.chunks,
-                      relayout_every=cfg.relayout_every, grad_sync=cfg.grad_sync, intra_bw=topo.intra_bw,
+                      alpha=cfg.alpha, relayout_every=cfg.relayout_every, grad_sync=cfg.grad_sync, intra_bw=topo.intra_bw,
                       inter_bw=topo.inter_bw, dtype=cfg.stream_dtype_name(),
                       wire_bytes_per_row=dict(zip(("scatter", "gather"), cfg.wire_bytes())))
         echo = click.echo if rank == 0 else (lambda *a, **k: None)
