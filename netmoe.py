@@ -59,6 +59,8 @@ class Topology:
     inter_bw: float = 100e9   # InfiniBand between nodes
     intra_lat: float = 0.0    # alpha terms of Eq. 1, seconds
     inter_lat: float = 0.0
+    overlap: float = 1.0      # the share of a transfer that can run beside other work (a cluster's
+                              # NICs and copy engines: all; ranks sharing a few cores: little)
 
     def __post_init__(self):
         for name in ("nodes", "gpus_per_node"):
@@ -67,6 +69,8 @@ class Topology:
                 raise ValueError(f"Topology.{name} must be a positive integer, got {v!r}")
         if self.intra_bw <= 0 or self.inter_bw <= 0:
             raise ValueError("Topology bandwidths must be positive (bytes per second)")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"Topology.overlap is a share in [0, 1], got {self.overlap!r}")
 
     @classmethod
     def parse(cls, spec, **kw):
@@ -577,14 +581,17 @@ def _hops(volume, topo, bytes_per_token, cls, chunks):
     return [("all", max(intra, inter))]   # one All-to-All over both tiers: the slower takes the time
 
 
-def _pipelined(stages, chunks):
+def _pipelined(stages, chunks, overlap=1.0):
     """Seconds for `chunks` equal chunks to flow through stages in order, stages [(resource,
     seconds of one chunk)], each resource working on one chunk at a time: one chunk's way through
-    every stage (fill and drain) plus (C - 1) chunks of the busiest resource."""
+    every stage (fill and drain) plus (C - 1) chunks of the busiest resource, where the resources
+    run side by side (overlap 1); where they cannot (overlap 0), every chunk's every stage in turn.
+    Between the two, in that proportion."""
     load = {}
     for resource, t in stages:
         load[resource] = load.get(resource, 0.0) + t
-    return sum(t for _, t in stages) + (chunks - 1) * max(load.values(), default=0.0)
+    side_by_side = sum(t for _, t in stages) + (chunks - 1) * max(load.values(), default=0.0)
+    return overlap * side_by_side + (1 - overlap) * chunks * sum(t for _, t in stages)
 
 
 def a2a_time(volume, topo, bytes_per_token, exchange="expert", chunks=1):
@@ -595,7 +602,7 @@ def a2a_time(volume, topo, bytes_per_token, exchange="expert", chunks=1):
     compute). The node exchange's rail and NVLink hops hold communicators of their own, so chunk
     c's NVLink hop runs while chunk c + 1's rail hop is in flight: t_inter + t_intra for C = 1,
     towards max(t_inter, t_intra) as C grows, plus C alphas per tier."""
-    return _pipelined(_hops(volume, topo, bytes_per_token, exchange_class(exchange), chunks), chunks)
+    return _pipelined(_hops(volume, topo, bytes_per_token, exchange_class(exchange), chunks), chunks, topo.overlap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1106,29 +1113,50 @@ def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=
     bandwidth the cluster-wide bytes the large one adds over the time it adds, as Eq. 1 counts
     them. The slowest rank's times count (all-reduced), so every rank gets the same Topology. A
     tier without peers (one node: no rail) keeps topo's values, and a bandwidth the large message
-    could not tell from alpha (no slower than the small one: noise) keeps topo's bandwidth."""
+    could not tell from alpha (no slower than the small one: noise) keeps topo's bandwidth.
+    overlap: how much of the large transfer ran hidden beside matrix products of about its length
+    (started, products, waited; against each alone), the least of any rank's: near 1 where the
+    links move bytes on their own (NCCL, NICs), near 0 where transfer and compute share the
+    cores (gloo on a few CPU cores)."""
     J, rank, G = topo.world, dist.get_rank(group), topo.gpus_per_node
     ranks = np.arange(J)
     same = topo.node_of(ranks) == topo.node_of(rank)
     peers = dict(intra=same & (ranks != rank), inter=~same & (ranks % G == rank % G))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times = []
+
+    def timed(fn, reps=repeats):   # the median of reps after a warm call, seconds
+        ts = []
+        for _ in range(reps + 1):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts[1:]))
+    times, probe = [], None
     for tier in ("intra", "inter"):
         for n in sizes:
             split = np.where(peers[tier], n, 0).tolist()
             x = torch.randint(0, 256, (sum(split),), dtype=torch.uint8, device=device)
-            ts = []
-            for _ in range(repeats + 1):
-                sync()
-                t = time.perf_counter()
-                _all_to_all(x, split, split, group)
-                sync()
-                ts.append(time.perf_counter() - t)
-            times.append(float(np.median(ts[1:])))
-    t = torch.tensor(times, dtype=torch.float64, device=device)
+            times.append(timed(lambda: _all_to_all(x, split, split, group)))
+            if peers[tier].any() and probe is None and n == sizes[-1]:
+                probe = x, split, times[-1]
+    x, split, alone = probe if probe is not None else (None, None, 0.0)
+    a = torch.randn(256, 256, device=device)
+    each = timed(lambda: [a @ a for _ in range(8)], 2) / 8
+    k = int(min(max(alone / max(each, 1e-9), 1), 10000))
+    products = lambda: [a @ a for _ in range(k)]
+
+    def beside():
+        _, work = _start_all_to_all(x, split, split, group)
+        products()
+        work.wait()
+    compute = timed(products)
+    hidden = (alone + compute - timed(beside)) / max(min(alone, compute), 1e-9) if probe is not None else 1.0
+    t = torch.tensor(times + [-min(max(hidden, 0.0), 1.0)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    links = {}
-    for tier, (small, big) in zip(("intra", "inter"), t.view(2, 2).tolist()):
+    links = dict(overlap=-float(t[-1]))
+    for tier, (small, big) in zip(("intra", "inter"), t[:-1].view(2, 2).tolist()):
         if peers[tier].any():
             links[f"{tier}_lat"] = small
             if big > small:
@@ -1702,13 +1730,14 @@ def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None, 
     topo = routing.topo
     scatter, gather = _traffic(routing.reach, cur, topo), _traffic(routing.reach, dest, topo)
     per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
-    hops = [_hops(v, links or topo, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
-    alone = [_pipelined(h, chunks) for h in hops]
+    links = links or topo
+    hops = [_hops(v, links, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
+    alone = [_pipelined(h, chunks, links.overlap) for h in hops]
     hidden = 0.0
     if expert_ms:   # forward: scatter, experts, gather; backward the same reversed, twice the compute
         for share in (1 / 3, 2 / 3):
             compute = expert_ms * share / 1e3
-            together = _pipelined(hops[0] + [("compute", compute / chunks)] + hops[1], chunks)
+            together = _pipelined(hops[0] + [("compute", compute / chunks)] + hops[1], chunks, links.overlap)
             hidden += (sum(alone) + compute - together) * 1e3
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),

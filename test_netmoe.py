@@ -1842,8 +1842,8 @@ def test_the_pipeline_overlaps_each_chunks_hops_with_the_next_chunks_experts(exc
 
 
 def test_auto_chunks_pick_the_c_eq1_exposes_least_time_for():
-    """best_chunks: without compute to hide behind, the expert exchange's chunks only add alphas
-    (C = 1); with free
+    """best_chunks: without compute to hide behind, or on links that move no byte beside other
+    work (overlap 0), chunks only add alphas (C = 1); with free
     messages and compute, the most chunks the positions allow; with messages dearer than the
     compute, one; and always a C no other choice beats under Eq. 1 as built."""
     rng = np.random.default_rng(0)
@@ -1855,6 +1855,12 @@ def test_auto_chunks_pick_the_c_eq1_exposes_least_time_for():
     assert pick(0.0) == 1 and pick(None) == 1
     assert pick(50.0) == max(netmoe.CHUNK_CHOICES) and pick(50.0, S=6) == 4 and pick(50.0, S=1) == 1
     assert pick(1.0, links=dataclasses.replace(topo, intra_lat=1.0, inter_lat=1.0)) == 1
+    # links that cannot move bytes beside other work: every chunk only adds its alphas
+    shared = dataclasses.replace(topo, intra_lat=1e-6, inter_lat=1e-6, overlap=0.0)
+    assert pick(50.0, links=shared) == 1
+    node = netmoe.Routing.from_routes(rng.integers(0, 8, (8, 16, 2)), topo, 8, exchange="node")
+    assert netmoe.best_chunks(node, here, dest, 1000.0, 50.0, 1024, shared) == 1
+    assert netmoe.best_chunks(node, here, dest, 1000.0, 0.0, 1024, dataclasses.replace(shared, overlap=1.0, intra_lat=0.0, inter_lat=0.0)) > 1
     for ms in (0.01, 0.1, 1.0):
         links = dataclasses.replace(topo, intra_lat=1e-4, inter_lat=2e-4, intra_bw=2e9, inter_bw=1e9)
         exposed = {C: (lambda s: s.a2a_model_ms - s.a2a_hidden_ms)(
@@ -1911,7 +1917,8 @@ def test_auto_chunks_measure_the_links_once_and_every_rank_runs_the_same_chunks(
     agreed = [{k: v for k, v in r.items() if k != "worst"} for r in every]
     assert all(r == agreed[0] for r in agreed[1:])   # links, chunks, next choices: one answer everywhere
     r = every[0]
-    assert all(v > 0 for v in r["links"].values()) and r["free"]["intra_lat"] == r["free"]["inter_lat"] == 0
+    assert all(v > 0 for k, v in r["links"].items() if k != "overlap") and 0 <= r["links"]["overlap"] <= 1
+    assert r["free"]["intra_lat"] == r["free"]["inter_lat"] == 0
     assert r["used"]["auto"][0] == r["used"]["free"][0] == 2   # 2 layers, 1 chunk each
     assert r["used"]["free"][2:] == [2 * 4, 2 * 4]   # C = 4: the most of CHUNK_CHOICES within S_ = 6
     assert max(r["worst"] for r in every) <= 1e-10
