@@ -908,9 +908,10 @@ def _a2a_bench_worker(rank, world, init, o, out_path):
         v = volume(T)
         cases.append(dict(kind=kind, intra_bytes=v["intra"] * bpt, inter_bytes=v["inter"] * bpt,
                           measured_ms=timed(T), model_ms=1e3 * netmoe.a2a_time(v, model, bpt)))
+    probe = train_gpt.links_of(netmoe.measure_links(topo, None, device))   # what --chunks auto prices on
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(dict(fit=fit, cases=cases), f)
+            json.dump(dict(fit=fit, cases=cases, probe=probe), f)
     dist.destroy_process_group()
 
 
@@ -948,6 +949,8 @@ def bench_a2a_cmd(json_path, **o):
         click.echo(f"{tier}: alpha {f['alpha_ms']:.4f} ms, bandwidth " +
                    (f"{f['bw'] / 1e9:.1f} GB/s (cluster-wide bytes)" if np.isfinite(f["bw"]) else
                     "unresolved: the time did not grow with size over --sizes (try larger sizes)"))
+    click.echo(f"the links probe --chunks auto prices on (two sizes, rail peers between nodes): "
+               f"{train_gpt.show_links(res['probe'])}")
     err = np.array([c["model_ms"] / c["measured_ms"] - 1 for c in res["cases"]])
     rows = []
     for kind in sorted({c["kind"] for c in res["cases"]}):
