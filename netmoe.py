@@ -15,7 +15,8 @@ training is unchanged. This file, in data-flow order:
                                 placements (PLACEMENTS by name), expert layouts, replays of
                                 recorded routing, re-layout plans
   3. All-to-All                 Flight: an All-to-All started and waited on, forward and
-                                backward; pipeline: chunks advanced in turn, hops in flight
+                                backward; pipeline: chunks advanced in turn, hops in flight;
+                                measure_links and best_chunks: how many chunks (--chunks auto)
   4. exchanges                  Exchange (in one process), ExpertExchange, NodeExchange: what a
                                 scatter sends and how its gather returns it (EXCHANGES by name)
   5. the layer                  MoELayer (gate, Routings, solve, exchange.run, experts with
