@@ -2011,7 +2011,7 @@ class MoELayer(nn.Module):
                           functools.partial(self._clock, self.experts) if auto else self.experts,
                           self.shared if self.shared_experts else None, h)
         local = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)]) \
-            if self.virtual else routings()[0]
+            if type(self.exchange) is Exchange else routings()[0]   # in one process: what its fused path reads
         out, keep, dest = self.exchange.run(x, g, route, local, side, solve)
         routing, _, sid_all = routings()
         if torch.is_grad_enabled():   # the planner's window: rows by sample id, the same order in every layer

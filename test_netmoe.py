@@ -1672,6 +1672,24 @@ def test_one_process_and_distributed_expert_sides_without_expert_biases_equal_th
     assert _rel(layer.w1.grad, rp["w1"].grad[torch.as_tensor(layer.local_experts)]) <= 1e-12
 
 
+@pytest.mark.parametrize("chunks", [1, 3, "auto"])
+def test_a_layer_in_a_world_of_one_equals_the_same_layer_playing_one_device(chunks):
+    """No process group and no virtual_world (a plain one-process script, train --nproc 1): the
+    layer runs in one process as virtual_world=1 does, same outputs, sample order and gradients."""
+    out = []
+    for virtual in (None, 1):
+        torch.manual_seed(5)
+        layer = netmoe.MoELayer(H_, F_, 8, 2, virtual_world=virtual, chunks=chunks).double()
+        x = torch.randn(I_, S_, H_, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        for _ in range(2):   # auto: the second call runs in its choice
+            y, sid, aux = layer(x, torch.arange(I_))
+        (y.square().sum() + aux).backward()
+        out.append((y.detach(), sid, x.grad, layer.w1.grad))
+    (y0, sid0, *g0), (y1, sid1, *g1) = out
+    assert torch.equal(sid0, sid1) and _rel(y0, y1) <= 1e-14
+    assert all(_rel(a, b) <= 1e-14 for a, b in zip(g0, g1))
+
+
 def _disagreement_worker(rank, world, init_file, out_file):
     """Ranks that disagree must fail together, with one clear message each, and never hang."""
     train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
