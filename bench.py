@@ -1040,7 +1040,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
                          solver_ms=st.solver_ms / o["repeats"], exposed_ms=st.solver_exposed_ms / o["repeats"],
                          gather_inter=st.gather["inter"] / o["repeats"], gather_intra=st.gather["intra"] / o["repeats"],
                          moved_device=st.moved_device / max(st.samples, 1),
-                         chunks=sum(C * n for C, n in st.chunks.items()) / max(sum(st.chunks.values()), 1))
+                         chunks=st.mean_chunks)
     per_rank = [out] * world
     if world > 1:
         dist.all_gather_object(per_rank, out)
@@ -1140,7 +1140,7 @@ def layer_cmd(json_path, virtual_world, **o):
                f"NetMoE's work, then every sample kept in place; exchange only: the layer without its experts' FFN")
     click.echo(table(["variant", "fwd+bwd ms", "vs static", "expert TFLOP/s", "A2A ms", "chunks", "solver ms",
                       "solver exposed ms", "gather inter", "gather intra", "moved dev"],
-                     [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m.get("chunks", "-"),
+                     [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["chunks"],
                        m["solver_ms"], m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
                       for n, m in med.items()]))
     other = f"static, C={o['baseline_chunks']}"

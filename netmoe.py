@@ -1705,6 +1705,11 @@ class MoEStats:
     a2a_hidden_ms: float = 0.0  # of which the chunked pipeline hides behind the experts' compute (given its time)
     chunks: dict = dataclasses.field(default_factory=dict)   # layer calls run in C chunks, by C
 
+    @property
+    def mean_chunks(self):
+        """The chunks a layer call ran in, on average over the calls counted (0 for none)."""
+        return sum(C * n for C, n in self.chunks.items()) / max(sum(self.chunks.values()), 1)
+
     def __add__(self, other):
         out = MoEStats()
         for f in dataclasses.fields(self):

@@ -1109,7 +1109,7 @@ def append_step(record, stats, **values):
     for k, v in values.items():
         record.setdefault(k, []).append(v)   # setdefault: a record resumed from before a field existed
     record["a2a_model_ms"].append(stats.a2a_model_ms)
-    record.setdefault("chunks", []).append(sum(C * n for C, n in stats.chunks.items()) / max(sum(stats.chunks.values()), 1))
+    record.setdefault("chunks", []).append(stats.mean_chunks)
     for phase in ("scatter", "gather"):
         for k in ("local", "intra", "inter"):
             record["volume"][phase][k].append(getattr(stats, phase)[k])
