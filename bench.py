@@ -986,11 +986,9 @@ def _layer_bench_worker(rank, world, init, o, out_path):
 
     def make(placement, chunks, exchange_only=False):
         torch.manual_seed(0)
-        layer = netmoe.MoELayer(H, Fh, E, K, placement, topology=topo, exchange=o["exchange"], chunks=chunks,
-                                **model, **virtual).to(device)
-        if exchange_only:   # the experts' FFN left out: the exchange and the gate alone
-            layer.experts = NoExperts()
-        return layer
+        # exchange_only: the experts' FFN left out, the exchange and the gate alone
+        return netmoe.MoELayer(H, Fh, E, K, placement, topology=topo, exchange=o["exchange"], chunks=chunks,
+                               experts=NoExperts() if exchange_only else None, **model, **virtual).to(device)
     # static, netmoe, and kept (all of NetMoE's work, then no move) at --chunks; static EP and the
     # exchange alone at --baseline-chunks too: what the pipeline hides
     layers = {name: make(name, C) for name in netmoe.PLACEMENTS}

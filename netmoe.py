@@ -1846,12 +1846,14 @@ class MoELayer(nn.Module):
     the expert's device and back; "node", one row per (token, remote node) to the rail peer there,
     which forwards it over NVLink, and back the same way with a token's rows summed inside each node.
     The layer is handed its process group (default: the default group); it starts none.
+    experts: its expert component (default: Experts of this rank's E/J experts), any module called
+    as Experts is, e.g. one that computes nothing, to time the exchange alone.
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, top_k=2, placement="netmoe", lookahead=True,
                  topology=None, group=None, virtual_world=None, expert_device=None, debug=False,
                  exchange="expert", chunks=1, shared_experts=0, route_groups=1, group_top=1, expert_bias=True,
-                 links=None):
+                 links=None, experts=None):
         super().__init__()
         _check_routing_options(num_experts, top_k, chunks, shared_experts, route_groups, group_top)
         self.route_groups, self.group_top = route_groups, group_top
@@ -1881,7 +1883,9 @@ class MoELayer(nn.Module):
         n_local = len(self.local_experts)
         self.ln = nn.LayerNorm(hidden)
         self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = Experts(n_local, hidden, ffn_hidden, expert_bias)
+        # the expert component: a module called as Experts is, (rows, counts) -> (f, bias, ends),
+        # for this rank's n_local experts (a benchmark passes one that computes nothing)
+        self.experts = Experts(n_local, hidden, ffn_hidden, expert_bias) if experts is None else experts
         # shared experts (DeepSeek's): every token passes through them, with weights replicated on
         # every rank as the dense ones are; none when shared_experts = 0
         self.shared_experts = n = shared_experts

@@ -1672,6 +1672,30 @@ def test_one_process_and_distributed_expert_sides_without_expert_biases_equal_th
     assert _rel(layer.w1.grad, rp["w1"].grad[torch.as_tensor(layer.local_experts)]) <= 1e-12
 
 
+class _RowsBack(torch.nn.Module):
+    """An expert component that hands its rows back (f = h, no bias): what a benchmark swaps in."""
+
+    def forward(self, h, counts):
+        return h, None, None
+
+
+@pytest.mark.parametrize("virtual", [1, 4])
+def test_the_expert_component_is_swappable_and_the_layer_uses_it(virtual):
+    """experts=: a module called as Experts is. One that hands each row back makes the layer
+    x + LN(x) (each token's K gate weights sum to 1), in the samples' new order; the default is
+    Experts of the layer's experts."""
+    torch.manual_seed(7)
+    layer = netmoe.MoELayer(H_, F_, 8, 2, topology=netmoe.Topology(2, 2) if virtual == 4 else None,
+                            virtual_world=virtual, experts=_RowsBack()).double()
+    assert isinstance(layer.experts, _RowsBack) and not any(n.startswith("experts.") for n, _ in layer.named_parameters())
+    assert isinstance(netmoe.MoELayer(H_, F_, 8, 2, virtual_world=virtual,
+                                      topology=layer.topo).experts, netmoe.Experts)
+    x = torch.randn(I_, S_, H_, dtype=torch.float64)
+    y, sid, _ = layer(x, torch.arange(I_))
+    want = x + netmoe.layer_norm(x, layer.ln)
+    assert _rel(y.detach(), want[sid]) <= 1e-13
+
+
 @pytest.mark.parametrize("chunks", [1, 3, "auto"])
 def test_a_layer_in_a_world_of_one_equals_the_same_layer_playing_one_device(chunks):
     """No process group and no virtual_world (a plain one-process script, train --nproc 1): the
