@@ -1992,10 +1992,10 @@ class MoELayer(nn.Module):
         B, S, H = self._check_input(x, sid)
         sid = torch.as_tensor(sid, device=x.device).long().reshape(-1)
         # 1. Gate; and the lookahead (paper Sec. 3.3): the next layer's gate on this input
-        h = layer_norm(x, self.ln)
+        h, mean, rstd = layer_norm(x, self.ln, stats=True)
         probs, g, route = self.route(x, h)
         lookahead = self.placement.lookahead and next_layer is not None
-        pred = self._predict(x, next_layer) if next_layer is not None and (lookahead or self.record) else None
+        pred = self._predict(x, next_layer, mean, rstd) if next_layer is not None and (lookahead or self.record) else None
         if self.record:
             self.last_routes = (sid, route, pred)
         # 2. The Routing of every sample of the global batch, this layer's and the predicted next
@@ -2044,9 +2044,21 @@ class MoELayer(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _predict(x, next_layer):
-        """The lookahead's routes: the next layer's top-K on this input (its groups' limit included)."""
-        logits = next_layer.logits(x)
+    def _predict(x, next_layer, mean, rstd):
+        """The lookahead's routes: the next layer's top-K on this input (its groups' limit
+        included). Its LayerNorm and gate fold into one product over x with this layer's
+        LayerNorm statistics (mean, rstd [..., 1]), so no second LayerNorm passes over the stream:
+        LN'(x) W'^T = rstd (x - mean) U + c = rstd x U - rstd mean u + c, with U = (W' diag g')^T,
+        u its column sums and c = W' b' (g', b' the next LayerNorm's weight and bias)."""
+        ln, w = next_layer.ln, next_layer.gate.weight
+        acc = _acc(x.dtype)
+        U = (w * ln.weight).to(x.dtype)   # [E, H], rounded as the product reads it
+        with torch.autocast(x.device.type, enabled=False):
+            xu = F.linear(x, U)           # [..., E]
+        rstd = rstd.to(acc)
+        coef = torch.stack([-U.to(acc).sum(1), w.to(acc) @ ln.bias.to(acc)])      # [2, E]: -u; c
+        rest = torch.cat([rstd * mean.to(acc), torch.ones_like(rstd)], -1)        # [..., 2]: rstd mean, 1
+        logits = torch.addmm((xu * rstd).flatten(0, -2), rest.flatten(0, -2), coef).view(xu.shape)
         if next_layer.route_groups > 1:
             logits = group_limited(logits.float().softmax(-1), next_layer.route_groups, next_layer.group_top)
         return hot_path(x.device).topk_ids(logits, next_layer.top_k)
@@ -2196,11 +2208,13 @@ class Experts(nn.Module):
         return ffn_loop(h, (self.w1, self.b1, self.w2, self.b2), counts), None, None
 
 
-def layer_norm(x, ln):
+def layer_norm(x, ln, stats=False):
     """ln(x) in x's dtype. Under autocast torch computes LayerNorm into a float32 copy of its
-    input; here a bfloat16 stream stays bfloat16 (the kernel still accumulates in float32)."""
+    input; here a bfloat16 stream stays bfloat16 (the kernel still accumulates in float32).
+    stats: (ln(x), mean, rstd), each token's mean and 1/std as the kernel computed them [..., 1]."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+        args = (x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+        return torch.native_layer_norm(*args) if stats else F.layer_norm(*args)
 
 
 def _grouped_mm_ok(h):

@@ -1672,6 +1672,46 @@ def test_one_process_and_distributed_expert_sides_without_expert_biases_equal_th
     assert _rel(layer.w1.grad, rp["w1"].grad[torch.as_tensor(layer.local_experts)]) <= 1e-12
 
 
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_the_lookahead_folds_the_next_layernorm_into_its_gate_and_predicts_the_same_routes(groups):
+    """_predict prices the next layer's gate from this layer's LayerNorm statistics (no second
+    LayerNorm): in float64 its routes are exactly the next layer's top-K of its own gate on x
+    (group limits included), whatever the next LayerNorm's weight, bias and the stream's offset;
+    on a bfloat16 stream it agrees with that float64 prediction of the same input about as well
+    as the unfolded bfloat16 gate does."""
+    M, T = groups
+    torch.manual_seed(11)
+    this, nxt = (netmoe.MoELayer(H_, F_, 16, 4, virtual_world=4, topology=netmoe.Topology(2, 2), route_groups=M,
+                                 group_top=T).double() for _ in range(2))
+    with torch.no_grad():
+        for layer in (this, nxt):
+            layer.ln.weight.uniform_(-1.5, 1.5)
+            layer.ln.bias.normal_(0, 0.5)
+    ops = netmoe.REFERENCE_OPS
+
+    def want(x):
+        logits = nxt.logits(x.double())
+        if M > 1:
+            logits = netmoe.group_limited(logits.softmax(-1), M, T)
+        return ops.topk_ids(logits, 4)
+    for offset in (0.0, 2.0):
+        x = torch.randn(8, 16, H_, dtype=torch.float64) + offset
+        h, mean, rstd = netmoe.layer_norm(x, this.ln, stats=True)
+        assert torch.equal(h, netmoe.layer_norm(x, this.ln))
+        assert torch.equal(netmoe.MoELayer._predict(x, nxt, mean, rstd), want(x))
+    x = (torch.randn(32, 64, H_, dtype=torch.float64) + 0.5).to(torch.bfloat16)
+    t16, n16 = this.to(torch.bfloat16), nxt.to(torch.bfloat16)
+    _, mean, rstd = netmoe.layer_norm(x, t16.ln, stats=True)
+    got = netmoe.MoELayer._predict(x, n16, mean, rstd)
+    nxt.double()
+    truth = want(x)
+    n16 = nxt.to(torch.bfloat16)
+    logits = n16.logits(x)
+    unfolded = ops.topk_ids(netmoe.group_limited(logits.float().softmax(-1), M, T) if M > 1 else logits, 4)
+    agree, agree_unfolded = (got == truth).double().mean(), (unfolded == truth).double().mean()
+    assert agree >= 0.95 and agree >= agree_unfolded - 0.01, (agree, agree_unfolded)
+
+
 class _RowsBack(torch.nn.Module):
     """An expert component that hands its rows back (f = h, no bias): what a benchmark swaps in."""
 
