@@ -399,31 +399,29 @@ class Routing:
     topo: Topology
     expert_device: np.ndarray  # [E] device of expert e
     exchange: type             # the exchange class whose rows these are (EXCHANGES)
-    nc: np.ndarray = None      # [I, N] node counts, where the exchange sends a row per (token, node)
+    layout: dict = dataclasses.field(default_factory=dict)   # what else its exchange counts of the
+                               # routes (the exchange's `layout` beyond num): {} for the expert exchange
     chunks: tuple = ()         # ((a, b), Routing) of the positions [a, b) of every sample, where the layer runs in chunks
 
     @classmethod
-    def of(cls, num, topo, expert_device=None, exchange="expert", node_count=None, name="num"):
-        """A checked Routing from counts; node_count: node_counts of the same routes and layout,
-        for an exchange whose rows depend on each token's set of nodes (needs_routes)."""
+    def of(cls, num, topo, expert_device=None, exchange="expert", *, name="num", **layout):
+        """A checked Routing from counts, and whatever else the exchange counts of the same routes
+        under the same expert map (its `layout` beyond num, by name: the node exchange's
+        node_count), which it checks (check_layout)."""
         num = _check_num(num, topo, name)
         ed = _check_expert_device(expert_device, num.shape[1], topo.world)
         ex = exchange_class(exchange)
-        if not ex.needs_routes:
-            if node_count is not None:
-                raise ValueError(f"node_count is only used by exchange={NodeExchange.name!r}")
-            return cls(num, topo, ed, ex)
-        if node_count is None:
-            raise ValueError(f"exchange={exchange!r} needs node_count [I, N]: netmoe.node_counts(route, "
-                             f"expert_device // G, N), or build the Routing with Routing.from_routes")
-        nc = _check_num(node_count, topo, "node_count")
-        if nc.shape != (num.shape[0], topo.nodes):
-            raise ValueError(f"node_count must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
-        per_node = _device_tokens(num, topo, ed)[1]
-        if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
-            raise ValueError("node_count does not fit the counts: a token counts on node n only if one of its "
-                             "experts is there (compute it with the same expert layout)")
-        return cls(num, topo, ed, ex, nc)
+        for key in layout:
+            if key not in ex.layout_names:
+                users = [c.name for c in EXCHANGES.values() if key in c.layout_names]
+                raise ValueError(f"{key} is " + (f"only used by exchange={users[0]!r}" if users else
+                                                 "not a count any exchange uses") + f", not by {ex.name!r}")
+        return cls(num, topo, ed, ex, ex.check_layout(num, topo, ed, layout))
+
+    @classmethod
+    def counted(cls, counts, topo, expert_device, exchange):
+        """The Routing of an exchange's `layout` output (num and the rest), unchecked."""
+        return cls(counts["num"], topo, expert_device, exchange, {k: v for k, v in counts.items() if k != "num"})
 
     @classmethod
     def of_reach(cls, node, device, topo, exchange="expert"):
@@ -459,7 +457,7 @@ class Routing:
             raise ValueError(f"route holds expert ids outside [0, {num_experts})")
         ed = _check_expert_device(expert_device, num_experts, topo.world)
         ex = exchange_class(exchange)
-        return cls(topo=topo, expert_device=ed, exchange=ex, **ex.layout(route, ed, topo, num_experts, HOST_OPS))
+        return cls.counted(ex.layout(route, ed, topo, num_experts, HOST_OPS), topo, ed, ex)
 
     @functools.cached_property
     def tokens(self):
@@ -473,7 +471,7 @@ class Routing:
         If it sits on (n, g), node.sum(1) - node[n] rows cross nodes (Eq. 8's c) and
         device[n].sum() - device[n, g] cross devices inside n (c_intra): every cost of
         Algorithm 1 and every volume of Eq. 3-4, in the size of its stages."""
-        return self.exchange.reach(self.tokens, self.topo, self.nc)
+        return self.exchange.reach(self.tokens, self.topo, **self.layout)
 
     @property
     def samples(self):
@@ -493,7 +491,8 @@ class Routing:
             node, device = self.reach
             device = device[:, 0] if device.strides[1] == 0 else device   # the same on every node: [I, G]
             return Routing.of_reach(node[order], device[order], self.topo, self.exchange.name)
-        return dataclasses.replace(self, num=self.num[order], nc=None if self.nc is None else self.nc[order], chunks=())
+        return dataclasses.replace(self, num=self.num[order], layout={k: v[order] for k, v in self.layout.items()},
+                                   chunks=())
 
 
 def routings(routes, topo, num_experts, layouts=None, exchange="expert"):
@@ -519,7 +518,7 @@ def _routing(num, topo, expert_device=None, name="num"):
 Reach = collections.namedtuple("Reach", "node device")
 
 
-def _expert_reach(tokens, topo, nc=None):
+def _expert_reach(tokens, topo):
     """Routing.reach of the expert exchange, one row per (token, expert) straight to the
     expert's device: node [I, N] the tokens with experts on node n, device [I, N, G] those with
     experts on device (n, g)."""
@@ -527,14 +526,14 @@ def _expert_reach(tokens, topo, nc=None):
     return Reach(per_node, per_dev.reshape(len(per_dev), topo.nodes, topo.gpus_per_node))
 
 
-def _node_reach(tokens, topo, nc):
-    """Routing.reach of the node exchange (nc = node_counts [I, N]): one rail row per (token,
+def _node_reach(tokens, topo, node_count):
+    """Routing.reach of the node exchange (node_count [I, N]): one rail row per (token,
     node) it needs, then from (m, g) on every node m one NVLink row per (token, k) to the
     expert's device; a sample on rail g keeps on device only the rows of experts on (m, g), for
     every m: device [I, N, G] is the same for every node (a view)."""
     per_dev, G = tokens[0], topo.gpus_per_node
     rail = sum(per_dev[:, m * G:(m + 1) * G] for m in range(topo.nodes))
-    return Reach(nc, np.broadcast_to(rail[:, None], (len(rail), topo.nodes, G)))
+    return Reach(node_count, np.broadcast_to(rail[:, None], (len(rail), topo.nodes, G)))
 
 
 def placement_costs(num, topo, expert_device=None):
@@ -1399,6 +1398,7 @@ class ExpertExchange(Exchange):
     position s*K+k travels, as int32 bits beside x and the gate weight."""
     name = "expert"
     needs_routes = False        # its rows follow from num alone
+    layout_names = ()           # what its layout counts beyond num
     hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
     reach = staticmethod(_expert_reach)
 
@@ -1407,6 +1407,11 @@ class ExpertExchange(Exchange):
         """What this exchange's Routing holds, from routes [I, S, K] (DeepEP's get_dispatch_layout),
         with ops' counts (the kernels, their torch references, or HOST_OPS): num."""
         return dict(num=ops.count_tokens(route, num_experts))
+
+    @staticmethod
+    def check_layout(num, topo, expert_device, layout):
+        """Routing.of's check of the counts beyond num (layout_names) given with num: the checked dict."""
+        return {}
 
     def run(self, x, g, route, routing, experts, solve):
         """The layer's rows in chunks (routing.chunks: positions [a, b) of every sample and their
@@ -1524,15 +1529,30 @@ class NodeExchange(ExpertExchange):
     (p // B) % G. This rank is device gl of node n."""
     name = "node"
     needs_routes = True         # one rail row per (token, node): node_counts of the routes, not num, say how many
+    layout_names = ("node_count",)
     hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
     reach = staticmethod(_node_reach)
 
     @staticmethod
     def layout(route, expert_device, topo, num_experts, ops):
-        """num, and the node counts nc of the same routes under expert_device."""
+        """num, and the node counts node_count of the same routes under expert_device."""
         node = expert_device // topo.gpus_per_node
         node = _to(node, route.device) if torch.is_tensor(route) else node
-        return dict(num=ops.count_tokens(route, num_experts), nc=ops.node_counts(route, node, topo.nodes))
+        return dict(num=ops.count_tokens(route, num_experts), node_count=ops.node_counts(route, node, topo.nodes))
+
+    @staticmethod
+    def check_layout(num, topo, expert_device, layout):
+        if layout.get("node_count") is None:
+            raise ValueError(f"exchange={NodeExchange.name!r} needs node_count [I, N]: netmoe.node_counts(route, "
+                             f"expert_device // G, N), or build the Routing with Routing.from_routes")
+        nc = _check_num(layout["node_count"], topo, "node_count")
+        if nc.shape != (num.shape[0], topo.nodes):
+            raise ValueError(f"node_count must be [I={num.shape[0]}, N={topo.nodes}], got {nc.shape}")
+        per_node = _device_tokens(num, topo, expert_device)[1]
+        if np.any(nc > per_node) or np.any((nc > 0) != (per_node > 0)):
+            raise ValueError("node_count does not fit the counts: a token counts on node n only if one of its "
+                             "experts is there (compute it with the same expert layout)")
+        return dict(node_count=nc)
 
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
@@ -1547,7 +1567,8 @@ class NodeExchange(ExpertExchange):
 
     def _scatter(self, x, g, route, routing):
         (B, S, H), K = x.shape, route.shape[-1]
-        J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.nc, self.topo.gpus_per_node, self.topo.nodes
+        J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.layout["node_count"], self.topo.gpus_per_node, \
+            self.topo.nodes
         I, (per_dev, per_node, _), ops = num.shape[0], routing.tokens, hot_path(x.device)
         n, gl = divmod(r, G)
         dev, ranks = x.device, np.arange(J)
@@ -1611,7 +1632,7 @@ class NodeExchange(ExpertExchange):
 
     def _gather(self, y, d, dest):
         (B, S, H), J, r, K, I, G = d.shape, self.J, self.rank, d.top_k, len(dest), self.topo.gpus_per_node
-        per_dev, nc = d.routing.tokens[0], d.routing.nc
+        per_dev, nc = d.routing.tokens[0], d.routing.layout["node_count"]
         m, gl = divmod(r, G)
         dev, ranks = y.device, np.arange(J)
         # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
@@ -2146,9 +2167,11 @@ class MoELayer(nn.Module):
             cols, out = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1)), []
             for per, (_, layer, bs) in zip(parts, layers):
                 kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
-                pieces = [Routing(**kw, **{name: next(cols) for name in p}) for p in per]
-                out.append(Routing(**kw, **{name: functools.reduce(np.add, (getattr(q, name) for q in pieces))
-                                            for name in per[0]}, chunks=tuple(zip(bs, pieces))))
+                pieces = [{name: next(cols) for name in p} for p in per]
+                whole = Routing.counted({name: functools.reduce(np.add, (q[name] for q in pieces)) for name in per[0]},
+                                        **kw)
+                chunked = tuple((b, Routing.counted(q, **kw)) for b, q in zip(bs, pieces))
+                out.append(dataclasses.replace(whole, chunks=chunked))
             self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / (self.J if self.virtual else 1)
             return out[0], out[1] if pred is not None else None, meta[:, -1]
         return build, parts[0][0]["num"]

@@ -602,8 +602,9 @@ def test_node_exchange_costs_and_volumes_count_the_rows_each_hop_sends(spec):
         route = _random_route(rng, 2 * J, 5, min(K, E), E)
         ed = rng.permutation(np.arange(E) // 2)
         num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
-        routing = netmoe.Routing.of(num, topo, ed, "node", nc)
-        assert np.array_equal(routing.nc, netmoe.Routing.from_routes(route, topo, E, ed, "node").nc)
+        routing = netmoe.Routing.of(num, topo, ed, "node", node_count=nc)
+        assert np.array_equal(routing.layout["node_count"],
+                              netmoe.Routing.from_routes(route, topo, E, ed, "node").layout["node_count"])
         c, c_intra = netmoe.placement_costs(routing, topo)
         sd = rng.integers(0, J, size=len(num))
         vol = dict(local=0, intra=0, inter=0)
@@ -637,9 +638,9 @@ def test_node_exchange_placement_is_balanced_and_each_stage_is_exactly_optimal(s
         ed, ed_next = (rng.permutation(np.arange(E) // 2) for _ in range(2))
         route, nxt = _random_route(rng, I, 6, 2, E), _random_route(rng, I, 6, 2, E)
         num, nc = netmoe.count_tokens(route, E).numpy(), netmoe.node_counts(route, ed // G, N).numpy()
-        routing = netmoe.Routing.of(num, topo, ed, "node", nc)
+        routing = netmoe.Routing.of(num, topo, ed, "node", node_count=nc)
         following = netmoe.Routing.of(netmoe.count_tokens(nxt, E).numpy(), topo, ed_next, "node",
-                                      netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else None
+                                      node_count=netmoe.node_counts(nxt, ed_next // G, N).numpy()) if lookahead else None
         dest = netmoe.solve_placement(routing, topo, num_next=following)
         assert dest.dtype == np.int64 and np.array_equal(np.bincount(dest, minlength=J), np.full(J, I // J))
         c, ci = netmoe.placement_costs(routing, topo)
@@ -710,8 +711,8 @@ def _random_routing(rng, topo, exchange, I, E, S=6, K=2):
     r = netmoe.Routing.from_routes(route, topo, E, rng.permutation(np.arange(E) // (E // topo.world)), exchange)
     empty = rng.random(I) < 0.2
     num = np.where(empty[:, None], 0, r.num)
-    nc = None if r.nc is None else np.where(empty[:, None], 0, r.nc)
-    return netmoe.Routing.of(num, topo, r.expert_device, exchange, nc)
+    layout = {k: np.where(empty[:, None], 0, v) for k, v in r.layout.items()}
+    return netmoe.Routing.of(num, topo, r.expert_device, exchange, **layout)
 
 
 @pytest.mark.parametrize("spec", TOPOLOGIES + ["3x2", "1x8", "8x1", "4x8"])
@@ -1442,10 +1443,10 @@ def test_replay_of_the_node_exchange_agrees_with_the_live_layers():
             following = netmoe.Routing.from_routes(pred.numpy()[by_id], topo, 8, nxt.expert_device, "node")
         # the layer solves with rows in sample-id order, so ties break as in a replay: so does this
         dest = np.empty(8, dtype=np.int64)
-        dest[by_id] = netmoe.solve_placement(netmoe.Routing.of(num[by_id], topo, layer.expert_device, "node", nc[by_id]),
-                                             topo, num_next=following)
+        by_id_routing = netmoe.Routing.of(num[by_id], topo, layer.expert_device, "node", node_count=nc[by_id])
+        dest[by_id] = netmoe.solve_placement(by_id_routing, topo, num_next=following)
         assert np.array_equal(layer.last_dest, dest), f"layer {l}"
-        want = netmoe.layer_stats(netmoe.Routing.of(num, topo, layer.expert_device, "node", nc),
+        want = netmoe.layer_stats(netmoe.Routing.of(num, topo, layer.expert_device, "node", node_count=nc),
                                   netmoe.static_placement(8, 4), dest, topo, wire)
         assert (stats.scatter, stats.gather, stats.moved_device) == (want.scatter, want.gather, want.moved_device)
         assert stats.a2a_model_ms == pytest.approx(want.a2a_model_ms)
