@@ -1162,7 +1162,6 @@ def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=
         _, work = _start_all_to_all(x, split, split, group)
         products()
         work.wait()
-
     def two():   # the same bytes as two messages in flight at once
         half = [v // 2 for v in split]
         m = sum(half)
