@@ -414,9 +414,10 @@ class Routing:
         return cls(num, topo, ed, ex, ex.check_layout(num, topo, ed, layout))
 
     @classmethod
-    def counted(cls, counts, topo, expert_device, exchange):
+    def counted(cls, counts, topo, expert_device, exchange, chunks=()):
         """The Routing of an exchange's `layout` output (num and the rest), unchecked."""
-        return cls(counts["num"], topo, expert_device, exchange, {k: v for k, v in counts.items() if k != "num"})
+        return cls(counts["num"], topo, expert_device, exchange, {k: v for k, v in counts.items() if k != "num"},
+                   chunks)
 
     @classmethod
     def of_reach(cls, node, device, topo, exchange="expert"):
@@ -2147,10 +2148,9 @@ class MoELayer(nn.Module):
             for per, (_, layer, bs) in zip(parts, layers):
                 kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
                 pieces = [{name: next(cols) for name in p} for p in per]
-                whole = Routing.counted({name: functools.reduce(np.add, (q[name] for q in pieces)) for name in per[0]},
-                                        **kw)
-                chunked = tuple((b, Routing.counted(q, **kw)) for b, q in zip(bs, pieces))
-                out.append(dataclasses.replace(whole, chunks=chunked))
+                whole = {name: functools.reduce(np.add, (q[name] for q in pieces)) for name in per[0]}
+                out.append(Routing.counted(whole, **kw, chunks=tuple((b, Routing.counted(q, **kw))
+                                                                     for b, q in zip(bs, pieces))))
             self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / (self.J if self.virtual else 1)
             return out[0], out[1] if pred is not None else None, meta[:, -1]
         return build, parts[0][0]["num"]

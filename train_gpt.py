@@ -1249,8 +1249,7 @@ def summary_table(result, skip):
     probed = next((r["links"] for r in result["runs"].values() if r.get("links")), None)
     if probed and c.get("chunks") == "auto":
         how = "given" if c.get("alpha") is not None else "modelled, one process" if c.get("world") == 1 else "measured"
-        head += f"\nthe links --chunks auto priced on ({how}): " \
-                f"{show_links(probed)}"
+        head += f"\nthe links --chunks auto priced on ({how}): {show_links(probed)}"
     return head + "\n" + table(["", *names], body) + foot
 
 
