@@ -308,8 +308,8 @@ def _simulate_rows(name, res, skip):
              r["intra"], r["a2a_ms"]] for p, r in placements.items()]
 
 
-SCALE_COLUMNS = ["topology", "I", "E", "K", "solve ms", "(CPU ms)", "from [I, E] ms", "today: expert", "today: node",
-                 "will gather", "today / will"]
+SCALE_COLUMNS = ["topology", "I", "E", "K", "solve ms", "(CPU ms)", "from [I, E] ms", "[I, E]: expert", "[I, E]: node",
+                 "gathered now", "[I, E] / now"]
 
 
 ROWS = {   # kind: the rows summary shows of one record of it (its name, its body, --skip-steps)
@@ -436,15 +436,14 @@ SCALE_TOPOLOGIES = ("4x8", "16x8", "32x8", "128x8")
 
 
 def metadata_bytes(I, E, topo, lookahead=True):
-    """Routing metadata one rank receives per layer call (sample ids aside): what the layer gathers
-    today, every rank's [I/J, E] int64 counts (and, for the node exchange, its [I/J, N] node
-    counts) for this layer and the lookahead's, so every rank holds [I, E] twice; and what a
-    layer gathers in the stage-sized design, O(I N + J): stage 1's summed [I, N] int32 cost
-    all-gathered, its node's [I/N, G] int32 stage-2 cost among the node's G ranks, the I
-    destinations (int32) shared and a [J] int64 exchange of split sizes."""
-    N, G, J, layers = topo.nodes, topo.gpus_per_node, topo.world, 2 if lookahead else 1
+    """Routing metadata one rank receives per layer call: what the layer gathered before it was
+    built in the size of Algorithm 1's stages, every rank's [I/J, E] int64 counts (and, for the
+    node exchange, its [I/J, N] node counts) for this layer and the lookahead's, so that every
+    rank held [I, E] twice; and what it gathers now, the expert exchange in one chunk
+    (netmoe.metadata_bytes, which a test measures at every collective)."""
+    N, layers = topo.nodes, 2 if lookahead else 1
     return dict(today_expert=layers * I * E * 8, today_node=layers * I * (E + N) * 8,
-                staged=I * N * 4 + I // N * G * 4 + I * 4 + J * 8)
+                staged=netmoe.metadata_bytes(I, E, topo, "expert", 1, lookahead))
 
 
 def bench_scale(topologies, samples, experts, top_k, echo, S=1024, repeats=3):
@@ -453,7 +452,7 @@ def bench_scale(topologies, samples, experts, top_k, echo, S=1024, repeats=3):
     stage-sized counts a rank holds (Routing.of_reach: int32 [I, N] per node, [I, N, G] per
     device; the layer counts them from its routes on the GPU), and the same from [I, E] int64
     counts (Routing.of, the per-device sums included), each the min of `repeats` after a warm
-    call; and the routing metadata per rank per layer, today's and the stage-sized design's."""
+    call; and the routing metadata per rank per layer, [I, E] counts and what the layer gathers now."""
     rng = np.random.default_rng(0)
     rows = []
     for topo in progress(topologies, "scaling case"):
@@ -668,14 +667,15 @@ def _run_bench(worker, o, virtual_world=None, on_the_cpu=None):
 def solver_cmd(repeats, max_expanded, cpu, scale, topologies, samples, experts, top_k, json_path):
     """Algorithm 1's Solve: capacitated vs KM on the paper's expanded matrices vs scipy (paper Table 4).
     With --scale or --topology: the solve with lookahead at cluster scale and the routing metadata a
-    rank receives per layer call, today's [I, E] counts against the stage-sized design."""
+    rank receives per layer call, every rank's [I, E] counts against what the layer gathers now."""
     if scale or topologies:
         click.echo(f"solve_placement with lookahead on routed counts with locality (S=1024, K={top_k}), min of 3\n"
                    f"after a warm call: from the stage-sized counts a rank holds (int32 [I, N] and [I, N, G], which\n"
                    f"the layer counts on the GPU), and from [I, E] int64 counts. Routing metadata per rank per\n"
-                   f"layer call, sample ids aside: today every rank gathers [I, E] int64 twice (and [I, N] twice\n"
-                   f"for the node exchange); the layer will gather stage 1's [I, N] int32 cost, its node's\n"
-                   f"[I/N, G] stage-2 cost, the I destinations and [J] split sizes")
+                   f"layer call: gathering every rank's counts took [I, E] int64 twice (and [I, N] twice for the\n"
+                   f"node exchange); the layer now gathers each sample's tokens per node and rows per device of\n"
+                   f"the rank's node, the tokens per expert, the I destinations and [J] split sizes\n"
+                   f"(netmoe.metadata_bytes, the expert exchange in one chunk)")
         scale_rows = bench_scale(topologies or [netmoe.Topology.parse(t) for t in SCALE_TOPOLOGIES], samples,
                                  experts, top_k, click.echo)
         _write_json(json_path, scale_rows, "solver_scale")

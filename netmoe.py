@@ -36,6 +36,7 @@ import os
 import time
 import types
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -1172,10 +1173,17 @@ def best_chunks(routing, cur, dest, bytes_per_token, expert_ms, positions, links
     `routing` whose samples go from cur to dest: the smallest C of equals. Without compute to hide
     behind, the expert exchange's chunks only add alphas (C = 1); the node exchange's overlap its
     rail hop with its NVLink hop."""
+    topo = routing.topo
+    return _fewest_exposed(_traffic(routing.reach, cur, topo), _traffic(routing.reach, dest, topo), routing.exchange,
+                           topo, cur, dest, bytes_per_token, expert_ms, positions, links)
+
+
+def _fewest_exposed(scatter, gather, exchange, topo, cur, dest, bytes_per_token, expert_ms, positions, links=None):
+    """best_chunks of a layer whose scatter and gather move these volumes."""
     exposed = {}
     for C in CHUNK_CHOICES:
         if C <= positions:
-            s = _layer_stats(routing, cur, dest, bytes_per_token, C, expert_ms, links)
+            s = _priced(scatter, gather, exchange, topo, cur, dest, bytes_per_token, C, expert_ms, links)
             exposed[C] = s.a2a_model_ms - s.a2a_hidden_ms
     return min(exposed, key=lambda C: (exposed[C], C))
 
@@ -1276,12 +1284,47 @@ class Dispatch:
     rows: torch.Tensor         # [R, H] rows of x
     gate: torch.Tensor         # [R] the gate weight of each row's (token, expert)
     expert: torch.Tensor       # [R] the local expert of each row
-    counts: list               # rows per local expert
+    counts: torch.Tensor       # rows per local expert, on the rows' device
     src: torch.Tensor          # [R] the sample slot each row's token came from
     pos: torch.Tensor          # [R] s * K + k: the row's token position s and choice k
     shape: tuple               # (B, S, H) of the scattered x
     top_k: int
-    routing: Routing
+    routing: "Held"
+    sent: list                 # per hop, the rows this rank sent each rank: where a sample stays,
+                               # what comes back to it (the hops in reverse)
+
+
+@dataclasses.dataclass(eq=False)
+class Held:
+    """What one rank holds of a layer's routing where ranks run it: of every sample of the global
+    batch only what this rank's hops need, O(I G + J) integers, never [I, E] (the layer gathers
+    them, see MoELayer._held). col [I]: the rows of each sample that this device's experts take;
+    block [I, G]: those that each device of this rank's node takes (col is one of its columns);
+    nc [I]: the tokens of each sample that this node needs (the node exchange's node_count
+    column; None for the expert exchange); sends [J]: the rows of this rank's own samples for
+    each device, and need [N]: their tokens each node needs. chunks: ((a, b), Held) of the
+    positions [a, b), as Routing's."""
+    topo: Topology
+    expert_device: np.ndarray
+    slot: np.ndarray
+    rank: int
+    block: np.ndarray
+    sends: np.ndarray
+    nc: np.ndarray = None
+    need: np.ndarray = None
+    chunks: tuple = ()
+
+    @property
+    def col(self):
+        return self.block[:, self.rank % self.topo.gpus_per_node]
+
+
+def _new_slots(dest):
+    """[I] each sample's slot on its new device: its rank among the samples dest sends there."""
+    order = np.argsort(dest, kind="stable")
+    slots = np.empty(len(dest), dtype=np.int64)
+    slots[order] = np.arange(len(dest)) - np.searchsorted(dest[order], dest[order])
+    return slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1304,25 +1347,42 @@ class ExpertSide:
     h: torch.Tensor = None
 
 
-def _with_ints(rows, *ints):
+def _with_ints(rows, *ints, short=None):
     """rows [R, C] with int32 columns appended, their bits held in rows' dtype (one int32 in two
-    bfloat16 columns, or one float32; float64 rows hold them in pairs): token positions and
-    expert ids travel exactly in rows of any dtype, in the same All-to-All as the rows."""
-    ints = torch.stack([i.to(torch.int32) for i in ints], 1)
+    bfloat16 columns, or one float32; float64 rows hold them in pairs), and a `short` column of
+    values in [0, 2^16) after them (one bfloat16 column; widened to an int32 in wider rows):
+    sample slots, token positions and expert ids travel exactly in rows of any dtype, in the same
+    All-to-All as the rows."""
+    wide = short is not None and rows.element_size() > 2
+    ints = torch.stack([i.to(torch.int32) for i in ints + ((short,) if wide else ())], 1)
     if rows.element_size() > 4 and ints.shape[1] % 2:
         ints = F.pad(ints, (0, 1))
-    return torch.cat([rows, ints.view(rows.dtype)], 1)
+    parts = [rows, ints.view(rows.dtype)]
+    if short is not None and not wide:
+        parts.append(short.to(torch.int32).to(torch.int16)[:, None].view(rows.dtype))   # its low 16 bits
+    return torch.cat(parts, 1)
 
 
 def _ints(cols, n):
     """The n int32 columns _with_ints appended, from the columns after the rows: [R, n] int64."""
-    return cols.clone(memory_format=torch.contiguous_format).view(torch.int32)[:, :n].long()   # fresh strides
+    width = -(-4 * n // cols.element_size())   # the columns that hold them
+    return cols[:, :width].clone(memory_format=torch.contiguous_format).view(torch.int32)[:, :n].long()   # fresh strides
 
 
-def _meta_bytes(n, dtype):
-    """Bytes of n int32 columns appended by _with_ints to rows of dtype."""
+def _short(cols, n):
+    """The `short` column _with_ints appended after n int32 columns (cols: the columns after the
+    rows): [R] int64 in [0, 2^16)."""
+    if cols.element_size() > 2:
+        return _ints(cols, n + 1)[:, n]
+    return cols[:, 2 * n:2 * n + 1].clone().view(torch.int16)[:, 0].long() & 0xFFFF
+
+
+def _meta_bytes(n, dtype, short=False):
+    """Bytes of n int32 columns (and a short one) appended by _with_ints to rows of dtype."""
+    if short and dtype.itemsize == 2:
+        return 4 * n + 2
     per = max(dtype.itemsize, 4)
-    return -(-4 * n // per) * per
+    return -(-4 * (n + short) // per) * per
 
 
 class Exchange:
@@ -1347,7 +1407,6 @@ class Exchange:
         # and the bytes they sent to other devices
         self.sent = {phase: dict(local=0, intra=0, inter=0) for phase in ("scatter", "gather")}
         self.sent_bytes = dict(scatter=0, gather=0)
-        self.tiers = {}   # a communicator per tier, where the hops hold one of their own
 
     def run(self, x, g, route, routing, experts, solve):
         """In one process nothing travels, so the layer runs in one piece, fused: one permute puts
@@ -1374,14 +1433,20 @@ class Exchange:
 
 class ExpertExchange(Exchange):
     """The paper's exchange, one rank per device: each (token, expert) row goes straight to the
-    expert's device and back. Rows leave ordered by (expert device, local expert, b, s, k), so the
-    receiver names every row's sample and expert from num alone (every rank holds it); only the
-    position s*K+k travels, as int32 bits beside x and the gate weight."""
+    expert's device and back. Each row names its sample, position and expert (int32 p*S + s and
+    a 16-bit e*K + k beside x and the gate weight), so a receiver needs only how many rows come
+    from each rank, never every rank's counts; on the way back, its new slot and position."""
     name = "expert"
-    needs_routes = False        # its rows follow from num alone
+    needs_routes = False        # num counts its rows
     layout_names = ()           # what its layout counts beyond num
     hops_in_sequence = False    # one All-to-All: Eq. 1 takes the slower tier
     reach = staticmethod(_expert_reach)
+
+    @staticmethod
+    def own_reach(counts, per_dev):
+        """Routing.reach of a rank's own samples, from its layout's counts and rows per device
+        [B, N, G], on their device: (node [B, N], device [B, N, G])."""
+        return per_dev.sum(2), per_dev
 
     @staticmethod
     def layout(route, expert_device, topo, num_experts, ops):
@@ -1394,28 +1459,27 @@ class ExpertExchange(Exchange):
         """Routing.of's check of the counts beyond num (layout_names) given with num: the checked dict."""
         return {}
 
-    def run(self, x, g, route, routing, experts, solve):
-        """The layer's rows in chunks (routing.chunks: positions [a, b) of every sample and their
-        Routing), pipelined (Tutel's and Megatron's overlap): chunk c + 1's scatter is in flight
-        while chunk c's experts compute, chunk c's gather while chunk c + 1 computes, and in
-        backward the same; every chunk's gather waits for the placement. One chunk: as plain EP."""
-        def chunk(a, b, r):
-            d = yield from self._scatter(x[:, a:b], g[:, a:b], route[:, a:b], r)
+    def run(self, x, g, route, held, experts, solve):
+        """The layer's rows in chunks (held.chunks: positions [a, b) of every sample and what this
+        rank holds of their routing), pipelined (Tutel's and Megatron's overlap): chunk c + 1's
+        scatter is in flight while chunk c's experts compute, chunk c's gather while chunk c + 1
+        computes, and in backward the same; every chunk's gather waits for the placement (and the
+        rows each rank sends back, solve.recv). One chunk: as plain EP."""
+        def chunk(c, a, b, h):
+            d = yield from self._scatter(x[:, a:b], g[:, a:b], route[:, a:b], h)
             y = self._experts(d, experts)
-            out, keep = yield from self._gather(y, d, solve.result())
+            out, keep = yield from self._gather(y, d, solve.result(), solve.recv(c))
             return out, keep
-        # one chunk: the whole routing, whose per-device counts the layer has already
-        chunks = routing.chunks if len(routing.chunks) > 1 else [((0, x.shape[1]), routing)]
-        done = pipeline([chunk(a, b, r) for (a, b), r in chunks])
+        done = pipeline([chunk(c, a, b, h) for c, ((a, b), h) in enumerate(held.chunks)])
         return torch.cat([out for out, _ in done], 1), done[0][1], solve.result()
 
-    def scatter(self, x, g, route, routing):
+    def scatter(self, x, g, route, held):
         """(token, k) rows to their experts' devices, in one piece: a Dispatch."""
-        return _finish(self._scatter(x, g, route, routing))
+        return _finish(self._scatter(x, g, route, held))
 
-    def gather(self, y, d, dest):
+    def gather(self, y, d, dest, recv=None):
         """Each row back to dest[its sample], in one piece: (out [B, S, H], keep)."""
-        return _finish(self._gather(y, d, dest))
+        return _finish(self._gather(y, d, dest, recv))
 
     def local_experts(self, routing):
         per = len(routing.slot) // self.J
@@ -1443,47 +1507,55 @@ class ExpertExchange(Exchange):
 
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
-        """Bytes of one row on the wire: (scatter: x, its gate weight, s*K+k; gather: y, s*K+k)."""
-        return hidden * dtype.itemsize + dtype.itemsize + _meta_bytes(1, dtype), hidden * dtype.itemsize + _meta_bytes(1, dtype)
+        """Bytes of one row on the wire: (scatter: x, its gate weight, p*S+s and e*K+k; gather: y, its
+        new slot's q*S*K + s*K + k)."""
+        return (hidden * dtype.itemsize + dtype.itemsize + _meta_bytes(1, dtype, short=True),
+                hidden * dtype.itemsize + _meta_bytes(1, dtype))
 
-    def _scatter(self, x, g, route, routing):
+    def _scatter(self, x, g, route, held):
         (B, S, H), K = x.shape, route.shape[-1]
-        J, r, num, per_dev = self.J, self.rank, routing.num, routing.tokens[0]
-        I, dev, local = num.shape[0], x.device, self.local_experts(routing)
-        order = hot_path(dev).dispatch_order(route, _to(routing.slot, dev))
-        rows = permute(x.reshape(-1, H), order // K, _inverse(order).view(-1, K))
-        payload = _with_ints(torch.cat([rows, g.reshape(-1, 1)[order].to(x.dtype)], 1), order % (S * K))
-        flight = self._send("scatter", payload, per_dev[r * B:(r + 1) * B].sum(0), per_dev[:, r].reshape(J, B).sum(1))
+        J, r, dev = self.J, self.rank, x.device
+        slot = _to(held.slot, dev)
+        order = hot_path(dev).dispatch_order(route, slot)
+        t = order // K
+        rows = permute(x.reshape(-1, H), t, _inverse(order).view(-1, K))
+        # each row names its sample and position (p * S + s) and its expert there (e * K + k)
+        local = slot[route.reshape(-1)[order]] % (len(held.slot) // J)
+        payload = _with_ints(torch.cat([rows, g.reshape(-1, 1)[order].to(x.dtype)], 1), r * B * S + t,
+                             short=local * K + order % K)
+        flight = self._send("scatter", payload, held.sends, held.col.reshape(J, B).sum(1))
         yield
-        recv = flight.wait()
-        # arrival order: (source rank, local expert, b, s, k); cnt[j, e, b] rows of each group
-        cnt = num[:, local].reshape(J, B, -1).transpose(0, 2, 1)
-        reps = _to(cnt.reshape(-1), dev)
-        n_rows, n_local = int(cnt.sum()), len(local)   # output_size: no device sync
-        expert = torch.arange(n_local, device=dev).repeat_interleave(B).repeat(J).repeat_interleave(
-            reps, output_size=n_rows)
-        src = torch.arange(I, device=dev).reshape(J, 1, B).expand(J, n_local, B).reshape(-1).repeat_interleave(
-            reps, output_size=n_rows)
-        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
-                        (B, S, H), K, routing)
+        return self._arrived(flight.wait(), x.shape, K, held, [held.sends])
 
-    def _gather(self, y, d, dest):
-        """Rows to dest[sample], ordered by (dest, sample): the receiver knows each row's sample
-        from num and dest (every rank holds both); the payload again carries only s*K+k."""
-        (B, S, H), J, r, I = d.shape, self.J, self.rank, len(dest)
-        per_dev, dev = d.routing.tokens[0], y.device
+    def _arrived(self, recv, shape, K, held, sent):
+        """The Dispatch of rows that reached the experts, as _scatter's payload names them."""
+        H, S = shape[2], shape[1]
+        v, short = _ints(recv[:, H + 1:], 1)[:, 0], _short(recv[:, H + 1:], 1)
+        expert = short // K
+        counts = torch.zeros(len(held.slot) // self.J, dtype=torch.int64, device=recv.device).index_add_(
+            0, expert, torch.ones_like(expert))   # no host sync, unlike bincount on a GPU
+        return Dispatch(recv[:, :H], recv[:, H], expert, counts, v // S, (v % S) * K + short % K, shape, K, held, sent)
+
+    def _gather(self, y, d, dest, recv=None):
+        """Rows to dest[sample], ordered by (dest, sample); each names its new slot and position.
+        recv: the rows each rank sends here, per hop (None: every sample stays, so the scatter's
+        rows come back)."""
+        (B, S, H), J, r, I, K = d.shape, self.J, self.rank, len(dest), d.top_k
+        dev = y.device
         gorder = hot_path(dev).gather_order(d.src, _to(dest, dev), I)
-        keep = np.flatnonzero(dest == r)                                            # new slots
-        flight = self._send("gather", _with_ints(y, d.pos)[gorder],
-                            np.bincount(dest, weights=per_dev[:, r], minlength=J), per_dev[keep].sum(0))
+        key = _to(_new_slots(dest), dev)[d.src] * (S * K) + d.pos
+        flight = self._send("gather", _with_ints(y, key)[gorder], self._gather_sends(dest, d.routing)[0],
+                            (d.sent if recv is None else recv)[0])
         yield
         back = flight.wait()
-        reps = _to(per_dev[keep].T.reshape(-1), dev)             # (source, new slot)
-        new_slot = torch.arange(B, device=dev).repeat(J).repeat_interleave(reps, output_size=int(per_dev[keep].sum()))
         # every (token, k) of the samples kept here arrives once: row s * K + k of its new slot
-        index = _inverse(new_slot * (S * d.top_k) + _ints(back[:, H:], 1)[:, 0], B * S * d.top_k)
-        out = combine_rows(back[:, :H], index.view(B * S, d.top_k), covered=True)
-        return out.view(B, S, H), keep
+        index = _inverse(_ints(back[:, H:], 1)[:, 0], B * S * K)
+        out = combine_rows(back[:, :H], index.view(B * S, K), covered=True)
+        return out.view(B, S, H), np.flatnonzero(dest == r)
+
+    def _gather_sends(self, dest, held):
+        """Per hop, the rows this rank's gather sends each rank when samples go to dest."""
+        return [np.bincount(dest, weights=held.col, minlength=self.J).astype(np.int64)]
 
     def _send(self, phase, rows, send, recv, tier=None):
         """A Flight of rows, started: send[j] of them to rank j, recv[j] from rank j, on the
@@ -1498,7 +1570,7 @@ class ExpertExchange(Exchange):
             tiers["intra"] += int(sent[node].sum() - sent[self.rank])
             tiers["inter"] += int(sent[~node].sum())
             self.sent_bytes[phase] += (sum(send) - send[self.rank]) * rows.shape[1] * rows.element_size()
-        return Flight(rows, send, recv, self.tiers.get(tier, self.group), self.timer)
+        return Flight(rows, send, recv, self.group if tier is None else subgroup(self.group, tier), self.timer)
 
 
 class NodeExchange(ExpertExchange):
@@ -1507,12 +1579,17 @@ class NodeExchange(ExpertExchange):
     device with the same local index), which forwards one row per (token, expert) over NVLink;
     the gather sums a token's rows inside each node at the rail peer of its destination and sends
     one partial sum per (token, node) across. Samples sit in slot order, so sample p is on rail
-    (p // B) % G. This rank is device gl of node n."""
+    (p // B) % G. This rank is device gl of node n. Rows name their samples, positions and
+    experts, as the expert exchange's do."""
     name = "node"
     needs_routes = True         # one rail row per (token, node): node_counts of the routes, not num, say how many
     layout_names = ("node_count",)
     hops_in_sequence = True     # rail hop, then NVLink hop: Eq. 1 adds their times
     reach = staticmethod(_node_reach)
+
+    @staticmethod
+    def own_reach(counts, per_dev):
+        return counts["node_count"], per_dev.sum(1, keepdim=True).expand_as(per_dev)
 
     @staticmethod
     def layout(route, expert_device, topo, num_experts, ops):
@@ -1538,150 +1615,134 @@ class NodeExchange(ExpertExchange):
     @staticmethod
     def wire_bytes(hidden, dtype, top_k):
         """Bytes of one row on the wire, the heavier hop of each: (scatter: the rail row, x with
-        its K gate weights, s and its K expert ids; gather: y, s*K+k or s)."""
+        its K gate weights, p*S+s and its K expert ids; gather: hop A's, y, p*S+s and k)."""
         return (hidden * dtype.itemsize + top_k * dtype.itemsize + _meta_bytes(1 + top_k, dtype),
-                hidden * dtype.itemsize + _meta_bytes(1, dtype))
+                hidden * dtype.itemsize + _meta_bytes(1, dtype, short=True))
 
     def __init__(self, topo, rank=0, group=None, debug=False, priced=None):
         super().__init__(topo, rank, group, debug, priced)
-        self.tiers = _tier_groups(group)
+        for tier in ("inter", "intra"):   # made now, as every rank builds its layers
+            subgroup(group, tier)
 
-    def _scatter(self, x, g, route, routing):
+    def _scatter(self, x, g, route, held):
         (B, S, H), K = x.shape, route.shape[-1]
-        J, r, num, nc, G, N = self.J, self.rank, routing.num, routing.layout["node_count"], self.topo.gpus_per_node, \
-            self.topo.nodes
-        I, (per_dev, per_node, _), ops = num.shape[0], routing.tokens, hot_path(x.device)
+        J, r, G, N = self.J, self.rank, self.topo.gpus_per_node, self.topo.nodes
+        I, ops, dev, ranks = len(held.block), hot_path(x.device), x.device, np.arange(J)
         n, gl = divmod(r, G)
-        dev, ranks = x.device, np.arange(J)
         # Hop 1, rail (between nodes): one row per (token, other node holding any of its experts) to
-        # (m, gl) there, ordered by (m, b, s). Metadata: (n, gl) sends sample p's nc[p, m] rows to
-        # node m, so the receiver names each row's sample from nc (every rank holds it); the K
-        # gate weights travel in the row, the position s and the K expert ids as int32 bits.
-        # Tokens whose experts are all on node n skip this hop.
+        # (m, gl) there, ordered by (m, b, s). The row names its sample and position (p * S + s, as
+        # int32 bits) and carries its K gate weights and K expert ids. Tokens whose experts are all
+        # on node n skip this hop.
         own = _with_ints(torch.cat([x.reshape(-1, H), g.reshape(-1, K).to(x.dtype)], 1),
-                         torch.arange(S, device=dev).repeat(B), *route.reshape(-1, K).unbind(1))
+                         torch.arange(r * B * S, (r + 1) * B * S, device=dev), *route.reshape(-1, K).unbind(1))
         hit = torch.zeros(B, S, N, dtype=torch.bool, device=dev)
-        hit.scatter_(2, _to(routing.expert_device // G, dev)[route], True)
+        hit.scatter_(2, _to(held.expert_device // G, dev)[route], True)
         hit[..., n] = False
         rail = (ranks % G == gl) & (ranks // G != n)
-        per_rank = nc.reshape(J, B, N).sum(1)                    # [J, N]: tokens of rank j's samples node m needs
-        send = np.where(rail, per_rank[r, ranks // G], 0)
-        recv = np.where(rail, per_rank[:, n], 0)
+        send = np.where(rail, held.need[ranks // G], 0)
+        recv = np.where(rail, held.nc.reshape(J, B).sum(1), 0)
         mbs = torch.nonzero_static(hit.permute(2, 0, 1), size=int(send.sum()))   # (m, b, s), sorted; no sync
         token = mbs[:, 1] * S + mbs[:, 2]
         rows = permute(own, token, _inverse(token * N + mbs[:, 0], B * S * N).view(B * S, N))
         flight = self._send("scatter", rows, send, recv, "inter")
         yield
         got = flight.wait().split(recv.tolist())
-        # rows from (m, gl) in rank order, this rank's own tokens in its place: all tokens this rank
-        # holds now, in (sample slot, s) order
-        held = torch.cat(got[:r] + (own,) + got[r + 1:])
-        meta = _ints(held[:, H + K:], 1 + K)                     # s, then the K expert ids
+        # every token this rank holds now: its own and those its rail peers sent
+        held_rows = torch.cat(got[:r] + (own,) + got[r + 1:])
+        meta = _ints(held_rows[:, H + K:], 1 + K)                # p * S + s, then the K expert ids
         # Hop 2, NVLink (inside node n): one row per held (token, k) whose expert is on node n, to
-        # the expert's device, ordered by (expert slot, sample slot, s, k): a stable sort by the
-        # expert's slot on this node, experts elsewhere last (cut off). Metadata: rows from (n, g')
-        # for local expert e and sample p are num[p, e] for every p on rail g' (wherever it sits:
-        # its tokens reach node n on rail g'), so the expert side names sample and expert from num;
-        # x, the gate weight and s*K+k travel.
-        per = len(routing.slot) // J
-        key = np.where(routing.expert_device // G == n, routing.slot - n * G * per, G * per)
+        # the expert's device, ordered by (expert slot, token, k): a stable sort by the expert's slot
+        # on this node, experts elsewhere last (cut off). The rows of rail gl's samples (wherever
+        # they sit: their tokens reach node n on rail gl) for device (n, g) are block[:, g].
+        per = len(held.slot) // J
+        key = np.where(held.expert_device // G == n, held.slot - n * G * per, G * per)
         on_rail = (np.arange(I) // B) % G                       # rail of each sample's device
-        order = ops.dispatch_order(meta[None, :, 1:], _to(key, dev))
-        order = order[:int(per_node[on_rail == gl, n].sum())]
+        mates = held.block[on_rail == gl]
+        order = ops.dispatch_order(meta[None, :, 1:], _to(key, dev))[:int(mates.sum())]
         t = order // K
-        rows = permute(held[:, :H], t, _inverse(order, len(held) * K).view(-1, K))
-        payload = _with_ints(torch.cat([rows, held[:, H:H + K].reshape(-1, 1)[order]], 1), meta[t, 0] * K + order % K)
-        rail_dev = np.zeros((G, J), dtype=np.int64)              # [g', j]: rows of rail g' samples for device j
-        np.add.at(rail_dev, on_rail, per_dev)
+        rows = permute(held_rows[:, :H], t, _inverse(order, len(held_rows) * K).view(-1, K))
+        local = _to(held.slot % per, dev)[meta[:, 1:].reshape(-1)[order]]
+        payload = _with_ints(torch.cat([rows, held_rows[:, H:H + K].reshape(-1, 1)[order]], 1), meta[t, 0],
+                             short=local * K + order % K)
         node = ranks // G == n
-        flight = self._send("scatter", payload, np.where(node, rail_dev[gl], 0),
-                            np.where(node, rail_dev[ranks % G, r], 0), "intra")
+        hop = np.where(node, np.pad(mates.sum(0), (n * G, J - (n + 1) * G)), 0)
+        flight = self._send("scatter", payload, hop, np.where(node, np.bincount(on_rail, weights=held.col,
+                                                                                minlength=G)[ranks % G], 0), "intra")
         yield
-        recv = flight.wait()
-        # arrival order: (sender rail g', local expert, sample p on rail g', s, k)
-        members = np.argsort(on_rail, kind="stable").reshape(G, -1)   # samples of rail g', ascending
-        local = self.local_experts(routing)
-        cnt = num[:, local][members].transpose(0, 2, 1)   # [g', local expert, sample]
-        reps = _to(cnt.reshape(-1), dev)
-        n_rows, n_local = int(cnt.sum()), len(local)
-        expert = torch.arange(n_local, device=dev).repeat_interleave(members.shape[1]).repeat(G).repeat_interleave(
-            reps, output_size=n_rows)
-        src = _to(members, dev)[:, None].expand(G, n_local, -1).reshape(-1).repeat_interleave(
-            reps, output_size=n_rows)
-        return Dispatch(recv[:, :H], recv[:, H], expert, cnt.sum((0, 2)).tolist(), src, _ints(recv[:, H + 1:], 1)[:, 0],
-                        (B, S, H), K, routing)
+        return self._arrived(flight.wait(), x.shape, K, held, [send, hop])
 
-    def _gather(self, y, d, dest):
+    def _gather(self, y, d, dest, recv=None):
         (B, S, H), J, r, K, I, G = d.shape, self.J, self.rank, d.top_k, len(dest), self.topo.gpus_per_node
-        per_dev, nc = d.routing.tokens[0], d.routing.layout["node_count"]
         m, gl = divmod(r, G)
         dev, ranks = y.device, np.arange(J)
+        send_a, send_b = self._gather_sends(dest, d.routing)
+        recv_a, recv_b = d.sent[::-1] if recv is None else recv   # a sample that stays: hop A undoes hop 2
         # Hop A, NVLink (inside node m): each row of sample p to (m, dest[p] % G), ordered by
-        # (device, sample). Metadata: this device sends sample p's per_dev[p, r] rows, so the
-        # receiver names each row's sample from per_dev and dest (every rank holds both); s*K+k travels.
+        # (device, sample); it names its sample and position (p * S + s, and k).
         via = m * G + dest % G
         gorder = hot_path(dev).gather_order(d.src, _to(via, dev), I)
-        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
-        node = ranks // G == m
-        flight = self._send("gather", _with_ints(y, d.pos)[gorder], np.bincount(via, weights=per_dev[:, r], minlength=J),
-                            np.where(node, per_dev[mine].sum(0), 0), "intra")
+        flight = self._send("gather", _with_ints(y, d.src * S + d.pos // K, short=d.pos % K)[gorder], send_a, recv_a,
+                            "intra")
         yield
         got = flight.wait()
-        reps = per_dev[mine][:, node].T.reshape(-1)              # arrival: (source device, sample)
-        sample = _to(np.tile(mine, G), dev).repeat_interleave(
-            _to(reps, dev), output_size=int(reps.sum()))
+        v, k = _ints(got[:, H:], 1)[:, 0], _short(got[:, H:], 1)
         # Rows of samples that stay on node m land in the output; the others add up per token into
         # one partial sum, at key B*S + q*S + s (q numbers them by (dest, sample)), then compacted to
-        # the nc[p, m] tokens of p with an expert here (exactly the tokens that have rows here).
+        # the nc[p] tokens of p with an expert here (exactly the tokens that have rows here).
+        mine = np.flatnonzero(dest % G == gl)                     # samples whose rows come here
         keep = np.flatnonzero(dest == r)                          # new slots
         away = mine[dest[mine] != r]
         away = away[np.argsort(dest[away], kind="stable")]
         base = np.zeros(I, dtype=np.int64)
         base[keep], base[away] = np.arange(len(keep)) * S, B * S + np.arange(len(away)) * S
-        key = _to(base, dev)[sample] + _ints(got[:, H:], 1)[:, 0] // K
+        key = _to(base, dev)[v // S] + v % S
         is_away = key >= B * S
-        n_away, n_part = len(away) * S, int(nc[away, m].sum())
+        n_away, n_part = len(away) * S, int(d.routing.nc[away].sum())
         away_key = torch.where(is_away, key - B * S, n_away)     # the kept rows to a spare entry
         present = torch.zeros(n_away + 1, dtype=torch.bool, device=dev).index_fill_(0, away_key, True)[:n_away]
         compact = present.cumsum(0) - 1
         row = torch.where(is_away, B * S + compact[away_key.clamp(max=max(n_away - 1, 0))], key)
         # each (token, k) comes once: row's entry k of its K (sum each one's K rows, no atomics)
-        index = _inverse(row * K + _ints(got[:, H:], 1)[:, 0] % K, (B * S + n_part) * K)
+        index = _inverse(row * K + k, (B * S + n_part) * K)
         summed = combine_rows(got[:, :H], index.view(-1, K), covered=True)
         # Hop B, rail (between nodes): one partial sum per (token, node) to (dest node, gl), ordered
-        # by (dest, sample, s). Metadata: sample p's rows from node m' are nc[p, m'], so the receiver
-        # names each row's sample from nc and dest; s travels.
-        s_part = torch.nonzero_static(present, size=n_part)[:, 0] % S
-        rail = (ranks % G == gl) & ~node
-        flight = self._send("gather", _with_ints(summed[B * S:], s_part),
-                            np.bincount(dest[away], weights=nc[away, m], minlength=J),
-                            np.where(rail, nc[keep][:, ranks // G].sum(0), 0), "inter")
+        # by (dest, sample, s), naming its new slot and position (q * S + s).
+        at = torch.nonzero_static(present, size=n_part)[:, 0]
+        slot = _to(_new_slots(dest)[away], dev)[at // S] * S + at % S
+        rail = (ranks % G == gl) & (ranks // G != m)
+        flight = self._send("gather", _with_ints(summed[B * S:], slot), send_b, recv_b, "inter")
         yield
         back = flight.wait()
-        per_src = nc[keep][:, ranks[rail] // G].T                    # [source, new slot]: arrival order
-        n_src, dev_counts = len(per_src), _to(per_src.reshape(-1), dev)
-        new_slot = torch.arange(B, device=dev).repeat(n_src).repeat_interleave(dev_counts, output_size=int(per_src.sum()))
-        source = torch.arange(n_src, device=dev).repeat_interleave(
-            _to(per_src.sum(1), dev), output_size=int(per_src.sum()))
         # one partial sum per (token, source node): entry `source` of the token's
-        index = _inverse((new_slot * S + _ints(back[:, H:], 1)[:, 0]) * n_src + source, B * S * n_src)
+        n_src, arrived = int(rail.sum()), recv_b[rail]
+        source = torch.arange(n_src, device=dev).repeat_interleave(_to(arrived, dev), output_size=int(arrived.sum()))
+        index = _inverse(_ints(back[:, H:], 1)[:, 0] * n_src + source, B * S * n_src)
         out = combine_rows(back[:, :H], index.view(B * S, n_src), base=summed[:B * S], covered=True)
         return out.view(B, S, H), keep
 
+    def _gather_sends(self, dest, held):
+        G = self.topo.gpus_per_node
+        m, gl = divmod(self.rank, G)
+        away = (dest % G == gl) & (dest != self.rank)
+        return [np.bincount(m * G + dest % G, weights=held.col, minlength=self.J).astype(np.int64),
+                np.bincount(dest[away], weights=held.nc[away], minlength=self.J).astype(np.int64)]
 
-_TIER_GROUPS = {}
+
+_SUBGROUPS = weakref.WeakKeyDictionary()
 
 
-def _tier_groups(group):
-    """Communicators of their own for the node exchange's rail (inter) and NVLink (intra) hops,
-    every rank of `group` in each, so that NCCL runs one chunk's NVLink hop while another's rail
-    hop is in flight. Made once per group, by every rank in the same order (new_group is a
-    collective call)."""
+def subgroup(group, name):
+    """A communicator of its own over the ranks of `group` (None: the world): the node exchange's
+    rail ("inter") and NVLink ("intra") hops, so that NCCL runs one chunk's NVLink hop while
+    another's rail hop is in flight, and the spread solve's ("solve", gloo: its collectives run on
+    the host beside the exchange's, in the solver's thread on CPU, without a GPU stream's order).
+    Made once, by every rank in the same order (new_group is a collective call); held weakly by
+    its group, so destroying the process group frees them and their threads."""
     group = group or dist.group.WORLD
-    if group not in _TIER_GROUPS:
-        ranks = dist.get_process_group_ranks(group)
-        _TIER_GROUPS[group] = {tier: dist.new_group(ranks) for tier in ("inter", "intra")}
-    return _TIER_GROUPS[group]
+    made = _SUBGROUPS.setdefault(group, {})
+    if name not in made:
+        made[name] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo" if name == "solve" else None)
+    return made[name]
 
 
 # every exchange by the name the layer, the cost model and the command lines know it by
@@ -1726,6 +1787,7 @@ class MoEStats:
     a2a_model_ms: float = 0.0  # Eq. 1 for the same four exchanges as built (rows as sent: wire_bytes; chunks)
     a2a_hidden_ms: float = 0.0  # of which the chunked pipeline hides behind the experts' compute (given its time)
     chunks: dict = dataclasses.field(default_factory=dict)   # layer calls run in C chunks, by C
+    meta_bytes: int = 0       # routing metadata this rank received (metadata_bytes), over the calls
 
     @property
     def mean_chunks(self):
@@ -1755,11 +1817,16 @@ def layer_stats(num, cur, dest, topo, bytes_per_token, expert_device=None, chunk
 
 
 def _layer_stats(routing, cur, dest, bytes_per_token, chunks=1, expert_ms=None, links=None):
-    topo = routing.topo
-    scatter, gather = _traffic(routing.reach, cur, topo), _traffic(routing.reach, dest, topo)
+    return _priced(_traffic(routing.reach, cur, routing.topo), _traffic(routing.reach, dest, routing.topo),
+                   routing.exchange, routing.topo, cur, dest, bytes_per_token, chunks, expert_ms, links)
+
+
+def _priced(scatter, gather, exchange, topo, cur, dest, bytes_per_token, chunks=1, expert_ms=None, links=None):
+    """MoEStats of a layer whose scatter and gather move these volumes (_traffic's), as
+    layer_stats gives them."""
     per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
     links = links or topo
-    hops = [_hops(v, links, b, routing.exchange, chunks) for v, b in zip((scatter, gather), per_row)]
+    hops = [_hops(v, links, b, exchange, chunks) for v, b in zip((scatter, gather), per_row)]
     alone = [_pipelined(h, chunks, links.overlap) for h in hops]
     hidden = 0.0
     if expert_ms:   # forward: scatter, experts, gather; backward the same reversed, twice the compute
@@ -1781,46 +1848,74 @@ def _timed(fn, *args):
 
 class _Solve:
     """One layer's placement, overlapped with the scatter and the experts where it solves
-    (Algorithm 1). On CPU those run in the caller's thread, so the solver gets its own (km
-    releases the GIL). On GPU they are queued kernels: solving inline in result(), once they are
-    queued, overlaps them without the two threads trading the GIL. result() gives dest (a device
-    per sample slot); seconds and exposed then say how long it solved and how long the caller
-    waited for it."""
+    (Algorithm 1). work() gives (dest, recv): a device per sample slot, and per chunk the rows each
+    rank's gather sends here (None: the scatter's, reversed). On CPU the scatter and the experts
+    run in the caller's thread, so the solver gets its own (km releases the GIL, and so do the
+    collectives of a solve spread over ranks). On GPU they are queued kernels: solving inline in
+    result(), once they are queued, overlaps them without the two threads trading the GIL.
+    seconds and exposed then say how long it solved and how long the caller waited for it."""
 
-    def __init__(self, placement, routings, here, inline):
-        self.placement, self.routings, self.here = placement, routings, here
-        self.inline = inline or not placement.solves
-        self.dest, self.seconds, self.exposed, self.order = None, 0.0, 0.0, None
-        self.future = None if self.inline else _SOLVER.submit(_timed, placement.dest, *self._by_id())
-
-    def _by_id(self):
-        """The solver's arguments, rows in sample-id order: ties then break the same way wherever
-        the samples sit, so a replay of the same routing (netmoe.replay) finds the same placements."""
-        routing, routing_next, sid_all = self.routings()
-        self.order = np.argsort(sid_all, kind="stable")
-        return routing.by(self.order), None if routing_next is None else routing_next.by(self.order), \
-            self.here[self.order]
+    def __init__(self, work, solves, inline):
+        self.work, self.solves, self.inline = work, solves, inline or not solves
+        self.dest, self.recvs, self.seconds, self.exposed = None, None, 0.0, 0.0
+        self.future = None if self.inline else _SOLVER.submit(_timed, work)
 
     def result(self):
         if self.dest is not None:
             return self.dest
-        if not self.placement.solves:   # nothing to tie-break: placed in slot order as it is
-            self.dest = self.placement.dest(*self.routings()[:2], self.here)
-            return self.dest
-        if self.inline:
-            args = self._by_id()   # where the routings' copy to the host was deferred, waited for here
+        if not self.solves:
+            self.dest, self.recvs = self.work()
+        elif self.inline:
             queued = torch.cuda.Event()
             queued.record()
-            by_id, self.seconds = _timed(self.placement.dest, *args)
+            (self.dest, self.recvs), self.seconds = _timed(self.work)
             # an upper bound: all of it counts as exposed if the GPU ran dry before it finished
             self.exposed = self.seconds if queued.query() else 0.0
         else:
             t = time.perf_counter()
-            by_id, self.seconds = self.future.result()
+            (self.dest, self.recvs), self.seconds = self.future.result()
             self.exposed = time.perf_counter() - t
-        self.dest = np.empty_like(by_id)
-        self.dest[self.order] = by_id
         return self.dest
+
+    def recv(self, chunk):
+        """The rows each rank's gather of this chunk sends here, per hop (None: the scatter's)."""
+        self.result()
+        return None if self.recvs is None else self.recvs[chunk]
+
+
+@dataclasses.dataclass(eq=False)
+class _Gathered:
+    """What MoELayer._held gathers of a layer call's routing, on the host: what this rank holds
+    for its hops (held, with its chunks), every slot's sample id [I], per routing (this layer's,
+    the lookahead's) the tokens each sample sends each node [I, N] and the rows it sends each
+    device of this rank's node [I, G], the scatter's volumes, and this rank's own (sample ids [B],
+    counts [B, E]). The solve adds the gather's volumes (None: the scatter's, samples stay)."""
+    held: Held
+    sid: np.ndarray
+    node: list
+    device: list
+    scatter: dict
+    own: tuple
+    gather: dict = None
+    meta_bytes: int = 0   # what this rank received of it (MoEStats.meta_bytes)
+
+
+def metadata_bytes(I, E, topo, exchange="expert", chunks=1, lookahead=True, placement="netmoe"):
+    """The routing metadata one rank receives in a layer call where ranks run it (MoELayer._held
+    and _place): the all-gathered int32 [I, 4 + L N] (sample id, expert time, the L = 1 or 2
+    routings' tokens per node, what each sample keeps where it sits), the All-to-All's int32
+    [I, L G + C G] (the node exchange: + C), the int64 [E] tokens per expert all-reduced for the
+    load-balance loss; where the placement solves, the int64 destinations shared (I + 2 J), and
+    where it moves samples, the int64 [J, C, hops] gather split sizes. O(I (N + C G) + J + E):
+    no [I, E]."""
+    N, G, J = topo.nodes, topo.gpus_per_node, topo.world
+    cls, p = exchange_class(exchange), placement_class(placement)
+    if cls.needs_routes and N == 1:
+        cls = ExpertExchange
+    L = 2 if lookahead and p.solves else 1
+    hops = 2 if cls.hops_in_sequence else 1
+    return (I * (4 + L * N) * 4 + I * (L * G + chunks * G + chunks * cls.needs_routes) * 4 + E * 8
+            + (I + 2 * J) * 8 * p.solves + J * chunks * hops * 8 * p.moves_samples)
 
 
 def _same_everywhere(array, group):
@@ -1898,6 +1993,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"topology {self.topo} has {self.topo.world} devices but the layer runs on "
                              f"J={self.J} ({'virtual_world' if self.virtual else 'world size'})")
         self.exchange = make_exchange(exchange, self.topo, self.virtual, self.rank, group, debug)
+        # ranks run it: each holds its share of the routing, and the solve talks on a group of its own
+        self.spread = not self.virtual and self.J > 1
+        if self.spread:
+            subgroup(group, "solve")
         self.hidden, self.num_experts, self.top_k = hidden, num_experts, top_k
         self.placement = placement_class(placement)(lookahead)
         self.group, self.debug = group, debug
@@ -1921,7 +2020,9 @@ class MoELayer(nn.Module):
         self.last_dest = None   # the placement the last call's gather used (device per sample slot)
         self._stats = MoEStats()
         self._checked_batch = None   # the batch size every rank was last seen to hold
-        self.recent = collections.deque(maxlen=RELAYOUT_WINDOW)   # num of the last batches, for expert_layout
+        # the counts of the last batches, for expert_layout: (sample ids, [rows, E]) of this rank's
+        # samples (every sample in one process); window() gathers them
+        self.recent = collections.deque(maxlen=RELAYOUT_WINDOW)
 
     # the local experts' weights, [n_local, ...] (None: no expert biases)
     w1 = property(lambda self: self.experts.w1)
@@ -1986,6 +2087,28 @@ class MoELayer(nn.Module):
                 offset += n
         return changed
 
+    def window(self):
+        """The re-layout planner's recent batches: [I, E] counts of every sample, rows by sample id,
+        one array a batch. Where ranks run the layer, a collective (each holds its own samples')."""
+        out = []
+        for sids, num in self.recent:
+            if self.spread:
+                both = torch.from_numpy(np.column_stack([sids, num]))
+                parts = [torch.empty_like(both) for _ in range(self.J)]
+                dist.all_gather(parts, both, group=subgroup(self.group, "solve"))
+                both = torch.cat(parts).numpy()
+                sids, num = both[:, 0], both[:, 1:]
+            out.append(num[np.argsort(sids, kind="stable")])
+        return out
+
+    def restore_window(self, batches):
+        """Refill the window from window()'s arrays (a checkpoint's): each rank keeps an equal share."""
+        for num in batches:
+            num = np.asarray(num)
+            share = slice(self.rank * len(num) // self.J, (self.rank + 1) * len(num) // self.J) if self.spread \
+                else slice(None)
+            self.recent.append((np.arange(len(num))[share], num[share]))
+
     def logits(self, x, h=None):
         """The gate's logits [B, S, E] on h = LN(x) (computed here unless given)."""
         h = layer_norm(x, self.ln) if h is None else h
@@ -2020,44 +2143,78 @@ class MoELayer(nn.Module):
         pred = self._predict(x, next_layer, mean, rstd) if next_layer is not None and (lookahead or self.record) else None
         if self.record:
             self.last_routes = (sid, route, pred)
-        # 2. The Routing of every sample of the global batch, this layer's and the predicted next
-        #    one's (Eq. 2, and what else the exchange needs): all split sizes follow from them. In
-        #    one process on a GPU nothing travels and the data path needs no count on the host, so
-        #    their copy to the host only starts here and is read once the layer's GPU work is queued:
+        # 2. The routing's counts, this layer's and the predicted next one's (Eq. 2, and what else
+        #    the exchange needs). Where ranks run the layer, each gathers of every sample only what
+        #    Algorithm 1's stages and its own hops need (_held). In one process, the Routing of the
+        #    whole batch: on a GPU nothing travels and the data path needs no count on the host, so
+        #    its copy to the host only starts here and is read once the layer's GPU work is queued:
         #    NetMoE's bookkeeping then costs the GPU no idle time
         C, auto = self.next_chunks, self.chunks == "auto"
         if auto and self.links is None:
             self.links = self.topo if self.virtual or self.J == 1 else _measured_links(self.topo, self.group, x.device)
-        routings, num = self._routings(route, pred if lookahead else None, next_layer, sid, C,
-                                       defer=self.virtual and x.is_cuda)
-        I = B * (1 if self.virtual else self.J)
-        tokens = num.sum(0) if self.virtual else _to(routings()[0].num.sum(0), x.device)
-        aux = self.num_experts * (tokens.to(probs.dtype) / (I * S * self.top_k) * probs.mean((0, 1))).sum()
+        I, J = B * (1 if self.virtual else self.J), self.J
+        here = static_placement(I, J)
         # 3. The placement's solve starts, overlapping 4-5
-        here = static_placement(I, self.J)
-        solve = _Solve(self.placement, routings, here, inline=x.is_cuda)
+        if self.spread:   # ranks: each gathers only what Algorithm 1's stages and its own hops need
+            m, tokens = self._held(route, pred if lookahead else None, next_layer, sid, C)
+            solve = _Solve(lambda: self._place(m, here), self.placement.solves, inline=x.is_cuda)
+        else:
+            routings, tokens = self._routings(route, pred if lookahead else None, next_layer, sid, C,
+                                              defer=self.virtual and x.is_cuda)
+            solve = _Solve(lambda: (self._solve(routings, here), None), self.placement.solves, inline=x.is_cuda)
+        aux = self.num_experts * (tokens.to(probs.dtype) / (I * S * self.top_k) * probs.mean((0, 1))).sum()
         # 4. Scatter: (token, k) rows to their experts' devices; 5. the experts; 6. join the solve;
         # 7. gather: each row to dest[its sample], the receiver summing a token's K rows
         side = ExpertSide(functools.partial(layer_norm, ln=self.ln),
                           functools.partial(self._clock, self.experts) if auto else self.experts,
                           self.shared if self.shared_experts else None, h)
-        local = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)]) \
-            if type(self.exchange) is Exchange else routings()[0]   # in one process: what its fused path reads
-        out, keep, dest = self.exchange.run(x, g, route, local, side, solve)
-        routing, _, sid_all = routings()
-        if torch.is_grad_enabled():   # the planner's window: rows by sample id, the same order in every layer
-            self.recent.append(routing.num[np.argsort(sid_all, kind="stable")])
+        if self.spread:
+            held = m.held
+        elif type(self.exchange) is Exchange:   # in one process: what its fused path reads
+            held = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)])
+        else:
+            held = routings()[0]
+        out, keep, dest = self.exchange.run(x, g, route, held, side, solve)
+        per_row = self.exchange.priced.wire_bytes(H, x.dtype, self.top_k)
+        # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
+        C = len(_chunk_bounds(S, C))
+        if self.spread:
+            sid_all, own, volumes = m.sid, m.own, (m.scatter, m.gather or m.scatter)
+            stats = dataclasses.replace(_priced(*volumes, self.exchange.priced, self.topo, here, dest, per_row, C),
+                                        meta_bytes=m.meta_bytes)
+        else:
+            routing, _, sid_all = routings()
+            own, volumes = (sid_all, routing.num), None
+            stats = _layer_stats(routing, here, dest, per_row, C)
+        if torch.is_grad_enabled():   # the planner's window: the counts of this rank's samples, by id
+            order = np.argsort(own[0], kind="stable")
+            self.recent.append((own[0][order], own[1][order]))
         self._stats.solver_ms += solve.seconds * 1e3
         self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
         self.last_dest = dest
-        per_row = self.exchange.priced.wire_bytes(H, x.dtype, self.top_k)
-        # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
-        C = len(_chunk_bounds(S, C))
-        self._stats += dataclasses.replace(_layer_stats(routing, here, dest, per_row, C), chunks={C: 1})
+        self._stats += dataclasses.replace(stats, chunks={C: 1})
         if auto:   # forward measured, backward twice its compute
-            self.next_chunks = best_chunks(routing, here, dest, per_row, 3 * self._expert_ms, S, self.links)
+            if volumes is None:
+                self.next_chunks = best_chunks(routing, here, dest, per_row, 3 * self._expert_ms, S, self.links)
+            else:
+                self.next_chunks = _fewest_exposed(*volumes, self.exchange.priced, self.topo, here, dest, per_row,
+                                                   3 * self._expert_ms, S, self.links)
         return out, _to(sid_all[keep], x.device), aux
+
+    def _solve(self, routings, here):
+        """The placement's dest from whole Routings (one process), rows by sample id: ties then
+        break the same way wherever the samples sit, so a replay of the same routing
+        (netmoe.replay) finds the same placements."""
+        routing, routing_next, sid_all = routings()
+        if not self.placement.solves:   # nothing to tie-break: placed in slot order as it is
+            return self.placement.dest(routing, routing_next, here)
+        order = np.argsort(sid_all, kind="stable")
+        by_id = self.placement.dest(routing.by(order), None if routing_next is None else routing_next.by(order),
+                                    here[order])
+        dest = np.empty_like(by_id)
+        dest[order] = by_id
+        return dest
 
     def shared(self, h):
         """The shared experts' summed FFN of rows h [R, H] of LN(x)."""
@@ -2108,27 +2265,22 @@ class MoELayer(nn.Module):
         return x.shape
 
     def _routings(self, route, pred, next_layer, sid, chunks, defer=False):
-        """The Routing of this layer, whole and per chunk of positions, and of the lookahead's
-        predicted next one (or None), under each layer's expert map and with what the exchange
-        needs (its layout), for every sample of the global batch in slot order, rank-major; and
-        the samples' ids: (a function that returns those three, this rank's counts num [B, E] on
-        route's device). One all-gather, and the one host sync the layer needs (split sizes are
-        host integers); with defer (one process on a GPU), the copy to the host is started and the
-        function waits for it. The gather also carries each rank's expert time in its last call
-        (chunks="auto" prices the busiest rank's; in one process, a device's share)."""
+        """In one process (virtual_world, or a world of one): the Routing of this layer, whole and
+        per chunk of positions, and of the lookahead's predicted next one (or None), under each
+        layer's expert map and with what the exchange needs (its layout), for every sample of the
+        global batch in slot order; and the samples' ids: (a function that returns those three,
+        the tokens per expert [E] on route's device). The one host sync the layer needs; with
+        defer (on a GPU), the copy to the host is started and the function waits for it. The
+        expert time of the last call rides along (chunks="auto" prices a device's share)."""
         ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
         # in one process nothing travels, so nothing is there to overlap: the layer runs in one piece
-        bounds = [(0, S)] if self.virtual else _chunk_bounds(S, chunks)
+        bounds = [(0, S)]
         layers = [(route, self, bounds)] + ([(pred, next_layer, [(0, S)])] if pred is not None else [])
         parts = [[priced.layout(r[:, a:b], layer.expert_device, self.topo, self.num_experts, ops) for a, b in bs]
                  for r, layer, bs in layers]
         flat = [t for per in parts for p in per for t in p.values()]
         spent = torch.full_like(sid[:, None], round(self._clock.pop_ms() * 1e3))   # microseconds
         meta = torch.cat(flat + [spent, sid[:, None]], 1)
-        if not self.virtual and self.J > 1:
-            gathered = [torch.empty_like(meta) for _ in range(self.J)]
-            dist.all_gather(gathered, meta, group=self.group)
-            meta = torch.cat(gathered)
         if defer:
             host = torch.empty(meta.shape, dtype=meta.dtype, pin_memory=True).copy_(meta, non_blocking=True)
             copied = torch.cuda.Event()
@@ -2153,7 +2305,112 @@ class MoELayer(nn.Module):
                                                                      for b, q in zip(bs, pieces))))
             self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / (self.J if self.virtual else 1)
             return out[0], out[1] if pred is not None else None, meta[:, -1]
-        return build, parts[0][0]["num"]
+        return build, functools.reduce(torch.add, (p["num"] for p in parts[0])).sum(0)
+
+    def _held(self, route, pred, next_layer, sid, chunks):
+        """Where ranks run the layer: what this rank gathers of the routing, this layer's in chunks
+        of positions and the lookahead's predicted next one (or None) under each layer's expert
+        map, O(I (N + (C + 2) G)) integers a rank and never [I, E]. Every rank's samples' tokens
+        per node ([I, N], what stage 1 prices) and, for each of them, what they keep where they sit,
+        are all-gathered; every rank sends each rank its samples' rows for the devices of that
+        rank's node ([I, G] of this node: what stage 2 prices there, what the hops' split sizes
+        read; per chunk, and the node exchange's tokens per node too). One all-gather, one
+        All-to-All and the layer's one host sync. Returns (_Gathered, the tokens per expert [E] on
+        route's device, all-reduced: the load-balance loss's)."""
+        ops, ex, topo = hot_path(route.device), self.exchange.priced, self.topo
+        J, N, G, B, S, dev = self.J, topo.nodes, topo.gpus_per_node, len(sid), route.shape[1], route.device
+        I, r = B * J, self.rank
+        if I * S >= 2 ** 31 or self.num_experts // J * self.top_k > 2 ** 16:
+            raise ValueError(f"rows name their sample and expert in 32 and 16 bits: I*S = {I * S} must be below "
+                             f"2^31 and (E/J)*K = {self.num_experts // J * self.top_k} at most 2^16")
+        to_node = torch.arange(J, device=dev) // G   # each rank's node
+
+        def counted(route, layer):   # the layout's counts and [B, N, G] rows per device, of this rank's samples
+            c = ex.layout(route, layer.expert_device, topo, layer.num_experts, ops)
+            per_dev = torch.zeros(B, J, dtype=torch.int64, device=dev).index_add_(
+                1, _to(layer.expert_device, dev), c["num"].long())
+            return {k: v.long() for k, v in c.items()}, per_dev.view(B, N, G)
+        parts = [counted(route[:, a:b], self) for a, b in _chunk_bounds(S, chunks)]
+        whole = ({k: sum(c[k] for c, _ in parts) for k in parts[0][0]}, sum(d for _, d in parts))
+        reaches = [ex.own_reach(*whole)] + ([ex.own_reach(*counted(pred, next_layer))] if pred is not None else [])
+        (node, device), (n, gl) = reaches[0], divmod(r, G)
+        spent = torch.full_like(sid[:, None], round(self._clock.pop_ms() * 1e3))   # microseconds
+        mine = torch.cat([sid[:, None], spent, *[q[0] for q in reaches],
+                          device[:, n, gl, None], device[:, n].sum(1, keepdim=True)], 1).int()   # [B, Q]
+        out = [torch.empty_like(mine) for _ in range(J)]
+        dist.all_gather(out, mine, group=self.group)
+        # [B, J, P] for each rank: the rows of this rank's samples for each device of its node
+        blocks = [q[1][:, to_node] for q in reaches] + [d[:, to_node] for _, d in parts]
+        if ex.needs_routes:
+            blocks += [c["node_count"][:, to_node, None] for c, _ in parts]
+        sent = torch.cat(blocks, 2).transpose(0, 1).int().contiguous()   # counts of a sample: < 2^31
+        held = torch.empty_like(sent)
+        dist.all_to_all_single(held, sent, group=self.group)
+        tokens = whole[0]["num"].sum(0)
+        dist.all_reduce(tokens, group=self.group)
+        # this rank's own: rows for each device and tokens for each node, per chunk; its counts
+        # this rank's own, per chunk: rows for each device and tokens each node needs; its counts
+        own = [torch.cat([d.reshape(B, J).sum(0), c["node_count"].sum(0) if ex.needs_routes else d.new_zeros(N)])
+               for c, d in parts]
+        gathered = [torch.stack(out), held, torch.stack(own), whole[0]["num"]]
+        host = torch.cat([t.reshape(-1).long() for t in gathered]).cpu().numpy()   # the one host sync
+        cols, rows, own, num = np.split(host, np.cumsum([t.numel() for t in gathered[:-1]]))
+        cols, rows, own = cols.reshape(I, -1), rows.reshape(I, -1), own.reshape(-1, J + N)
+        L, C = len(reaches), len(parts)
+        self._expert_ms = cols[:, 1].max(initial=0) / 1e3   # the busiest rank's
+        nodes = [cols[:, 2 + k * N:2 + (k + 1) * N] for k in range(L)]
+        stay, keeps = cols[:, 2 + L * N], cols[:, 3 + L * N]
+        block = rows[:, L * G:(L + C) * G].reshape(I, C, G)
+        nc = rows[:, (L + C) * G:] if ex.needs_routes else np.zeros((I, C), dtype=np.int64)
+        held = lambda k, chunks=(): Held(topo, self.expert_device, self.slot, r, block[:, k].sum(1), own[k, :J].sum(0),
+                                         nc[:, k].sum(1), own[k, J:].sum(0), chunks)
+        scatter = {"local": int(stay.sum()), "intra": int((keeps - stay).sum()),
+                   "inter": int((nodes[0].sum(1) - nodes[0][np.arange(I), np.arange(I) // B // G]).sum())}
+        m = _Gathered(held(slice(None), tuple((ab, held([k])) for k, ab in enumerate(_chunk_bounds(S, chunks)))),
+                      cols[:, 0], nodes, [rows[:, k * G:(k + 1) * G] for k in range(L)], scatter,
+                      (cols[r * B:(r + 1) * B, 0], num.reshape(B, -1)),
+                      meta_bytes=sum(t.numel() * t.element_size() for t in gathered[:2] + [tokens]))
+        return m, tokens
+
+    def _place(self, m, here):
+        """Algorithm 1 where ranks run the layer (_held's metadata m): stage 1 on every rank (each
+        holds [I, N]); stage 2 for this rank's node (it holds the node's [I, G]); each rank shares
+        I/J of its node's destinations, with what their gather keeps on each device (one
+        all-gather on the solve's group); then the gather's split sizes (one All-to-All of [J]
+        per chunk and hop). Rows by sample id, as the one-process solve's: the same placement.
+        Returns (dest, the rows each rank's gather sends here per chunk and hop, or None)."""
+        if not self.placement.solves:
+            return here, None
+        topo, J, r, I = self.topo, self.J, self.rank, len(m.sid)
+        N, G = topo.nodes, topo.gpus_per_node
+        n, gl = divmod(r, G)
+        order = np.argsort(m.sid, kind="stable")
+        node = _solve_nodes(_stage_cost([c[order] for c in m.node]), N)
+        on = [order[node == k] for k in range(N)]   # each node's samples' slots, by sample id
+        device = _solve_devices(_stage_cost([d[on[n]] for d in m.device]), 1)
+        share = slice(gl * I // J, (gl + 1) * I // J)
+        q, g = on[n][share], device[share]
+        kept = m.device[0][q, g]
+        mine = torch.from_numpy(np.concatenate([n * G + g, [kept.sum(), (m.device[0][q].sum(1) - kept).sum()]]))
+        out = [torch.empty_like(mine) for _ in range(J)]
+        dist.all_gather(out, mine, group=subgroup(self.group, "solve"))
+        out = torch.stack(out).numpy()
+        m.meta_bytes += out.nbytes
+        dest = np.empty(I, dtype=np.int64)
+        for k in range(N):
+            dest[on[k]] = out[k * G:(k + 1) * G, :-2].reshape(-1)
+        local, intra = out[:, -2:].sum(0)
+        m.gather = {"local": int(local), "intra": int(intra),
+                    "inter": int((m.node[0].sum(1) - m.node[0][np.arange(I), dest // G]).sum())}
+        if not self.placement.moves_samples:
+            m.gather = None
+            return here, None
+        sends = np.stack([np.stack(self.exchange._gather_sends(dest, h)) for _, h in m.held.chunks])   # [C, hops, J]
+        sends = torch.from_numpy(np.ascontiguousarray(sends.transpose(2, 0, 1)))   # [J, C, hops]
+        recv = torch.empty_like(sends)
+        dist.all_to_all_single(recv, sends, group=subgroup(self.group, "solve"))
+        m.meta_bytes += recv.numel() * recv.element_size()
+        return dest, [list(c.T) for c in recv.numpy().transpose(1, 0, 2)]   # per chunk, per hop: [J] from each rank
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""

@@ -1060,6 +1060,7 @@ class Case:
     shared: int = 0   # shared experts
     groups: int = 1   # group-limited routing: experts in `groups` groups, a token's from its best group_top
     group_top: int = 1
+    lookahead: bool = True
 
 
 LAYER_CASES = [Case("static", 2), Case("netmoe", 2), Case("netmoe", 1), Case("netmoe", 4),
@@ -1075,13 +1076,18 @@ CHUNK_CASES = [dataclasses.replace(c, chunks=C) for C in (2, 3, 8) for c in
                (Case("netmoe", 2), Case("static", 2, empty=True), Case("netmoe", 1, empty=True), Case("netmoe", 4),
                 Case("netmoe", 2, exchange="node", layout="random"), Case("static", 2, True, "node", "random"),
                 Case("netmoe", 4, True, "node"), Case("netmoe", 1, exchange="node", layout="random", nodes=4))]
-# DeepSeek-style options: shared experts and group-limited routing, both exchanges, chunked too
+# DeepSeek-style options: shared experts and group-limited routing, both exchanges, chunked too;
+# and NetMoE without the lookahead
 MODERN_CASES = [Case("netmoe", 2, shared=1, groups=4, group_top=2), Case("static", 2, True, shared=2),
                 Case("netmoe", 4, exchange="node", shared=1, groups=2, group_top=1),
                 Case("netmoe", 2, True, "node", chunks=3, shared=1, groups=4, group_top=2),
-                Case("static", 1, exchange="node", layout="random", chunks=2, groups=4, group_top=1)]
+                Case("static", 1, exchange="node", layout="random", chunks=2, groups=4, group_top=1),
+                Case("netmoe", 2, chunks=2, lookahead=False)]
 NODE_CASES_8 = [Case("netmoe", 2, exchange="node", layout="random"), Case("static", 1, True, "node"),
-                Case("netmoe", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", nodes=4)]
+                Case("netmoe", 4, True, "node", "random"), Case("netmoe", 2, exchange="node", nodes=4),
+                Case("netmoe", 2, exchange="node", layout="random", nodes=4, lookahead=False),
+                Case("netmoe", 2, layout="random"), Case("netmoe", 4, True, nodes=4),
+                Case("netmoe", 2, layout="random", lookahead=False)]
 
 
 def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
@@ -1115,13 +1121,14 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         wout = torch.randn(I_, S_, H_, generator=g, dtype=torch.float64).to(dtype).double()
 
         def run(exchange):
-            layers = [netmoe.MoELayer(H_, F_, E, K, placement, topology=topo, debug=True, exchange=exchange, chunks=case.chunks,
+            layers = [netmoe.MoELayer(H_, F_, E, K, placement, case.lookahead, topology=topo, debug=True, exchange=exchange,
+                                      chunks=case.chunks,
                                       shared_experts=case.shared, route_groups=case.groups, group_top=case.group_top,
                                       expert_device=None if layouts is None else layouts[li]).to(dev, weights)
                       for li in range(len(params))]
             for L, p in zip(layers, params):
                 _load(L, p)
-                L.record = dtype == torch.bfloat16 or dev.type == "cuda"   # its choices: the reference's, the kernels' input
+                L.record = True   # its choices: the reference's, the kernels' input, the centralized solve's
             xl = x[rank * B:(rank + 1) * B].to(dev, dtype).requires_grad_()
             h, sid, aux = xl, torch.arange(rank * B, (rank + 1) * B, device=dev), 0
             for L, nxt in zip(layers, layers[1:] + [None]):
@@ -1131,6 +1138,15 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
             return layers, xl, h, sid
 
         layers, xl, h, sid = run(exchange)
+        central = None
+        if netmoe.PLACEMENTS[placement].solves:   # Algorithm 1 on the whole batch's routes, in one process
+            central = True
+            for li, (L, (route, pred)) in enumerate(zip(layers, train_gpt.global_routes(layers))):
+                count = lambda r, layer: netmoe.Routing.from_routes(r, topo, E, layer.expert_device, L.exchange.priced.name)
+                nxt = count(pred, layers[li + 1]) if case.lookahead and li + 1 < len(layers) else None
+                by_id = netmoe.solve_placement(count(route, L), topo, num_next=nxt)
+                ids = torch.cat([t for t in _all_gather_list(L.last_routes[0])]).cpu().numpy()
+                central = central and bool(np.array_equal(by_id[ids], L.last_dest))
 
         def gather(t):
             t = t.to(dev).contiguous()
@@ -1178,7 +1194,7 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
                      for ph, b in zip(("scatter", "gather"), moved_bytes.tolist())}
         report.append(dict(worst=max(errs.items(), key=lambda kv: kv[1]), moved=stats.moved_device,
                            scatter=stats.scatter, gather=stats.gather, idle=idle, sent=sent,
-                           ran=type(layers[0].exchange).__name__, errs=errs, row_bytes=row_bytes))
+                           ran=type(layers[0].exchange).__name__, errs=errs, row_bytes=row_bytes, central=central))
     kernels = None
     if dev.type == "cuda":   # the CUDA kernels on this rank's own routes, against their references
         ops, ref = netmoe.hot_path(dev), netmoe.REFERENCE_OPS
@@ -1198,6 +1214,12 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         with open(errors_file, "w") as f:
             json.dump(dict(cases=report, kernels=kernels), f)
     dist.destroy_process_group()
+
+
+def _all_gather_list(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
 
 
 def _spawn(fn, world, *args):
@@ -1249,14 +1271,17 @@ def test_bf16_layer_equals_the_float64_model_to_bf16_rounding(layer_report_bf16)
         assert r["sent"] == {"scatter": r["scatter"], "gather": r["gather"]}, case
         assert (r["moved"] > 0) == netmoe.PLACEMENTS[case.placement].moves_samples, case
         assert not case.empty or r["idle"] == 2, case
-        # half of float32's bytes: 2H + 6 a scatter row (x, gate, int32 position), 2H + 4 a gather
-        # row; a node exchange's rail rows carry K gates and K expert ids more (2H + 6K + 4)
+        # half of float32's bytes: 2H + 8 a scatter row (x, gate, int32 sample and position, 16-bit
+        # expert and choice), 2H + 4 a gather row (int32 new slot and position); a node exchange's
+        # rail rows carry K gates and K expert ids more (2H + 6K + 4), its NVLink rows back k (2H + 6)
         node = r["ran"] == "NodeExchange"   # on one node the node exchange runs as the expert one
         wire = getattr(netmoe, r["ran"]).wire_bytes(H_, torch.bfloat16, case.K)
         row_bytes = r["row_bytes"]
-        assert row_bytes["gather"] == wire[1] == 2 * H_ + 4, case
-        assert (2 * H_ + 6 <= row_bytes["scatter"] <= wire[0] == 2 * H_ + 6 * case.K + 4) if node else \
-            (row_bytes["scatter"] == wire[0] == 2 * H_ + 6), case
+        if node:
+            assert 2 * H_ + 8 <= row_bytes["scatter"] <= wire[0] == 2 * H_ + 6 * case.K + 4, case
+            assert 2 * H_ + 4 <= row_bytes["gather"] <= wire[1] == 2 * H_ + 6, case
+        else:
+            assert row_bytes["scatter"] == wire[0] == 2 * H_ + 8 and row_bytes["gather"] == wire[1] == 2 * H_ + 4, case
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1326,6 +1351,17 @@ def test_ep_layer_equals_single_process_model_outputs_and_all_gradients(layer_re
     assert r["worst"][1] <= 1e-10, f"{case}: {r['worst'][0]} differs by {r['worst'][1]:.2e}"
     if case.empty:   # the planted device received no token in either layer
         assert r["idle"] == 2
+
+
+def test_every_rank_reaches_the_placement_of_the_centralized_solve(layer_report, layer_report_chunked, layer_report_8):
+    """Each rank gathers only what Algorithm 1's stages and its own hops need, solves stage 2 for
+    its own node and shares its part: the placement every layer used equals solve_placement's on
+    the whole batch's routes (and the lookahead's), on 2x2, 1x4, 4x1, 2x4 and 4x2, both exchanges,
+    with and without lookahead, in chunks or not."""
+    cases = LAYER_CASES + NODE_CASES + CHUNK_CASES + MODERN_CASES + NODE_CASES_8
+    reports = layer_report + layer_report_chunked + layer_report_8
+    solved = [(c, r["central"]) for c, r in zip(cases, reports) if netmoe.PLACEMENTS[c.placement].solves]
+    assert len(solved) > 20 and all(ok for _, ok in solved), [c for c, ok in solved if not ok]
 
 
 def test_netmoe_really_moves_samples_in_the_equality_test(layer_report):
@@ -1803,42 +1839,69 @@ _COLLECTIVES = ("all_gather", "all_gather_object", "all_gather_into_tensor", "al
                 "all_to_all", "all_to_all_single", "reduce_scatter", "gather", "scatter", "send", "recv")
 
 
-def _collectives_worker(rank, world, init_file, exchange, chunks, out_file):
-    """Collectives per layer call after the first (which checks the ranks' batch sizes once)."""
+def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, out_file):
+    """Collectives per layer call after the first (which checks the ranks' batch sizes once), and
+    the bytes each call received outside the exchange's rows (the routing metadata): every
+    collective's output, less the rows' All-to-Alls (the only ones started asynchronously)."""
     train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
-    layers = [netmoe.MoELayer(H_, F_, 8, 2, topology=netmoe.Topology(2, 2), exchange=exchange, chunks=chunks).double()
-              for _ in range(2)]
-    calls = []
+    layers = [netmoe.MoELayer(H_, F_, experts, 2, topology=netmoe.Topology(2, 2), exchange=exchange,
+                              chunks=chunks).double() for _ in range(2)]
+    calls, received = [], []
+    size = lambda t: sum(size(x) for x in t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size()
     for name in _COLLECTIVES:
         def counted(*a, _f=getattr(dist, name), _name=name, **kw):
             calls.append(_name)
+            if not kw.get("async_op") and _name in ("all_gather", "all_to_all_single", "all_reduce"):
+                received.append(size(a[0]))
             return _f(*a, **kw)
         setattr(dist, name, counted)
 
     def step():
-        h, sid = torch.randn(2, S_, H_, dtype=torch.float64, requires_grad=True), torch.arange(2 * rank, 2 * rank + 2)
+        h, sid = torch.randn(B, S_, H_, dtype=torch.float64, requires_grad=True), torch.arange(B * rank, B * rank + B)
         aux = 0
         for L, nxt in zip(layers, layers[1:] + [None]):
             h, sid, a = L(h, sid, next_layer=nxt)
             aux = aux + a
         (h.square().sum() + aux).backward()
     step()
-    first = len(calls)
+    first, got = len(calls), len(received)
+    for L in layers:
+        L.pop_stats()
     step()
+    counted_bytes = sum(L.pop_stats().meta_bytes for L in layers)
     if rank == 0:
         with open(out_file, "w") as f:
-            json.dump(dict(first=calls[:first], later=calls[first:]), f)
+            json.dump(dict(first=calls[:first], later=calls[first:], received=sum(received[got:]),
+                           counted=counted_bytes), f)
 
 
 @pytest.mark.parametrize("exchange, a2a_per_direction, chunks", [("expert", 1, 1), ("node", 2, 1), ("node", 2, 3)])
 def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks):
-    """Without debug a layer's forward and backward talk only through one all-gather of the counts
-    and the exchange's All-to-Alls (scatter and gather, each hop forward and backward, once per
-    chunk); the batch-size check runs on a layer's first call only."""
-    calls = _spawn(_collectives_worker, 4, exchange, chunks)
-    per_layer = {"all_gather": 1, "all_to_all_single": 4 * a2a_per_direction * chunks}
+    """Without debug a layer's forward and backward talk only through the routing's metadata (an
+    all-gather and an All-to-All of counts, an all-reduce of the tokens per expert; NetMoE's solve
+    an all-gather of destinations and an All-to-All of split sizes) and the exchange's
+    All-to-Alls (scatter and gather, each hop forward and backward, once per chunk); the
+    batch-size check runs on a layer's first call only."""
+    calls = _spawn(_collectives_worker, 4, exchange, chunks, 8, 2)
+    per_layer = {"all_gather": 2, "all_to_all_single": 4 * a2a_per_direction * chunks + 2, "all_reduce": 1}
     assert collections.Counter(calls["later"]) == {k: 2 * v for k, v in per_layer.items()}
     assert collections.Counter(calls["first"]) == {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()}
+
+
+@pytest.mark.parametrize("exchange", ["expert", "node"])
+def test_the_routing_metadata_a_layer_call_receives_does_not_grow_with_the_experts(exchange):
+    """What a rank receives of the routing in a layer call, measured at every collective: the
+    same at E/J = 2 and E/J = 16 for the same tokens (I/J = 4, as bench.py layer's) but for the
+    [E] tokens per expert of the load-balance loss (at most 1.5x in all, where every rank's [I, E]
+    counts grew 8x), and exactly netmoe.metadata_bytes, which the layer's own counter agrees with."""
+    got = {e: _spawn(_collectives_worker, 4, exchange, 2, 4 * e, 4) for e in (2, 16)}
+    topo, I = netmoe.Topology(2, 2), 16
+    for e, r in got.items():
+        model = sum(netmoe.metadata_bytes(I, 4 * e, topo, exchange, chunks=2, lookahead=nxt) for nxt in (True, False))
+        assert r["received"] == r["counted"] == model, (e, r, model)
+    assert got[16]["received"] - got[2]["received"] == 2 * (64 - 8) * 8   # two layers' [E] int64
+    assert got[16]["received"] <= 1.5 * got[2]["received"]
+    assert netmoe.metadata_bytes(I, 64, topo, exchange, 2) < 2 * I * 64 * 8   # today: [I, E] int64, twice
 
 
 def _schedule_worker(rank, world, init_file, exchange, chunks, serial, out_file):
@@ -2071,9 +2134,9 @@ def test_json_record_follows_the_documented_schema(compare_4proc):
     assert set(run["volume"]) == {"scatter", "gather"}
     assert all(set(run["volume"][p]) == {"local", "intra", "inter"} for p in run["volume"])
     assert set(run["moved_frac"]) == {"node", "device"}
-    H = compare_4proc["config"]["hidden"]   # the CPU's default stream: float32 rows, the int32 position beside
-    assert compare_4proc["config"]["dtype"] == "float32"
-    assert compare_4proc["config"]["wire_bytes_per_row"] == {"scatter": 4 * H + 8, "gather": 4 * H + 4}
+    H = compare_4proc["config"]["hidden"]   # the CPU's default stream: float32 rows, with the gate weight,
+    assert compare_4proc["config"]["dtype"] == "float32"   # an int32 sample and position and an expert and choice
+    assert compare_4proc["config"]["wire_bytes_per_row"] == {"scatter": 4 * H + 12, "gather": 4 * H + 4}
 
 
 def test_a_bf16_stream_trains_and_prices_the_bytes_it_sends(compare_4proc, tmp_path):
@@ -2081,15 +2144,16 @@ def test_a_bf16_stream_trains_and_prices_the_bytes_it_sends(compare_4proc, tmp_p
     follows the float32 run's to bf16 rounding, and Eq. 1 prices half the bytes."""
     r = _run(["compare", *TINY, "--virtual-world", "4", "--topology", "2x2", "--dtype", "bfloat16"], tmp_path, "bf16")
     H = r["config"]["hidden"]
-    assert r["config"]["dtype"] == "bfloat16" and r["config"]["wire_bytes_per_row"] == {"scatter": 2 * H + 6,
+    assert r["config"]["dtype"] == "bfloat16" and r["config"]["wire_bytes_per_row"] == {"scatter": 2 * H + 8,
                                                                                           "gather": 2 * H + 4}
     for p in ("static", "netmoe"):
         ours, f32 = r["runs"][p], compare_4proc["runs"][p]
         np.testing.assert_allclose(ours["loss"], f32["loss"], rtol=2e-2)
-        # Eq. 1 per row crossing nodes (the slower tier here): bf16 rows weigh (2H + 6) / (4H + 8)
+        # Eq. 1 per row crossing nodes (the slower tier here): bf16 rows weigh (2H + 6) / (4H + 8),
+        # the mean of scatter's (2H + 8) / (4H + 12) and gather's (2H + 4) / (4H + 4)
         per_row = lambda run: np.array(run["a2a_model_ms"]) / np.add(run["volume"]["scatter"]["inter"],
                                                                       run["volume"]["gather"]["inter"])
-        np.testing.assert_allclose(per_row(ours) / per_row(f32), (2 * H + 5) / (4 * H + 6), rtol=1e-3)
+        np.testing.assert_allclose(per_row(ours) / per_row(f32), (2 * H + 6) / (4 * H + 8), rtol=1e-3)
 
 
 def test_distributed_training_equals_the_single_process_model(compare_4proc, tmp_path):
@@ -2323,11 +2387,12 @@ def _plan_worker(rank, world, init_file, out_file):
     topo = netmoe.Topology(2, 1)
     model = train_gpt.GPT(mcfg, world, topology=topo)
     rng = np.random.default_rng(100 + rank)
-    for m in model.moe:
-        m.recent.extend(rng.integers(0, 20, size=(8, 4)) for _ in range(4))
+    planted = [[rng.integers(0, 20, size=(8, 4)) for _ in range(4)] for _ in model.moe]
+    for m, window in zip(model.moe, planted):
+        m.window = lambda window=window: window
     env = train_gpt.Env(rank, world, world, topo, torch.device("cpu"))
     cfg = train_gpt.TrainConfig(relayout_every=1, relayout_always=True)
-    mine = netmoe.plan_relayout([list(m.recent) for m in model.moe], [m.expert_device for m in model.moe], topo,
+    mine = netmoe.plan_relayout(planted, [m.expert_device for m in model.moe], topo,
                                 4 * mcfg.hidden, 1.0, 1)["layouts"]
     train_gpt.relayout(model, train_gpt.make_optimizer(model, 1e-3), env, cfg, 0, dict(ms_per_byte=None), print)
     maps = [None] * world
@@ -2349,7 +2414,7 @@ def test_relayout_is_applied_only_when_the_modelled_saving_pays_for_the_move(tmp
     """A plan moves experts only when its modelled saving per step, over the steps left in the run
     (the layout then serves to the end, or until a later plan replaces it), exceeds the move's
     cost. Re-planning every step here, a move of whole experts (about 0.4 MB each) is never paid
-    back by a few thousand 264-byte rows a step: every plan is skipped, and the record says why.
+    back by a few thousand 268-byte rows a step: every plan is skipped, and the record says why.
     None is made after the last step, which leaves no step for a layout to serve."""
     r = _run(["train", *TINY, "--virtual-world", "4", "--topology", "2x2", "--relayout-every", "1",
               "--exchange", exchange], tmp_path, "gate")["runs"]["netmoe"]
@@ -2835,9 +2900,10 @@ def test_trace_and_simulate_round_trip(tmp_path):
     assert res.exit_code == 0, res.output
     whole = json.loads((tmp_path / "s.json").read_text())
     sim = whole["results"]
-    # Eq. 1 prices the rows as the trace's run sent them: float32 rows of H = 64 and an int32 position
-    assert whole["dtype"] == "float32" and whole["wire_bytes_per_row"] == {"scatter": 4 * 64 + 8, "gather": 4 * 64 + 4}
-    assert whole["bytes_per_token"] == 4 * 64 + 8
+    # Eq. 1 prices the rows as the trace's run sent them: float32 rows of H = 64, the gate weight, an
+    # int32 sample and position and an expert and choice (a float32 column too)
+    assert whole["dtype"] == "float32" and whole["wire_bytes_per_row"] == {"scatter": 4 * 64 + 12, "gather": 4 * 64 + 4}
+    assert whole["bytes_per_token"] == 4 * 64 + 12
     assert sim["netmoe + oracle next"]["inter"] <= sim["static"]["inter"]
     assert sim["static"]["moved_device"] == 0
     topo = netmoe.Topology(2, 4)   # static EP: scatter and gather both cross what traffic() says
@@ -3025,7 +3091,7 @@ def test_bench_solver_at_scale_gives_the_solve_and_the_metadata_of_each_topology
     res = CliRunner().invoke(bench.cli, ["solver", "--topology", "2x2", "--topology", "4x2", "--samples", "3",
                                          "--experts", "4", "--top-k", "2", "--json", out], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert "will gather" in res.stdout and "scaling case 2/2 done" in res.stderr
+    assert "gathered now" in res.stdout and "scaling case 2/2 done" in res.stderr
     record = json.loads(open(out).read())
     assert record["kind"] == "solver_scale" and len(record["rows"]) == 2
     assert "2x2" in CliRunner().invoke(bench.cli, ["summary", out]).stdout
@@ -3033,7 +3099,7 @@ def test_bench_solver_at_scale_gives_the_solve_and_the_metadata_of_each_topology
         I, E, J = 3 * N * G, 4 * N * G, N * G
         assert (r["topology"], r["I"], r["E"], r["K"]) == (f"{N}x{G}", I, E, 2) and r["solve_ms"] > 0
         assert r["today_expert"] == 2 * I * E * 8 and r["today_node"] == 2 * I * (E + N) * 8
-        assert r["staged"] == I * N * 4 + I // N * G * 4 + I * 4 + J * 8
+        assert r["staged"] == netmoe.metadata_bytes(I, E, netmoe.Topology(N, G), "expert", 1, True)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]

@@ -961,7 +961,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
         identity = cfg.identity(placement, env.J, corpus.vocab)
         for m, layout, recent in zip(model.moe, dense["layouts"], dense["recent"]):
             m.set_expert_device(np.asarray(layout))   # the experts were saved in this order
-            m.recent.extend(r.numpy() for r in recent)
+            m.restore_window(r.numpy() for r in recent)
         model.load_state_dict({**dense["dense"], **mine["experts"]})
         opt.load_state_dict(mine["opt"])
         record, start, planner = dense["record"], dense["step"], {**planner, **dense["planner"]}
@@ -1022,7 +1022,7 @@ def train(env, mcfg, cfg, placement, corpus, echo):
                  f"moved/node {stats.moved_node / max(stats.samples, 1):.2f}")
         if ckpt and (stop or step + 1 == cfg.steps or (step + 1) % cfg.ckpt_every == 0):
             state = dict(record=record, planner=planner, layouts=[m.expert_device.tolist() for m in model.moe],
-                         recent=[[torch.from_numpy(r) for r in m.recent] for m in model.moe])
+                         recent=[[torch.from_numpy(r) for r in m.window()] for m in model.moe])
             save_checkpoint(ckpt, step + 1, model, opt, env, identity, state)
             if trace:
                 trace.save(**meta)
@@ -1054,7 +1054,7 @@ def relayout(model, opt, env, cfg, step, planner, echo):
     timed). Rank 0 plans and every rank applies its plan: ranks never decide apart."""
     per_expert = MOVED_BYTES_PER_PARAM * sum(p[0].numel() for p in model.moe[0].experts.parameters())
     rate = planner["ms_per_byte"] or 1e3 / env.topo.inter_bw
-    plan = None
+    plan, windows = None, [m.window() for m in model.moe]   # a collective: each rank holds its samples'
     if env.rank == 0:
         routes, exchange = None, cfg.exchange
         if netmoe.exchange_class(exchange).needs_routes:
@@ -1062,7 +1062,7 @@ def relayout(model, opt, env, cfg, step, planner, echo):
             if not routes[0]:   # resumed from a checkpoint that kept no routes: price as the expert exchange once
                 routes, exchange = None, netmoe.ExpertExchange.name
         # the counts of the batches whose routes were kept (all of them, but after resuming an older checkpoint)
-        recent = [list(m.recent)[len(m.recent) - len(routes[0]):] if routes else list(m.recent) for m in model.moe]
+        recent = [w[len(w) - len(routes[0]):] if routes else w for w in windows]
         plan = netmoe.plan_relayout(recent, [m.expert_device for m in model.moe], env.topo, cfg.wire_bytes(),
                                     per_expert * rate, cfg.steps - step - 1, exchange, routes, cfg.chunks)
     plan = env.gather(plan)[0]   # rank 0's plan, on every rank
