@@ -19,7 +19,8 @@
 //
 // and the gate's choice, exactly (int64, bit for bit):
 //
-//   topk_ids(scores[...,E], k)                 -> sort(scores, descending, stable)[1][..., :k]
+//   topk_ids(scores[...,E], k, affine)         -> sort(scores, descending, stable)[1][..., :k], of
+//                                                 rstd (scores - mean u) + c where affine is given
 //
 // Built on first use by netmoe.hot_path("cuda"), i.e.
 //   torch.utils.cpp_extension.load("netmoe_kernels", ["kernels.cu"], extra_cuda_cflags=["-O3"])
@@ -1045,9 +1046,22 @@ std::vector<at::Tensor> bias_gelu_backward(at::Tensor grad, at::Tensor pre, at::
 template <typename A>
 __device__ __forceinline__ bool ahead(A a, int ia, A b, int ib) { return a > b || (a == b && ia < ib); }   // NaN: never
 
+// each step rounded on its own, as torch's separate ops round them (no fused multiply-add)
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// affine (u != nullptr): the scores are rstd[row] (s - mean[row] u[e]) + c[e], computed here: the
+// lookahead's folded LayerNorm and gate (netmoe.MoELayer._predict) without a pass of its own
 template <typename T, int KMAX>
 __global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_t rows, int E, int K,
-                                int64_t* __restrict__ out) {
+                                const typename AccOf<T>::type* __restrict__ rstd,
+                                const typename AccOf<T>::type* __restrict__ mean,
+                                const typename AccOf<T>::type* __restrict__ u,
+                                const typename AccOf<T>::type* __restrict__ c, int64_t* __restrict__ out) {
   const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -1057,8 +1071,10 @@ __global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_
 #pragma unroll
   for (int i = 0; i < KMAX; ++i) { bv[i] = -INFINITY; bi[i] = INT_MAX; }
   const T* s = scores + row * ld;
+  const A r = u ? rstd[row] : A(1), m = u ? mean[row] : A(0);
   for (int e = lane; e < E; e += 32) {
-    const A v = static_cast<A>(s[e]);
+    A v = static_cast<A>(s[e]);
+    if (u) v = add_rn(mul_rn(r, sub_rn(v, mul_rn(m, u[e]))), c[e]);
     if (!ahead(v, e, bv[KMAX - 1], bi[KMAX - 1])) continue;
 #pragma unroll
     for (int i = KMAX - 1; i > 0; --i) {   // shift the worse ones down, v lands in its place
@@ -1087,13 +1103,17 @@ __global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_
 }
 
 template <typename T, int KMAX>
-void launch_topk(const at::Tensor& scores, int64_t rows, int E, int K, at::Tensor& out) {
+void launch_topk(const at::Tensor& scores, int64_t rows, int E, int K, const std::vector<at::Tensor>& affine,
+                 at::Tensor& out) {
+  using A = typename AccOf<T>::type;
+  const A* a[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < affine.size(); ++i) a[i] = affine[i].data_ptr<A>();
   topk_ids_kernel<T, KMAX><<<row_blocks(rows), 32 * kRowWarps, 0, stream()>>>(
-      scores.data_ptr<T>(), ld_of(scores), rows, E, K, out.data_ptr<int64_t>());
+      scores.data_ptr<T>(), ld_of(scores), rows, E, K, a[0], a[1], a[2], a[3], out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor topk_ids(at::Tensor scores, int64_t k) {
+at::Tensor topk_ids(at::Tensor scores, int64_t k, c10::optional<std::vector<at::Tensor>> affine) {
   TORCH_CHECK(scores.is_cuda() && scores.is_floating_point() && scores.dim() >= 1,
               "topk_ids: scores must be a floating-point CUDA tensor [..., E]");
   const int64_t E = scores.size(-1);
@@ -1101,8 +1121,26 @@ at::Tensor topk_ids(at::Tensor scores, int64_t k) {
   const at::cuda::OptionalCUDAGuard guard(scores.device());
   auto sizes = scores.sizes().vec();
   sizes.back() = k;
+  const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<at::Tensor> aff;
+  if (affine) {   // rstd, mean [rows] per row; u, c [E]: contiguous, in the accumulation type
+    TORCH_CHECK(affine->size() == 4, "topk_ids: affine is (rstd, mean, u, c)");
+    const int64_t rows = scores.numel() / std::max<int64_t>(E, 1);
+    for (size_t i = 0; i < 4; ++i) {
+      const auto& t = (*affine)[i];
+      TORCH_CHECK(t.is_cuda() && t.numel() == (i < 2 ? rows : E),
+                  "topk_ids: affine's rstd and mean need a value a row, u and c one a score");
+      aff.push_back(t.to(acc).contiguous());
+    }
+  }
   if (k > 32 || E >= INT_MAX) {   // beyond the registers' lists: torch's stable sort, cut at k
-    return std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(-1, 0, k).contiguous();
+    auto s = scores;
+    if (affine) {
+      auto shape = scores.sizes().vec();
+      shape.back() = 1;
+      s = aff[0].view(shape) * (scores.to(acc) - aff[1].view(shape) * aff[2]) + aff[3];
+    }
+    return std::get<1>(at::sort(s, /*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(-1, 0, k).contiguous();
   }
   auto flat = unit_cols(scores.reshape({-1, E}));
   const int64_t rows = flat.size(0);
@@ -1110,11 +1148,11 @@ at::Tensor topk_ids(at::Tensor scores, int64_t k) {
   if (rows > 0) {
     NETMOE_DISPATCH_ROWS(flat, "topk_ids", [&] {
       const int K = (int)k;
-      if (K <= 2) launch_topk<scalar_t, 2>(flat, rows, (int)E, K, out);
-      else if (K <= 4) launch_topk<scalar_t, 4>(flat, rows, (int)E, K, out);
-      else if (K <= 8) launch_topk<scalar_t, 8>(flat, rows, (int)E, K, out);
-      else if (K <= 16) launch_topk<scalar_t, 16>(flat, rows, (int)E, K, out);
-      else launch_topk<scalar_t, 32>(flat, rows, (int)E, K, out);
+      if (K <= 2) launch_topk<scalar_t, 2>(flat, rows, (int)E, K, aff, out);
+      else if (K <= 4) launch_topk<scalar_t, 4>(flat, rows, (int)E, K, aff, out);
+      else if (K <= 8) launch_topk<scalar_t, 8>(flat, rows, (int)E, K, aff, out);
+      else if (K <= 16) launch_topk<scalar_t, 16>(flat, rows, (int)E, K, aff, out);
+      else launch_topk<scalar_t, 32>(flat, rows, (int)E, K, aff, out);
     });
   }
   return out.view(sizes);
@@ -1145,6 +1183,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_backward", &bias_gelu_backward, "grad_pre, grad_bias of bias_gelu",
         py::arg("grad"), py::arg("pre"), py::arg("bias"), py::arg("ends"));
   m.def("segment_sum", &segment_sum, "[E, C]: the sum of each expert's rows", py::arg("x"), py::arg("ends"));
-  m.def("topk_ids", &topk_ids, "ids of each row's k largest scores, best first, ties to the lower id",
-        py::arg("scores"), py::arg("k"));
+  m.def("topk_ids", &topk_ids, "ids of each row's k largest scores, best first, ties to the lower id; of "
+        "rstd (scores - mean u) + c with affine = (rstd, mean, u, c)",
+        py::arg("scores"), py::arg("k"), py::arg("affine") = py::none());
 }

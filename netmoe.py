@@ -184,10 +184,21 @@ def permute_rows(x, src):
     return x.index_select(0, src)
 
 
-def topk_ids(scores, k):
+def topk_ids(scores, k, affine=None):
     """The ids of the k largest scores of each row [..., E], best first, ties to the lower id: a
-    stable descending sort cut at k (the gate's choice; its kernel never picks a NaN)."""
+    stable descending sort cut at k (the gate's choice; its kernel never picks a NaN). affine =
+    (rstd, mean, u, c): of rstd (scores - mean u) + c instead, rstd and mean [...] a value a row,
+    u and c [E], in scores' accumulation type (_acc), each step rounded on its own (the
+    lookahead's folded LayerNorm and gate, MoELayer._predict; its kernel makes no pass of its own)."""
+    scores = scores if affine is None else _affine(scores, affine)
     return scores.sort(dim=-1, descending=True, stable=True)[1][..., :k]
+
+
+def _affine(scores, affine):
+    """rstd (scores - mean u) + c of affine = (rstd, mean, u, c), in scores' accumulation type."""
+    acc = _acc(scores.dtype)
+    rstd, mean, u, c = (t.to(acc) for t in affine)
+    return rstd[..., None] * (scores.to(acc) - mean[..., None] * u) + c
 
 
 def _acc(dtype):
@@ -2228,19 +2239,19 @@ class MoELayer(nn.Module):
         included). Its LayerNorm and gate fold into one product over x with this layer's
         LayerNorm statistics (mean, rstd [..., 1]), so no second LayerNorm passes over the stream:
         LN'(x) W'^T = rstd (x - mean) U + c = rstd x U - rstd mean u + c, with U = (W' diag g')^T,
-        u its column sums and c = W' b' (g', b' the next LayerNorm's weight and bias)."""
+        u its column sums and c = W' b' (g', b' the next LayerNorm's weight and bias). The top-K
+        kernel applies rstd, mean, u and c as it reads the product: nothing more passes over it."""
         ln, w = next_layer.ln, next_layer.gate.weight
         acc = _acc(x.dtype)
         U = (w * ln.weight).to(x.dtype)   # [E, H], rounded as the product reads it
         with torch.autocast(x.device.type, enabled=False):
             xu = F.linear(x, U)           # [..., E]
-        rstd = rstd.to(acc)
-        coef = torch.stack([-U.to(acc).sum(1), w.to(acc) @ ln.bias.to(acc)])      # [2, E]: -u; c
-        rest = torch.cat([rstd * mean.to(acc), torch.ones_like(rstd)], -1)        # [..., 2]: rstd mean, 1
-        logits = torch.addmm((xu * rstd).flatten(0, -2), rest.flatten(0, -2), coef).view(xu.shape)
-        if next_layer.route_groups > 1:
-            logits = group_limited(logits.float().softmax(-1), next_layer.route_groups, next_layer.group_top)
-        return hot_path(x.device).topk_ids(logits, next_layer.top_k)
+        affine = (rstd[..., 0], mean[..., 0], U.to(acc).sum(1), w.to(acc) @ ln.bias.to(acc))
+        if next_layer.route_groups > 1:   # the groups' limit reads every probability
+            probs = _affine(xu, affine).float().softmax(-1)
+            return hot_path(x.device).topk_ids(group_limited(probs, next_layer.route_groups, next_layer.group_top),
+                                               next_layer.top_k)
+        return hot_path(x.device).topk_ids(xu, next_layer.top_k, affine)
 
     def _check_input(self, x, sid):
         if x.dim() != 3 or x.shape[-1] != self.hidden:

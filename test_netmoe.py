@@ -3738,3 +3738,11 @@ def test_topk_ids_kernel_is_the_stable_descending_sort_cut_at_k(kernels, T, E, K
     got = kernels.topk_ids(scores.view(T, 1, E) if T % 2 else scores, K)
     assert got.dtype == torch.int64
     assert torch.equal(got.reshape(T, K), netmoe.topk_ids(scores, K)), f"seed={seed}"
+    # the lookahead's affine scores, rstd (s - mean u) + c, computed as the kernel reads them
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    affine = [torch.rand(T, generator=gen, dtype=torch.float64) + 0.5, torch.randn(T, generator=gen, dtype=torch.float64),
+              torch.randn(E, generator=gen, dtype=torch.float64), torch.randn(E, generator=gen, dtype=torch.float64)]
+    affine[3][: E // 3] = 0.25   # equal offsets: ties where the scores tie
+    affine = [t.to("cuda", acc) for t in affine]
+    got = kernels.topk_ids(scores, K, affine)
+    assert torch.equal(got, netmoe.topk_ids(scores, K, affine)), f"seed={seed}: affine"
