@@ -63,6 +63,9 @@ class Topology:
     inter_lat: float = 0.0
     overlap: float = 1.0      # the share of a transfer that can run beside other work (a cluster's
                               # NICs and copy engines: all; ranks sharing a few cores: little)
+    streams: float = 1.0      # how many messages a link moves at once as fast as one (>= 1): one
+                              # message fills NVLink or a NIC; gloo stages CUDA tensors through the
+                              # host, and two messages in flight overlap one's copies with the other's
 
     def __post_init__(self):
         for name in ("nodes", "gpus_per_node"):
@@ -73,6 +76,8 @@ class Topology:
             raise ValueError("Topology bandwidths must be positive (bytes per second)")
         if not 0 <= self.overlap <= 1:
             raise ValueError(f"Topology.overlap is a share in [0, 1], got {self.overlap!r}")
+        if not self.streams >= 1:
+            raise ValueError(f"Topology.streams counts messages a link moves at once, at least 1, got {self.streams!r}")
 
     @classmethod
     def parse(cls, spec, **kw):
@@ -594,17 +599,19 @@ def _hops(volume, topo, bytes_per_token, cls, chunks):
     return [("all", max(intra, inter))]   # one All-to-All over both tiers: the slower takes the time
 
 
-def _pipelined(stages, chunks, overlap=1.0):
+def _pipelined(stages, chunks, overlap=1.0, streams=1.0):
     """Seconds for `chunks` equal chunks to flow through stages in order, stages [(resource,
-    seconds of one chunk)], each resource working on one chunk at a time: one chunk's way through
-    every stage (fill and drain) plus (C - 1) chunks of the busiest resource, where the resources
-    run side by side (overlap 1); where they cannot (overlap 0), every chunk's every stage in turn.
-    Between the two, in that proportion."""
+    seconds of one chunk)]: one chunk's way through every stage (fill and drain) plus what the
+    busiest resource adds for the other chunks, where the resources run side by side (overlap 1);
+    where they cannot (overlap 0), every chunk's every stage in turn. Between the two, in that
+    proportion. "compute" works on one chunk at a time; a link on p = min(C, streams) at once, as
+    fast as on one, so its C chunks take C / p rounds."""
+    par = {r: 1.0 if r == "compute" else min(chunks, streams) for r, _ in stages}
     load = {}
     for resource, t in stages:
         load[resource] = load.get(resource, 0.0) + t
-    side_by_side = sum(t for _, t in stages) + (chunks - 1) * max(load.values(), default=0.0)
-    return overlap * side_by_side + (1 - overlap) * chunks * sum(t for _, t in stages)
+    side_by_side = sum(t for _, t in stages) + max(((chunks / par[r] - 1) * t for r, t in load.items()), default=0.0)
+    return overlap * side_by_side + (1 - overlap) * chunks * sum(t / par[r] for r, t in load.items())
 
 
 def a2a_time(volume, topo, bytes_per_token, exchange="expert", chunks=1):
@@ -615,7 +622,8 @@ def a2a_time(volume, topo, bytes_per_token, exchange="expert", chunks=1):
     compute). The node exchange's rail and NVLink hops hold communicators of their own, so chunk
     c's NVLink hop runs while chunk c + 1's rail hop is in flight: t_inter + t_intra for C = 1,
     towards max(t_inter, t_intra) as C grows, plus C alphas per tier."""
-    return _pipelined(_hops(volume, topo, bytes_per_token, exchange_class(exchange), chunks), chunks, topo.overlap)
+    return _pipelined(_hops(volume, topo, bytes_per_token, exchange_class(exchange), chunks), chunks, topo.overlap,
+                      topo.streams)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1130,7 +1138,10 @@ def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=
     overlap: how much of the large transfer ran hidden beside matrix products of about its length
     (started, products, waited; against each alone), the least of any rank's: near 1 where the
     links move bytes on their own (NCCL, NICs), near 0 where transfer and compute share the
-    cores (gloo on a few CPU cores)."""
+    cores (gloo on a few CPU cores). streams: how much faster the same large transfer went as two
+    messages at once (two half-size All-to-Alls started together), between 1 and 2, the least of
+    any rank's: 1 where one message fills the link (NCCL), more where a backend moves two messages'
+    steps side by side (gloo with CUDA tensors, each through the host)."""
     J, rank, G = topo.world, dist.get_rank(group), topo.gpus_per_node
     ranks = np.arange(J)
     same = topo.node_of(ranks) == topo.node_of(rank)
@@ -1164,12 +1175,20 @@ def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=
         _, work = _start_all_to_all(x, split, split, group)
         products()
         work.wait()
+    def two():   # the same bytes as two messages in flight at once
+        half = [v // 2 for v in split]
+        m = sum(half)
+        works = [_start_all_to_all(x[i * m:(i + 1) * m], half, half, group)[1] for i in (0, 1)]
+        for work in works:
+            work.wait()
     compute = timed(products)
     hidden = (alone + compute - timed(beside)) / max(min(alone, compute), 1e-9) if probe is not None else 1.0
-    t = torch.tensor(times + [-min(max(hidden, 0.0), 1.0)], dtype=torch.float64, device=device)
+    streams = alone / max(timed(two), 1e-9) if probe is not None else 1.0
+    t = torch.tensor(times + [-min(max(hidden, 0.0), 1.0), -min(max(streams, 1.0), 2.0)], dtype=torch.float64,
+                     device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    links = dict(overlap=-float(t[-1]))
-    for tier, (small, big) in zip(("intra", "inter"), t[:-1].view(2, 2).tolist()):
+    links = dict(overlap=-float(t[-2]), streams=-float(t[-1]))
+    for tier, (small, big) in zip(("intra", "inter"), t[:-2].view(2, 2).tolist()):
         if peers[tier].any():
             links[f"{tier}_lat"] = small
             if big > small:
@@ -1838,12 +1857,13 @@ def _priced(scatter, gather, exchange, topo, cur, dest, bytes_per_token, chunks=
     per_row = [float(b) for b in np.broadcast_to(bytes_per_token, 2)]   # python floats: records stay plain
     links = links or topo
     hops = [_hops(v, links, b, exchange, chunks) for v, b in zip((scatter, gather), per_row)]
-    alone = [_pipelined(h, chunks, links.overlap) for h in hops]
+    alone = [_pipelined(h, chunks, links.overlap, links.streams) for h in hops]
     hidden = 0.0
     if expert_ms:   # forward: scatter, experts, gather; backward the same reversed, twice the compute
         for share in (1 / 3, 2 / 3):
             compute = expert_ms * share / 1e3
-            together = _pipelined(hops[0] + [("compute", compute / chunks)] + hops[1], chunks, links.overlap)
+            together = _pipelined(hops[0] + [("compute", compute / chunks)] + hops[1], chunks, links.overlap,
+                                  links.streams)
             hidden += (sum(alone) + compute - together) * 1e3
     return MoEStats(scatter, gather, samples=len(dest),
                     moved_node=int((topo.node_of(dest) != topo.node_of(cur)).sum()),

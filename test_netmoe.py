@@ -2014,6 +2014,30 @@ def test_auto_chunks_pick_the_c_eq1_exposes_least_time_for():
         assert exposed[pick(ms, links=links)] == min(exposed.values())
 
 
+def test_links_that_move_two_messages_at_once_make_two_chunks_pay_without_compute():
+    """Topology.streams: a link that moves two messages at once as fast as one (gloo stages CUDA
+    tensors through the host) sends C chunks in C / 2 rounds. Eq. 1 as built then prices the
+    expert exchange in 2 chunks below 1 even with nothing to hide behind, and best_chunks takes
+    2; on a link of one message at a time, chunks only add alphas and it takes 1."""
+    alpha, bw, rows, per_row = 1e-4, 1e9, 10 ** 6, 100
+    one = netmoe.Topology(2, 2, intra_bw=bw, inter_bw=bw, intra_lat=alpha, inter_lat=alpha)
+    two = dataclasses.replace(one, streams=2.0)
+    volume = dict(local=0, intra=rows, inter=rows)
+    move = rows * per_row / bw
+    assert netmoe.a2a_time(volume, one, per_row) == pytest.approx(alpha + move)
+    assert netmoe.a2a_time(volume, one, per_row, chunks=2) == pytest.approx(2 * alpha + move)
+    assert netmoe.a2a_time(volume, two, per_row, chunks=2) == pytest.approx(alpha + move / 2)
+    assert netmoe.a2a_time(volume, two, per_row, chunks=4) == pytest.approx(2 * (alpha + move / 4))
+    assert netmoe.a2a_time(volume, two, per_row, chunks=1) == pytest.approx(alpha + move)
+    rng = np.random.default_rng(1)
+    r = netmoe.Routing.of(rng.integers(0, 5000, (8, 8)), one)
+    here = netmoe.static_placement(8, 4)
+    assert netmoe.best_chunks(r, here, here, per_row, 0.0, 1024, one) == 1
+    assert netmoe.best_chunks(r, here, here, per_row, 0.0, 1024, two) == 2
+    with pytest.raises(ValueError, match="streams"):
+        netmoe.Topology(2, 2, streams=0.5)
+
+
 def _auto_chunks_worker(rank, world, init_file, exchange, out_file):
     """Layers with chunks="auto" over 4 gloo ranks: the links each measured, the C of each call,
     and how far their outputs and input gradients fall from the same layers in one chunk."""
@@ -2064,6 +2088,7 @@ def test_auto_chunks_measure_the_links_once_and_every_rank_runs_the_same_chunks(
     assert all(r == agreed[0] for r in agreed[1:])   # links, chunks, next choices: one answer everywhere
     r = every[0]
     assert all(v > 0 for k, v in r["links"].items() if k != "overlap") and 0 <= r["links"]["overlap"] <= 1
+    assert 1 <= r["links"]["streams"] <= 2
     assert r["free"]["intra_lat"] == r["free"]["inter_lat"] == 0
     assert r["used"]["auto"][0] == r["used"]["free"][0] == 2   # 2 layers, 1 chunk each
     assert r["used"]["free"][2:] == [2 * 4, 2 * 4]   # C = 4: the most of CHUNK_CHOICES within S_ = 6

@@ -1190,14 +1190,15 @@ def describe(c, preset=None):
 
 def links_of(topo):
     """A Topology's links as a record holds them: each tier's alpha (s) and bandwidth (bytes/s)."""
-    return {k: getattr(topo, k) for k in ("intra_lat", "intra_bw", "inter_lat", "inter_bw", "overlap")}
+    return {k: getattr(topo, k) for k in ("intra_lat", "intra_bw", "inter_lat", "inter_bw", "overlap", "streams")}
 
 
 def show_links(links):
     """Links in one phrase: 'in a node 0.21 ms + 3.1 GB/s, between nodes ...'."""
     return ", ".join(f"{where} {links[t + '_lat'] * 1e3:.3g} ms + {links[t + '_bw'] / 1e9:.3g} GB/s"
                      for t, where in (("intra", "in a node"), ("inter", "between nodes"))) + \
-        f"; {links.get('overlap', 1.0):.0%} of a transfer hidden beside compute"
+        f"; {links.get('overlap', 1.0):.0%} of a transfer hidden beside compute; " \
+        f"two messages at once {links.get('streams', 1.0):.2g}x as fast as one"
 
 
 def links(c):
