@@ -413,7 +413,6 @@ class Routing:
     exchange: type             # the exchange class whose rows these are (EXCHANGES)
     layout: dict = dataclasses.field(default_factory=dict)   # what else its exchange counts of the
                                # routes (the exchange's `layout` beyond num): {} for the expert exchange
-    chunks: tuple = ()         # ((a, b), Routing) of the positions [a, b) of every sample, where the layer runs in chunks
 
     @classmethod
     def of(cls, num, topo, expert_device=None, exchange="expert", *, name="num", **layout):
@@ -431,10 +430,9 @@ class Routing:
         return cls(num, topo, ed, ex, ex.check_layout(num, topo, ed, layout))
 
     @classmethod
-    def counted(cls, counts, topo, expert_device, exchange, chunks=()):
+    def counted(cls, counts, topo, expert_device, exchange):
         """The Routing of an exchange's `layout` output (num and the rest), unchecked."""
-        return cls(counts["num"], topo, expert_device, exchange, {k: v for k, v in counts.items() if k != "num"},
-                   chunks)
+        return cls(counts["num"], topo, expert_device, exchange, {k: v for k, v in counts.items() if k != "num"})
 
     @classmethod
     def of_reach(cls, node, device, topo, exchange="expert"):
@@ -504,8 +502,7 @@ class Routing:
             node, device = self.reach
             device = device[:, 0] if device.strides[1] == 0 else device   # the same on every node: [I, G]
             return Routing.of_reach(node[order], device[order], self.topo, self.exchange.name)
-        return dataclasses.replace(self, num=self.num[order], layout={k: v[order] for k, v in self.layout.items()},
-                                   chunks=())
+        return dataclasses.replace(self, num=self.num[order], layout={k: v[order] for k, v in self.layout.items()})
 
 
 def routings(routes, topo, num_experts, layouts=None, exchange="expert"):
@@ -1331,7 +1328,7 @@ class Held:
     them, see MoELayer._held). col [I]: the rows of each sample that this device's experts take;
     block [I, G]: those that each device of this rank's node takes (col is one of its columns);
     nc [I]: the tokens of each sample that this node needs (the node exchange's node_count
-    column; None for the expert exchange); sends [J]: the rows of this rank's own samples for
+    column; zeros for the expert exchange); sends [J]: the rows of this rank's own samples for
     each device, and need [N]: their tokens each node needs. chunks: ((a, b), Held) of the
     positions [a, b), as Routing's."""
     topo: Topology
@@ -2190,7 +2187,7 @@ class MoELayer(nn.Module):
             m, tokens = self._held(route, pred if lookahead else None, next_layer, sid, C)
             solve = _Solve(lambda: self._place(m, here), self.placement.solves, inline=x.is_cuda)
         else:
-            routings, tokens = self._routings(route, pred if lookahead else None, next_layer, sid, C,
+            routings, tokens = self._routings(route, pred if lookahead else None, next_layer, sid,
                                               defer=self.virtual and x.is_cuda)
             solve = _Solve(lambda: (self._solve(routings, here), None), self.placement.solves, inline=x.is_cuda)
         aux = self.num_experts * (tokens.to(probs.dtype) / (I * S * self.top_k) * probs.mean((0, 1))).sum()
@@ -2199,12 +2196,8 @@ class MoELayer(nn.Module):
         side = ExpertSide(functools.partial(layer_norm, ln=self.ln),
                           functools.partial(self._clock, self.experts) if auto else self.experts,
                           self.shared if self.shared_experts else None, h)
-        if self.spread:
-            held = m.held
-        elif type(self.exchange) is Exchange:   # in one process: what its fused path reads
-            held = LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)])
-        else:
-            held = routings()[0]
+        # in one process, what the fused path reads: the experts' slots and rows per expert
+        held = m.held if self.spread else LocalRouting(self.slot, tokens[_to(self.local_experts, x.device)])
         out, keep, dest = self.exchange.run(x, g, route, held, side, solve)
         per_row = self.exchange.priced.wire_bytes(H, x.dtype, self.top_k)
         # priced as the exchange runs on the cluster, in chunks (also where one process plays it)
@@ -2295,21 +2288,18 @@ class MoELayer(nn.Module):
             self._checked_batch = x.shape[0]
         return x.shape
 
-    def _routings(self, route, pred, next_layer, sid, chunks, defer=False):
-        """In one process (virtual_world, or a world of one): the Routing of this layer, whole and
-        per chunk of positions, and of the lookahead's predicted next one (or None), under each
-        layer's expert map and with what the exchange needs (its layout), for every sample of the
-        global batch in slot order; and the samples' ids: (a function that returns those three,
-        the tokens per expert [E] on route's device). The one host sync the layer needs; with
-        defer (on a GPU), the copy to the host is started and the function waits for it. The
-        expert time of the last call rides along (chunks="auto" prices a device's share)."""
-        ops, priced, S = hot_path(route.device), self.exchange.priced, route.shape[1]
-        # in one process nothing travels, so nothing is there to overlap: the layer runs in one piece
-        bounds = [(0, S)]
-        layers = [(route, self, bounds)] + ([(pred, next_layer, [(0, S)])] if pred is not None else [])
-        parts = [[priced.layout(r[:, a:b], layer.expert_device, self.topo, self.num_experts, ops) for a, b in bs]
-                 for r, layer, bs in layers]
-        flat = [t for per in parts for p in per for t in p.values()]
+    def _routings(self, route, pred, next_layer, sid, defer=False):
+        """In one process (virtual_world, or a world of one): the Routing of this layer and of the
+        lookahead's predicted next one (or None), under each layer's expert map and with what the
+        exchange needs (its layout), for every sample of the global batch in slot order; and the
+        samples' ids: (a function that returns those three, the tokens per expert [E] on route's
+        device). Nothing travels, so the layer runs in one piece. The one host sync the layer
+        needs; with defer (on a GPU), the copy to the host is started and the function waits for
+        it. The expert time of the last call rides along (chunks="auto" prices a device's share)."""
+        ops, priced = hot_path(route.device), self.exchange.priced
+        layers = [(route, self)] + ([(pred, next_layer)] if pred is not None else [])
+        parts = [priced.layout(r, layer.expert_device, self.topo, self.num_experts, ops) for r, layer in layers]
+        flat = [t for p in parts for t in p.values()]
         spent = torch.full_like(sid[:, None], round(self._clock.pop_ms() * 1e3))   # microseconds
         meta = torch.cat(flat + [spent, sid[:, None]], 1)
         if defer:
@@ -2327,16 +2317,12 @@ class MoELayer(nn.Module):
             if copied is not None:
                 copied.synchronize()
             meta = host.numpy()
-            cols, out = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1)), []
-            for per, (_, layer, bs) in zip(parts, layers):
-                kw = dict(topo=self.topo, expert_device=layer.expert_device, exchange=priced)
-                pieces = [{name: next(cols) for name in p} for p in per]
-                whole = {name: functools.reduce(np.add, (q[name] for q in pieces)) for name in per[0]}
-                out.append(Routing.counted(whole, **kw, chunks=tuple((b, Routing.counted(q, **kw))
-                                                                     for b, q in zip(bs, pieces))))
-            self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / (self.J if self.virtual else 1)
+            cols = iter(np.split(meta, np.cumsum([t.shape[1] for t in flat]), axis=1))
+            out = [Routing.counted({name: next(cols) for name in p}, self.topo, layer.expert_device, priced)
+                   for p, (_, layer) in zip(parts, layers)]
+            self._expert_ms = meta[:, -2].max(initial=0) / 1e3 / self.J
             return out[0], out[1] if pred is not None else None, meta[:, -1]
-        return build, functools.reduce(torch.add, (p["num"] for p in parts[0])).sum(0)
+        return build, parts[0]["num"].sum(0)
 
     def _held(self, route, pred, next_layer, sid, chunks):
         """Where ranks run the layer: what this rank gathers of the routing, this layer's in chunks
