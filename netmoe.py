@@ -2327,13 +2327,13 @@ class MoELayer(nn.Module):
     def _held(self, route, pred, next_layer, sid, chunks):
         """Where ranks run the layer: what this rank gathers of the routing, this layer's in chunks
         of positions and the lookahead's predicted next one (or None) under each layer's expert
-        map, O(I (N + (C + 2) G)) integers a rank and never [I, E]. Every rank's samples' tokens
-        per node ([I, N], what stage 1 prices) and, for each of them, what they keep where they sit,
-        are all-gathered; every rank sends each rank its samples' rows for the devices of that
-        rank's node ([I, G] of this node: what stage 2 prices there, what the hops' split sizes
-        read; per chunk, and the node exchange's tokens per node too). One all-gather, one
-        All-to-All and the layer's one host sync. Returns (_Gathered, the tokens per expert [E] on
-        route's device, all-reduced: the load-balance loss's)."""
+        map, O(I (N + (C + 2) G)) integers a rank and never [I, E]. Every rank receives every
+        sample's tokens per node ([I, N], what stage 1 prices) and what it keeps where it sits,
+        and its rows for the devices of this rank's node ([I, G] of this node: what stage 2 prices
+        there, what the hops' split sizes read; per chunk, and the node exchange's tokens per
+        node too): one All-to-All, beside the all-reduce of the tokens per expert, and the layer's
+        one host sync. Returns (_Gathered, the tokens per expert [E] on route's device,
+        all-reduced: the load-balance loss's)."""
         ops, ex, topo = hot_path(route.device), self.exchange.priced, self.topo
         J, N, G, B, S, dev = self.J, topo.nodes, topo.gpus_per_node, len(sid), route.shape[1], route.device
         I, r = B * J, self.rank
@@ -2354,25 +2354,27 @@ class MoELayer(nn.Module):
         spent = torch.full_like(sid[:, None], round(self._clock.pop_ms() * 1e3))   # microseconds
         mine = torch.cat([sid[:, None], spent, *[q[0] for q in reaches],
                           device[:, n, gl, None], device[:, n].sum(1, keepdim=True)], 1).int()   # [B, Q]
-        out = [torch.empty_like(mine) for _ in range(J)]
-        dist.all_gather(out, mine, group=self.group)
-        # [B, J, P] for each rank: the rows of this rank's samples for each device of its node
+        # to each rank, this rank's samples' columns above (what every rank gathers) and their rows
+        # for each device of that rank's node: one All-to-All, [J, B, Q + P]
         blocks = [q[1][:, to_node] for q in reaches] + [d[:, to_node] for _, d in parts]
         if ex.needs_routes:
             blocks += [c["node_count"][:, to_node, None] for c, _ in parts]
-        sent = torch.cat(blocks, 2).transpose(0, 1).int().contiguous()   # counts of a sample: < 2^31
-        held = torch.empty_like(sent)
-        dist.all_to_all_single(held, sent, group=self.group)
+        sent = torch.cat([mine[None].expand(J, -1, -1), torch.cat(blocks, 2).transpose(0, 1).int()], 2).contiguous()
+        got = torch.empty_like(sent)   # counts of a sample: < 2^31
         tokens = whole[0]["num"].sum(0)
-        dist.all_reduce(tokens, group=self.group)
-        # this rank's own: rows for each device and tokens for each node, per chunk; its counts
+        summed = dist.all_reduce(tokens, group=self.group, async_op=True)
+        dist.all_to_all_single(got, sent, group=self.group)
+        summed.wait()
+        received = got.numel() * got.element_size() + tokens.numel() * tokens.element_size()
         # this rank's own, per chunk: rows for each device and tokens each node needs; its counts
         own = [torch.cat([d.reshape(B, J).sum(0), c["node_count"].sum(0) if ex.needs_routes else d.new_zeros(N)])
                for c, d in parts]
-        gathered = [torch.stack(out), held, torch.stack(own), whole[0]["num"]]
+        gathered = [got, torch.stack(own), whole[0]["num"]]
         host = torch.cat([t.reshape(-1).long() for t in gathered]).cpu().numpy()   # the one host sync
-        cols, rows, own, num = np.split(host, np.cumsum([t.numel() for t in gathered[:-1]]))
-        cols, rows, own = cols.reshape(I, -1), rows.reshape(I, -1), own.reshape(-1, J + N)
+        rows, own, num = np.split(host, np.cumsum([t.numel() for t in gathered[:-1]]))
+        rows, own = rows.reshape(I, -1), own.reshape(-1, J + N)
+        Q = mine.shape[1]
+        cols, rows = rows[:, :Q], rows[:, Q:]
         L, C = len(reaches), len(parts)
         self._expert_ms = cols[:, 1].max(initial=0) / 1e3   # the busiest rank's
         nodes = [cols[:, 2 + k * N:2 + (k + 1) * N] for k in range(L)]
@@ -2386,7 +2388,7 @@ class MoELayer(nn.Module):
         m = _Gathered(held(slice(None), tuple((ab, held([k])) for k, ab in enumerate(_chunk_bounds(S, chunks)))),
                       cols[:, 0], nodes, [rows[:, k * G:(k + 1) * G] for k in range(L)], scatter,
                       (cols[r * B:(r + 1) * B, 0], num.reshape(B, -1)),
-                      meta_bytes=sum(t.numel() * t.element_size() for t in gathered[:2] + [tokens]))
+                      meta_bytes=received)
         return m, tokens
 
     def _place(self, m, here):
