@@ -1930,9 +1930,9 @@ class _Gathered:
 
 def metadata_bytes(I, E, topo, exchange="expert", chunks=1, lookahead=True, placement="netmoe"):
     """The routing metadata one rank receives in a layer call where ranks run it (MoELayer._held
-    and _place): the all-gathered int32 [I, 4 + L N] (sample id, expert time, the L = 1 or 2
-    routings' tokens per node, what each sample keeps where it sits), the All-to-All's int32
-    [I, L G + C G] (the node exchange: + C), the int64 [E] tokens per expert all-reduced for the
+    and _place): from the All-to-All, int32 [I, 4 + L N] that every rank receives (sample id,
+    expert time, the L = 1 or 2 routings' tokens per node, what each sample keeps where it sits)
+    and int32 [I, L G + C G] of its own node's devices (the node exchange: + C); the int64 [E] tokens per expert all-reduced for the
     load-balance loss; where the placement solves, the int64 destinations shared (I + 2 J), and
     where it moves samples, the int64 [J, C, hops] gather split sizes. O(I (N + C G) + J + E):
     no [I, E]."""
