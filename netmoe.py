@@ -2204,12 +2204,11 @@ class MoELayer(nn.Module):
         C = len(_chunk_bounds(S, C))
         if self.spread:
             sid_all, own, volumes = m.sid, m.own, (m.scatter, m.gather or m.scatter)
-            stats = dataclasses.replace(_priced(*volumes, self.exchange.priced, self.topo, here, dest, per_row, C),
-                                        meta_bytes=m.meta_bytes)
         else:
             routing, _, sid_all = routings()
-            own, volumes = (sid_all, routing.num), None
-            stats = _layer_stats(routing, here, dest, per_row, C)
+            own, volumes = (sid_all, routing.num), (_traffic(routing.reach, here, self.topo),
+                                                    _traffic(routing.reach, dest, self.topo))
+        stats = _priced(*volumes, self.exchange.priced, self.topo, here, dest, per_row, C)
         if torch.is_grad_enabled():   # the planner's window: the counts of this rank's samples, by id
             order = np.argsort(own[0], kind="stable")
             self.recent.append((own[0][order], own[1][order]))
@@ -2217,13 +2216,10 @@ class MoELayer(nn.Module):
         self._stats.solver_exposed_ms += solve.exposed * 1e3
         self._check_same_dest(dest)
         self.last_dest = dest
-        self._stats += dataclasses.replace(stats, chunks={C: 1})
+        self._stats += dataclasses.replace(stats, chunks={C: 1}, meta_bytes=m.meta_bytes if self.spread else 0)
         if auto:   # forward measured, backward twice its compute
-            if volumes is None:
-                self.next_chunks = best_chunks(routing, here, dest, per_row, 3 * self._expert_ms, S, self.links)
-            else:
-                self.next_chunks = _fewest_exposed(*volumes, self.exchange.priced, self.topo, here, dest, per_row,
-                                                   3 * self._expert_ms, S, self.links)
+            self.next_chunks = _fewest_exposed(*volumes, self.exchange.priced, self.topo, here, dest, per_row,
+                                               3 * self._expert_ms, S, self.links)
         return out, _to(sid_all[keep], x.device), aux
 
     def _solve(self, routings, here):

@@ -1138,6 +1138,13 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
             return layers, xl, h, sid
 
         layers, xl, h, sid = run(exchange)
+
+        def gather(t):
+            t = t.to(dev).contiguous()
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            return torch.cat(parts).cpu().double() if t.is_floating_point() else torch.cat(parts).cpu()
+
         central = None
         if netmoe.PLACEMENTS[placement].solves:   # Algorithm 1 on the whole batch's routes, in one process
             central = True
@@ -1145,14 +1152,8 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
                 count = lambda r, layer: netmoe.Routing.from_routes(r, topo, E, layer.expert_device, L.exchange.priced.name)
                 nxt = count(pred, layers[li + 1]) if case.lookahead and li + 1 < len(layers) else None
                 by_id = netmoe.solve_placement(count(route, L), topo, num_next=nxt)
-                ids = torch.cat([t for t in _all_gather_list(L.last_routes[0])]).cpu().numpy()
+                ids = gather(L.last_routes[0]).numpy()
                 central = central and bool(np.array_equal(by_id[ids], L.last_dest))
-
-        def gather(t):
-            t = t.to(dev).contiguous()
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t)
-            return torch.cat(parts).cpu().double() if t.is_floating_point() else torch.cat(parts).cpu()
         routes = None
         if dtype == torch.bfloat16:   # the choices the run made, by sample id
             routes = []
@@ -1214,12 +1215,6 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
         with open(errors_file, "w") as f:
             json.dump(dict(cases=report, kernels=kernels), f)
     dist.destroy_process_group()
-
-
-def _all_gather_list(t):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
 
 
 def _spawn(fn, world, *args):
