@@ -1752,8 +1752,8 @@ class NodeExchange(ExpertExchange):
 
     def _gather_sends(self, dest, held):
         G = self.topo.gpus_per_node
-        m, gl = divmod(self.rank, G)
-        away = (dest % G == gl) & (dest != self.rank)
+        m, gl = divmod(held.rank, G)
+        away = (dest % G == gl) & (dest != held.rank)
         return [np.bincount(m * G + dest % G, weights=held.col, minlength=self.J).astype(np.int64),
                 np.bincount(dest[away], weights=held.nc[away], minlength=self.J).astype(np.int64)]
 
@@ -1919,16 +1919,35 @@ class _Gathered:
     """What MoELayer._held gathers of a layer call's routing, on the host: what this rank holds
     for its hops (held, with its chunks), every slot's sample id [I], per routing (this layer's,
     the lookahead's) the tokens each sample sends each node [I, N] and the rows it sends each
-    device of this rank's node [I, G], the scatter's volumes, and this rank's own (sample ids [B],
-    counts [B, E]). The solve adds the gather's volumes (None: the scatter's, samples stay)."""
+    device of this rank's node [I, G] (of every node, [I, J], where `every`), the scatter's volumes,
+    and this rank's own (sample ids [B], counts [B, E]). every: None, or where a rank gathers every
+    device's rows (_gathers_every_device), per chunk the rows for each device [I, C, J] and the
+    node exchange's tokens each node needs [I, C, N]. The solve adds the gather's volumes (None:
+    the scatter's, samples stay)."""
     held: Held
     sid: np.ndarray
     node: list
     device: list
     scatter: dict
     own: tuple
+    every: tuple = None
     gather: dict = None
     meta_bytes: int = 0   # what this rank received of it (MoEStats.meta_bytes)
+
+
+# Where the placement solves, each rank of a small cluster gathers every sample's rows for every
+# device ([I, J] per routing and chunk) when that is at most this many bytes: it then solves both
+# of Algorithm 1's stages alone and knows every rank's gather, so the solve needs no collective of
+# its own. Two rounds of a collective cost 1-10 ms on gloo between CPU processes, about what a
+# MiB takes there; past it, each rank gathers its node's [I, G] alone and the solve shares its
+# stage 2 (O(I (N + C G)) a rank: what a 1024-GPU cluster can afford).
+EVERY_DEVICE_BYTES = 1 << 20
+
+
+def _gathers_every_device(I, topo, routings, chunks, needs_routes, solves):
+    """Whether a layer call's ranks gather every device's rows of every sample (EVERY_DEVICE_BYTES)."""
+    return bool(solves) and I * (topo.world * (routings + chunks) + topo.nodes * chunks * needs_routes) * 4 \
+        <= EVERY_DEVICE_BYTES
 
 
 def metadata_bytes(I, E, topo, exchange="expert", chunks=1, lookahead=True, placement="netmoe"):
@@ -1938,13 +1957,16 @@ def metadata_bytes(I, E, topo, exchange="expert", chunks=1, lookahead=True, plac
     and int32 [I, L G + C G] of its own node's devices (the node exchange: + C); the int64 [E] tokens per expert all-reduced for the
     load-balance loss; where the placement solves, the int64 destinations shared (I + 2 J), and
     where it moves samples, the int64 [J, C, hops] gather split sizes. O(I (N + C G) + J + E):
-    no [I, E]."""
+    no [I, E]. Where a small cluster's ranks gather every device's rows (EVERY_DEVICE_BYTES), [I, L J
+    + C J] (+ C N) in place of their node's, and no destinations or split sizes."""
     N, G, J = topo.nodes, topo.gpus_per_node, topo.world
     cls, p = exchange_class(exchange), placement_class(placement)
     if cls.needs_routes and N == 1:
         cls = ExpertExchange
     L = 2 if lookahead and p.solves else 1
     hops = 2 if cls.hops_in_sequence else 1
+    if _gathers_every_device(I, topo, L, chunks, cls.needs_routes, p.solves):
+        return I * (4 + L * N) * 4 + I * (L * J + chunks * J + chunks * N * cls.needs_routes) * 4 + E * 8
     return (I * (4 + L * N) * 4 + I * (L * G + chunks * G + chunks * cls.needs_routes) * 4 + E * 8
             + (I + 2 * J) * 8 * p.solves + J * chunks * hops * 8 * p.moves_samples)
 
@@ -2340,6 +2362,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"rows name their sample and expert in 32 and 16 bits: I*S = {I * S} must be below "
                              f"2^31 and (E/J)*K = {self.num_experts // J * self.top_k} at most 2^16")
         to_node = torch.arange(J, device=dev) // G   # each rank's node
+        L, C = 1 + (pred is not None), len(_chunk_bounds(S, chunks))
+        every = _gathers_every_device(I, topo, L, C, ex.needs_routes, self.placement.solves)
+        W, Wn = (J, N) if every else (G, 1)   # device and node columns a receiver gets of each sample
+
+        def per_receiver(t):   # [B, N, X]: to each rank, its node's [B, X] (or all of it, [B, N X])
+            return t.reshape(B, 1, -1).expand(B, J, -1) if every else t[:, to_node]
 
         def counted(route, layer):   # the layout's counts and [B, N, G] rows per device, of this rank's samples
             c = ex.layout(route, layer.expert_device, topo, layer.num_experts, ops)
@@ -2354,10 +2382,10 @@ class MoELayer(nn.Module):
         mine = torch.cat([sid[:, None], spent, *[q[0] for q in reaches],
                           device[:, n, gl, None], device[:, n].sum(1, keepdim=True)], 1).int()   # [B, Q]
         # to each rank, this rank's samples' columns above (what every rank gathers) and their rows
-        # for each device of that rank's node: one All-to-All, [J, B, Q + P]
-        blocks = [q[1][:, to_node] for q in reaches] + [d[:, to_node] for _, d in parts]
+        # for each device of that rank's node (or of every node): one All-to-All, [J, B, Q + P]
+        blocks = [per_receiver(q[1]) for q in reaches] + [per_receiver(d) for _, d in parts]
         if ex.needs_routes:
-            blocks += [c["node_count"][:, to_node, None] for c, _ in parts]
+            blocks += [per_receiver(c["node_count"][:, :, None]) for c, _ in parts]
         sent = torch.cat([mine[None].expand(J, -1, -1), torch.cat(blocks, 2).transpose(0, 1).int()], 2).contiguous()
         got = torch.empty_like(sent)   # counts of a sample: < 2^31
         tokens = whole[0]["num"].sum(0)
@@ -2374,19 +2402,19 @@ class MoELayer(nn.Module):
         rows, own = rows.reshape(I, -1), own.reshape(-1, J + N)
         Q = mine.shape[1]
         cols, rows = rows[:, :Q], rows[:, Q:]
-        L, C = len(reaches), len(parts)
         self._expert_ms = cols[:, 1].max(initial=0) / 1e3   # the busiest rank's
         nodes = [cols[:, 2 + k * N:2 + (k + 1) * N] for k in range(L)]
         stay, keeps = cols[:, 2 + L * N], cols[:, 3 + L * N]
-        block = rows[:, L * G:(L + C) * G].reshape(I, C, G)
-        nc = rows[:, (L + C) * G:] if ex.needs_routes else np.zeros((I, C), dtype=np.int64)
-        held = lambda k, chunks=(): Held(topo, self.expert_device, self.slot, r, block[:, k].sum(1), own[k, :J].sum(0),
-                                         nc[:, k].sum(1), own[k, J:].sum(0), chunks)
+        block = rows[:, L * W:(L + C) * W].reshape(I, C, W)
+        nc = rows[:, (L + C) * W:].reshape(I, C, Wn) if ex.needs_routes else np.zeros((I, C, Wn), dtype=np.int64)
+        ours = (block[:, :, n * G:(n + 1) * G], nc[:, :, n]) if every else (block, nc[:, :, 0])   # this node's
+        held = lambda k, chunks=(): Held(topo, self.expert_device, self.slot, r, ours[0][:, k].sum(1), own[k, :J].sum(0),
+                                         ours[1][:, k].sum(1), own[k, J:].sum(0), chunks)
         scatter = {"local": int(stay.sum()), "intra": int((keeps - stay).sum()),
                    "inter": int((nodes[0].sum(1) - nodes[0][np.arange(I), np.arange(I) // B // G]).sum())}
         m = _Gathered(held(slice(None), tuple((ab, held([k])) for k, ab in enumerate(_chunk_bounds(S, chunks)))),
-                      cols[:, 0], nodes, [rows[:, k * G:(k + 1) * G] for k in range(L)], scatter,
-                      (cols[r * B:(r + 1) * B, 0], num.reshape(B, -1)),
+                      cols[:, 0], nodes, [rows[:, k * W:(k + 1) * W] for k in range(L)], scatter,
+                      (cols[r * B:(r + 1) * B, 0], num.reshape(B, -1)), every=(block, nc) if every else None,
                       meta_bytes=received)
         return m, tokens
 
@@ -2395,8 +2423,10 @@ class MoELayer(nn.Module):
         holds [I, N]); stage 2 for this rank's node (it holds the node's [I, G]); each rank shares
         I/J of its node's destinations, with what their gather keeps on each device (one
         all-gather on the solve's group); then the gather's split sizes (one All-to-All of [J]
-        per chunk and hop). Rows by sample id, as the one-process solve's: the same placement.
-        Returns (dest, the rows each rank's gather sends here per chunk and hop, or None)."""
+        per chunk and hop). Where a rank holds every device's rows (m.every), it solves stage 2
+        for every node and counts what every rank's gather sends it: no collective. Rows by sample
+        id, as the one-process solve's: the same placement. Returns (dest, the rows each rank's
+        gather sends here per chunk and hop, or None)."""
         if not self.placement.solves:
             return here, None
         topo, J, r, I = self.topo, self.J, self.rank, len(m.sid)
@@ -2405,30 +2435,48 @@ class MoELayer(nn.Module):
         order = np.argsort(m.sid, kind="stable")
         node = _solve_nodes(_stage_cost([c[order] for c in m.node]), N)
         on = [order[node == k] for k in range(N)]   # each node's samples' slots, by sample id
-        device = _solve_devices(_stage_cost([d[on[n]] for d in m.device]), 1)
-        share = slice(gl * I // J, (gl + 1) * I // J)
-        q, g = on[n][share], device[share]
-        kept = m.device[0][q, g]
-        mine = torch.from_numpy(np.concatenate([n * G + g, [kept.sum(), (m.device[0][q].sum(1) - kept).sum()]]))
-        out = [torch.empty_like(mine) for _ in range(J)]
-        dist.all_gather(out, mine, group=subgroup(self.group, "solve"))
-        out = torch.stack(out).numpy()
-        m.meta_bytes += out.nbytes
-        dest = np.empty(I, dtype=np.int64)
-        for k in range(N):
-            dest[on[k]] = out[k * G:(k + 1) * G, :-2].reshape(-1)
-        local, intra = out[:, -2:].sum(0)
+        solved = range(N) if m.every is not None else [n]   # the nodes whose stage 2 this rank solves
+        own = lambda d, k: d[on[k], k * G:(k + 1) * G] if m.every is not None else d[on[k]]   # [I/N, G]
+        device = _solve_devices(_stage_cost([np.concatenate([own(d, k) for k in solved]) for d in m.device]),
+                                len(solved))
+        if m.every is not None:
+            dest = np.empty(I, dtype=np.int64)
+            dest[np.concatenate(on)] = np.repeat(np.arange(N) * G, I // N) + device
+            rows = m.device[0].reshape(I, N, G)[np.arange(I), dest // G]   # on its new node's devices
+            local = rows[np.arange(I), dest % G].sum()
+            intra = rows.sum() - local
+        else:
+            share = slice(gl * I // J, (gl + 1) * I // J)
+            q, g = on[n][share], device[share]
+            kept = m.device[0][q, g]
+            mine = torch.from_numpy(np.concatenate([n * G + g, [kept.sum(), (m.device[0][q].sum(1) - kept).sum()]]))
+            out = [torch.empty_like(mine) for _ in range(J)]
+            dist.all_gather(out, mine, group=subgroup(self.group, "solve"))
+            out = torch.stack(out).numpy()
+            m.meta_bytes += out.nbytes
+            dest = np.empty(I, dtype=np.int64)
+            for k in range(N):
+                dest[on[k]] = out[k * G:(k + 1) * G, :-2].reshape(-1)
+            local, intra = out[:, -2:].sum(0)
         m.gather = {"local": int(local), "intra": int(intra),
                     "inter": int((m.node[0].sum(1) - m.node[0][np.arange(I), dest // G]).sum())}
         if not self.placement.moves_samples:
             m.gather = None
             return here, None
-        sends = np.stack([np.stack(self.exchange._gather_sends(dest, h)) for _, h in m.held.chunks])   # [C, hops, J]
-        sends = torch.from_numpy(np.ascontiguousarray(sends.transpose(2, 0, 1)))   # [J, C, hops]
-        recv = torch.empty_like(sends)
-        dist.all_to_all_single(recv, sends, group=subgroup(self.group, "solve"))
-        m.meta_bytes += recv.numel() * recv.element_size()
-        return dest, [list(c.T) for c in recv.numpy().transpose(1, 0, 2)]   # per chunk, per hop: [J] from each rank
+        if m.every is not None:   # every rank's gather, from its Held of each chunk: what it sends here
+            block, nc = m.every
+            held = lambda c, d: Held(topo, self.expert_device, self.slot, d, block[:, c, d // G * G:(d // G + 1) * G],
+                                     None, nc[:, c, d // G])
+            recv = np.array([[self.exchange._gather_sends(dest, held(c, d)) for d in range(J)]
+                             for c in range(block.shape[1])])[..., r]   # [C, J, hops]
+        else:
+            sends = np.stack([np.stack(self.exchange._gather_sends(dest, h)) for _, h in m.held.chunks])   # [C, hops, J]
+            sends = torch.from_numpy(np.ascontiguousarray(sends.transpose(2, 0, 1)))   # [J, C, hops]
+            recv = torch.empty_like(sends)
+            dist.all_to_all_single(recv, sends, group=subgroup(self.group, "solve"))
+            m.meta_bytes += recv.numel() * recv.element_size()
+            recv = recv.numpy().transpose(1, 0, 2)
+        return dest, [list(c.T) for c in recv]   # per chunk, per hop: [J] from each rank
 
     def _check_same_dest(self, dest):
         """Debug: every rank must have solved to the identical placement, or the exchange is garbage."""

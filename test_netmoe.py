@@ -1061,6 +1061,7 @@ class Case:
     groups: int = 1   # group-limited routing: experts in `groups` groups, a token's from its best group_top
     group_top: int = 1
     lookahead: bool = True
+    staged: bool = False   # ranks gather their node's rows alone and share stage 2 (EVERY_DEVICE_BYTES = 0)
 
 
 LAYER_CASES = [Case("static", 2), Case("netmoe", 2), Case("netmoe", 1), Case("netmoe", 4),
@@ -1072,7 +1073,7 @@ NODE_CASES = [Case("static", 2, exchange="node"), Case("netmoe", 2, exchange="no
               Case("netmoe", 2, exchange="node", layout="random", nodes=1)]
 # both exchanges and placements in C = 2, 3 and 8 (more chunks than positions) chunks, K = 1, 2
 # and 4, with idle devices (every chunk empty there) and random layouts
-CHUNK_CASES = [dataclasses.replace(c, chunks=C) for C in (2, 3, 8) for c in
+CHUNK_CASES = [dataclasses.replace(c, chunks=C, staged=True) for C in (2, 3, 8) for c in
                (Case("netmoe", 2), Case("static", 2, empty=True), Case("netmoe", 1, empty=True), Case("netmoe", 4),
                 Case("netmoe", 2, exchange="node", layout="random"), Case("static", 2, True, "node", "random"),
                 Case("netmoe", 4, True, "node"), Case("netmoe", 1, exchange="node", layout="random", nodes=4))]
@@ -1088,6 +1089,7 @@ NODE_CASES_8 = [Case("netmoe", 2, exchange="node", layout="random"), Case("stati
                 Case("netmoe", 2, exchange="node", layout="random", nodes=4, lookahead=False),
                 Case("netmoe", 2, layout="random"), Case("netmoe", 4, True, nodes=4),
                 Case("netmoe", 2, layout="random", lookahead=False)]
+NODE_CASES_8 = [dataclasses.replace(c, staged=True) for c in NODE_CASES_8]
 
 
 def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
@@ -1103,9 +1105,10 @@ def _layer_worker(rank, world, init_file, cases, where, stream, errors_file):
     dtype = getattr(torch, stream) if stream else torch.float32 if dev.type == "cuda" else torch.float64
     weights = torch.float32 if dtype == torch.bfloat16 else dtype
     B = I_ // world
-    report = []
+    report, every = [], netmoe.EVERY_DEVICE_BYTES
     for ci, case in enumerate(cases):
         placement, K, exchange = case.placement, case.K, case.exchange
+        netmoe.EVERY_DEVICE_BYTES = 0 if case.staged else every
         topo = netmoe.Topology(case.nodes, world // case.nodes)
         E = 8
         empty = world - 1 if case.empty else None
@@ -1834,11 +1837,12 @@ _COLLECTIVES = ("all_gather", "all_gather_object", "all_gather_into_tensor", "al
                 "all_to_all", "all_to_all_single", "reduce_scatter", "gather", "scatter", "send", "recv")
 
 
-def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, out_file):
+def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, every_bytes, out_file):
     """Collectives per layer call after the first (which checks the ranks' batch sizes once), and
     the bytes each call received outside the exchange's rows (the routing metadata): every
     collective's output, less the rows' All-to-Alls (the only All-to-Alls started asynchronously)."""
     train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
+    netmoe.EVERY_DEVICE_BYTES = every_bytes
     layers = [netmoe.MoELayer(H_, F_, experts, 2, topology=netmoe.Topology(2, 2), exchange=exchange,
                               chunks=chunks).double() for _ in range(2)]
     calls, received = [], []
@@ -1871,26 +1875,38 @@ def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, ou
                            counted=counted_bytes), f)
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "every device"])
 @pytest.mark.parametrize("exchange, a2a_per_direction, chunks", [("expert", 1, 1), ("node", 2, 1), ("node", 2, 3)])
-def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks):
+def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks,
+                                                                                staged):
     """Without debug a layer's forward and backward talk only through the routing's metadata (an
-    All-to-All of counts, an all-reduce of the tokens per expert; NetMoE's solve an all-gather of
-    destinations and an All-to-All of split sizes) and the exchange's
-    All-to-Alls (scatter and gather, each hop forward and backward, once per chunk); the
-    batch-size check runs on a layer's first call only."""
-    calls = _spawn(_collectives_worker, 4, exchange, chunks, 8, 2)
-    per_layer = {"all_gather": 1, "all_to_all_single": 4 * a2a_per_direction * chunks + 2, "all_reduce": 1}
-    assert collections.Counter(calls["later"]) == {k: 2 * v for k, v in per_layer.items()}
-    assert collections.Counter(calls["first"]) == {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()}
+    All-to-All of counts, an all-reduce of the tokens per expert; NetMoE's staged solve an
+    all-gather of destinations and an All-to-All of split sizes, none where every rank holds every
+    device's rows) and the exchange's All-to-Alls (scatter and gather, each hop forward and
+    backward, once per chunk); the batch-size check runs on a layer's first call only. What the
+    metadata's collectives received is netmoe.metadata_bytes, and the layers' own counter."""
+    calls = _spawn(_collectives_worker, 4, exchange, chunks, 8, 2, 0 if staged else netmoe.EVERY_DEVICE_BYTES)
+    per_layer = {"all_gather": int(staged), "all_to_all_single": 4 * a2a_per_direction * chunks + 1 + staged,
+                 "all_reduce": 1}
+    assert collections.Counter(calls["later"]) == collections.Counter({k: 2 * v for k, v in per_layer.items()})
+    assert collections.Counter(calls["first"]) == collections.Counter(
+        {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()})
+    topo, I = netmoe.Topology(2, 2), 8
+    if not staged:   # at these sizes every rank gathers every device's rows (staged: the test below)
+        assert netmoe._gathers_every_device(I, topo, 2, chunks, exchange == "node", True)
+        model = sum(netmoe.metadata_bytes(I, 8, topo, exchange, chunks, lookahead=nxt) for nxt in (True, False))
+        assert calls["received"] == calls["counted"] == model
 
 
 @pytest.mark.parametrize("exchange", ["expert", "node"])
-def test_the_routing_metadata_a_layer_call_receives_does_not_grow_with_the_experts(exchange):
-    """What a rank receives of the routing in a layer call, measured at every collective: the
-    same at E/J = 2 and E/J = 16 for the same tokens (I/J = 4, as bench.py layer's) but for the
-    [E] tokens per expert of the load-balance loss (at most 1.5x in all, where every rank's [I, E]
-    counts grew 8x), and exactly netmoe.metadata_bytes, which the layer's own counter agrees with."""
-    got = {e: _spawn(_collectives_worker, 4, exchange, 2, 4 * e, 4) for e in (2, 16)}
+def test_the_routing_metadata_a_layer_call_receives_does_not_grow_with_the_experts(exchange, monkeypatch):
+    """What a rank receives of the routing in a layer call where ranks gather their node's rows
+    alone (as at scale), measured at every collective: the same at E/J = 2 and E/J = 16 for the
+    same tokens (I/J = 4, as bench.py layer's) but for the [E] tokens per expert of the
+    load-balance loss (at most 1.5x in all, where every rank's [I, E] counts grew 8x), and exactly
+    netmoe.metadata_bytes, which the layer's own counter agrees with."""
+    monkeypatch.setattr(netmoe, "EVERY_DEVICE_BYTES", 0)
+    got = {e: _spawn(_collectives_worker, 4, exchange, 2, 4 * e, 4, 0) for e in (2, 16)}
     topo, I = netmoe.Topology(2, 2), 16
     for e, r in got.items():
         model = sum(netmoe.metadata_bytes(I, 4 * e, topo, exchange, chunks=2, lookahead=nxt) for nxt in (True, False))
