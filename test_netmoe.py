@@ -1837,14 +1837,12 @@ _COLLECTIVES = ("all_gather", "all_gather_object", "all_gather_into_tensor", "al
                 "all_to_all", "all_to_all_single", "reduce_scatter", "gather", "scatter", "send", "recv")
 
 
-def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, every_bytes, out_file):
-    """Collectives per layer call after the first (which checks the ranks' batch sizes once), and
-    the bytes each call received outside the exchange's rows (the routing metadata): every
-    collective's output, less the rows' All-to-Alls (the only All-to-Alls started asynchronously)."""
+def _collectives_worker(rank, world, init_file, exchange, chunks, configs, out_file):
+    """Per config (E, B samples a rank, netmoe.EVERY_DEVICE_BYTES), two fresh layers: the collectives
+    of a layer call after the first (which checks the ranks' batch sizes once), and the bytes each
+    call received outside the exchange's rows (the routing metadata): every collective's output,
+    less the rows' All-to-Alls (the only All-to-Alls started asynchronously)."""
     train_gpt.start_rank(rank, world, "file://" + init_file, "cpu")
-    netmoe.EVERY_DEVICE_BYTES = every_bytes
-    layers = [netmoe.MoELayer(H_, F_, experts, 2, topology=netmoe.Topology(2, 2), exchange=exchange,
-                              chunks=chunks).double() for _ in range(2)]
     calls, received = [], []
     size = lambda t: sum(size(x) for x in t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size()
     for name in _COLLECTIVES:
@@ -1855,47 +1853,53 @@ def _collectives_worker(rank, world, init_file, exchange, chunks, experts, B, ev
                 received.append(size(a[0]))
             return _f(*a, **kw)
         setattr(dist, name, counted)
+    report = []
+    for experts, B, every_bytes in configs:
+        netmoe.EVERY_DEVICE_BYTES = every_bytes
+        layers = [netmoe.MoELayer(H_, F_, experts, 2, topology=netmoe.Topology(2, 2), exchange=exchange,
+                                  chunks=chunks).double() for _ in range(2)]
 
-    def step():
-        h, sid = torch.randn(B, S_, H_, dtype=torch.float64, requires_grad=True), torch.arange(B * rank, B * rank + B)
-        aux = 0
-        for L, nxt in zip(layers, layers[1:] + [None]):
-            h, sid, a = L(h, sid, next_layer=nxt)
-            aux = aux + a
-        (h.square().sum() + aux).backward()
-    step()
-    first, got = len(calls), len(received)
-    for L in layers:
-        L.pop_stats()
-    step()
-    counted_bytes = sum(L.pop_stats().meta_bytes for L in layers)
+        def step():
+            h, sid = torch.randn(B, S_, H_, dtype=torch.float64, requires_grad=True), torch.arange(B * rank, B * rank + B)
+            aux = 0
+            for L, nxt in zip(layers, layers[1:] + [None]):
+                h, sid, a = L(h, sid, next_layer=nxt)
+                aux = aux + a
+            (h.square().sum() + aux).backward()
+        calls.clear()
+        received.clear()
+        step()
+        first, got = len(calls), len(received)
+        for L in layers:
+            L.pop_stats()
+        step()
+        report.append(dict(first=calls[:first], later=calls[first:], received=sum(received[got:]),
+                           counted=sum(L.pop_stats().meta_bytes for L in layers)))
     if rank == 0:
         with open(out_file, "w") as f:
-            json.dump(dict(first=calls[:first], later=calls[first:], received=sum(received[got:]),
-                           counted=counted_bytes), f)
+            json.dump(report, f)
 
 
-@pytest.mark.parametrize("staged", [True, False], ids=["staged", "every device"])
 @pytest.mark.parametrize("exchange, a2a_per_direction, chunks", [("expert", 1, 1), ("node", 2, 1), ("node", 2, 3)])
-def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks,
-                                                                                staged):
+def test_a_layer_call_makes_no_collective_beyond_the_counts_and_the_all_to_alls(exchange, a2a_per_direction, chunks):
     """Without debug a layer's forward and backward talk only through the routing's metadata (an
     All-to-All of counts, an all-reduce of the tokens per expert; NetMoE's staged solve an
     all-gather of destinations and an All-to-All of split sizes, none where every rank holds every
     device's rows) and the exchange's All-to-Alls (scatter and gather, each hop forward and
-    backward, once per chunk); the batch-size check runs on a layer's first call only. What the
-    metadata's collectives received is netmoe.metadata_bytes, and the layers' own counter."""
-    calls = _spawn(_collectives_worker, 4, exchange, chunks, 8, 2, 0 if staged else netmoe.EVERY_DEVICE_BYTES)
-    per_layer = {"all_gather": int(staged), "all_to_all_single": 4 * a2a_per_direction * chunks + 1 + staged,
-                 "all_reduce": 1}
-    assert collections.Counter(calls["later"]) == collections.Counter({k: 2 * v for k, v in per_layer.items()})
-    assert collections.Counter(calls["first"]) == collections.Counter(
-        {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()})
+    backward, once per chunk); the batch-size check runs on a layer's first call only. Where every
+    rank holds every device's rows, what the metadata's collectives received is
+    netmoe.metadata_bytes, and the layers' own counter (staged: the test below)."""
     topo, I = netmoe.Topology(2, 2), 8
-    if not staged:   # at these sizes every rank gathers every device's rows (staged: the test below)
-        assert netmoe._gathers_every_device(I, topo, 2, chunks, exchange == "node", True)
-        model = sum(netmoe.metadata_bytes(I, 8, topo, exchange, chunks, lookahead=nxt) for nxt in (True, False))
-        assert calls["received"] == calls["counted"] == model
+    assert netmoe._gathers_every_device(I, topo, 2, chunks, exchange == "node", True)   # at these sizes
+    reports = _spawn(_collectives_worker, 4, exchange, chunks, [(8, 2, 0), (8, 2, netmoe.EVERY_DEVICE_BYTES)])
+    for staged, calls in zip((True, False), reports):
+        per_layer = {"all_gather": int(staged), "all_to_all_single": 4 * a2a_per_direction * chunks + 1 + staged,
+                     "all_reduce": 1}
+        assert collections.Counter(calls["later"]) == collections.Counter({k: 2 * v for k, v in per_layer.items()})
+        assert collections.Counter(calls["first"]) == collections.Counter(
+            {k: 2 * v + 2 * (k == "all_gather") for k, v in per_layer.items()})
+    model = sum(netmoe.metadata_bytes(I, 8, topo, exchange, chunks, lookahead=nxt) for nxt in (True, False))
+    assert reports[1]["received"] == reports[1]["counted"] == model
 
 
 @pytest.mark.parametrize("exchange", ["expert", "node"])
@@ -1906,7 +1910,7 @@ def test_the_routing_metadata_a_layer_call_receives_does_not_grow_with_the_exper
     load-balance loss (at most 1.5x in all, where every rank's [I, E] counts grew 8x), and exactly
     netmoe.metadata_bytes, which the layer's own counter agrees with."""
     monkeypatch.setattr(netmoe, "EVERY_DEVICE_BYTES", 0)
-    got = {e: _spawn(_collectives_worker, 4, exchange, 2, 4 * e, 4, 0) for e in (2, 16)}
+    got = dict(zip((2, 16), _spawn(_collectives_worker, 4, exchange, 2, [(4 * e, 4, 0) for e in (2, 16)])))
     topo, I = netmoe.Topology(2, 2), 16
     for e, r in got.items():
         model = sum(netmoe.metadata_bytes(I, 4 * e, topo, exchange, chunks=2, lookahead=nxt) for nxt in (True, False))
