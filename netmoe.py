@@ -1182,8 +1182,8 @@ def measure_links(topo, group=None, device="cpu", sizes=(256, 4 << 20), repeats=
             work.wait()
     compute = timed(products)
     hidden = (alone + compute - timed(beside)) / max(min(alone, compute), 1e-9) if probe is not None else 1.0
-    staged = torch.device(device).type == "cuda"
-    streams = alone / max(timed(two), 1e-9) if probe is not None and staged else 1.0
+    through_host = torch.device(device).type == "cuda"   # gloo stages CUDA tensors through the host
+    streams = alone / max(timed(two), 1e-9) if probe is not None and through_host else 1.0
     t = torch.tensor(times + [-min(max(hidden, 0.0), 1.0), -min(max(streams, 1.0), 2.0)], dtype=torch.float64,
                      device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -1954,21 +1954,22 @@ def metadata_bytes(I, E, topo, exchange="expert", chunks=1, lookahead=True, plac
     """The routing metadata one rank receives in a layer call where ranks run it (MoELayer._held
     and _place): from the All-to-All, int32 [I, 4 + L N] that every rank receives (sample id,
     expert time, the L = 1 or 2 routings' tokens per node, what each sample keeps where it sits)
-    and int32 [I, L G + C G] of its own node's devices (the node exchange: + C); the int64 [E] tokens per expert all-reduced for the
-    load-balance loss; where the placement solves, the int64 destinations shared (I + 2 J), and
-    where it moves samples, the int64 [J, C, hops] gather split sizes. O(I (N + C G) + J + E):
-    no [I, E]. Where a small cluster's ranks gather every device's rows (EVERY_DEVICE_BYTES), [I, L J
-    + C J] (+ C N) in place of their node's, and no destinations or split sizes."""
+    and int32 [I, L G + C G] of its own node's devices (the node exchange: + C); the int64 [E]
+    tokens per expert all-reduced for the load-balance loss; where the placement solves, the int64
+    destinations shared (I + 2 J), and where it moves samples, the int64 [J, C, hops] gather split
+    sizes. O(I (N + C G) + J + E): no [I, E]. Where a small cluster's ranks gather every device's
+    rows (EVERY_DEVICE_BYTES), [I, L J + C J] (+ C N) in place of their node's, and no destinations
+    or split sizes."""
     N, G, J = topo.nodes, topo.gpus_per_node, topo.world
     cls, p = exchange_class(exchange), placement_class(placement)
     if cls.needs_routes and N == 1:
         cls = ExpertExchange
     L = 2 if lookahead and p.solves else 1
     hops = 2 if cls.hops_in_sequence else 1
-    if _gathers_every_device(I, topo, L, chunks, cls.needs_routes, p.solves):
-        return I * (4 + L * N) * 4 + I * (L * J + chunks * J + chunks * N * cls.needs_routes) * 4 + E * 8
-    return (I * (4 + L * N) * 4 + I * (L * G + chunks * G + chunks * cls.needs_routes) * 4 + E * 8
-            + (I + 2 * J) * 8 * p.solves + J * chunks * hops * 8 * p.moves_samples)
+    every = _gathers_every_device(I, topo, L, chunks, cls.needs_routes, p.solves)
+    W, Wn = (J, N) if every else (G, 1)   # device and node columns a rank receives of each sample, as _held
+    solve = 0 if every else (I + 2 * J) * 8 * p.solves + J * chunks * hops * 8 * p.moves_samples
+    return I * (4 + L * N) * 4 + I * (L * W + chunks * W + chunks * Wn * cls.needs_routes) * 4 + E * 8 + solve
 
 
 def _same_everywhere(array, group):
