@@ -326,18 +326,19 @@ cdef void _fill(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& ite
 
 cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& items,
                     Py_ssize_t a, move_t** buf, Py_ssize_t* size, char* more, move_t* bound,
-                    num_t* fcost, Py_ssize_t* fitem, num_t* low, num_t* next, Py_ssize_t* one,
-                    Py_ssize_t* two, long long* offers) noexcept nogil:
-    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place
-    (costs low, next and items one, two: k entries of scratch each), no buffer to keep sorted."""
+                    num_t* fcost, Py_ssize_t* fitem, num_t* best, Py_ssize_t* who,
+                    long long* offers) noexcept nogil:
+    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place,
+    costs best[2 b], best[2 b + 1] and items who[2 b], who[2 b + 1] (2 k entries of scratch
+    each, side by side: the inner loop reads one entry a pair), no buffer to keep sorted."""
     cdef Py_ssize_t i, m = items.size(), x, b, ahead, line
     cdef const cost_t* cx
     cdef num_t inf = _inf(<num_t>0), ca, v
     for b in range(k):
-        low[b] = next[b] = inf   # an infinite cost (a forbidden pair) never gets in
-        one[b] = two[b] = -1
+        best[2 * b] = best[2 * b + 1] = inf   # an infinite cost (a forbidden pair) never gets in
+        who[2 * b] = who[2 * b + 1] = -1
         offers[b] = 0
-    next[a] = -inf
+    best[2 * a + 1] = -inf
     for i in range(m):
         if i + PREFETCH < m:
             ahead = items[i + PREFETCH] * ld
@@ -350,24 +351,24 @@ cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t&
             v = <num_t>cx[b] - ca
             if num_t is double:
                 offers[b] += v < inf
-            if v < next[b]:   # items come in ascending order: an equal cost stays behind
-                if v < low[b]:
-                    next[b], two[b] = low[b], one[b]
-                    low[b], one[b] = v, x
+            if v < best[2 * b + 1]:   # items come in ascending order: an equal cost stays behind
+                if v < best[2 * b]:
+                    best[2 * b + 1], who[2 * b + 1] = best[2 * b], who[2 * b]
+                    best[2 * b], who[2 * b] = v, x
                 else:
-                    next[b], two[b] = v, x
+                    best[2 * b + 1], who[2 * b + 1] = v, x
     for b in range(k):
         more[b] = 0
         size[b] = 0
         fcost[b], fitem[b] = _nomove(<num_t>0), NONE
         if b == a:
             continue
-        if one[b] >= 0:
-            buf[b][0].first, buf[b][0].second = low[b], one[b]
+        if who[2 * b] >= 0:
+            buf[b][0].first, buf[b][0].second = best[2 * b], who[2 * b]
             size[b] = 1
-            fcost[b], fitem[b] = low[b], one[b]
-        if two[b] >= 0:
-            buf[b][1].first, buf[b][1].second = next[b], two[b]
+            fcost[b], fitem[b] = best[2 * b], who[2 * b]
+        if who[2 * b + 1] >= 0:
+            buf[b][1].first, buf[b][1].second = best[2 * b + 1], who[2 * b + 1]
             size[b] = 2
         if num_t is double:
             more[b] = offers[b] > 2
@@ -543,41 +544,42 @@ cdef inline Py_ssize_t _closest(const num_t* dk, const char* full, Py_ssize_t k)
     reached (dk infinite)."""
     cdef Py_ssize_t j, a = -1
     cdef num_t low = _inf(<num_t>0)
-    cdef char f = 2
+    cdef char f = -1   # no tie with low while it is infinite
     for j in range(k):
         if dk[j] < low or (dk[j] == low and full[j] < f):
             a, low, f = j, dk[j], full[j]
     return a if low < _inf(<num_t>0) else -1
 
 
-cdef Py_ssize_t _relax(Py_ssize_t a, Py_ssize_t b0, Py_ssize_t k, const num_t* fcost,
-                       const Py_ssize_t* fitem, const num_t* pi, num_t* d, num_t* dk,
-                       const char* full, const char* done, Py_ssize_t* pred_col,
-                       Py_ssize_t* pred_item, Py_ssize_t* nxt, num_t* low, char* low_full) noexcept nogil:
-    """Dijkstra's step from the column a just settled, over b = b0 .. k - 1 (fcost and fitem:
-    a's row of pairs): each b's distance through a's cheapest move to it, and the closest
-    column not settled yet so far (nxt, its dk and full, as _closest picks). A settled b is
-    never improved (reduced costs are >= 0), so only a STALE pair's sentinel cost gets past
-    the first test for one. Returns k, or the b of a STALE pair (refill it, call again from b)."""
-    cdef Py_ssize_t b, nx = nxt[0]
-    cdef num_t base = d[a] + pi[a], cand, lo = low[0]
-    cdef char lf = low_full[0]
-    for b in range(b0, k):
+cdef Py_ssize_t _relax(Py_ssize_t a, Py_ssize_t k, const num_t* fcost, const Py_ssize_t* fitem,
+                       const num_t* pi, num_t* d, num_t* dk, const char* full, const char* done,
+                       Py_ssize_t* pred_col, Py_ssize_t* pred_item) noexcept nogil:
+    """Dijkstra's step from the column a just settled (fcost and fitem: a's row of pairs, none
+    STALE towards a column not settled yet): each b's distance through a's cheapest move to it.
+    Returns the closest column not settled yet, as _closest picks, or -1 if none is reached.
+    A settled b is never improved (reduced costs are >= 0), so done[b] only keeps out the
+    sentinel cost of a STALE pair towards it."""
+    cdef Py_ssize_t b, nx = -1
+    cdef num_t base = d[a] + pi[a], cand, lo = _inf(<num_t>0), dkb
+    cdef char lf = -1, f   # no tie with lo while it is infinite
+    cdef bint better, closer
+    for b in range(k):
         if num_t is double:   # summed in the order it always was: the same rounding
             cand = d[a] + fcost[b] + pi[a] - pi[b]
         else:
             cand = base + fcost[b] - pi[b]
-        if cand < d[b] and not done[b]:
-            if fitem[b] == STALE:
-                nxt[0], low[0], low_full[0] = nx, lo, lf
-                return b
-            d[b] = dk[b] = cand
-            pred_col[b] = a
-            pred_item[b] = fitem[b]
-        if dk[b] < lo or (dk[b] == lo and full[b] < lf):
-            nx, lo, lf = b, dk[b], full[b]
-    nxt[0], low[0], low_full[0] = nx, lo, lf
-    return k
+        better = (cand < d[b]) & (done[b] == 0)
+        d[b] = cand if better else d[b]
+        dkb = cand if better else dk[b]
+        dk[b] = dkb
+        pred_col[b] = a if better else pred_col[b]
+        pred_item[b] = fitem[b] if better else pred_item[b]
+        f = full[b]
+        closer = (dkb < lo) | ((dkb == lo) & (f < lf))
+        nx = b if closer else nx
+        lo = dkb if closer else lo
+        lf = f if closer else lf
+    return nx if lo < _inf(<num_t>0) else -1
 
 
 cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld,
@@ -588,9 +590,8 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
     Invariant: every item x in column a has c[x, a] - pi[a] <= c[x, b] - pi[b] for all b, i.e.
     every residual edge a -> b has reduced cost >= 0. Returns -1 if forbidden (+inf) entries
     make the capacities unreachable."""
-    cdef Py_ssize_t j, a, b, x, t, ab, es, nxt
+    cdef Py_ssize_t j, a, b, x, t, ab, es
     cdef num_t inf = _inf(<num_t>0), D, low
-    cdef char low_full
     cdef long long surplus
     cdef move_t move
     cdef vector[long long] count_
@@ -619,6 +620,9 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
     room_.resize(k * k, ROOM); more_.resize(k * k, 0)
     fcost_.resize(k * k, 0); fitem_.resize(k * k, NONE); thr_.resize(2 * k, 0); offers_.resize(k, 0)
     members.resize(k)
+    cdef vector[Py_ssize_t] stale_   # each column's STALE pairs
+    stale_.resize(k, 0)
+    cdef Py_ssize_t* stale = stale_.data()
     cdef vector[move_t]* extra = extra_.data()
     cdef vector[move_t]* grown = grown_.data()
     cdef move_t** buf = buf_.data()
@@ -641,7 +645,7 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
         for b in range(k):
             buf[a * k + b] = arena_.data() + (a * k + b) * ROOM
         _fill_two(c, k, ld, members[a], a, buf + a * k, size + a * k, more + a * k, bound + a * k,
-                  fcost + a * k, fitem + a * k, thr, thr + k, scratch_.data(), scratch_.data() + k, offers)
+                  fcost + a * k, fitem + a * k, thr, scratch_.data(), offers)
     # Dijkstra over the columns
     cdef vector[num_t] d_, dk_
     cdef vector[Py_ssize_t] pred_col_, pred_item_
@@ -672,17 +676,14 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
             dk[a] = inf
             if not full[a]:
                 break
-            # Relax every pair a -> b, and find the next column to settle on the way; stop at a
-            # STALE pair to refill it, then go on from there.
-            nxt, low, low_full, b = -1, inf, 2, 0
-            while True:
-                b = _relax(a, b, k, fcost + a * k, fitem + a * k, pi, d, dk, full, done, pred_col,
-                           pred_item, &nxt, &low, &low_full)
-                if b == k:
-                    break
-                _front(c, k, ld, col, members[a], a, b, True, buf, head, size, room, more, bound,
-                       extra, grown, fcost, fitem, thr, offers)
-            a = nxt if low < inf else -1
+            # Refill the STALE pairs a -> b that Dijkstra can still use, then relax every pair
+            # a -> b and find the next column to settle on the way.
+            for b in range(k if stale[a] else 0):
+                if fitem[a * k + b] == STALE and not done[b]:
+                    _front(c, k, ld, col, members[a], a, b, True, buf, head, size, room, more, bound,
+                           extra, grown, fcost, fitem, thr, offers)
+                    stale[a] -= 1
+            a = _relax(a, k, fcost + a * k, fitem + a * k, pi, d, dk, full, done, pred_col, pred_item)
         # New potentials pi + min(d, D) keep every reduced cost >= 0 and make the path's 0, so its
         # reverse edges are usable next time. Subtracting the minimum keeps the values small.
         D = d[a]
@@ -708,6 +709,7 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
                 if fitem[t * k + j] == x:
                     _front(c, k, ld, col, members[t], t, j, False, buf, head, size, room, more,
                            bound, extra, grown, fcost, fitem, thr, offers)
+                    stale[t] += fitem[t * k + j] == STALE
             for j in range(k):
                 if j == b or c[x * ld + j] >= inf:
                     continue

@@ -706,8 +706,20 @@ def _solve_devices(c_intra, nodes=1, method="capacitated"):
     if G == 1:
         return np.zeros(M, dtype=np.int64)
     if method == "capacitated":   # every node in one call, the GIL released throughout
-        return km.capacitated_assignments(c_intra, np.full((nodes, G), M // (nodes * G), dtype=np.int64))
+        cap = np.full((nodes, G), M // (nodes * G), dtype=np.int64)
+        if nodes < 2 or c_intra.size < SPLIT_ENTRIES or (os.cpu_count() or 1) < 2:
+            return km.capacitated_assignments(c_intra, cap)
+        # a large cluster's nodes in two halves, one a core: the blocks are independent
+        half, rows = nodes // 2, M // nodes * (nodes // 2)
+        other = _HALVES.submit(km.capacitated_assignments, c_intra[rows:], cap[half:])
+        return np.concatenate([km.capacitated_assignments(c_intra[:rows], cap[:half]), other.result()])
     return np.concatenate([_assign(block, G, method) for block in np.split(c_intra, nodes)])
+
+
+# Stage 2's nodes go to two cores where their costs hold at least this many entries (about 1 ms
+# of solving; 128x8 at I = 16384 has 131072).
+SPLIT_ENTRIES = 1 << 16
+_HALVES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-stage2")
 
 
 def _stage_cost(parts):

@@ -333,6 +333,20 @@ def test_capacitated_assignments_solve_each_block_as_capacitated_assignment_alon
             assert col.dtype == np.int64 and np.array_equal(col, np.concatenate(alone)), why
 
 
+@pytest.mark.parametrize("nodes", [2, 3, 7])
+def test_stage_two_split_over_two_cores_equals_one_call(nodes, monkeypatch):
+    """A large cluster's stage 2 runs its nodes in two halves on two threads (SPLIT_ENTRIES);
+    forced here on small ones, odd node counts included, on ties and on spread costs."""
+    monkeypatch.setattr(netmoe, "SPLIT_ENTRIES", 0)
+    monkeypatch.setattr(netmoe.os, "cpu_count", lambda: 2)
+    for rng, why in _fresh_cases(20):
+        G, per = int(rng.integers(2, 9)), int(rng.integers(1, 6))
+        M = nodes * G * per
+        c = rng.integers(0, 3, size=(M, G)) if rng.integers(2) else rng.integers(-500, 0, size=(M, G))
+        whole = km.capacitated_assignments(c, np.full((nodes, G), per, dtype=np.int64))
+        assert np.array_equal(netmoe._solve_devices(c, nodes), whole), why
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: km.linear_sum_assignment(np.zeros(3)), "2-D"),
     (lambda: km.linear_sum_assignment(np.zeros((2, 2, 2))), "2-D"),
