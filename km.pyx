@@ -326,19 +326,18 @@ cdef void _fill(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& ite
 
 cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t& items,
                     Py_ssize_t a, move_t** buf, Py_ssize_t* size, char* more, move_t* bound,
-                    num_t* fcost, Py_ssize_t* fitem, num_t* best, Py_ssize_t* who,
-                    long long* offers) noexcept nogil:
-    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place,
-    costs best[2 b], best[2 b + 1] and items who[2 b], who[2 b + 1] (2 k entries of scratch
-    each, side by side: the inner loop reads one entry a pair), no buffer to keep sorted."""
+                    num_t* fcost, Py_ssize_t* fitem, num_t* low, num_t* next, Py_ssize_t* one,
+                    Py_ssize_t* two, long long* offers) noexcept nogil:
+    """_fill of every pair (a, b) at its first size, ROOM = 2: the best two moves kept in place
+    (costs low, next and items one, two: k entries of scratch each), no buffer to keep sorted."""
     cdef Py_ssize_t i, m = items.size(), x, b, ahead, line
     cdef const cost_t* cx
     cdef num_t inf = _inf(<num_t>0), ca, v
     for b in range(k):
-        best[2 * b] = best[2 * b + 1] = inf   # an infinite cost (a forbidden pair) never gets in
-        who[2 * b] = who[2 * b + 1] = -1
+        low[b] = next[b] = inf   # an infinite cost (a forbidden pair) never gets in
+        one[b] = two[b] = -1
         offers[b] = 0
-    best[2 * a + 1] = -inf
+    next[a] = -inf
     for i in range(m):
         if i + PREFETCH < m:
             ahead = items[i + PREFETCH] * ld
@@ -351,24 +350,24 @@ cdef void _fill_two(const cost_t* c, Py_ssize_t k, Py_ssize_t ld, const items_t&
             v = <num_t>cx[b] - ca
             if num_t is double:
                 offers[b] += v < inf
-            if v < best[2 * b + 1]:   # items come in ascending order: an equal cost stays behind
-                if v < best[2 * b]:
-                    best[2 * b + 1], who[2 * b + 1] = best[2 * b], who[2 * b]
-                    best[2 * b], who[2 * b] = v, x
+            if v < next[b]:   # items come in ascending order: an equal cost stays behind
+                if v < low[b]:
+                    next[b], two[b] = low[b], one[b]
+                    low[b], one[b] = v, x
                 else:
-                    best[2 * b + 1], who[2 * b + 1] = v, x
+                    next[b], two[b] = v, x
     for b in range(k):
         more[b] = 0
         size[b] = 0
         fcost[b], fitem[b] = _nomove(<num_t>0), NONE
         if b == a:
             continue
-        if who[2 * b] >= 0:
-            buf[b][0].first, buf[b][0].second = best[2 * b], who[2 * b]
+        if one[b] >= 0:
+            buf[b][0].first, buf[b][0].second = low[b], one[b]
             size[b] = 1
-            fcost[b], fitem[b] = best[2 * b], who[2 * b]
-        if who[2 * b + 1] >= 0:
-            buf[b][1].first, buf[b][1].second = best[2 * b + 1], who[2 * b + 1]
+            fcost[b], fitem[b] = low[b], one[b]
+        if two[b] >= 0:
+            buf[b][1].first, buf[b][1].second = next[b], two[b]
             size[b] = 2
         if num_t is double:
             more[b] = offers[b] > 2
@@ -645,7 +644,7 @@ cdef int _capacitated(const cost_t* c, Py_ssize_t n, Py_ssize_t k, Py_ssize_t ld
         for b in range(k):
             buf[a * k + b] = arena_.data() + (a * k + b) * ROOM
         _fill_two(c, k, ld, members[a], a, buf + a * k, size + a * k, more + a * k, bound + a * k,
-                  fcost + a * k, fitem + a * k, thr, scratch_.data(), offers)
+                  fcost + a * k, fitem + a * k, thr, thr + k, scratch_.data(), scratch_.data() + k, offers)
     # Dijkstra over the columns
     cdef vector[num_t] d_, dk_
     cdef vector[Py_ssize_t] pred_col_, pred_item_
