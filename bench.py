@@ -972,7 +972,8 @@ class NoExperts(torch.nn.Module):
 
 
 def _layer_bench_worker(rank, world, init, o, out_path):
-    """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike; on
+    """Forward + backward of one MoE layer per variant, interleaved so drift hits all alike (each
+    round starting one variant later); on
     one process with virtual_world=J, all J devices' work on one device."""
     device = train_gpt.start_rank(rank, world, init, o["ranks_on"])
     cuda = device.type == "cuda"
@@ -1010,9 +1011,22 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
             "experts only": lambda: (layers["static"].experts(rows, counts)[0], None, 0.0)}
     times = {n: [] for n in runs}
-    for it in progress(range(o["warmup_repeats"] + o["repeats"]),
-                       f"timing round ({o['warmup_repeats']} untimed, then {o['repeats']})", rank == 0):
-        for name, run in runs.items():
+    # --chunks auto on ranks: each layer times its first calls in a few C (netmoe.ChunkTrial);
+    # untimed rounds run until every layer has kept one, so the timed rounds see the C it keeps
+    trials = lambda: [l.chunk_trial for l in layers.values() if l.chunk_trial is not None]
+    warm = 0
+    while warm < o["warmup_repeats"] or not all(t.settled for t in trials()):
+        for run in runs.values():
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                y, _, aux = run()
+            (y.float().square().mean() + aux).backward()
+        warm += 1
+    for layer in layers.values():
+        layer.pop_stats()
+    names = list(runs)
+    for it in progress(range(o["repeats"]), f"timing round (after {warm} untimed)", rank == 0):
+        for name in names[it % len(names):] + names[:it % len(names)]:   # no variant always after the same one
+            run = runs[name]
             if world > 1:
                 dist.barrier()
             if cuda:
@@ -1023,11 +1037,7 @@ def _layer_bench_worker(rank, world, init, o, out_path):
             (y.float().square().mean() + aux).backward()
             if cuda:
                 torch.cuda.synchronize()
-            if it >= o["warmup_repeats"]:
-                times[name].append((time.perf_counter() - t) * 1e3)
-        for layer in layers.values():
-            if it < o["warmup_repeats"]:
-                layer.pop_stats()
+            times[name].append((time.perf_counter() - t) * 1e3)
     # expert FLOPs of forward + backward: 6 per weight per row, two H x F matrices, K rows a token
     flops = 6 * B * S * K * 2 * H * Fh
     out = {}
@@ -1039,6 +1049,8 @@ def _layer_bench_worker(rank, world, init, o, out_path):
                          gather_inter=st.gather["inter"] / o["repeats"], gather_intra=st.gather["intra"] / o["repeats"],
                          moved_device=st.moved_device / max(st.samples, 1),
                          chunks=st.mean_chunks)
+        if name in layers and layers[name].chunk_trial is not None:
+            out[name]["chunk_trial"] = layers[name].chunk_trial.record_of()
     per_rank = [out] * world
     if world > 1:
         dist.all_gather_object(per_rank, out)
@@ -1124,7 +1136,8 @@ def layer_cmd(json_path, virtual_world, **o):
     per_rank = _run_bench(_layer_bench_worker, o, virtual_world, on_the_cpu)
     if per_rank is None:
         return
-    med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k in per_rank[0][n]} for n in per_rank[0]}
+    med = {n: {k: float(np.median([r[n][k] for r in per_rank])) for k, v in per_rank[0][n].items()
+               if not isinstance(v, dict)} for n in per_rank[0]}
     base = med["static"]["ms"]
     J = o["topology"].world
     model = ("" if o["expert_bias"] else ", no expert biases") + \
@@ -1141,6 +1154,9 @@ def layer_cmd(json_path, virtual_world, **o):
                      [[n, m["ms"], _change(m["ms"], base), m["tflops"], m["a2a_ms"], m["chunks"],
                        m["solver_ms"], m["exposed_ms"], m["gather_inter"], m["gather_intra"], m["moved_device"]]
                       for n, m in med.items()]))
+    for n, m in per_rank[0].items():   # the same on every rank
+        if "chunk_trial" in m:
+            click.echo(f"{n}: {train_gpt.show_trial(m['chunk_trial'])}")
     other = f"static, C={o['baseline_chunks']}"
     if other in med:   # what the pipeline hid, against what it could: min(communication, compute)
         hid = med[other]["ms"] - base

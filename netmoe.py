@@ -1230,6 +1230,71 @@ def _fewest_exposed(scatter, gather, exchange, topo, cur, dest, bytes_per_token,
     return min(exposed, key=lambda C: (exposed[C], C))
 
 
+class ChunkTrial:
+    """chunks="auto" where ranks probed their links: Eq. 1 on those links proposes a C from the
+    layer's first call; the next calls then run in turn in one chunk, in that C and in its
+    neighbours in CHUNK_CHOICES (at most `positions`), ROUNDS times each, timing their forward and
+    their backward; the C whose best call was fastest on the slowest rank (ties: fewer chunks) is
+    kept for good. Eq. 1 prices a chunk as alpha + bytes / bandwidth on links that move bytes on
+    their own; gloo staging CUDA tensors through the host, two hops on their own communicators and
+    ranks sharing cores move bytes otherwise, so the clock decides between the model's choice and
+    its neighbours. `reduce` takes each candidate's ms on this rank and gives the slowest rank's
+    (an all-reduce: every rank calls next() at the same call)."""
+    ROUNDS = 2
+
+    def __init__(self, proposed, positions, reduce=lambda ms: ms):
+        i = CHUNK_CHOICES.index(proposed)
+        near = {1, *CHUNK_CHOICES[max(i - 1, 0):i + 2]}
+        self.proposed, self.reduce = proposed, reduce
+        self.candidates = sorted(C for C in near if C <= max(positions, 1))
+        self.calls = []   # [C, ms] of each timed call; its backward's ms are added once it has run
+        self.chosen = None if len(self.candidates) > 1 else self.candidates[0]
+        self.slowest = {}   # each candidate's best call on the slowest rank, once decided
+
+    @property
+    def settled(self):
+        return self.chosen is not None
+
+    @property
+    def ms(self):
+        return {C: [ms for c, ms in self.calls if c == C] for C in self.candidates}
+
+    def next(self):
+        """The C the next call runs in: the candidates in turn, then the one kept (decided at the
+        call after the last timed one, once that one's backward has run)."""
+        if self.chosen is None:
+            if len(self.calls) < self.ROUNDS * len(self.candidates):
+                return self.candidates[len(self.calls) % len(self.candidates)]
+            self.slowest = dict(zip(self.candidates, self.reduce([min(v) for v in self.ms.values()])))
+            self.chosen = min(self.candidates, key=lambda C: (self.slowest[C], C))
+        return self.chosen
+
+    def timed(self, chunks, ms):
+        """A call in `chunks` chunks took ms: its entry, for its backward to add to."""
+        self.calls.append([chunks, ms])
+        return self.calls[-1]
+
+    def record_of(self):
+        """What a run's record keeps of it: Eq. 1's proposal, the C kept and the times behind it."""
+        return dict(proposed=self.proposed, candidates=self.candidates, kept=self.chosen,
+                    call_ms={str(C): ms for C, ms in self.slowest.items()})
+
+
+def _time_backward(out, x, call):
+    """Adds to call[1] the ms from the gradient reaching out to its reaching x: the layer's own
+    backward, where out and x need gradients (else its forward alone counts)."""
+    if not (out.requires_grad and x.requires_grad):
+        return
+    began, hooks = [], []
+
+    def end(g):   # x may be reused: its hook goes once it has counted this call's backward
+        if began:
+            call[1] += (_synced(g) - began[0]) * 1e3
+            for h in hooks:
+                h.remove()
+    hooks += [out.register_hook(lambda g: began.append(_synced(g))), x.register_hook(end)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Exchanges: how a layer's (token, expert) rows reach the experts and come back
 # ---------------------------------------------------------------------------------------------
@@ -1883,6 +1948,13 @@ def _priced(scatter, gather, exchange, topo, cur, dest, bytes_per_token, chunks=
                     a2a_model_ms=FWD_BWD_MS * sum(alone), a2a_hidden_ms=hidden)
 
 
+def _synced(x):
+    """perf_counter once the device of x has run all it was given."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
+
+
 def _timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -2043,11 +2115,14 @@ class MoELayer(nn.Module):
         # chunks="auto": each call runs in the C that Eq. 1, on `links` (a Topology with each tier's
         # alpha and bandwidth; None: measured on the group at the first call, in one process the
         # topology's), found best for the layer's previous call (its routing, placement and the
-        # busiest rank's expert time); the first call runs in one chunk
+        # busiest rank's expert time); the first call runs in one chunk. Where ranks probed the
+        # links, that first proposal is then checked by the clock (ChunkTrial) and kept
         self.chunks, self.links = chunks, links
         self.next_chunks = 1 if chunks == "auto" else int(chunks)
         self._clock = _Stopwatch()   # the experts' time, for chunks="auto"
         self._expert_ms = 0.0        # the busiest rank's, in the last call's experts
+        self.chunk_trial = None      # where ranks probed their links: the clock's say (ChunkTrial)
+        self._probed = False
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
         if virtual_world is not None and world != 1:
             raise ValueError(f"virtual_world runs in one process, but the process group has {world} ranks")
@@ -2215,9 +2290,16 @@ class MoELayer(nn.Module):
         #    whole batch: on a GPU nothing travels and the data path needs no count on the host, so
         #    its copy to the host only starts here and is read once the layer's GPU work is queued:
         #    NetMoE's bookkeeping then costs the GPU no idle time
-        C, auto = self.next_chunks, self.chunks == "auto"
+        auto = self.chunks == "auto"
         if auto and self.links is None:
             self.links = self.topo if self.virtual or self.J == 1 else _measured_links(self.topo, self.group, x.device)
+            self._probed = not self.virtual and self.J > 1
+        trial = self.chunk_trial if auto and torch.is_grad_enabled() else None
+        if trial is not None:
+            self.next_chunks = trial.next()
+        C, timed = self.next_chunks, trial is not None and not trial.settled
+        if timed:
+            started = _synced(x)
         I, J = B * (1 if self.virtual else self.J), self.J
         here = static_placement(I, J)
         # 3. The placement's solve starts, overlapping 4-5
@@ -2255,10 +2337,20 @@ class MoELayer(nn.Module):
         self._check_same_dest(dest)
         self.last_dest = dest
         self._stats += dataclasses.replace(stats, chunks={C: 1}, meta_bytes=m.meta_bytes if self.spread else 0)
-        if auto:   # forward measured, backward twice its compute
+        if timed:
+            _time_backward(out, x, trial.timed(self.next_chunks, (_synced(x) - started) * 1e3))
+        if auto and self.chunk_trial is None:   # forward measured, backward twice its compute
             self.next_chunks = _fewest_exposed(*volumes, self.exchange.priced, self.topo, here, dest, per_row,
                                                3 * self._expert_ms, S, self.links)
+            if self._probed:
+                self.chunk_trial = ChunkTrial(self.next_chunks, S, self._slowest)
         return out, _to(sid_all[keep], x.device), aux
+
+    def _slowest(self, ms):
+        """Each of these ms as the slowest rank's."""
+        t = torch.tensor(ms, dtype=torch.float64, device=self.ln.weight.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
 
     def _solve(self, routings, here):
         """The placement's dest from whole Routings (one process), rows by sample id: ties then

@@ -2068,6 +2068,68 @@ def test_links_that_move_two_messages_at_once_make_two_chunks_pay_without_comput
         netmoe.Topology(2, 2, streams=0.5)
 
 
+def test_the_chunk_trial_times_the_proposal_its_neighbours_and_one_chunk_then_keeps_the_fastest():
+    """ChunkTrial: the candidates are one chunk, Eq. 1's proposal and its neighbours in
+    CHUNK_CHOICES within the positions; each runs ROUNDS times in turn; the kept C is the one whose
+    best call (forward, plus the backward added later) the slowest rank (reduce) found fastest,
+    fewer chunks on a tie, and it stays."""
+    R = netmoe.ChunkTrial.ROUNDS
+    assert netmoe.ChunkTrial(1, 1024).candidates == [1, 2]
+    assert netmoe.ChunkTrial(2, 1024).candidates == [1, 2, 4]
+    assert netmoe.ChunkTrial(8, 1024).candidates == [1, 4, 8]
+    assert netmoe.ChunkTrial(4, 6).candidates == [1, 2, 4]
+    one = netmoe.ChunkTrial(1, 1)
+    assert one.candidates == [1] and one.settled and one.next() == 1
+    rng = np.random.default_rng(0)
+    for proposed in (1, 2, 4, 8):
+        for ties in (False, True):
+            ms = {C: rng.choice([3.0, 5.0]) if ties else rng.uniform(1, 9) for C in netmoe.CHUNK_CHOICES}
+            other = {C: rng.uniform(1, 9) for C in netmoe.CHUNK_CHOICES}   # another rank's
+            trial = netmoe.ChunkTrial(proposed, 1024, reduce=lambda m: [max(a, other[C]) for a, C in
+                                                                         zip(m, trial.candidates)])
+            ran = []
+            while not trial.settled:
+                C = trial.next()
+                if not trial.settled:
+                    ran.append(C)
+                    later = rng.uniform(0, 1) * (len(ran) > len(trial.candidates))
+                    call = trial.timed(C, ms[C] / 3 + later)
+                    call[1] += 2 * ms[C] / 3   # its backward
+            assert ran == trial.candidates * R
+            slowest = {C: max(ms[C], other[C]) for C in trial.candidates}
+            want = min(trial.candidates, key=lambda C: (slowest[C], C))
+            assert trial.chosen == want and trial.next() == want
+            assert trial.record_of()["kept"] == want and trial.record_of()["call_ms"] == {
+                str(C): pytest.approx(v) for C, v in slowest.items()}
+
+
+def test_a_trial_call_counts_its_own_backward_once():
+    """_time_backward adds the time from the gradient reaching a call's output to its reaching the
+    input (here a backward that sleeps 50 ms) to that call's entry, once: x reused by a later call
+    adds nothing more to it."""
+    class Slow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(0.05)
+            return 2 * g
+    x = torch.randn(4, requires_grad=True)
+    call = [2, 1.0]
+    out = Slow.apply(x)
+    netmoe._time_backward(out, x, call)
+    out.sum().backward()
+    assert 1.0 + 50 <= call[1] < 1.0 + 1000
+    counted = call[1]
+    Slow.apply(x).sum().backward()
+    assert call[1] == counted
+    with torch.no_grad():
+        netmoe._time_backward(Slow.apply(x), x, call)   # nothing to time: no hook, no error
+    assert call[1] == counted
+
+
 def _auto_chunks_worker(rank, world, init_file, exchange, out_file):
     """Layers with chunks="auto" over 4 gloo ranks: the links each measured, the C of each call,
     and how far their outputs and input gradients fall from the same layers in one chunk."""
@@ -2080,7 +2142,7 @@ def _auto_chunks_worker(rank, world, init_file, exchange, out_file):
     auto, one = make("auto"), make(1)
     free = make("auto", dataclasses.replace(topo, intra_lat=0.0, inter_lat=0.0))   # messages cost nothing
     used, worst = {"auto": [], "free": []}, 0.0
-    for step in range(4):
+    for step in range(8):   # the probed layers' trial: their first call, then at most 3 candidates twice
         x = torch.randn(2, S_, H_, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + rank))
         outs = {}
         for name, layers in (("auto", auto), ("free", free), ("one", one)):
@@ -2097,7 +2159,8 @@ def _auto_chunks_worker(rank, world, init_file, exchange, out_file):
             for a, b in zip(outs[name][::2], outs["one"][::2]):
                 worst = max(worst, float((a - b).abs().max() / b.abs().max()))
     report = dict(links=train_gpt.links_of(auto[0].links), free=train_gpt.links_of(free[0].links), used=used,
-                  worst=worst, next=[L.next_chunks for L in auto + free])
+                  worst=worst, next=[L.chunk_trial.next() for L in auto] + [L.next_chunks for L in free],
+                  trial_ms=[L.chunk_trial.ms for L in auto], free_trial=[L.chunk_trial for L in free])
     every = [None] * world
     dist.all_gather_object(every, report)
     if rank == 0:
@@ -2111,17 +2174,24 @@ def test_auto_chunks_measure_the_links_once_and_every_rank_runs_the_same_chunks(
     """--chunks auto on 4 gloo ranks: the links are measured at the first call (every rank the
     same alphas and bandwidths, all positive) and shared by the layers; every rank runs every
     call in the same C (else the All-to-Alls would not match), the first in one chunk; with
-    messages that cost nothing the layers then run in the most chunks S_ positions allow; and
-    the results equal the same layers' in one chunk."""
+    messages that cost nothing the layers then run in the most chunks S_ positions allow; the
+    probed layers keep the C of their trial that the slowest rank timed fastest; and the results
+    equal the same layers' in one chunk."""
     every = _spawn(_auto_chunks_worker, 4, exchange)
-    agreed = [{k: v for k, v in r.items() if k != "worst"} for r in every]
+    agreed = [{k: v for k, v in r.items() if k not in ("worst", "trial_ms")} for r in every]
     assert all(r == agreed[0] for r in agreed[1:])   # links, chunks, next choices: one answer everywhere
     r = every[0]
     assert all(v > 0 for k, v in r["links"].items() if k != "overlap") and 0 <= r["links"]["overlap"] <= 1
     assert 1 <= r["links"]["streams"] <= 2
     assert r["free"]["intra_lat"] == r["free"]["inter_lat"] == 0
     assert r["used"]["auto"][0] == r["used"]["free"][0] == 2   # 2 layers, 1 chunk each
-    assert r["used"]["free"][2:] == [2 * 4, 2 * 4]   # C = 4: the most of CHUNK_CHOICES within S_ = 6
+    assert r["used"]["free"][2:] == [2 * 4] * 6   # C = 4: the most of CHUNK_CHOICES within S_ = 6
+    assert r["free_trial"] == [None, None]   # links given: Eq. 1 alone
+    for layer, kept in enumerate(r["next"][:2]):   # the probed layers kept what the slowest rank timed fastest
+        ms = [{int(C): v for C, v in e["trial_ms"][layer].items()} for e in every]
+        assert all(len(v) == netmoe.ChunkTrial.ROUNDS for v in ms[0].values()) and 1 in ms[0]
+        slowest = {C: max(min(m[C]) for m in ms) for C in ms[0]}
+        assert kept == min(slowest, key=lambda C: (slowest[C], C))
     assert max(r["worst"] for r in every) <= 1e-10
 
 

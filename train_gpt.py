@@ -1038,6 +1038,8 @@ def train(env, mcfg, cfg, placement, corpus, echo):
     record["layouts"] = [m.expert_device.tolist() for m in model.moe]
     if model.moe[0].links is not None:   # what --chunks auto priced on
         record["links"] = links_of(model.moe[0].links)
+    if model.moe[0].chunk_trial is not None:   # and what its clock kept, per layer
+        record["chunk_trials"] = [m.chunk_trial.record_of() for m in model.moe]
     if trace:
         trace.save(**meta)
     return record
@@ -1203,6 +1205,16 @@ def show_links(links):
         (f"; two messages at once {streams:.2g}x as fast as one" if streams > 1 else "")
 
 
+def show_trial(trial):
+    """A ChunkTrial's record in one phrase."""
+    if trial["kept"] is None:
+        return (f"Eq. 1 proposed C={trial['proposed']}; the run ended before its trial of C in "
+                f"{trial['candidates']} did ({netmoe.ChunkTrial.ROUNDS} calls each)")
+    ms = ", ".join(f"C={C} {v:.3g} ms" for C, v in trial["call_ms"].items())
+    return (f"Eq. 1 proposed C={trial['proposed']}, the clock kept C={trial['kept']} (the layer's best forward + "
+            f"backward, slowest rank: {ms})")
+
+
 def links(c):
     """Eq. 1's links as a record's config names them (the defaults, paper Table 2, before it did)."""
     return (f"{c.get('intra_bw', TrainConfig.intra_bw) / 1e9:g} GB/s in a node, "
@@ -1253,6 +1265,9 @@ def summary_table(result, skip):
     if probed and c.get("chunks") == "auto":
         how = "given" if c.get("alpha") is not None else "modelled, one process" if c.get("world") == 1 else "measured"
         head += f"\nthe links --chunks auto priced on ({how}): {show_links(probed)}"
+    for name, r in result["runs"].items():
+        for layer, trial in enumerate(r.get("chunk_trials") or []):
+            head += f"\n[{name}] layer {layer}: {show_trial(trial)}"
     return head + "\n" + table(["", *names], body) + foot
 
 
