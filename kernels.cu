@@ -1039,9 +1039,10 @@ std::vector<at::Tensor> bias_gelu_backward(at::Tensor grad, at::Tensor pre, at::
 
 // ------------------------------------------------------------------------------------------
 // topk_ids: the ids of the K largest scores of each row [T, E], best first, ties to the lower id
-// (torch's stable descending sort, cut at K). A warp a row: each lane keeps its best K of the
-// ids lane, lane + 32, ... in registers (an unrolled insertion), then K rounds of a warp argmax
-// pop the row's best. No shared memory, one pass over the scores.
+// (torch's stable descending sort, cut at K). LANES lanes a row (8 where E <= 256 and K <= 8, else
+// a warp): each lane keeps its best K of the ids lane, lane + LANES, ... in registers (an unrolled
+// insertion), then K rounds of an argmax across the row's lanes pop the row's best. No shared
+// memory, one pass over the scores.
 // ------------------------------------------------------------------------------------------
 template <typename A>
 __device__ __forceinline__ bool ahead(A a, int ia, A b, int ib) { return a > b || (a == b && ia < ib); }   // NaN: never
@@ -1056,38 +1057,40 @@ __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(
 
 // affine (u != nullptr): the scores are rstd[row] (s - mean[row] u[e]) + c[e], computed here: the
 // lookahead's folded LayerNorm and gate (netmoe.MoELayer._predict) without a pass of its own
-template <typename T, int KMAX>
+template <typename T, int KMAX, int LANES>
 __global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_t rows, int E, int K,
                                 const typename AccOf<T>::type* __restrict__ rstd,
                                 const typename AccOf<T>::type* __restrict__ mean,
                                 const typename AccOf<T>::type* __restrict__ u,
                                 const typename AccOf<T>::type* __restrict__ c, int64_t* __restrict__ out) {
-  const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+  const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / LANES;
+  const int lane = threadIdx.x % LANES;
+  const bool live = row < rows;   // no early return: every lane of the warp takes part in the shuffles
   using A = typename AccOf<T>::type;   // float64 scores compare as float64
   A bv[KMAX];
   int bi[KMAX];
 #pragma unroll
   for (int i = 0; i < KMAX; ++i) { bv[i] = -INFINITY; bi[i] = INT_MAX; }
-  const T* s = scores + row * ld;
-  const A r = u ? rstd[row] : A(1), m = u ? mean[row] : A(0);
-  for (int e = lane; e < E; e += 32) {
-    A v = static_cast<A>(s[e]);
-    if (u) v = add_rn(mul_rn(r, sub_rn(v, mul_rn(m, u[e]))), c[e]);
-    if (!ahead(v, e, bv[KMAX - 1], bi[KMAX - 1])) continue;
+  if (live) {
+    const T* s = scores + row * ld;
+    const A r = u ? rstd[row] : A(1), m = u ? mean[row] : A(0);
+    for (int e = lane; e < E; e += LANES) {
+      A v = static_cast<A>(s[e]);
+      if (u) v = add_rn(mul_rn(r, sub_rn(v, mul_rn(m, u[e]))), c[e]);
+      if (!ahead(v, e, bv[KMAX - 1], bi[KMAX - 1])) continue;
 #pragma unroll
-    for (int i = KMAX - 1; i > 0; --i) {   // shift the worse ones down, v lands in its place
-      if (ahead(v, e, bv[i - 1], bi[i - 1])) { bv[i] = bv[i - 1]; bi[i] = bi[i - 1]; }
-      else if (ahead(v, e, bv[i], bi[i])) { bv[i] = v; bi[i] = e; }
+      for (int i = KMAX - 1; i > 0; --i) {   // shift the worse ones down, v lands in its place
+        if (ahead(v, e, bv[i - 1], bi[i - 1])) { bv[i] = bv[i - 1]; bi[i] = bi[i - 1]; }
+        else if (ahead(v, e, bv[i], bi[i])) { bv[i] = v; bi[i] = e; }
+      }
+      if (ahead(v, e, bv[0], bi[0])) { bv[0] = v; bi[0] = e; }
     }
-    if (ahead(v, e, bv[0], bi[0])) { bv[0] = v; bi[0] = e; }
   }
-  for (int k = 0; k < K; ++k) {   // the best head of the 32 lanes' lists, K times
+  for (int k = 0; k < K; ++k) {   // the best head of the row's lanes' lists, K times
     A v = bv[0];
     int i = bi[0];
 #pragma unroll
-    for (int d = 16; d; d >>= 1) {
+    for (int d = LANES / 2; d; d >>= 1) {   // xor by less than LANES stays within the row's lanes
       const A ov = __shfl_xor_sync(kFull, v, d);
       const int oi = __shfl_xor_sync(kFull, i, d);
       if (ahead(ov, oi, v, i)) { v = ov; i = oi; }
@@ -1098,17 +1101,18 @@ __global__ void topk_ids_kernel(const T* __restrict__ scores, int64_t ld, int64_
       bv[KMAX - 1] = -INFINITY;
       bi[KMAX - 1] = INT_MAX;
     }
-    if (lane == 0) out[row * K + k] = i;
+    if (live && lane == 0) out[row * K + k] = i;
   }
 }
 
-template <typename T, int KMAX>
+template <typename T, int KMAX, int LANES = 32>
 void launch_topk(const at::Tensor& scores, int64_t rows, int E, int K, const std::vector<at::Tensor>& affine,
                  at::Tensor& out) {
   using A = typename AccOf<T>::type;
   const A* a[4] = {nullptr, nullptr, nullptr, nullptr};
   for (size_t i = 0; i < affine.size(); ++i) a[i] = affine[i].data_ptr<A>();
-  topk_ids_kernel<T, KMAX><<<row_blocks(rows), 32 * kRowWarps, 0, stream()>>>(
+  const int64_t per_block = 32 * kRowWarps / LANES;
+  topk_ids_kernel<T, KMAX, LANES><<<(rows + per_block - 1) / per_block, 32 * kRowWarps, 0, stream()>>>(
       scores.data_ptr<T>(), ld_of(scores), rows, E, K, a[0], a[1], a[2], a[3], out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1148,7 +1152,12 @@ at::Tensor topk_ids(at::Tensor scores, int64_t k, c10::optional<std::vector<at::
   if (rows > 0) {
     NETMOE_DISPATCH_ROWS(flat, "topk_ids", [&] {
       const int K = (int)k;
-      if (K <= 2) launch_topk<scalar_t, 2>(flat, rows, (int)E, K, aff, out);
+      // up to 256 scores a row: 8 lanes a row, each with a longer list to scan but a third of
+      // the warp's instructions a row (the K rounds of argmax across lanes dominate a 32-lane row)
+      if (E <= 256 && K <= 2) launch_topk<scalar_t, 2, 8>(flat, rows, (int)E, K, aff, out);
+      else if (E <= 256 && K <= 4) launch_topk<scalar_t, 4, 8>(flat, rows, (int)E, K, aff, out);
+      else if (E <= 256 && K <= 8) launch_topk<scalar_t, 8, 8>(flat, rows, (int)E, K, aff, out);
+      else if (K <= 2) launch_topk<scalar_t, 2>(flat, rows, (int)E, K, aff, out);
       else if (K <= 4) launch_topk<scalar_t, 4>(flat, rows, (int)E, K, aff, out);
       else if (K <= 8) launch_topk<scalar_t, 8>(flat, rows, (int)E, K, aff, out);
       else if (K <= 16) launch_topk<scalar_t, 16>(flat, rows, (int)E, K, aff, out);
