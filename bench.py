@@ -1011,33 +1011,36 @@ def _layer_bench_worker(rank, world, init, o, out_path):
     runs = {**{n: (lambda l=l: l(x, sid, next_layer=nxt)) for n, l in layers.items()},
             "experts only": lambda: (layers["static"].experts(rows, counts)[0], None, 0.0)}
     times = {n: [] for n in runs}
-    # --chunks auto on ranks: each layer times its first calls in a few C (netmoe.ChunkTrial);
-    # untimed rounds run until every layer has kept one, so the timed rounds see the C it keeps
-    trials = lambda: [l.chunk_trial for l in layers.values() if l.chunk_trial is not None]
-    warm = 0
-    while warm < o["warmup_repeats"] or not all(t.settled for t in trials()):
-        for run in runs.values():
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                y, _, aux = run()
-            (y.float().square().mean() + aux).backward()
-        warm += 1
-    for layer in layers.values():
-        layer.pop_stats()
     names = list(runs)
-    for it in progress(range(o["repeats"]), f"timing round (after {warm} untimed)", rank == 0):
-        for name in names[it % len(names):] + names[:it % len(names)]:   # no variant always after the same one
-            run = runs[name]
+
+    def call(name):
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            y, _, aux = runs[name]()
+        (y.float().square().mean() + aux).backward()
+    trials = lambda: [l.chunk_trial for l in layers.values() if l.chunk_trial is not None]
+    for it in progress(range(o["warmup_repeats"] + o["repeats"]),
+                       f"timing round ({o['warmup_repeats']} untimed, then {o['repeats']})", rank == 0):
+        if it == o["warmup_repeats"]:
+            # --chunks auto on ranks: each layer times its first calls in a few C (netmoe.ChunkTrial);
+            # more untimed rounds until every layer has kept one, so the timed rounds run in it
+            while not all(t.settled for t in trials()):
+                for name in names:
+                    call(name)
+            for layer in layers.values():
+                layer.pop_stats()
+        # each timed round starts one variant later: no variant always runs after the same one
+        shift = max(it - o["warmup_repeats"], 0) % len(names)
+        for name in names[shift:] + names[:shift]:
             if world > 1:
                 dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                y, _, aux = run()
-            (y.float().square().mean() + aux).backward()
+            call(name)
             if cuda:
                 torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t) * 1e3)
+            if it >= o["warmup_repeats"]:
+                times[name].append((time.perf_counter() - t) * 1e3)
     # expert FLOPs of forward + backward: 6 per weight per row, two H x F matrices, K rows a token
     flops = 6 * B * S * K * 2 * H * Fh
     out = {}

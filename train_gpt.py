@@ -322,7 +322,8 @@ class OutputPath(click.ParamType):
 TOPOLOGY, POSITIVE, CHUNKS = TopologyType(), PositiveType(), ChunksType()
 JSON_OUT, TRACE_OUT, CKPT_DIR = OutputPath(), OutputPath(suffix=".npz"), OutputPath(directory=True)
 DTYPE = click.Choice(["float32", "bfloat16"])
-DEFAULT_CHUNKS = "auto"   # chunks of each layer's exchange: Eq. 1's best on the links measured at start-up
+DEFAULT_CHUNKS = "auto"   # chunks of each layer's exchange: Eq. 1's best on the links measured at start-up,
+                          # checked by timing the layer's first calls
 COMPARED = (netmoe.Placement.name, netmoe.NetMoE.name)   # compare's runs: static EP, then NetMoE
 COUNT, NONNEG = click.IntRange(min=1), click.IntRange(min=0)
 
@@ -363,8 +364,9 @@ class TrainConfig:
     exchange: str = _opt("expert", click.Choice(list(netmoe.EXCHANGES)),
                          "expert: a row per (token, expert), as the paper; node: a row per (token, node), then NVLink")
     chunks: object = _opt(DEFAULT_CHUNKS, CHUNKS, "pipeline each layer's exchange in C chunks of positions, hops and "
-                          "experts overlapped; auto: the C Eq. 1 finds best for each layer's last call, on the links "
-                          "measured at start-up (in one process, the modelled ones)")
+                          "experts overlapped; auto: the C Eq. 1 finds best on the links measured at start-up, then "
+                          "each layer times its first calls in 1 chunk, that C and its neighbours and keeps the "
+                          "fastest (in one process, Eq. 1 on the modelled links, each call)")
     lookahead: bool = _opt(True, None, "price the next layer's predicted scatter", "--lookahead/--no-lookahead")
     lr: float = _opt(None, POSITIVE, "peak learning rate (AdamW)", shown=PRESET_S)
     warmup_steps: int = _opt(None, NONNEG, "learning-rate warm-up, linear from 0", shown=PRESET_S)
@@ -1182,7 +1184,8 @@ def describe(c, preset=None):
     if c.get("route_groups", 1) > 1:
         model.append(f"a token's K from {c['group_top']} of {c['route_groups']} groups")
     job = [f"{c.get('exchange', 'expert')} exchange in " +
-           ("the chunks Eq. 1 finds best (auto)" if chunks == "auto" else f"{chunks} chunk{'s' * (chunks != 1)}"),
+           (("the chunks Eq. 1 finds best (auto)" if c.get("world") == 1 else "the chunks Eq. 1 proposes and the clock "
+             "keeps (auto)") if chunks == "auto" else f"{chunks} chunk{'s' * (chunks != 1)}"),
            f"{c.get('dtype', 'float32')} stream", "lookahead" if c.get("lookahead", True) else "no lookahead"]
     if c.get("relayout_every"):
         job.append(f"re-layout every {c['relayout_every']} steps")
