@@ -633,8 +633,9 @@ def _assign(cost, groups, method):
     n = cost.shape[0]
     if groups == 1:
         return np.zeros(n, dtype=np.int64)
-    if method == "capacitated":
-        return km.capacitated_assignment(cost, np.full(groups, n // groups, dtype=np.int64))
+    if method == "capacitated":   # a large problem's first fill on two cores (km.FILL_SPLIT)
+        return km.capacitated_assignment(cost, np.full(groups, n // groups, dtype=np.int64),
+                                         threads=min(2, os.cpu_count() or 1))
     # The paper's formulation: copy each column n/groups times into an n x n matrix, run KM
     # (ours, or scipy's as a benchmark baseline).
     if method == "scipy":
@@ -727,6 +728,10 @@ def _stage_cost(parts):
     to a constant per sample. Every sample takes one place in a stage, so adding a constant to
     all of its costs moves no assignment: Eq. 8's c is the rows a sample sends less those that
     stay (on its node, on its device), and only the rows that stay need pricing."""
+    if len(parts) == 2 and all(p.dtype == np.int32 for p in parts):   # the rank's counts: one pass in km
+        c = km.negated_sum(*parts)
+        if c is not None:
+            return c
     big = sum(int(p.max()) for p in parts if p.size)
     dtype = np.int32 if big < 2 ** 31 else np.int64   # int64: no sum of counts overflows it
     c = np.negative(parts[0], dtype=dtype, casting="unsafe")

@@ -333,6 +333,57 @@ def test_capacitated_assignments_solve_each_block_as_capacitated_assignment_alon
             assert col.dtype == np.int64 and np.array_equal(col, np.concatenate(alone)), why
 
 
+def test_negated_sum_is_minus_a_plus_b_in_int32_or_none_where_a_sum_does_not_fit():
+    """km.negated_sum, the one-pass build of a stage's int32 costs from two counts: -(a + b)
+    exactly; None (the caller sums in int64) where a sum reaches 2**31 or an input is negative;
+    and _stage_cost gives the same costs either way, in int64 where they do not fit int32."""
+    for rng, why in _fresh_cases(20):
+        shape = tuple(int(v) for v in rng.integers(0, 40, size=int(rng.integers(1, 3))))
+        a, b = (rng.integers(0, 2 ** int(rng.integers(1, 31)), size=shape, dtype=np.int32) for _ in range(2))
+        got = km.negated_sum(a, b)
+        want = -(a.astype(np.int64) + b)
+        if want.size and want.min() < -(2 ** 31 - 1):
+            assert got is None, why
+        else:
+            assert got.dtype == np.int32 and np.array_equal(got, want), why
+        c = netmoe._stage_cost([a, b])
+        assert np.array_equal(c, want) and c.dtype == (np.int32 if got is not None else np.int64), why
+    top = np.full((2, 3), 2 ** 30, dtype=np.int32)
+    assert np.array_equal(km.negated_sum(top, top - 1), np.full((2, 3), -(2 ** 31 - 1)))
+    assert km.negated_sum(top, top) is None and km.negated_sum(-top, top) is None
+    assert netmoe._stage_cost([top, top]).dtype == np.int64
+    with pytest.raises(ValueError, match="one shape"):
+        km.negated_sum(top, top[:1])
+
+
+def test_the_first_fill_on_threads_equals_one_thread(monkeypatch):
+    """capacitated_assignment's first fill of the pairs, a column a thread (FILL_SPLIT, forced
+    here on small problems), gives the placement of one thread: ties, spread and skewed integer
+    costs (the warm start), int32 and int64, floats with forbidden entries, uneven capacities."""
+    monkeypatch.setattr(km, "FILL_SPLIT", 0)
+    for rng, why in _fresh_cases(40):
+        n, k = int(rng.integers(1, 300)), int(rng.integers(1, 20))
+        cap = rng.multinomial(n, rng.dirichlet(np.ones(k)))
+        kind = rng.integers(4)
+        c = (rng.integers(0, 3, size=(n, k)) if kind == 0 else rng.integers(-500, 0, size=(n, k)) if kind == 1
+             else rng.integers(0, 50, size=(n, k)) + 40 * (np.arange(k) > 0) if kind == 2 else rng.normal(size=(n, k)))
+        if kind == 3:
+            c[rng.random((n, k)) < 0.2] = np.inf
+            c[np.arange(n), rng.integers(0, k, n)] = rng.normal(size=n)   # every row one finite entry
+        costs = [c, c.astype(np.int32)] if kind < 3 else [c]
+        for cost in costs:
+            try:
+                one = km.capacitated_assignment(cost, cap)
+            except ValueError:   # forbidden entries that make the capacities unreachable
+                with pytest.raises(ValueError, match="infeasible"):
+                    km.capacitated_assignment(cost, cap, threads=3)
+                continue
+            for threads in (2, 3):
+                assert np.array_equal(km.capacitated_assignment(cost, cap, threads=threads), one), why
+    with pytest.raises(ValueError, match="threads"):
+        km.capacitated_assignment(np.zeros((2, 2)), [1, 1], threads=0)
+
+
 @pytest.mark.parametrize("nodes", [2, 3, 7])
 def test_stage_two_split_over_two_cores_equals_one_call(nodes, monkeypatch):
     """A large cluster's stage 2 runs its nodes in two halves on two threads (SPLIT_ENTRIES);
