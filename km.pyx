@@ -860,9 +860,11 @@ def negated_sum(a, b):
     """-(a + b) of two int32 arrays of the same shape, C-contiguous, in one pass: int32 where
     every a + b lies in [0, 2**31) (non-negative counts that fit), else None (the caller sums in
     int64). What a stage's costs are built from: one read of each, one write."""
-    a, b = np.ascontiguousarray(a, dtype=np.int32), np.ascontiguousarray(b, dtype=np.int32)
-    if a.shape != b.shape:
-        raise ValueError(f"negated_sum needs two arrays of one shape, got {a.shape} and {b.shape}")
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != np.int32 or b.dtype != np.int32:
+        raise ValueError(f"negated_sum needs two int32 arrays of one shape, got {a.dtype} {a.shape} and "
+                         f"{b.dtype} {b.shape}")
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     out = np.empty(a.shape, dtype=np.int32)
     cdef Py_ssize_t i, n = a.size
     if n == 0:

@@ -354,6 +354,8 @@ def test_negated_sum_is_minus_a_plus_b_in_int32_or_none_where_a_sum_does_not_fit
     assert netmoe._stage_cost([top, top]).dtype == np.int64
     with pytest.raises(ValueError, match="one shape"):
         km.negated_sum(top, top[:1])
+    with pytest.raises(ValueError, match="int32"):
+        km.negated_sum(top, top.astype(np.int64))
 
 
 def test_the_first_fill_on_threads_equals_one_thread(monkeypatch):
